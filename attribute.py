@@ -1,0 +1,15 @@
+"""Attribute stage: see tda.stages.attribute. Usage: `python attribute.py [overrides]` (Hydra)."""
+
+import hydra
+from omegaconf import DictConfig
+
+from tda.stages import attribute as run_stage
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="attribute")
+def main(cfg: DictConfig) -> None:
+    run_stage(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,15 @@
+"""Evaluate stage: see tda.stages.evaluate. Usage: `python evaluate.py [overrides]` (Hydra)."""
+
+import hydra
+from omegaconf import DictConfig
+
+from tda.stages import evaluate as run_stage
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    run_stage(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""The dataset interface shared by every loader.
+
+A loader builds Hugging Face `datasets.Dataset` splits with two model-facing columns,
+`x` (the model input: a feature vector, an image tensor [C, H, W], or token ids [L]) and
+`y` (class index or regression target), plus any human-readable columns it wants to keep
+for reports (`text`, `image`, raw features). It wraps them in a :class:`DataBundle`.
+
+Subsampling (`max_train`, `max_test`) is applied here, seeded, so that any dataset runs at
+CPU scale reproducibly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+import numpy as np
+import torch
+
+Task = Literal["classification", "regression"]
+Modality = Literal["tabular", "image", "text"]
+
+
+@dataclass
+class DataBundle:
+    name: str
+    train: datasets.Dataset
+    test: datasets.Dataset
+    task: Task
+    n_outputs: int
+    modality: Modality
+    feature_names: list[str] | None = None
+    class_names: list[str] | None = None
+    # anything a loader wants to record with the run (source, preprocessing statistics, ...)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.tensors("train", limit=1)[0].shape[1:])
+
+    def tensors(self, split: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x [n, ...], y [n]) of a split as torch tensors (float32 inputs unless token ids)."""
+        ds = self.train if split == "train" else self.test
+        if limit is not None:
+            ds = ds.select(range(min(limit, len(ds))))
+        batch = ds.with_format("torch", columns=["x", "y"])[:]
+        x, y = batch["x"], batch["y"]
+        if x.is_floating_point():
+            x = x.float()
+        y = y.long() if self.task == "classification" else y.float()
+        return x, y
+
+    def describe(self, split: str, index: int) -> dict[str, Any]:
+        """A human-readable view of one instance for reports: tabular -> {feature: value},
+        text -> {"text": ...}, image -> {"image": PIL.Image}. Always includes the label."""
+        ds = self.train if split == "train" else self.test
+        row = ds[int(index)]
+        label = row["y"]
+        out: dict[str, Any] = {"label": self.class_names[int(label)] if self.class_names else label}
+        if self.modality == "text":
+            out["text"] = row.get("text", "")
+        elif self.modality == "image":
+            out["image"] = row.get("image")
+        elif self.feature_names is not None:
+            x = np.asarray(row.get("raw", row["x"]))
+            names = self.info.get("raw_feature_names", self.feature_names)
+            nz = [(n, v) for n, v in zip(names, x.tolist()) if v != 0 or len(names) <= 40]
+            out.update(dict(nz))
+        return out
+
+    def fingerprint(self) -> str:
+        """Hash of the model-facing content, recorded with every run so a later stage can
+        detect that the data changed underneath it."""
+        h = hashlib.sha256()
+        for split in ("train", "test"):
+            x, y = self.tensors(split)
+            h.update(str(tuple(x.shape)).encode())
+            h.update(x.numpy().tobytes())
+            h.update(y.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+def subsample(ds: datasets.Dataset, max_rows: int | None, seed: int) -> datasets.Dataset:
+    """A seeded subset of `max_rows` rows, kept in the original order (None = all rows)."""
+    if max_rows is None or max_rows >= len(ds):
+        return ds
+    if max_rows <= 0:
+        raise ValueError(f"max rows must be positive, got {max_rows}")
+    rng = np.random.default_rng(seed)
+    keep = np.sort(rng.choice(len(ds), size=max_rows, replace=False))
+    return ds.select(keep.tolist())
+
+
+def data_root(dataset_dir: str, root: str | None = None) -> Path | None:
+    """Where a local copy of a dataset lives: the `dataset.root=` override if given, else
+    `$TDA_DATA_DIR/<dataset_dir>` if that folder exists, else None (download from upstream)."""
+    if root:
+        path = Path(root).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"dataset.root={root} does not exist; point it at a local copy of the data")
+        return path
+    env = os.environ.get("TDA_DATA_DIR")
+    if env:
+        path = Path(env).expanduser() / dataset_dir
+        if path.exists():
+            return path
+    return None
+
+
+def offline() -> bool:
+    return any(os.environ.get(v, "0") not in ("0", "", "false", "False") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TDA_OFFLINE"))

@@ -1,0 +1,1 @@
+"""The evaluate stage's analyses (SPEC §4)."""

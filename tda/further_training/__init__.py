@@ -1,0 +1,1 @@
+"""The further-training gold standard (SPEC §2)."""

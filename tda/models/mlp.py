@@ -1,0 +1,41 @@
+"""The paper's MLP (SPEC §5): in -> 128 -> 128 -> out, ReLU."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from torch import nn
+
+from tda.models.base import TDAModel, check_trainable
+
+
+class MLP(TDAModel):
+    def __init__(self, input_shape: Sequence[int], n_outputs: int, hidden: Sequence[int] = (128, 128),
+                 trainable: str = "all", trainable_k: int = 1, dropout: float = 0.0):
+        super().__init__()
+        self.trainable = check_trainable(trainable)
+        self.trainable_k = int(trainable_k)
+        in_features = math.prod(input_shape)
+        blocks: list[nn.Module] = [nn.Flatten()] if len(input_shape) > 1 else []
+        widths = [in_features, *hidden]
+        for a, b in zip(widths[:-1], widths[1:]):
+            block = [nn.Linear(a, b), nn.ReLU()]
+            if dropout > 0:
+                block.append(nn.Dropout(dropout))
+            blocks.append(nn.Sequential(*block))
+        self.body = nn.Sequential(*blocks)
+        self.head = nn.Linear(widths[-1], n_outputs)
+        if self.trainable == "last_k" and not 0 < self.trainable_k <= len(hidden):
+            raise ValueError(f"model.trainable_k={trainable_k} must be in 1..{len(hidden)} for this MLP")
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+    def split(self):
+        if self.trainable == "all":
+            return None, self
+        if self.trainable == "head":
+            return self.body, self.head
+        k = self.trainable_k
+        return self.body[:-k], nn.Sequential(self.body[-k:], self.head)

@@ -1,0 +1,182 @@
+"""The three stages. Entry points (`train.py`, `attribute.py`, `evaluate.py`) only parse the
+config and call these."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from tda.artifacts import load_json, load_tensors, save_json, save_tensors, save_text
+from tda.config import build, config_hash, node_name, to_container
+from tda.data.base import DataBundle
+from tda.memory import PeakMemory
+from tda.methods.base import AttributionProblem, Method
+from tda.models.base import TDAModel, compute_features
+from tda.runs import RunDir, further_training_key, method_key
+from tda.selection import choose_indices, first_indices
+from tda.tracking import finish, init_wandb
+from tda.training import FinalModelModule, evaluate_model, loaders
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------- shared
+def load_data(cfg: DictConfig) -> DataBundle:
+    return build(cfg.dataset)
+
+
+def build_model(cfg: DictConfig, data: DataBundle) -> TDAModel:
+    model = build(cfg.model, input_shape=list(data.input_shape), n_outputs=data.n_outputs)
+    model.freeze_non_trainable()
+    return model
+
+
+def select(cfg: DictConfig, data: DataBundle) -> dict:
+    """The left-out training instances and evaluated test instances, seeded and recorded."""
+    sel = cfg.selection
+    _, y_train = data.tensors("train")
+    left_out = choose_indices(len(data.train), sel.n_left_out, int(sel.seed), labels=y_train,
+                              stratify=bool(sel.stratify), what="left-out training instances (selection.n_left_out)")
+    if sel.test == "first":
+        test = first_indices(len(data.test), sel.n_test, what="evaluated test instances (selection.n_test)")
+    else:
+        test = choose_indices(len(data.test), sel.n_test, int(sel.seed) + 1, what="evaluated test instances (selection.n_test)")
+    return {"left_out_indices": left_out, "test_indices": test, "selection_seed": int(sel.seed),
+            "rule": to_container(sel), "n_train": len(data.train), "n_test_total": len(data.test)}
+
+
+def _precision(dtype: str) -> str:
+    return {"float32": "32-true", "float64": "64-true", "bf16": "bf16-mixed", "16": "16-mixed"}[dtype]
+
+
+# ---------------------------------------------------------------------------------- train
+def train(cfg: DictConfig) -> RunDir:
+    run = RunDir.from_config(cfg)
+    if run.final_model.is_file() and run.selection.is_file() and not cfg.train.overwrite:
+        log.info("final model already trained in %s (train.overwrite=true retrains)", run.path)
+        return run
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    data = load_data(cfg)
+    selection = select(cfg, data)
+    model = build_model(cfg, data)
+    x_tr, y_tr = data.tensors("train")
+    x_te, y_te = data.tensors("test")
+    train_loader, test_loader = loaders(x_tr, y_tr, x_te, y_te, int(cfg.train.batch_size), int(cfg.seed))
+    module = FinalModelModule(model, build(cfg.optimizer), data.task)
+    wb = init_wandb(cfg, "train", run.path.name)
+    logger = False
+    if wb is not None:
+        from lightning.pytorch.loggers import WandbLogger
+        logger = WandbLogger(experiment=wb)
+    trainer = L.Trainer(max_epochs=int(cfg.train.epochs), accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
+                        strategy=cfg.trainer.strategy, precision=_precision(cfg.train.dtype), deterministic=True,
+                        logger=logger, enable_checkpointing=False, enable_progress_bar=cfg.trainer.progress_bar,
+                        gradient_clip_val=cfg.train.gradient_clip_val, enable_model_summary=False,
+                        default_root_dir=str(run.path), check_val_every_n_epoch=int(cfg.train.eval_every_epochs),
+                        num_sanity_val_steps=0)
+    t0 = time.perf_counter()
+    trainer.fit(module, train_loader, test_loader)
+    seconds = time.perf_counter() - t0
+    model = model.float().cpu()
+    metrics = {"test": evaluate_model(model, x_te, y_te, data.task), "train": evaluate_model(model, x_tr, y_tr, data.task),
+               "seconds": seconds, "n_train": len(x_tr), "n_test": len(x_te),
+               "n_trainable_params": sum(p.numel() for p in model.trainable_part().parameters())}
+    log.info("final model: test %s, train %s", metrics["test"], metrics["train"])
+    run.path.mkdir(parents=True, exist_ok=True)
+    save_text(run.config, OmegaConf.to_yaml(cfg, resolve=True))
+    save_json(run.selection, selection | {"data_fingerprint": data.fingerprint(), "data_info": data.info})
+    save_json(run.metrics, metrics)
+    # the model file is written last: its presence marks the run as complete
+    save_tensors(run.final_model, dict(model.state_dict()), metadata={"config_hash": config_hash(cfg.dataset, cfg.model)})
+    if wb is not None:
+        wb.summary.update({f"final/{split}_{k}": v for split in ("test", "train") for k, v in metrics[split].items()})
+    finish(wb)
+    return run
+
+
+# ---------------------------------------------------------------------------------- attribute
+def attribution_problem(cfg: DictConfig, run: RunDir, data: DataBundle | None = None) -> AttributionProblem:
+    """Load the final model and its selections, apply (and cache) the frozen part."""
+    run.require_final_model()
+    data = data if data is not None else load_data(cfg)
+    selection = load_json(run.selection)
+    if selection["data_fingerprint"] != data.fingerprint():
+        raise ValueError(f"the dataset loaded now differs from the one the final model in {run.path} was trained on "
+                         f"(fingerprint {data.fingerprint()} != {selection['data_fingerprint']}); "
+                         f"check dataset.root / TDA_DATA_DIR, or retrain with train.overwrite=true")
+    model = build_model(cfg, data)
+    model.load_state_dict(load_tensors(run.final_model))
+    model.eval()
+    frozen, trainable = model.split()
+    x_tr, y_tr = data.tensors("train")
+    x_te, y_te = data.tensors("test")
+    test_idx = torch.tensor(selection["test_indices"])
+    x_te, y_te = x_te[test_idx], y_te[test_idx]
+    if frozen is not None:
+        if run.features.is_file():
+            feats = load_tensors(run.features)
+            x_tr, x_te = feats["train"], feats["test"]
+        else:
+            x_tr, x_te = compute_features(frozen, x_tr), compute_features(frozen, x_te)
+            save_tensors(run.features, {"train": x_tr, "test": x_te})
+    return AttributionProblem(model=trainable, task=data.task, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te,
+                              left_out_indices=torch.tensor(selection["left_out_indices"]), test_indices=test_idx,
+                              further_training=cfg.further_training, further_optimizer=cfg.further_optimizer,
+                              device=torch.device(cfg.trainer.attribution_device), cache_dir=run.path / "cache",
+                              memory_budget_mb=float(cfg.attribution.memory_budget_mb))
+
+
+def attribute(cfg: DictConfig) -> Path:
+    run = RunDir.from_config(cfg)
+    run.require_final_model()  # fail before building anything else
+    method = build(cfg.method)
+    problem = attribution_problem(cfg, run)
+    name = node_name(cfg.method)
+    wb = init_wandb(cfg, "attribute", f"{run.path.name}/{name}")
+    try:
+        if name == "further_training":
+            out = run.gold_dir(cfg)
+            t0 = time.perf_counter()
+            seeds = method.run(problem, out)
+            if wb is not None:
+                wb.summary.update({"seconds": time.perf_counter() - t0, "seeds_done": len(seeds)})
+            return out
+        if not isinstance(method, Method):
+            raise TypeError(f"method={name}: {type(method).__name__} is not a tda.methods.base.Method")
+        out = run.method_dir(cfg)
+        if (out / "scores.safetensors").is_file():
+            log.info("scores of %s already in %s", name, out)
+            return out
+        torch.manual_seed(int(cfg.seed))
+        with PeakMemory() as mem:
+            t0 = time.perf_counter()
+            scores = method.scores(problem)
+            seconds = time.perf_counter() - t0
+        expected = (len(problem.test_indices), len(problem.left_out_indices))
+        if tuple(scores.shape) != expected:
+            raise ValueError(f"method {name} returned scores of shape {tuple(scores.shape)}, expected [n_test, n_left_out] = {expected}")
+        record = {"method": name, "config": to_container(cfg.method), "seconds": seconds, "peak_mb": mem.peak_mb,
+                  "left_out_indices": problem.left_out_indices.tolist(), "test_indices": problem.test_indices.tolist(),
+                  "extra": method.record, "key": method_key(cfg)}
+        save_json(out / "record.json", record)
+        save_tensors(out / "scores.safetensors", {"scores": scores.double()}, metadata={"method": name})
+        if wb is not None:
+            wb.summary.update({"seconds": seconds, "peak_mb": mem.peak_mb})
+        log.info("%s: %.2fs, peak %.0f MB -> %s", name, seconds, mem.peak_mb, out)
+        return out
+    finally:
+        finish(wb)
+
+
+# ---------------------------------------------------------------------------------- evaluate
+def evaluate(cfg: DictConfig) -> Path:
+    from tda.evaluation.report import evaluate_run
+
+    run = RunDir.from_config(cfg)
+    run.require_final_model()
+    return evaluate_run(cfg, run)
