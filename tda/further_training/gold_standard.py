@@ -6,34 +6,66 @@ On disk (`runs/<run>/gold/<key>/`):
       diff          [n_checkpoints, n_test, n_left_out]  float64, loss(D∖j) − loss(D)   (eq. 17)
       full_loss     [n_checkpoints, n_test]              float64, the full-data run
       initial_loss  [n_test]                             float64, at θᶠ
-A re-run skips seeds whose file exists, so an interrupted job resumes where it stopped.
+  seed_00000.part_01_of_04.safetensors ...
+                                 the same for a contiguous block of the left-out instances
+                                 (`further_training.left_out_shard`); `diff` is
+                                 [n_checkpoints, n_test, block size]; the files' metadata
+                                 names the block.
+A re-run skips seeds (or parts) whose file exists, so an interrupted job resumes where it
+stopped; jobs given different `shard_seeds` / `left_out_shard` fill the same directory and
+:func:`load_gold_standard` merges them, naming any seed or part that is missing or doubled.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
 from tda.artifacts import load_json, load_tensors, save_json, save_tensors
-from tda.config import to_container
-from tda.further_training.simple import epoch_permutations, further_train_run, test_losses
+from tda.config import build, to_container
+from tda.further_training import EXECUTION_KEYS
+from tda.further_training.engine import FurtherTrainingModule, GroupTrainer
+from tda.further_training.optim import optimizer_spec
+from tda.further_training.reference import epoch_permutations, further_train_run, test_losses
+from tda.further_training.stacked import build_stacked, mlp_layers, should_use_sparse
 from tda.methods.base import AttributionProblem
 
+log = logging.getLogger(__name__)
+
 REMOVAL_MODES = ("drop", "downweight", "mask")
+ENGINES = ("stacked", "reference")
+_PART = re.compile(r"^seed_(\d+)\.part_(\d+)_of_(\d+)\.safetensors$")
 
 
-def seed_file(gold_dir: Path, seed: int) -> Path:
-    return gold_dir / f"seed_{seed:05d}.safetensors"
+def seed_file(gold_dir: Path, seed: int, part: tuple[int, int] | None = None) -> Path:
+    """The file of one seed; `part` = (index, count) of a left-out shard, count > 1."""
+    if part is None or part[1] == 1:
+        return gold_dir / f"seed_{seed:05d}.safetensors"
+    return gold_dir / f"seed_{seed:05d}.part_{part[0] + 1:02d}_of_{part[1]:02d}.safetensors"
 
 
 def seeds_of(ft: DictConfig) -> list[int]:
     return [int(ft.seed_offset) + i for i in range(int(ft.n_seeds))]
+
+
+def shard_block(n_left_out: int, index: int, count: int) -> tuple[int, int]:
+    """[start, stop) of left-out shard `index` of `count`: contiguous, sizes differ by at most one."""
+    return index * n_left_out // count, (index + 1) * n_left_out // count
+
+
+def _shard(ft: DictConfig) -> tuple[int, int]:
+    s = ft.get("left_out_shard")
+    if s is None:
+        return 0, 1
+    return int(s.get("index", 0)), int(s.get("count", 1))
 
 
 def validate_further_training(ft: DictConfig) -> None:
@@ -45,6 +77,53 @@ def validate_further_training(ft: DictConfig) -> None:
         raise ValueError(f"further_training.epochs must be positive, got {ft.epochs}")
     if ft.dtype not in ("float32", "float64"):
         raise ValueError(f"further_training.dtype must be float32 or float64, got {ft.dtype!r}")
+    if ft.get("engine", "stacked") not in ENGINES:
+        raise ValueError(f"further_training.engine={ft.engine!r} is not one of {ENGINES}")
+    index, count = _shard(ft)
+    if not (count >= 1 and 0 <= index < count):
+        raise ValueError(f"further_training.left_out_shard={{index: {index}, count: {count}}}: index must be in 0..count-1")
+    shard_seeds = ft.get("shard_seeds")
+    if shard_seeds is not None:
+        outside = sorted(set(int(s) for s in shard_seeds) - set(seeds_of(ft)))
+        if outside:
+            raise ValueError(f"further_training.shard_seeds contains {outside}, which are not seeds of this gold standard "
+                             f"({ft.seed_offset}..{int(ft.seed_offset) + int(ft.n_seeds) - 1})")
+
+
+def gold_settings(ft: DictConfig) -> dict:
+    """The settings that define the gold standard (what the directory key hashes)."""
+    return {k: v for k, v in to_container(ft).items() if k not in EXECUTION_KEYS}
+
+
+def runs_per_group(model: torch.nn.Module, x: torch.Tensor, batch_size: int, dtype: torch.dtype, budget_mb: float,
+                   sparse: bool) -> int:
+    """How many runs fit in `budget_mb` at once: parameters, gradients, optimizer moments and
+    temporaries (~8 copies) plus one batch of activations (forward, backward, temporaries)."""
+    nbytes = torch.finfo(dtype).bits // 8
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    act = 0
+    handles = []
+
+    def hook(_m, _i, out):
+        nonlocal act
+        if isinstance(out, torch.Tensor):
+            act += out[0].numel()
+
+    for m in model.modules():
+        handles.append(m.register_forward_hook(hook))
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        model(x[:1].to(next(model.parameters()).dtype) if x.is_floating_point() else x[:1])
+    model.train(was)
+    for h in handles:
+        h.remove()
+    per_run = n_params * nbytes * 8 + (batch_size + 1) * act * nbytes * 4
+    if sparse:  # gathered / scattered first-layer rows
+        first = next(p for p in model.parameters() if p.requires_grad)
+        k = int((x[: min(len(x), 4096)] != 0).sum(1).max())
+        per_run += (batch_size + 1) * k * first.shape[0] * nbytes * 3
+    return max(1, int(budget_mb * 2 ** 20 // max(per_run, 1)))
 
 
 class FurtherTraining:
@@ -52,9 +131,12 @@ class FurtherTraining:
 
     name = "further_training"
 
-    def run(self, problem: AttributionProblem, gold_dir: Path) -> list[int]:
+    def run(self, problem: AttributionProblem, gold_dir: Path, trainer: DictConfig | dict | None = None) -> list[int]:
+        """Compute this job's seeds (and left-out shard) into `gold_dir`; returns the seeds done.
+        `trainer`: the `trainer` config node (accelerator, devices, progress_bar) for Lightning."""
         ft, opt_cfg = problem.further_training, problem.further_optimizer
         validate_further_training(ft)
+        gold_dir = Path(gold_dir)
         dtype = getattr(torch, ft.dtype)
         model = problem.model.to(dtype)
         x = problem.x_train.to(dtype) if problem.x_train.is_floating_point() else problem.x_train
@@ -62,34 +144,110 @@ class FurtherTraining:
         y, y_test = problem.y_train, problem.y_test
         if problem.task == "regression":
             y, y_test = y.to(dtype), y_test.to(dtype)
-        optimizer = instantiate({k: v for k, v in to_container(opt_cfg).items() if k != "name"})
-        left_out = problem.left_out_indices.tolist()
+        opt_node = to_container(opt_cfg)
+        engine = ft.get("engine", "stacked")
+        if engine == "stacked":
+            kind, hp = optimizer_spec(opt_node)
+        left_out_all = problem.left_out_indices.tolist()
+        index, count = _shard(ft)
+        if count > len(left_out_all):
+            raise ValueError(f"further_training.left_out_shard.count={count} exceeds the {len(left_out_all)} left-out "
+                             f"instances; use at most {len(left_out_all)} shards")
+        start, stop = shard_block(len(left_out_all), index, count)
+        left_out = left_out_all[start:stop]
+        part = (index, count) if count > 1 else None
         self._write_meta(problem, gold_dir)
-        done = []
+        shard_seeds = ft.get("shard_seeds")
+        seeds = seeds_of(ft) if shard_seeds is None else [int(s) for s in shard_seeds]
+        sparse = should_use_sparse(x.reshape(len(x), -1), ft.get("sparse_input", "auto")) and mlp_layers(model) is not None
+        group = ft.get("max_runs_per_group")
+        group = int(group) if group else runs_per_group(model, x, int(ft.batch_size), dtype, problem.memory_budget_mb, sparse)
+        trainer_cfg = dict(to_container(trainer)) if trainer is not None else {}
+        progress = bool(ft.get("progress_bar", trainer_cfg.get("progress_bar", True)))
         initial = test_losses(model, x_test, y_test, problem.task)
-        for seed in tqdm(seeds_of(ft), desc="further training (seeds)"):
-            path = seed_file(gold_dir, seed)
+        done = []
+        for seed in seeds:
+            path = seed_file(gold_dir, seed, part)
             if path.is_file():
                 done.append(seed)
                 continue
             t0 = time.perf_counter()
             perms = epoch_permutations(len(x), int(ft.epochs), seed)
-            kw = dict(optimizer=optimizer, x=x, y=y, x_test=x_test, y_test=y_test, task=problem.task, perms=perms,
-                      batch_size=int(ft.batch_size), removal=ft.removal, checkpoint_every=ft.checkpoint_every_steps,
-                      epsilon=ft.epsilon, clip_grad_norm=ft.clip_grad_norm, dropout_seed=seed)
-            full = further_train_run(model, left_out=None, **kw)
-            lo = torch.stack([further_train_run(model, left_out=j, **kw) for j in tqdm(left_out, leave=False, desc=f"seed {seed}")], dim=-1)
+            if engine == "reference":
+                full, lo = self._reference_seed(model, opt_node, x, y, x_test, y_test, problem.task, ft, seed, left_out)
+            else:
+                full, lo = self._stacked_seed(model, kind, hp, x, y, x_test, y_test, problem.task, ft, seed, perms,
+                                              left_out, group, trainer_cfg, progress, dtype)
+            self._check_finite(seed, full, lo, left_out)
             diff = lo - full.unsqueeze(-1)
-            if not torch.isfinite(diff).all():
-                raise FloatingPointError(f"further training diverged (NaN/inf loss) for seed {seed}; lower the learning rate")
-            save_tensors(path, {"diff": diff, "full_loss": full, "initial_loss": initial},
-                         metadata={"seed": seed, "seconds": time.perf_counter() - t0})
+            meta: dict[str, Any] = {"seed": seed, "seconds": time.perf_counter() - t0, "engine": engine,
+                                    "left_out_block": [start, stop], "part": [index, count]}
+            save_tensors(path, {"diff": diff, "full_loss": full, "initial_loss": initial}, metadata=meta)
+            log.info("further training seed %d (%s) -> %s in %.1fs", seed, engine, path.name, meta["seconds"])
             done.append(seed)
         return done
 
+    @staticmethod
+    def _check_finite(seed: int, full: torch.Tensor, lo: torch.Tensor, left_out: list[int]) -> None:
+        """Diverged runs are never written (so never averaged in): name them and stop."""
+        bad_full = not bool(torch.isfinite(full).all())
+        bad_lo = (~torch.isfinite(lo)).flatten(0, 1).any(0)  # [n_left_out]
+        if bad_full or bool(bad_lo.any()):
+            which = [left_out[i] for i in bad_lo.nonzero().flatten().tolist()]
+            parts = (["the full-data run"] if bad_full else []) + ([f"the runs leaving out training instances {which}"] if which else [])
+            raise FloatingPointError(f"further training diverged (NaN/inf test loss) for seed {seed}: {' and '.join(parts)}. "
+                                     f"Nothing was written for this seed. Lower further_optimizer.lr or set "
+                                     f"further_training.clip_grad_norm, then re-run (finished seeds are kept).")
+
+    def _reference_seed(self, model, opt_node, x, y, x_test, y_test, task, ft, seed, left_out):
+        optimizer = build(opt_node)
+        kw = dict(optimizer=optimizer, x=x, y=y, x_test=x_test, y_test=y_test, task=task, n_epochs=int(ft.epochs),
+                  seed=seed, batch_size=int(ft.batch_size), removal=ft.removal, checkpoint_every=ft.checkpoint_every_steps,
+                  epsilon=ft.epsilon, clip_grad_norm=ft.clip_grad_norm)
+        full = further_train_run(model, left_out=None, **kw)
+        lo = torch.stack([further_train_run(model, left_out=j, **kw) for j in left_out], dim=-1)
+        return full, lo
+
+    def _stacked_seed(self, model, kind, hp, x, y, x_test, y_test, task, ft, seed, perms, left_out, group,
+                      trainer_cfg, progress, dtype):
+        """All runs of the seed in groups of at most `group` runs (the full run in the first)."""
+        runs: list[int | None] = [None, *left_out]
+        out = []
+        for g0 in range(0, len(runs), group):
+            chunk = runs[g0:g0 + group]
+            is_full = torch.tensor([r is None for r in chunk])
+            lo = torch.tensor([-1 if r is None else r for r in chunk])
+            stacked = build_stacked(model, len(chunk), x, y, task, fast_path=True, sparse_input=ft.get("sparse_input", "auto"),
+                                    vmap=ft.get("vmap", "auto"), device=trainer_cfg.get("accelerator", "cpu"))
+            gt = GroupTrainer(stacked, kind, hp, perms, lo, is_full, int(ft.batch_size), ft.removal, seed, x_test, y_test,
+                              epsilon=ft.epsilon, clip_grad_norm=ft.clip_grad_norm, checkpoint_every=ft.checkpoint_every_steps)
+            self._fit(gt, int(ft.epochs), trainer_cfg, progress, dtype)
+            out.append(gt.result())  # [T, n_test, r]
+        losses = torch.cat(out, dim=-1)
+        return losses[..., 0], losses[..., 1:]
+
+    @staticmethod
+    def _fit(gt: GroupTrainer, epochs: int, trainer_cfg: dict, progress: bool, dtype: torch.dtype) -> None:
+        import lightning as L
+
+        accelerator = trainer_cfg.get("accelerator", "cpu")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*(configure_optimizers|num_workers|does not have many workers"
+                                                      "|GPU available|TPU available|LOCAL_RANK).*")
+            trainer = L.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1,
+                                precision="64-true" if dtype == torch.float64 else "32-true", logger=False,
+                                enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
+                                num_sanity_val_steps=0, limit_val_batches=0)
+            trainer.fit(FurtherTrainingModule(gt))
+        expected = (epochs * gt.steps_per_epoch // int(gt.checkpoint_every)) if gt.checkpoint_every else epochs
+        if trainer.interrupted or len(gt.losses) != expected:
+            # never write a seed whose runs did not finish (Lightning swallows some interruptions)
+            raise RuntimeError(f"further training of seed {gt.seed} stopped early ({len(gt.losses)} of {expected} "
+                               f"checkpoints); nothing was written for it. Re-run the same command to resume.")
+
     def _write_meta(self, problem: AttributionProblem, gold_dir: Path) -> None:
         ft = problem.further_training
-        meta = {"further_training": to_container(ft), "further_optimizer": to_container(problem.further_optimizer),
+        meta = {"further_training": gold_settings(ft), "further_optimizer": to_container(problem.further_optimizer),
                 "left_out_indices": problem.left_out_indices.tolist(), "test_indices": problem.test_indices.tolist(),
                 "n_train": problem.n_train, "seeds": seeds_of(ft)}
         path = gold_dir / "meta.json"
@@ -99,6 +257,8 @@ class FurtherTraining:
                 if old.get(k) != meta[k]:
                     raise ValueError(f"{path} was written for different {k}; it cannot be combined with this run. "
                                      f"Delete {gold_dir} or restore the original selection.")
+            if old == meta:
+                return  # shards running at the same time all find it already written
         save_json(path, meta)
 
 
@@ -133,33 +293,113 @@ class GoldStandard:
 
         `adjust=False` drops eq. 17's subtraction of the full run (uses loss(D∖j) − loss(θᶠ));
         `center` subtracts the mean over left-out instances (eq. 13) per test instance,
-        checkpoint and seed."""
+        checkpoint and seed. `seeds` selects seed positions (a window of seeds)."""
         return postprocess(self.diff, self.full_loss, self.initial_loss, center=center, adjust=adjust, seeds=seeds)
+
+    def windows(self, k: int, center: bool = True, adjust: bool = True) -> list[torch.Tensor]:
+        """The attribution of each non-overlapping window of k seeds (in seed order); a
+        remainder shorter than k is left out. Each [n_checkpoints, n_test, n_left_out]."""
+        S = len(self.seeds)
+        return [self.attribution(center=center, adjust=adjust, seeds=slice(i, i + k)) for i in range(0, S - k + 1, k)]
 
 
 def postprocess(diff: torch.Tensor, full_loss: torch.Tensor, initial_loss: torch.Tensor, center: bool = True,
                 adjust: bool = True, seeds: slice | list[int] | None = None) -> torch.Tensor:
-    """diff [T, n_test, n_left_out, S] -> attribution [T, n_test, n_left_out]."""
+    """diff [T, n_test, n_left_out, S] -> attribution [T, n_test, n_left_out].
+
+    adjust (eq. 17): loss(D∖j) − loss(D) as stored; without it loss(D∖j) − loss(θᶠ).
+    center (eq. 13): minus the mean over left-out instances, per test instance, checkpoint
+    and seed, before the mean over seeds."""
     if seeds is not None:
         diff, full_loss = diff[..., seeds], full_loss[..., seeds]
+    if diff.shape[-1] == 0:
+        raise ValueError("no seeds selected for the gold standard average")
     a = diff if adjust else diff + (full_loss - initial_loss[None, :, None]).unsqueeze(2)
     if center:
         a = a - a.mean(dim=2, keepdim=True)
     return a.mean(dim=-1)
 
 
+def _seed_files(gold_dir: Path) -> dict[int, dict[tuple[int, int], Path]]:
+    """seed -> {(part index, count): file}; a whole-seed file is (0, 1)."""
+    found: dict[int, dict[tuple[int, int], Path]] = {}
+    for p in gold_dir.glob("seed_*.safetensors"):
+        m = _PART.match(p.name)
+        if m:
+            seed, idx, count = int(m.group(1)), int(m.group(2)) - 1, int(m.group(3))
+        elif re.match(r"^seed_(\d+)\.safetensors$", p.name):
+            seed, idx, count = int(p.name[5:-12]), 0, 1
+        else:
+            continue
+        found.setdefault(seed, {})[(idx, count)] = p
+    return found
+
+
+def _merge_seed(seed: int, files: dict[tuple[int, int], Path], n_left_out: int) -> tuple[dict | None, str | None, str | None]:
+    """(tensors, missing message, duplicate message) for one seed's files."""
+    counts = sorted({c for _, c in files})
+    if len(counts) > 1:
+        names = sorted(p.name for p in files.values())
+        return None, None, (f"seed {seed} has files of different shardings {names}; keep one sharding "
+                            f"(delete the others) and re-run the missing parts")
+    count = counts[0]
+    have = sorted(i for i, _ in files)
+    missing = [i for i in range(count) if i not in have]
+    if missing:
+        return None, f"seed {seed}: parts {[i + 1 for i in missing]} of {count}", None
+    parts = [load_tensors(files[(i, count)]) for i in range(count)]
+    for i, p in enumerate(parts):
+        want = shard_block(n_left_out, i, count)
+        if p["diff"].shape[-1] != want[1] - want[0]:
+            return None, None, (f"{files[(i, count)].name} holds {p['diff'].shape[-1]} left-out instances, expected "
+                                f"{want[1] - want[0]}; it was written for another selection — delete it and re-run")
+    full = parts[0]["full_loss"]
+    for i, p in enumerate(parts[1:], 2):
+        if not torch.allclose(p["full_loss"], full, rtol=0, atol=1e-6 * (1 + float(full.abs().max()))):
+            return None, None, (f"seed {seed}: part {i} of {count} has a different full-data run than part 1 "
+                                f"(written with other settings?); delete the seed's files and re-run it")
+    return {"diff": torch.cat([p["diff"] for p in parts], dim=-1), "full_loss": full,
+            "initial_loss": parts[0]["initial_loss"]}, None, None
+
+
 def load_gold_standard(gold_dir: Path, require_all: bool = True) -> GoldStandard:
+    """Merge the per-seed (and per-part) files of a gold standard.
+
+    Raises naming every seed or part that is missing (with `require_all`), doubled (files of
+    two shardings for one seed) or not finite (a diverged run: never averaged in)."""
+    gold_dir = Path(gold_dir)
     meta_path = gold_dir / "meta.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"no gold standard in {gold_dir}; run `python attribute.py method=further_training` "
                                 f"with the same overrides first")
     meta = load_json(meta_path)
-    present = [s for s in meta["seeds"] if seed_file(gold_dir, s).is_file()]
-    missing = sorted(set(meta["seeds"]) - set(present))
-    if not present or (require_all and missing):
-        raise FileNotFoundError(f"gold standard in {gold_dir} is incomplete: seeds {missing} are missing; "
-                                f"re-run `python attribute.py method=further_training` with the same overrides to finish them")
-    parts = [load_tensors(seed_file(gold_dir, s)) for s in present]
-    return GoldStandard(diff=torch.stack([p["diff"] for p in parts], dim=-1),
-                        full_loss=torch.stack([p["full_loss"] for p in parts], dim=-1),
-                        initial_loss=parts[0]["initial_loss"], seeds=present, meta=meta)
+    n_left_out = len(meta["left_out_indices"])
+    files = _seed_files(gold_dir)
+    merged, missing, duplicated = {}, [], []
+    for s in meta["seeds"]:
+        if s not in files:
+            missing.append(f"seed {s}")
+            continue
+        tensors, miss, dup = _merge_seed(s, files[s], n_left_out)
+        if dup:
+            duplicated.append(dup)
+        elif miss:
+            missing.append(miss)
+        else:
+            merged[s] = tensors
+    if duplicated:
+        raise ValueError(f"gold standard in {gold_dir} has conflicting files:\n  - " + "\n  - ".join(duplicated))
+    if not merged or (require_all and missing):
+        raise FileNotFoundError(f"gold standard in {gold_dir} is incomplete: missing {'; '.join(missing)}. "
+                                f"Re-run `python attribute.py method=further_training` with the same overrides "
+                                f"(and the same further_training.left_out_shard for missing parts) to finish them")
+    present = [s for s in meta["seeds"] if s in merged]
+    for s in present:
+        bad = ~torch.isfinite(merged[s]["diff"]).flatten(0, 1).all(0)
+        if bool(bad.any()) or not bool(torch.isfinite(merged[s]["full_loss"]).all()):
+            which = [meta["left_out_indices"][i] for i in bad.nonzero().flatten().tolist()]
+            raise FloatingPointError(f"gold standard seed {s} in {gold_dir} holds non-finite losses (left-out training "
+                                     f"instances {which}); delete its file(s) and re-run with a lower learning rate")
+    return GoldStandard(diff=torch.stack([merged[s]["diff"] for s in present], dim=-1),
+                        full_loss=torch.stack([merged[s]["full_loss"] for s in present], dim=-1),
+                        initial_loss=merged[present[0]]["initial_loss"], seeds=present, meta=meta)

@@ -1,0 +1,347 @@
+"""Issue 3: the stacked further-training engine equals the plain reference (one model, one
+torch.optim optimizer, PyTorch's RandomSampler), and the gold standard on disk resumes,
+shards and merges correctly."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import RandomSampler
+
+from conftest import compose_config
+from tda.artifacts import load_tensors
+from tda.further_training.engine import GroupTrainer, plan_step
+from tda.further_training.gold_standard import FurtherTraining, load_gold_standard, postprocess, seed_file
+from tda.further_training.optim import StackedOptimizer, clip_grad_norm_per_run, optimizer_spec
+from tda.further_training.reference import epoch_permutations, further_train_run
+from tda.further_training.stacked import FuncStacked, MLPStacked, build_stacked, sparse_rows
+from tda.methods.base import AttributionProblem
+from tda.models.cnn import SmallCNN
+from tda.models.mlp import MLP
+from tda.runs import further_training_key
+
+F64 = torch.float64
+OPTIMIZERS = {
+    "sgd_momentum": {"_target_": "torch.optim.SGD", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.01},
+    "sgd_nesterov": {"_target_": "torch.optim.SGD", "lr": 0.05, "momentum": 0.8, "nesterov": True},
+    "adam": {"_target_": "torch.optim.Adam", "lr": 0.01, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01},
+    "adamw": {"_target_": "torch.optim.AdamW", "lr": 0.01, "betas": [0.8, 0.99], "eps": 1e-8, "weight_decay": 0.1},
+}
+
+
+def torch_opt(node):
+    kind, hp = optimizer_spec(node)
+    return functools.partial(getattr(torch.optim, kind), **hp)
+
+
+def data(n=37, d=6, n_test=5, classes=3, seed=0, onehot=False, image=False):
+    g = torch.Generator().manual_seed(seed)
+    if onehot:  # Folktables-like: one-hot blocks plus a standardised column
+        blocks = [4, 5, 3]
+        cols = [torch.nn.functional.one_hot(torch.randint(0, b, (n + n_test,), generator=g), b) for b in blocks]
+        x = torch.cat([*cols, torch.randn(n + n_test, 1, generator=g)], dim=1).to(F64)
+    elif image:
+        x = torch.randn(n + n_test, 1, 8, 8, generator=g, dtype=F64)
+    else:
+        x = torch.randn(n + n_test, d, generator=g, dtype=F64)
+    y = torch.randint(0, classes, (n + n_test,), generator=g)
+    return x[:n], y[:n], x[n:], y[n:]
+
+
+def mlp(d, classes=3, dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    return MLP([d], classes, hidden=(7, 5), dropout=dropout).to(F64)
+
+
+def reference_losses(model, opt_node, x, y, xt, yt, left_out, removal, epochs=2, batch=8, seed=3, clip=None,
+                     checkpoint_every=None, task="classification"):
+    """[T, n_test, 1 + n_left_out] from the plain loop, full run first."""
+    kw = dict(optimizer=torch_opt(opt_node), x=x, y=y, x_test=xt, y_test=yt, task=task, n_epochs=epochs, seed=seed,
+              batch_size=batch, removal=removal, checkpoint_every=checkpoint_every, clip_grad_norm=clip)
+    runs = [further_train_run(model, left_out=None, **kw)] + [further_train_run(model, left_out=j, **kw) for j in left_out]
+    return torch.stack(runs, dim=-1)
+
+
+def engine_losses(model, opt_node, x, y, xt, yt, left_out, removal, epochs=2, batch=8, seed=3, clip=None,
+                  checkpoint_every=None, task="classification", fast_path=True, sparse_input="auto", vmap="auto"):
+    kind, hp = optimizer_spec(opt_node)
+    R = 1 + len(left_out)
+    stacked = build_stacked(model, R, x, y, task, fast_path=fast_path, sparse_input=sparse_input, vmap=vmap)
+    gt = GroupTrainer(stacked, kind, hp, epoch_permutations(len(x), epochs, seed),
+                      torch.tensor([-1, *left_out]), torch.tensor([True] + [False] * len(left_out)), batch, removal, seed,
+                      xt, yt, clip_grad_norm=clip, checkpoint_every=checkpoint_every)
+    return gt.run(epochs), stacked
+
+
+def assert_same_differences(ref, eng, tol=1e-12):
+    assert ref.shape == eng.shape
+    d_ref = ref[..., 1:] - ref[..., :1]
+    d_eng = eng[..., 1:] - eng[..., :1]
+    assert float(d_ref.abs().max()) > 1e-6, "the test does not exercise any effect of leaving out"
+    err = float((d_ref - d_eng).abs().max())
+    assert err <= tol, f"loss differences differ by {err:.3g}"
+    assert float((ref - eng).abs().max()) <= tol
+
+
+# --------------------------------------------------------------------------- semantics
+def test_permutations_are_what_random_sampler_yields():
+    g = torch.Generator().manual_seed(11)
+    sampler = RandomSampler(range(20), generator=g)
+    expected = [list(sampler) for _ in range(3)]
+    assert [p.tolist() for p in epoch_permutations(20, 3, 11)] == expected
+    # the sampler draws two permutations per epoch: naively re-deriving them would be wrong
+    g2 = torch.Generator().manual_seed(11)
+    naive = [torch.randperm(20, generator=g2).tolist() for _ in range(3)]
+    assert naive[1] != expected[1]
+
+
+def test_drop_plan_deletes_left_out_and_shifts():
+    perm = torch.tensor([5, 2, 7, 0, 3, 6, 1, 4, 8])  # n = 9, batch 4: batches of 4, 4, 1
+    left_out = torch.tensor([-1, 7, 8])
+    is_full = torch.tensor([True, False, False])
+    inv = torch.empty(9, dtype=torch.long)
+    inv[perm] = torch.arange(9)
+    pos = torch.where(is_full, torch.tensor(9), inv[left_out.clamp_min(0)])
+    seen = {r: [] for r in range(3)}
+    for b in range(3):
+        groups, active = plan_step(perm, pos, left_out, is_full, b, 4, "drop", 0.1, F64)
+        for g in groups:
+            for r, row in zip(g.rows.tolist(), g.idx.tolist()):
+                assert active[r]
+                seen[r].append(row)
+    assert seen[0] == [[5, 2, 7, 0], [3, 6, 1, 4], [8]]
+    assert seen[1] == [[5, 2, 0, 3], [6, 1, 4, 8]]  # its epoch is one batch shorter
+    assert seen[2] == [[5, 2, 7, 0], [3, 6, 1, 4]]
+
+
+@pytest.mark.parametrize("removal", ["drop", "downweight", "mask"])
+@pytest.mark.parametrize("opt", ["sgd_momentum", "adam", "adamw"])
+def test_mlp_engine_equals_reference(removal, opt):
+    x, y, xt, yt = data()
+    model = mlp(6)
+    left_out = [0, 36, 17, 30]  # includes rows of the last, shorter batch
+    clip = 0.5 if opt != "sgd_momentum" else None
+    ref = reference_losses(model, OPTIMIZERS[opt], x, y, xt, yt, left_out, removal, clip=clip)
+    eng, stacked = engine_losses(model, OPTIMIZERS[opt], x, y, xt, yt, left_out, removal, clip=clip)
+    assert isinstance(stacked, MLPStacked)
+    assert_same_differences(ref, eng)
+
+
+@pytest.mark.parametrize("opt", ["sgd_nesterov", "adam"])
+def test_epoch_one_batch_shorter_and_step_checkpoints(opt):
+    """n % batch == 1: a `drop` run's epoch has one batch fewer (it sits out the last step);
+    checkpoints every 3 steps of the full run's clock."""
+    x, y, xt, yt = data(n=33)
+    model = mlp(6)
+    left_out = [4, 32]
+    ref = reference_losses(model, OPTIMIZERS[opt], x, y, xt, yt, left_out, "drop", epochs=3, checkpoint_every=3)
+    eng, _ = engine_losses(model, OPTIMIZERS[opt], x, y, xt, yt, left_out, "drop", epochs=3, checkpoint_every=3)
+    assert ref.shape[0] == 5
+    assert_same_differences(ref, eng)
+
+
+@pytest.mark.parametrize("removal", ["drop", "downweight"])
+def test_sparse_one_hot_first_layer_equals_reference_and_dense(removal):
+    x, y, xt, yt = data(onehot=True)
+    model = mlp(x.shape[1])
+    left_out = [3, 35, 9]
+    ref = reference_losses(model, OPTIMIZERS["adam"], x, y, xt, yt, left_out, removal, clip=1.0)
+    sparse, st = engine_losses(model, OPTIMIZERS["adam"], x, y, xt, yt, left_out, removal, clip=1.0, sparse_input=True)
+    dense, sd = engine_losses(model, OPTIMIZERS["adam"], x, y, xt, yt, left_out, removal, clip=1.0, sparse_input=False)
+    assert st.sparse and not sd.sparse
+    assert_same_differences(ref, sparse)
+    assert_same_differences(dense, sparse)
+
+
+def test_sparse_rows_reconstruct_the_input():
+    x, *_ = data(onehot=True)
+    cols, vals = sparse_rows(x)
+    assert cols.shape[1] == 4
+    back = torch.zeros_like(x).scatter_add_(1, cols, vals)
+    assert torch.equal(back, x)
+
+
+@pytest.mark.parametrize("removal,vmap", [("drop", True), ("downweight", False), ("mask", True)])
+def test_cnn_engine_equals_reference(removal, vmap):
+    x, y, xt, yt = data(n=21, image=True)
+    torch.manual_seed(0)
+    model = SmallCNN([1, 8, 8], 3, channels=(2, 3)).to(F64)
+    left_out = [20, 5]
+    opt = {"sgd_momentum": "drop", "adam": "downweight", "adamw": "mask"}
+    name = next(k for k, v in opt.items() if v == removal)
+    ref = reference_losses(model, OPTIMIZERS[name], x, y, xt, yt, left_out, removal, batch=6, clip=0.7)
+    eng, stacked = engine_losses(model, OPTIMIZERS[name], x, y, xt, yt, left_out, removal, batch=6, clip=0.7, vmap=vmap)
+    assert isinstance(stacked, FuncStacked) and stacked.vectorize == vmap
+    assert_same_differences(ref, eng)
+
+
+@pytest.mark.parametrize("removal,vmap", [("drop", True), ("mask", True), ("drop", False)])
+def test_dropout_masks_are_matched_like_the_reference(removal, vmap):
+    """Generic path (vmap, randomness='same') with dropout: every run of a step draws the
+    mask the reference draws for that batch shape."""
+    x, y, xt, yt = data()
+    model = mlp(6, dropout=0.3)
+    left_out = [36, 2]
+    ref = reference_losses(model, OPTIMIZERS["sgd_momentum"], x, y, xt, yt, left_out, removal)
+    eng, stacked = engine_losses(model, OPTIMIZERS["sgd_momentum"], x, y, xt, yt, left_out, removal, vmap=vmap)
+    assert isinstance(stacked, FuncStacked)  # dropout > 0 is not a plain Linear/ReLU stack
+    assert_same_differences(ref, eng)
+
+
+@pytest.mark.parametrize("vmap", [True, False])
+def test_batchnorm_buffers_are_per_run(vmap):
+    """Test losses are in eval mode, so they depend on each run's own running statistics."""
+    x, y, xt, yt = data()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)).to(F64)
+    left_out = [36, 2]
+    ref = reference_losses(model, OPTIMIZERS["adam"], x, y, xt, yt, left_out, "drop")
+    eng, stacked = engine_losses(model, OPTIMIZERS["adam"], x, y, xt, yt, left_out, "drop", vmap=vmap)
+    assert_same_differences(ref, eng)
+    running = stacked.buffers[stacked.buffer_names.index("1.running_mean")]
+    assert not torch.equal(running[0], running[1])  # each run kept its own statistics
+
+
+def test_regression_mlp():
+    x, _, xt, _ = data()
+    y, yt = x[:, 0] * 2 - x[:, 1], xt[:, 0] * 2 - xt[:, 1]
+    torch.manual_seed(0)
+    model = MLP([6], 1, hidden=(4,)).to(F64)
+    ref = reference_losses(model, OPTIMIZERS["sgd_momentum"], x, y, xt, yt, [1, 36], "drop", task="regression")
+    eng, _ = engine_losses(model, OPTIMIZERS["sgd_momentum"], x, y, xt, yt, [1, 36], "drop", task="regression")
+    assert_same_differences(ref, eng)
+
+
+def test_stacked_optimizer_sit_out_keeps_state():
+    torch.manual_seed(0)
+    p = torch.randn(3, 4, dtype=F64)
+    ref = [p[r].clone().requires_grad_() for r in range(3)]
+    opts = [torch.optim.Adam([t], lr=0.1) for t in ref]
+    stacked = StackedOptimizer("Adam", {"lr": 0.1}, [p])
+    for step in range(4):
+        g = torch.randn(3, 4, dtype=F64)
+        active = torch.tensor([True, step != 1, True])
+        clip_grad_norm_per_run([g], 1.0)
+        stacked.step([g.clone()], active)
+        for r in range(3):
+            if active[r]:
+                ref[r].grad = g[r].clone()
+                opts[r].step()
+    assert torch.allclose(p, torch.stack([t.detach() for t in ref]), atol=1e-14, rtol=0)
+
+
+def test_unsupported_optimizer_is_a_clear_error():
+    with pytest.raises(ValueError, match="engine=reference"):
+        optimizer_spec({"_target_": "torch.optim.RMSprop", "lr": 0.1})
+    with pytest.raises(ValueError, match="amsgrad"):
+        optimizer_spec({"_target_": "torch.optim.Adam", "lr": 0.1, "amsgrad": True})
+
+
+# --------------------------------------------------------------------------- on disk
+def _problem(ft_overrides, n_left_out=6):
+    cfg = compose_config("attribute", ["further_training.epochs=2", "further_training.batch_size=8",
+                                       "further_training.n_seeds=3", "further_training.dtype=float64",
+                                       "trainer.progress_bar=false", *ft_overrides])
+    x, y, xt, yt = data(n=30)
+    problem = AttributionProblem(model=mlp(6), task="classification", x_train=x, y_train=y, x_test=xt, y_test=yt,
+                                 left_out_indices=torch.arange(n_left_out) * 5, test_indices=torch.arange(len(xt)),
+                                 further_training=cfg.further_training, further_optimizer=cfg.further_optimizer)
+    return cfg, problem
+
+
+@pytest.mark.slow
+def test_gold_standard_under_lightning_equals_reference_engine(tmp_path):
+    cfg, problem = _problem(["further_optimizer=adam", "further_optimizer.lr=0.01"])
+    FurtherTraining().run(problem, tmp_path / "stacked", trainer=cfg.trainer)
+    cfg2, problem2 = _problem(["further_optimizer=adam", "further_optimizer.lr=0.01", "further_training.engine=reference"])
+    FurtherTraining().run(problem2, tmp_path / "ref", trainer=cfg2.trainer)
+    a, b = load_gold_standard(tmp_path / "stacked"), load_gold_standard(tmp_path / "ref")
+    assert a.diff.shape == (2, 5, 6, 3) and a.seeds == [0, 1, 2]
+    assert float(a.diff.abs().max()) > 1e-6
+    assert float((a.diff - b.diff).abs().max()) < 1e-12
+    assert further_training_key(cfg) == further_training_key(cfg2)
+
+
+def test_resume_after_interruption(tmp_path, monkeypatch):
+    """A crash in the middle of seed 1 (inside a Lightning training step) leaves seed 0's
+    file and nothing of seed 1; the re-run computes only seeds 1 and 2."""
+    from tda.further_training.engine import GroupTrainer as GT
+
+    cfg, problem = _problem([])
+    seeds_started, original_step = [], GT.step
+
+    def crashing_step(self, epoch, b):
+        if epoch == 0 and b == 0:
+            seeds_started.append(self.seed)
+        if self.seed == 1 and seeds_started.count(1) == 1 and epoch == 1:
+            raise RuntimeError("node lost")
+        return original_step(self, epoch, b)
+
+    monkeypatch.setattr(GT, "step", crashing_step)
+    with pytest.raises(RuntimeError, match="node lost"):
+        FurtherTraining().run(problem, tmp_path, trainer=cfg.trainer)
+    assert seed_file(tmp_path, 0).is_file() and not seed_file(tmp_path, 1).is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+    with pytest.raises(FileNotFoundError, match="missing seed 1; seed 2"):
+        load_gold_standard(tmp_path)
+    assert load_gold_standard(tmp_path, require_all=False).seeds == [0]
+    first = load_tensors(seed_file(tmp_path, 0))["diff"]
+    FurtherTraining().run(problem, tmp_path, trainer=cfg.trainer)
+    assert seeds_started == [0, 1, 1, 2]  # seed 0 was not recomputed
+    assert torch.equal(load_tensors(seed_file(tmp_path, 0))["diff"], first)
+    assert load_gold_standard(tmp_path).seeds == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_shards_merge_to_the_unsharded_gold_standard(tmp_path):
+    cfg, problem = _problem([])
+    FurtherTraining().run(problem, tmp_path / "whole", trainer=cfg.trainer)
+    keys = set()
+    for shard_seeds, index in (([0, 2], 0), ([0, 2], 1), ([0, 2], 2), ([1], 0), ([1], 1), ([1], 2)):
+        cfg_s, problem_s = _problem([f"further_training.shard_seeds=[{','.join(map(str, shard_seeds))}]",
+                                     f"further_training.left_out_shard.index={index}", "further_training.left_out_shard.count=3",
+                                     "further_training.max_runs_per_group=2"])
+        keys.add(further_training_key(cfg_s))
+        FurtherTraining().run(problem_s, tmp_path / "sharded", trainer=cfg_s.trainer)
+    assert keys == {further_training_key(cfg)}
+    assert (tmp_path / "sharded" / "seed_00001.part_03_of_03.safetensors").is_file()
+    whole, merged = load_gold_standard(tmp_path / "whole"), load_gold_standard(tmp_path / "sharded")
+    assert merged.seeds == whole.seeds
+    assert float((whole.diff - merged.diff).abs().max()) < 1e-12
+    # a missing part is named; a second sharding of the same seed is a conflict
+    (tmp_path / "sharded" / "seed_00001.part_02_of_03.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"seed 1: parts \[2\] of 3"):
+        load_gold_standard(tmp_path / "sharded")
+    (tmp_path / "whole" / "seed_00001.safetensors").rename(tmp_path / "sharded" / "seed_00001.safetensors")
+    with pytest.raises(ValueError, match="seed 1 has files of different shardings"):
+        load_gold_standard(tmp_path / "sharded")
+
+
+def test_diverged_runs_are_named_and_never_written(tmp_path):
+    """A training row that blows up every run containing it: all runs but the one leaving
+    it out diverge; the error names them and the seed, and nothing is written."""
+    cfg, problem = _problem(["further_optimizer.lr=10"])
+    problem.x_train[10] = 1e200  # left-out instance 10 (left_out_indices = 0, 5, 10, ...)
+    with pytest.raises(FloatingPointError, match=r"seed 0: the full-data run and the runs leaving out training "
+                                                 r"instances \[0, 5, .*\]\. Nothing was written") as err:
+        FurtherTraining().run(problem, tmp_path, trainer=cfg.trainer)
+    named = str(err.value).split("[")[1].split("]")[0].split(", ")
+    assert "10" not in named  # the run without the offending row stayed finite
+    assert not seed_file(tmp_path, 0).is_file()
+
+
+def test_postprocess_adjust_centre_and_windows():
+    torch.manual_seed(0)
+    diff = torch.randn(2, 3, 4, 6, dtype=F64)
+    full = torch.randn(2, 3, 6, dtype=F64)
+    init = torch.randn(3, dtype=F64)
+    a = postprocess(diff, full, init, center=False, adjust=True)
+    assert torch.allclose(a, diff.mean(-1))
+    raw = postprocess(diff, full, init, center=False, adjust=False)
+    assert torch.allclose(raw, (diff + (full - init[None, :, None]).unsqueeze(2)).mean(-1))
+    c = postprocess(diff, full, init, center=True, seeds=slice(0, 2))
+    assert torch.allclose(c.mean(dim=2), torch.zeros(2, 3, dtype=F64), atol=1e-15)
+    assert torch.allclose(c, (diff[..., :2] - diff[..., :2].mean(2, keepdim=True)).mean(-1))
