@@ -1,35 +1,53 @@
-"""Grad-Dot and Grad-Cos (SPEC §3): gᵀgⱼ and its cosine-normalised variant."""
+"""Grad-Dot and Grad-Cos (SPEC §3): gᵀgⱼ and its cosine-normalised variant, exact (no
+projection). Only the evaluated test instances and the left-out instances need gradients;
+for models whose trainable parameters are all linear layers the inner products are formed
+from the factors (activations · output gradients) without materialising any gradient."""
 
 from __future__ import annotations
 
 import torch
 
 from tda.methods.base import AttributionProblem, Method
-from tda.methods.gradients import per_example_grads
+from tda.methods.gradients import compute_grads, loss_target, tensor_kernels, tensor_sq_norms
+
+
+def check_factored(factored) -> str | bool:
+    if factored not in ("auto", True, False):
+        raise ValueError(f"method.factored={factored!r} must be auto, true or false")
+    return factored
 
 
 class GradDot(Method):
-    """score(z, j) = ∇loss(z)ᵀ∇loss(z_j): the first-order (one SGD step) change of z's loss
-    when z_j is removed, up to the positive factor lr/n."""
+    """score(z, j) = ∇loss(z)ᵀ∇loss(z_j) [n_test, n_left_out]: the first-order (one SGD step)
+    change of z's loss when z_j is removed, up to the positive factor lr/n — positive =
+    removing j raises z's loss = helpful, as the gold standard."""
 
     name = "grad_dot"
 
-    def __init__(self, chunk_size: int = 256, normalize: bool = False):
+    def __init__(self, chunk_size: int = 256, normalize: bool = False, factored: str | bool = "auto"):
         super().__init__()
         self.chunk_size = chunk_size
         self.normalize = normalize
+        self.factored = check_factored(factored)
 
     def scores(self, problem: AttributionProblem) -> torch.Tensor:
-        g_test = per_example_grads(problem.model, problem.x_test, problem.y_test, problem.task, self.chunk_size)
-        g_lo = per_example_grads(problem.model, problem.x_left_out, problem.y_left_out, problem.task, self.chunk_size)
+        target = loss_target(problem.task)
+        g_test = compute_grads(problem.model, problem.x_test, problem.y_test, target, self.factored, self.chunk_size)
+        g_lo = compute_grads(problem.model, problem.x_left_out, problem.y_left_out, target, self.factored,
+                             self.chunk_size)
+        self.record["factored"] = type(g_test).__name__ == "FactoredGrads"
+        s = sum(tensor_kernels(g_test, g_lo).values())
         if self.normalize:
-            g_test = g_test / g_test.norm(dim=1, keepdim=True).clamp_min(1e-30)
-            g_lo = g_lo / g_lo.norm(dim=1, keepdim=True).clamp_min(1e-30)
-        return g_test @ g_lo.T
+            n_test = sum(tensor_sq_norms(g_test).values()).sqrt().clamp_min(1e-30)
+            n_lo = sum(tensor_sq_norms(g_lo).values()).sqrt().clamp_min(1e-30)
+            s = s / n_test[:, None] / n_lo[None, :]
+        return s
 
 
 class GradCos(GradDot):
+    """gᵀgⱼ / (‖g‖‖gⱼ‖) [n_test, n_left_out]."""
+
     name = "grad_cos"
 
-    def __init__(self, chunk_size: int = 256):
-        super().__init__(chunk_size=chunk_size, normalize=True)
+    def __init__(self, chunk_size: int = 256, factored: str | bool = "auto"):
+        super().__init__(chunk_size=chunk_size, normalize=True, factored=factored)
