@@ -1,0 +1,172 @@
+"""Benchmark of the influence-function methods (issue 5), in the rows of benchmarks/methods.py.
+
+    python benchmarks/methods_influence.py [--out rows.json] [--problems folktables_sized_3k,folktables_sized]
+                                           [--cases cg,arnoldi,ekfac,kfac,lissa]
+
+`benchmarks/methods.py` imports `CASES` from here and runs them with its own cases; run this
+file alone to measure only these (same subprocess isolation, same row format:
+{method, problem, seconds, peak_mb, baseline, baseline_seconds, baseline_peak_mb, speedup,
+agreement, note}).
+
+Equal work, so equal agreement: block CG and the one-at-a-time reference run the same fixed
+number of CG iterations (tol 0) per column, so every column follows the same arithmetic and
+the comparison is pure throughput. dattri (installed) is the peer for CG, Arnoldi and LiSSA,
+given the same absolute damping λ = multiple × λ₀ and one training batch (dattri sums the
+inverse-curvature products of its training batches, so one batch = the full-data IF).
+kronfluence was not installed: its only missing dependency that pip would add is
+torchvision, a CUDA-built wheel on PyPI that the project keeps out (README: torchvision is
+not used).
+
+Problems (built by benchmarks/methods.py): `folktables_sized` (30,085 rows, MLP 791-128-128-2,
+118,274 parameters, 100 test × 100 left-out) and `folktables_sized_3k` (its first 3,000 rows).
+The full problem runs the methods whose cost is a few passes over the data (EK-FAC, K-FAC);
+iterative solvers (100 right-hand sides × tens of full-data curvature products, each
+~1 TFLOP on this model) run on the 3k problem on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from tda.methods.arnoldi import Arnoldi  # noqa: E402
+from tda.methods.base import AttributionProblem  # noqa: E402
+from tda.methods.cg import CG  # noqa: E402
+from tda.methods.hessian import base_damping  # noqa: E402
+from tda.methods.kfac import EKFAC, KFAC  # noqa: E402
+
+MULTIPLE = 100.0  # the paper's reported damping, 100·λ₀ (Gauss–Newton cases)
+PEER_DAMPING = 0.5  # absolute λ for the true-Hessian comparisons with dattri (λ = 0.1 leaves H + λI indefinite here)
+N_ROWS = 300  # training rows of the iterative-solver problems (see the module docstring)
+CG_ITERS = 10
+ARNOLDI_ITERS, ARNOLDI_K = 30, 20
+
+
+def _methods():
+    """benchmarks/methods.py as loaded: `__main__` in its child processes (whose isinstance
+    checks must see the same `Result` class), else imported."""
+    main = sys.modules.get("__main__")
+    if main is not None and hasattr(main, "Result") and hasattr(main, "Case"):
+        return main
+    import methods  # noqa: PLC0415
+
+    return methods
+
+
+def _slice(p: AttributionProblem, n_test: int | None = None) -> AttributionProblem:
+    """The first N_ROWS training rows, 100 left-out among them, optionally the first n_test tests."""
+    k = len(p.x_test) if n_test is None else n_test
+    return AttributionProblem(**{**p.__dict__, "x_train": p.x_train[:N_ROWS], "y_train": p.y_train[:N_ROWS],
+                                 "left_out_indices": torch.arange(0, N_ROWS, N_ROWS // 100),
+                                 "x_test": p.x_test[:k], "y_test": p.y_test[:k], "test_indices": p.test_indices[:k]})
+
+
+def _multiple_for(p: AttributionProblem, lam: float) -> float:
+    return lam / base_damping(p.model, p.x_train, p.y_train, p.task)
+
+
+def _cg(block: bool, curvature: str = "gn", n_test: int | None = None):
+    def run(p: AttributionProblem):
+        Result = _methods().Result  # noqa: N806
+
+        q = _slice(p, n_test)
+        multiple = MULTIPLE if curvature == "gn" else _multiple_for(q, PEER_DAMPING)
+        s = CG(curvature=curvature, damping_multiple=multiple, tol=0.0, maxiter=CG_ITERS, block=block,
+               batch_size=N_ROWS).scores(q)
+        if n_test is None:
+            return s
+        return Result(s, list(range(n_test)), len(p.x_test) / n_test,
+                      f"one at a time on {n_test} of {len(p.x_test)} test instances, time extrapolated linearly")
+    return run
+
+
+def _arnoldi(p: AttributionProblem):
+    q = _slice(p)
+    return Arnoldi(curvature="hessian", damping_multiple=_multiple_for(q, PEER_DAMPING), n_iters=ARNOLDI_ITERS,
+                   top_k=ARNOLDI_K, batch_size=N_ROWS).scores(q)
+
+
+def _dattri_task(p: AttributionProblem):
+    from dattri.task import AttributionTask
+
+    model = p.model
+
+    def loss(params, data):  # the mean loss of a batch: one batch = the curvature of the mean training loss
+        xb, yb = data
+        return torch.nn.functional.cross_entropy(torch.func.functional_call(model, params, xb), yb)
+
+    return AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
+
+
+def _loader(x, y, bs):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    return DataLoader(TensorDataset(x, y), batch_size=bs, shuffle=False)
+
+
+def _dattri(kind: str):
+    def run(p: AttributionProblem):
+        from dattri.algorithm import influence_function as inf
+
+        q = _slice(p)
+        task = _dattri_task(q)
+        if kind == "cg":
+            att = inf.IFAttributorCG(task=task, max_iter=CG_ITERS, tol=0.0, mode="rev-fwd",
+                                     regularization=PEER_DAMPING)
+        else:
+            att = inf.IFAttributorArnoldi(task=task, proj_dim=ARNOLDI_K, max_iter=ARNOLDI_ITERS,
+                                          regularization=PEER_DAMPING)
+        att.cache(_loader(q.x_train, q.y_train, len(q.x_train)))
+        s = att.attribute(_loader(q.x_left_out, q.y_left_out, 100), _loader(q.x_test, q.y_test, 100)).T
+        return s / q.n_train  # dattri omits the 1/n of g_testᵀ(H+λI)⁻¹g_j / n
+    return run
+
+
+def _cases():
+    Case = _methods().Case  # noqa: N806
+
+    return [
+        Case(f"cg[gn, {CG_ITERS} it, block of 100, {N_ROWS} rows]", "folktables_sized_3k", _cg(True),
+             {"cg one test instance at a time": _cg(False, "gn", 10)}),
+        Case(f"cg[hessian λ={PEER_DAMPING}, {CG_ITERS} it, {N_ROWS} rows]", "folktables_sized_3k", _cg(True, "hessian"),
+             {"dattri IFAttributorCG": _dattri("cg")}),
+        Case(f"arnoldi[hessian λ={PEER_DAMPING}, {ARNOLDI_ITERS} it, top {ARNOLDI_K}, {N_ROWS} rows]",
+             "folktables_sized_3k", _arnoldi, {"dattri IFAttributorArnoldi": _dattri("arnoldi")}),
+        Case("ekfac", "folktables_sized", lambda p: EKFAC(damping_multiple=MULTIPLE).scores(p), {}),
+        Case("kfac", "folktables_sized", lambda p: KFAC(damping_multiple=MULTIPLE).scores(p), {}),
+    ]
+
+
+class _LazyCases(list):
+    """Built on first use: `methods.Case` is importable only once methods.py is loaded."""
+
+    def __iter__(self):
+        if not len(self):
+            self.extend(_cases())
+        return super().__iter__()
+
+
+CASES = _LazyCases()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    import methods
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--problems", default="folktables_sized_3k,folktables_sized")
+    ap.add_argument("--cases", default="cg,arnoldi,ekfac,kfac")
+    ap.add_argument("--timeout", type=float, default=1800.0)
+    ap.add_argument("--cache", default="/tmp/tda_bench_methods_influence",
+                    help="problem cache and scratch (own directory, so it can run next to methods.py)")
+    a = ap.parse_args()
+    argv = ["--problems", a.problems, "--cases", a.cases, "--timeout", str(a.timeout), "--cache", a.cache]
+    methods.main(argv + (["--out", str(a.out)] if a.out else []))

@@ -1,0 +1,262 @@
+"""K-FAC and EK-FAC influence functions (SPEC §3; Grosse et al. 2023, "Studying Large Language
+Model Generalization with Influence Functions").
+
+The Gauss–Newton G = 1/n Σᵢ Σ_c (Jᵢᵀu_ic)(Jᵢᵀu_ic)ᵀ (u_ic the columns of Λᵢ^{1/2}, see
+`output_hessian_sqrt`) is approximated block-diagonally, one block per Linear / Conv2d layer.
+For such a layer the pseudo-gradient of example i, column c, is the matrix
+M_ic = Σ_t δ_ict a_itᵀ [d_out, d_in (+1 for the bias)] over positions t (1 for a plain
+Linear; sequence positions for Linear on [b, T, d]; output pixels of a Conv2d, with a the
+unfolded input patch). K-FAC (spatial independence, KFC for convolutions):
+
+    G_l ≈ A ⊗ S,   A = 1/n Σᵢ (1/T) Σ_t a aᵀ,   S = 1/n Σᵢ Σ_c Σ_t δ δᵀ,
+
+exact for a single Linear layer with squared error (there Λ = 2 and δ does not depend on
+the example). A = Q_A diag(e_A) Q_Aᵀ and S = Q_S diag(e_S) Q_Sᵀ are eigendecomposed in
+float64. K-FAC's eigenvalues are e_S e_Aᵀ; EK-FAC replaces them by the exact diagonal of G_l
+in the Kronecker eigenbasis, Λ = 1/n Σᵢ Σ_c (Q_Sᵀ M_ic Q_A)² (a second pass). Then
+
+    (G_l + λI)⁻¹ vec(V) = vec(Q_S [(Q_Sᵀ V Q_A) / (Λ + λ)] Q_Aᵀ).
+
+Trainable parameters outside supported layers (batch norm, layer norm, embeddings, grouped
+convolutions) get the exact diagonal of G (1/n Σᵢ Σ_c (Jᵢᵀu_ic)²), recorded in `record`.
+Factors are cached in `problem.cache_dir` (safetensors, keyed by model, data and kind), so a
+sweep over damping computes them once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from tda.artifacts import load_tensors, save_tensors
+from tda.methods.base import AttributionProblem, Method
+from tda.methods.hessian import InfluenceMethod, ParamSpace, model_fingerprint, output_hessian_sqrt
+
+log = logging.getLogger(__name__)
+
+
+class Layer:
+    """A supported layer: its weight (+ bias) as one matrix [d_out, d_in'] in the flat space."""
+
+    def __init__(self, name: str, module: nn.Module, offsets: dict[str, tuple[int, int]]):
+        self.name, self.module = name, module
+        prefix = f"{name}." if name else ""
+        self.w = prefix + "weight"
+        self.b = prefix + "bias" if module.bias is not None and module.bias.requires_grad else None
+        self.w_range = offsets[self.w]
+        self.b_range = offsets[self.b] if self.b else None
+        self.d_out = module.weight.shape[0]
+        self.d_in = module.weight[0].numel() + (1 if self.b else 0)
+
+    def patches(self, inp: torch.Tensor) -> torch.Tensor:
+        """Layer input -> a [b, T, d_in']."""
+        m = self.module
+        if isinstance(m, nn.Conv2d):
+            a = F.unfold(inp, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)
+        else:
+            a = inp.reshape(len(inp), -1, inp.shape[-1])
+        if self.b:
+            a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
+        return a
+
+    def out_grads(self, d: torch.Tensor) -> torch.Tensor:
+        """Gradient w.r.t. the layer output -> δ [b, T, d_out]."""
+        if isinstance(self.module, nn.Conv2d):
+            return d.flatten(2).transpose(1, 2)
+        return d.reshape(len(d), -1, d.shape[-1])
+
+    def to_matrix(self, V: torch.Tensor) -> torch.Tensor:
+        """Flat rows [k, n_params] -> [k, d_out, d_in']."""
+        W = V[:, self.w_range[0]:self.w_range[1]].reshape(len(V), self.d_out, -1)
+        if self.b:
+            W = torch.cat([W, V[:, self.b_range[0]:self.b_range[1]].unsqueeze(2)], dim=2)
+        return W
+
+    def from_matrix(self, M: torch.Tensor, out: torch.Tensor) -> None:
+        w = M[:, :, :-1] if self.b else M
+        out[:, self.w_range[0]:self.w_range[1]] = w.reshape(len(M), -1)
+        if self.b:
+            out[:, self.b_range[0]:self.b_range[1]] = M[:, :, -1]
+
+
+def find_layers(model: nn.Module, space: ParamSpace) -> tuple[list[Layer], list[str]]:
+    """(supported layers, names of trainable parameters left to the diagonal)."""
+    offsets = space.offsets()
+    layers = []
+    for name, m in model.named_modules():
+        ok = isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
+                                          and not isinstance(m.padding, str))
+        if ok and m.weight.requires_grad:
+            layers.append(Layer(name, m, offsets))
+    covered = {p for layer in layers for p in (layer.w, layer.b) if p}
+    return layers, [k for k in space.names if k not in covered]
+
+
+def compute_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, kind: str,
+                    batch_size: int = 512) -> dict[str, torch.Tensor]:
+    """Eigendecomposed factors over all rows (float64): per layer `<l>.QA/.QS/.eA/.eS` and, for
+    EK-FAC, `<l>.lam`; `diag.<param>` for the other trainable parameters."""
+    model.eval()
+    space = ParamSpace(model)
+    layers, others = find_layers(model, space)
+    dev = next(model.parameters()).device
+    A = {l.name: torch.zeros(l.d_in, l.d_in, dtype=torch.float64, device=dev) for l in layers}
+    S = {l.name: torch.zeros(l.d_out, l.d_out, dtype=torch.float64, device=dev) for l in layers}
+    n = len(x)
+
+    def passes(fn):
+        """Run fn(layer, a [b,T,d_in'], δ [b,C,T,d_out]) on every batch."""
+        for i in range(0, n, batch_size):
+            xb = x[i:i + batch_size].to(dev)
+            inputs, outputs = {}, {}
+
+            def keep(name):
+                def hook(mod, inp, out):  # must return None: a returned value replaces the output
+                    inputs[name], outputs[name] = inp[0].detach(), out
+                return hook
+
+            hooks = [l.module.register_forward_hook(keep(l.name)) for l in layers]
+            try:
+                with torch.enable_grad():
+                    out = model(xb)
+            finally:
+                for h in hooks:
+                    h.remove()
+            U = output_hessian_sqrt(out.detach(), task)  # [b, C, ...]
+            outs = [outputs[l.name] for l in layers]
+            deltas = {l.name: [] for l in layers}
+            for c in range(U.shape[1]):
+                gs = torch.autograd.grad(out, outs, grad_outputs=U[:, c].reshape(out.shape), retain_graph=True)
+                for l, g in zip(layers, gs):
+                    deltas[l.name].append(l.out_grads(g))
+            for l in layers:
+                fn(l, l.patches(inputs[l.name]), torch.stack(deltas[l.name], dim=1))
+
+    def accumulate(l, a, d):
+        a64, d64 = a.double(), d.double()
+        A[l.name] += torch.einsum("bti,btj->ij", a64, a64) / a.shape[1]
+        S[l.name] += torch.einsum("bcti,bctj->ij", d64, d64)
+
+    passes(accumulate)
+    out: dict[str, torch.Tensor] = {}
+    for l in layers:
+        eA, QA = torch.linalg.eigh(A[l.name] / n)
+        eS, QS = torch.linalg.eigh(S[l.name] / n)
+        out.update({f"{l.name}.QA": QA, f"{l.name}.QS": QS, f"{l.name}.eA": eA, f"{l.name}.eS": eS})
+    if kind == "ekfac":
+        lam = {l.name: torch.zeros(l.d_out, l.d_in, dtype=torch.float64, device=dev) for l in layers}
+
+        def correct(l, a, d):
+            QA, QS = out[f"{l.name}.QA"], out[f"{l.name}.QS"]
+            a64, d64 = a.double(), d.double()
+            if a.shape[1] == 1:  # M = δ aᵀ: the rotated square is an outer product of squares
+                ar, dr = (a64[:, 0] @ QA) ** 2, (d64[:, :, 0] @ QS) ** 2  # [b, d_in'], [b, C, d_out]
+                lam[l.name] += torch.einsum("bco,bi->oi", dr, ar)
+            else:
+                M = torch.einsum("bcto,bti->bcoi", d64, a64)
+                lam[l.name] += ((QS.T @ M @ QA) ** 2).sum((0, 1))
+
+        passes(correct)
+        for l in layers:
+            out[f"{l.name}.lam"] = lam[l.name] / n
+    if others:
+        out.update(diagonal_gn(model, space, others, x, task, batch_size))
+    return out
+
+
+def diagonal_gn(model: nn.Module, space: ParamSpace, names: list[str], x: torch.Tensor, task: str,
+                batch_size: int) -> dict[str, torch.Tensor]:
+    """Exact diagonal of the Gauss–Newton for the parameters `names`: 1/n Σᵢ Σ_c (Jᵢᵀu_ic)²."""
+    sub = {k: space.params[k] for k in names}
+    const = {**{k: v for k, v in space.params.items() if k not in sub}, **space.frozen, **space.buffers}
+    total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in sub.items()}
+    dev = next(iter(sub.values())).device
+
+    def fwd(p, xi):
+        return functional_call(model, (p, const), (xi.unsqueeze(0),)).squeeze(0)
+
+    def pseudo(p, xi, u):
+        return (fwd(p, xi) * u).sum()
+
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size].to(dev)
+        with torch.no_grad():
+            out = functional_call(model, (sub, const), (xb,))
+        U = output_hessian_sqrt(out, task)
+        for c in range(U.shape[1]):
+            g = vmap(grad(pseudo), in_dims=(None, 0, 0))(sub, xb, U[:, c].reshape(out.shape))
+            for k in names:
+                total[k] += g[k].double().pow(2).sum(0)
+    return {f"diag.{k}": v.reshape(-1) / len(x) for k, v in total.items()}
+
+
+def load_or_compute_factors(problem: AttributionProblem, model: nn.Module, kind: str, batch_size: int,
+                            record: dict) -> dict[str, torch.Tensor]:
+    path = None
+    if problem.cache_dir is not None:
+        fp = model_fingerprint(model, problem.x_train, problem.y_train)
+        path = problem.cache_dir / f"{kind}-factors-{fp}.safetensors"
+        if path.is_file():
+            record.update({"factors_cached": True, "factors_path": str(path)})
+            dev = next(model.parameters()).device
+            return {k: v.to(dev) for k, v in load_tensors(path).items()}
+    t0 = time.perf_counter()
+    factors = compute_factors(model, problem.x_train, problem.y_train, problem.task, kind, batch_size)
+    record.update({"factors_cached": False, "factors_seconds": time.perf_counter() - t0})
+    if path is not None:
+        save_tensors(path, factors, metadata={"kind": kind, "n_train": problem.n_train})
+        record["factors_path"] = str(path)
+    return factors
+
+
+def inverse_apply(model: nn.Module, factors: dict[str, torch.Tensor], kind: str, V: torch.Tensor,
+                  damping: float) -> torch.Tensor:
+    """(G̃ + λI)⁻¹ applied to the rows of V [k, n_params] (block-diagonal K-FAC / EK-FAC)."""
+    space = ParamSpace(model)
+    layers, others = find_layers(model, space)
+    out = torch.empty_like(V)
+    V64 = V.double()
+    for l in layers:
+        QA, QS = factors[f"{l.name}.QA"], factors[f"{l.name}.QS"]
+        lam = factors[f"{l.name}.lam"] if kind == "ekfac" else torch.outer(factors[f"{l.name}.eS"],
+                                                                           factors[f"{l.name}.eA"])
+        R = QS.T @ l.to_matrix(V64) @ QA
+        l.from_matrix((QS @ (R / (lam + damping)) @ QA.T).to(V.dtype), out)
+    offs = space.offsets()
+    for k in others:
+        a, b = offs[k]
+        out[:, a:b] = (V64[:, a:b] / (factors[f"diag.{k}"] + damping)).to(V.dtype)
+    return out
+
+
+class EKFAC(InfluenceMethod, Method):
+    """IF score with the EK-FAC (or K-FAC, `kind: kfac`) approximation of (G + λI)⁻¹."""
+
+    name = "ekfac"
+    kind = "ekfac"
+
+    def __init__(self, damping_multiple: float = 100.0, batch_size: int = 512, chunk_size: int = 256,
+                 dtype: str | None = None):
+        Method.__init__(self)
+        self.damping_multiple, self.batch_size, self.chunk_size, self.dtype = (
+            damping_multiple, batch_size, chunk_size, dtype)
+
+    def scores(self, problem: AttributionProblem) -> torch.Tensor:
+        model, dtype, g_test, g_lo, lam = self._setup(problem, self.dtype, self.chunk_size, self.damping_multiple)
+        factors = load_or_compute_factors(problem, model, self.kind, self.batch_size, self.record)
+        _, others = find_layers(model, ParamSpace(model))
+        solve, other, transposed = self.solve_side(g_test, g_lo)
+        X = inverse_apply(model, factors, self.kind, solve.double(), lam)  # [k, n_params]
+        s = other.double() @ X.T / problem.n_train  # [m, k]
+        self.record.update({"kind": self.kind, "diagonal_params": others})
+        return (s.T if not transposed else s).contiguous()
+
+
+class KFAC(EKFAC):
+    name = "kfac"
+    kind = "kfac"
