@@ -15,6 +15,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 import datasets
@@ -37,6 +38,10 @@ class DataBundle:
     class_names: list[str] | None = None
     # anything a loader wants to record with the run (source, preprocessing statistics, ...)
     info: dict[str, Any] = field(default_factory=dict)
+    # Data augmentation for FINAL training only: a function of a batch x [b, ...] -> [b, ...]
+    # (e.g. random flips). Further training and attribution never see it: the gold standard
+    # and the methods are defined on the fixed training set D.
+    final_training_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -1,4 +1,9 @@
-"""The paper's MLP (SPEC §5): in -> 128 -> 128 -> out, ReLU."""
+"""The paper's MLP (SPEC §5): in -> 128 -> 128 -> out, ReLU.
+
+Head: `n_outputs` comes from the data: classification -> one logit per class (cross-entropy);
+regression -> one output (the paper's Concrete / Energy MLP; squared error, see
+`per_example_loss`). `head_bias=false` drops the output bias.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,19 @@ from torch import nn
 from tda.models.base import TDAModel, check_trainable
 
 
+def _same_mode(model: nn.Module, *wrappers: nn.Module) -> None:
+    """Wrappers built by split() start in train mode; give them the model's mode, or
+    compute_features (which restores the frozen part's mode) would switch shared layers
+    (dropout, batch norm) into train mode."""
+    for w in wrappers:
+        if w is not None:
+            w.training = model.training
+
+
 class MLP(TDAModel):
     def __init__(self, input_shape: Sequence[int], n_outputs: int, hidden: Sequence[int] = (128, 128),
-                 trainable: str = "all", trainable_k: int = 1, dropout: float = 0.0):
+                 trainable: str = "all", trainable_k: int = 1, dropout: float = 0.0,
+                 head_bias: bool = True):
         super().__init__()
         self.trainable = check_trainable(trainable)
         self.trainable_k = int(trainable_k)
@@ -25,7 +40,7 @@ class MLP(TDAModel):
                 block.append(nn.Dropout(dropout))
             blocks.append(nn.Sequential(*block))
         self.body = nn.Sequential(*blocks)
-        self.head = nn.Linear(widths[-1], n_outputs)
+        self.head = nn.Linear(widths[-1], n_outputs, bias=head_bias)
         if self.trainable == "last_k" and not 0 < self.trainable_k <= len(hidden):
             raise ValueError(f"model.trainable_k={trainable_k} must be in 1..{len(hidden)} for this MLP")
 
@@ -38,4 +53,7 @@ class MLP(TDAModel):
         if self.trainable == "head":
             return self.body, self.head
         k = self.trainable_k
-        return self.body[:-k], nn.Sequential(self.body[-k:], self.head)
+        frozen, rest = self.body[:-k], self.body[-k:]
+        trainable = nn.Sequential(rest, self.head)
+        _same_mode(self, frozen, rest, trainable)
+        return frozen, trainable

