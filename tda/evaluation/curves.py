@@ -1,6 +1,15 @@
-"""Similarity of each method to the gold standard at every further-training checkpoint."""
+"""The analyses of SPEC §4 as tidy DataFrames (one row per number), so that the same rows
+go to CSV, to the figures and to W&B.
+
+Shapes at the boundaries: method scores are [n_test, n_left_out]; a gold-standard
+attribution is [n_checkpoints, n_test, n_left_out]; raw per-seed differences are
+[n_checkpoints, n_test, n_left_out, n_seeds] (the `diff` of a GoldStandard).
+"""
 
 from __future__ import annotations
+
+import math
+from typing import Callable
 
 import pandas as pd
 import torch
@@ -9,22 +18,202 @@ from tda.evaluation.metrics import METRICS, mean_and_se
 from tda.further_training.gold_standard import GoldStandard
 
 CURVE_COLUMNS = ["method", "metric", "centered", "checkpoint", "x", "x_name", "mean", "se", "n", "n_skipped"]
+DEFAULT_WINDOWS = (1, 2, 5, 10, 20, 50, 100)
+
+
+def _check_shape(name: str, s: torch.Tensor, target: torch.Tensor) -> None:
+    if tuple(s.shape) != tuple(target.shape[1:]):
+        raise ValueError(f"scores of {name} have shape {tuple(s.shape)} but the gold standard has "
+                         f"[n_test, n_left_out] = {tuple(target.shape[1:])}; they were computed for a different selection")
+
+
+def curve_rows(target: torch.Tensor, scores: dict[str, torch.Tensor]) -> list[tuple[str, str, int, float, float, int, int]]:
+    """(method, metric, checkpoint, mean, se, n, n_skipped) for a gold attribution `target`
+    [T, n_test, n_left_out] and method scores [n_test, n_left_out]."""
+    rows = []
+    for name, s in scores.items():
+        _check_shape(name, s, target)
+        for metric, fn in METRICS.items():
+            for t in range(target.shape[0]):
+                rows.append((name, metric, t, *mean_and_se(fn(s, target[t]))))
+    return rows
 
 
 def similarity_curves(gold: GoldStandard, scores: dict[str, torch.Tensor],
                       centering: tuple[bool, ...] = (True, False)) -> pd.DataFrame:
-    """One row per (method, metric, centring, checkpoint). `scores[name]` is [n_test, n_left_out];
-    method scores are never centred, only the gold standard (SPEC §2)."""
+    """One row per (method, metric, centring, checkpoint): mean and SE over test instances of
+    the per-test-instance similarity. Method scores are never centred, only the gold
+    standard (SPEC §2). Undefined values (constant vectors) are skipped and counted."""
     x_name, xs = gold.checkpoint_axis()
     rows = []
     for centered in centering:
         target = gold.attribution(center=centered)  # [T, n_test, n_left_out]
-        for name, s in scores.items():
-            if s.shape != target.shape[1:]:
-                raise ValueError(f"scores of {name} have shape {tuple(s.shape)} but the gold standard has "
-                                 f"[n_test, n_left_out] = {tuple(target.shape[1:])}; they were computed for a different selection")
-            for metric, fn in METRICS.items():
-                for t in range(target.shape[0]):
-                    mean, se, n, skipped = mean_and_se(fn(s, target[t]))
-                    rows.append([name, metric, centered, t, xs[t], x_name, mean, se, n, skipped])
+        for name, metric, t, mean, se, n, skipped in curve_rows(target, scores):
+            rows.append([name, metric, centered, t, xs[t], x_name, mean, se, n, skipped])
     return pd.DataFrame(rows, columns=CURVE_COLUMNS)
+
+
+# ------------------------------------------------------------------ seeds averaged
+def seed_windows(n_seeds: int, ks: tuple[int, ...] | list[int] = DEFAULT_WINDOWS) -> dict[int, list[list[int]]]:
+    """Non-overlapping windows of K consecutive seed positions, for every K that fits at
+    least once (SPEC §4); leftover seeds that do not fill a window are not used."""
+    return {int(k): [list(range(i * k, (i + 1) * k)) for i in range(n_seeds // k)]
+            for k in sorted(set(int(k) for k in ks)) if 0 < k <= n_seeds}
+
+
+def seed_window_peaks(attribution: Callable[[bool, list[int]], torch.Tensor], n_seeds: int,
+                      scores: dict[str, torch.Tensor], ks=DEFAULT_WINDOWS,
+                      centering: tuple[bool, ...] = (True, False)) -> pd.DataFrame:
+    """The peak over checkpoints of the mean similarity, against the number of seeds K
+    averaged in the gold standard: per window of K seeds, the curve's peak; then the mean
+    (and SE) of the peaks over the windows. `attribution(center, seed_positions)` returns
+    [T, n_test, n_left_out] for those seeds (GoldStandard.attribution)."""
+    rows = []
+    for centered in centering:
+        for k, windows in seed_windows(n_seeds, ks).items():
+            peaks: dict[tuple[str, str], list[tuple[float, int]]] = {}
+            for w in windows:
+                target = attribution(centered, w)
+                curves: dict[tuple[str, str], list[float]] = {}
+                for name, metric, t, mean, *_ in curve_rows(target, scores):
+                    curves.setdefault((name, metric), []).append(mean)
+                for key, means in curves.items():
+                    finite = [(m, t) for t, m in enumerate(means) if not math.isnan(m)]
+                    peaks.setdefault(key, []).append(max(finite) if finite else (math.nan, -1))
+            for (name, metric), vals in peaks.items():
+                mean, se, n, skipped = mean_and_se(torch.tensor([v for v, _ in vals], dtype=torch.float64))
+                rows.append([name, metric, centered, k, len(windows), mean, se, skipped,
+                             " ".join(str(t) for _, t in vals)])
+    return pd.DataFrame(rows, columns=["method", "metric", "centered", "n_seeds_averaged", "n_windows",
+                                       "peak_mean", "peak_se", "n_windows_undefined", "peak_checkpoints"])
+
+
+# ------------------------------------------------------------------ gold standard reliability
+def split_half_reliability(attribution: Callable[[bool, list[int]], torch.Tensor], n_seeds: int,
+                           x_name: str, xs: list[float], centering: tuple[bool, ...] = (True, False)) -> pd.DataFrame:
+    """Per checkpoint, the similarity between the gold standard averaged over the first half
+    of the seeds and over the second (disjoint) half, mean and SE over test instances.
+
+    This is the agreement of two gold standards of n_seeds // 2 seeds each: a ceiling on
+    how well any method can agree with a gold standard that noisy. `ceiling_full` is the
+    Spearman–Brown projection to all n_seeds, sqrt(2r / (1 + r)), the expected agreement of
+    the noise-free attribution with the full gold standard (classical test theory; only
+    defined for r > 0)."""
+    if n_seeds < 2:
+        return pd.DataFrame(columns=["metric", "centered", "checkpoint", "x", "x_name", "mean", "se", "n",
+                                     "n_skipped", "seeds_per_half", "ceiling_full"])
+    half = n_seeds // 2
+    rows = []
+    for centered in centering:
+        a = attribution(centered, list(range(half)))
+        b = attribution(centered, list(range(half, 2 * half)))
+        for metric, fn in METRICS.items():
+            for t in range(a.shape[0]):
+                mean, se, n, skipped = mean_and_se(fn(a[t], b[t]))
+                ceiling = math.sqrt(2 * mean / (1 + mean)) if mean > 0 else math.nan
+                rows.append([metric, centered, t, xs[t], x_name, mean, se, n, skipped, half, ceiling])
+    return pd.DataFrame(rows, columns=["metric", "centered", "checkpoint", "x", "x_name", "mean", "se", "n",
+                                       "n_skipped", "seeds_per_half", "ceiling_full"])
+
+
+# ------------------------------------------------------------------ sorted scores
+def sorted_profile(s: torch.Tensor) -> torch.Tensor:
+    """[n_test, n_left_out] -> [n_left_out]: each test instance's scores sorted in
+    descending order, averaged over test instances, L2-normalised (SPEC §4)."""
+    prof = s.double().sort(dim=-1, descending=True).values.mean(0)
+    norm = prof.norm()
+    return prof / norm if norm > 0 else prof
+
+
+def sorted_scores(gold: GoldStandard, scores: dict[str, torch.Tensor], checkpoints: list[int],
+                  centering: tuple[bool, ...] = (True, False)) -> pd.DataFrame:
+    """Rows (source, centered, checkpoint, x, rank, value): the sorted-score profile of the
+    gold standard at each chosen checkpoint and of every method (checkpoint −1: methods do
+    not depend on it). Centring only applies to the gold standard."""
+    x_name, xs = gold.checkpoint_axis()
+    rows = []
+    for centered in centering:
+        target = gold.attribution(center=centered)
+        for t in checkpoints:
+            for r, v in enumerate(sorted_profile(target[t]).tolist()):
+                rows.append(["gold standard", centered, t, xs[t], r + 1, v])
+    for name, s in scores.items():
+        for r, v in enumerate(sorted_profile(s).tolist()):
+            rows.append([name, None, -1, math.nan, r + 1, v])
+    return pd.DataFrame(rows, columns=["source", "centered", "checkpoint", "x", "rank", "value"])
+
+
+def resolve_checkpoints(requested, n_checkpoints: int) -> list[int]:
+    """Checkpoint positions from config: ints (negative counts from the end) or the words
+    `first`, `last`, `middle`; deduplicated in order."""
+    named = {"first": 0, "last": n_checkpoints - 1, "middle": (n_checkpoints - 1) // 2}
+    out = []
+    for c in requested:
+        t = named.get(c, c) if isinstance(c, str) else int(c)
+        if not isinstance(t, int):
+            raise ValueError(f"evaluate checkpoint {c!r} is neither an integer nor one of {sorted(named)}")
+        if t < 0:
+            t += n_checkpoints
+        if not 0 <= t < n_checkpoints:
+            raise ValueError(f"evaluate checkpoint {c} is out of range: the gold standard has {n_checkpoints} checkpoints")
+        if t not in out:
+            out.append(t)
+    return out
+
+
+# ------------------------------------------------------------------ method vs method
+def method_agreement(scores: dict[str, torch.Tensor]) -> pd.DataFrame:
+    """Every pair of methods: per-test-instance cosine and Spearman between their score
+    vectors, mean and SE over test instances (the paper compares e.g. Grad-Dot and DataInf)."""
+    names = list(scores)
+    rows = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            for metric, fn in METRICS.items():
+                rows.append([a, b, metric, *mean_and_se(fn(scores[a], scores[b]))])
+    return pd.DataFrame(rows, columns=["method_a", "method_b", "metric", "mean", "se", "n", "n_skipped"])
+
+
+# ------------------------------------------------------------------ top instances
+def top_instances(target: torch.Tensor, scores: dict[str, torch.Tensor], test_positions: list[int],
+                  left_out_indices: list[int], test_indices: list[int], k: int) -> pd.DataFrame:
+    """For each chosen test instance (position in the evaluated test set), the k most helpful
+    (largest gold score) and k most harmful (smallest) left-out instances of the gold
+    standard `target` [n_test, n_left_out], with every method's score and rank (1 = most
+    helpful by that method) for them, and whether the method also puts them in its own top k
+    (helpful) / bottom k (harmful)."""
+    n = target.shape[-1]
+    k = min(k, n)
+    rows = []
+    for p in test_positions:
+        g = target[p]
+        ranks = {name: _rank_desc(s[p]) for name, s in scores.items()}
+        for kind, order in (("helpful", g.argsort(descending=True)), ("harmful", g.argsort())):
+            for r, j in enumerate(order[:k].tolist()):
+                row = {"test_position": p, "test_index": test_indices[p], "kind": kind, "rank": r + 1,
+                       "left_out_position": j, "train_index": left_out_indices[j], "gold": float(g[j])}
+                for name, s in scores.items():
+                    mr = int(ranks[name][j])
+                    row[f"{name}:score"] = float(s[p, j])
+                    row[f"{name}:rank"] = mr
+                    row[f"{name}:agrees"] = mr <= k if kind == "helpful" else mr > n - k
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _rank_desc(v: torch.Tensor) -> torch.Tensor:
+    ranks = torch.empty(len(v), dtype=torch.long)
+    ranks[v.argsort(descending=True)] = torch.arange(1, len(v) + 1)
+    return ranks
+
+
+def top_k_overlap(target: torch.Tensor, s: torch.Tensor, k: int) -> tuple[float, float]:
+    """Mean over test instances of |top-k(method) ∩ top-k(gold)| / k for the most helpful
+    and the most harmful k. target, s: [n_test, n_left_out]."""
+    k = min(k, target.shape[-1])
+    def ov(descending):
+        a = target.argsort(dim=-1, descending=descending)[:, :k]
+        b = s.argsort(dim=-1, descending=descending)[:, :k]
+        return float(sum(len(set(x.tolist()) & set(y.tolist())) for x, y in zip(a, b)) / (k * len(a)))
+    return ov(True), ov(False)
+

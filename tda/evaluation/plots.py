@@ -1,4 +1,5 @@
-"""Matplotlib figures of the evaluate stage (headless backend)."""
+"""Matplotlib figures of the evaluate stage (headless backend). Every figure is drawn from
+the same DataFrame that is written as CSV and logged to W&B."""
 
 from __future__ import annotations
 
@@ -8,31 +9,149 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
-def plot_curves(curves: pd.DataFrame, path: Path, title: str = "") -> Path:
-    """A grid: rows = centring on/off, columns = metric; one line per method with ±1 SE band."""
+def _label(centered) -> str:
+    return "centred" if centered else "not centred"
+
+
+def _save(fig, path: Path, title: str = "") -> Path:
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+STYLES = ["-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
+
+
+def plot_curves(curves: pd.DataFrame, path: Path, title: str = "", reliability: pd.DataFrame | None = None,
+                series: str = "method", style_by: str | None = None) -> Path:
+    """A grid: rows = centring on/off, columns = metric; one line per `series` value with a
+    ±1 SE band; the gold standard's split-half reliability as a dashed black ceiling.
+    With `style_by` (comparisons), colour = method and line style = that column's value;
+    rows whose method is `gold_split_half` are drawn black."""
+    colors, styles = {}, {}
+    if style_by is not None:
+        cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        methods = [m for m in dict.fromkeys(sorted(curves.method)) if m != "gold_split_half"]
+        colors = {m: cycle[i % len(cycle)] for i, m in enumerate(methods)} | {"gold_split_half": "k"}
+        styles = {v: STYLES[i % len(STYLES)] for i, v in enumerate(dict.fromkeys(curves[style_by]))}
     centerings = sorted(curves.centered.unique(), reverse=True)
     metrics = list(dict.fromkeys(curves.metric))
-    fig, axes = plt.subplots(len(centerings), len(metrics), figsize=(5 * len(metrics), 3.6 * len(centerings)),
+    fig, axes = plt.subplots(len(centerings), len(metrics), figsize=(5.2 * len(metrics), 3.6 * len(centerings)),
                              squeeze=False)
     for r, centered in enumerate(centerings):
         for c, metric in enumerate(metrics):
             ax = axes[r][c]
             sub = curves[(curves.centered == centered) & (curves.metric == metric)]
-            for method, g in sub.groupby("method", sort=True):
-                ax.plot(g.x, g["mean"], marker="o", ms=3, label=method)
-                ax.fill_between(g.x, g["mean"] - g.se.fillna(0), g["mean"] + g.se.fillna(0), alpha=0.2)
+            for name, g in sub.groupby(series, sort=True):
+                g = g.sort_values("x")
+                kw = {}
+                if style_by is not None:
+                    kw = {"color": colors[g.method.iloc[0]], "linestyle": styles[g[style_by].iloc[0]]}
+                line, = ax.plot(g.x, g["mean"], marker="o", ms=3, label=name, **kw)
+                ax.fill_between(g.x, g["mean"] - g.se.fillna(0), g["mean"] + g.se.fillna(0), alpha=0.15,
+                                color=line.get_color())
+            if reliability is not None and len(reliability):
+                rel = reliability[(reliability.centered == centered) & (reliability.metric == metric)].sort_values("x")
+                if len(rel):
+                    ax.plot(rel.x, rel["mean"], "k--", lw=1.2,
+                            label=f"gold split-half ({int(rel.seeds_per_half.iloc[0])} vs {int(rel.seeds_per_half.iloc[0])} seeds)")
             ax.set_xlabel(f"further-training {sub.x_name.iloc[0] if len(sub) else 'checkpoint'}")
-            ax.set_ylabel(f"{metric} ({'centred' if centered else 'not centred'})")
+            ax.set_ylabel(f"{metric} ({_label(centered)})")
             ax.grid(alpha=0.3)
             ax.axhline(0, color="k", lw=0.5)
-    axes[0][0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+            if r == 0 and c == 0:
+                ax.legend(fontsize=7)
+    return _save(fig, path, title)
+
+
+def plot_seed_windows(peaks: pd.DataFrame, path: Path, title: str = "") -> Path:
+    """Peak similarity over checkpoints against the number of seeds averaged (log x)."""
+    centerings = sorted(peaks.centered.unique(), reverse=True)
+    metrics = list(dict.fromkeys(peaks.metric))
+    fig, axes = plt.subplots(len(centerings), len(metrics), figsize=(5.2 * len(metrics), 3.6 * len(centerings)),
+                             squeeze=False)
+    for r, centered in enumerate(centerings):
+        for c, metric in enumerate(metrics):
+            ax = axes[r][c]
+            sub = peaks[(peaks.centered == centered) & (peaks.metric == metric)]
+            for name, g in sub.groupby("method", sort=True):
+                g = g.sort_values("n_seeds_averaged")
+                ax.errorbar(g.n_seeds_averaged, g.peak_mean, yerr=g.peak_se.fillna(0), marker="o", ms=3, capsize=2, label=name)
+            ax.set_xscale("log")
+            ks = sorted(sub.n_seeds_averaged.unique())
+            ax.set_xticks(ks, [str(k) for k in ks])
+            ax.set_xlabel("seeds averaged in the gold standard (K)")
+            ax.set_ylabel(f"peak {metric} ({_label(centered)})")
+            ax.grid(alpha=0.3)
+            if r == 0 and c == 0:
+                ax.legend(fontsize=7)
+    return _save(fig, path, title)
+
+
+def plot_sorted_scores(sorted_df: pd.DataFrame, path: Path, title: str = "") -> Path:
+    """Sorted, averaged, L2-normalised scores: gold standard at each chosen checkpoint
+    (columns; rows = centring) against every method."""
+    gold = sorted_df[sorted_df.source == "gold standard"]
+    methods = sorted_df[sorted_df.source != "gold standard"]
+    centerings = sorted(gold.centered.unique(), reverse=True)
+    cps = sorted(gold.checkpoint.unique())
+    fig, axes = plt.subplots(len(centerings), len(cps), figsize=(4.2 * len(cps), 3.3 * len(centerings)), squeeze=False)
+    for r, centered in enumerate(centerings):
+        for c, t in enumerate(cps):
+            ax = axes[r][c]
+            g = gold[(gold.centered == centered) & (gold.checkpoint == t)]
+            ax.plot(g["rank"], g.value, "k-", lw=2, label="gold standard")
+            for name, m in methods.groupby("source", sort=True):
+                ax.plot(m["rank"], m.value, lw=1, label=name)
+            ax.set_title(f"checkpoint x={g.x.iloc[0]:g} ({_label(centered)})", fontsize=9)
+            ax.set_xlabel("rank of left-out instance")
+            ax.set_ylabel("normalised score")
+            ax.axhline(0, color="k", lw=0.5)
+            ax.grid(alpha=0.3)
+            if r == 0 and c == 0:
+                ax.legend(fontsize=7)
+    return _save(fig, path, title)
+
+
+def plot_agreement(agreement: pd.DataFrame, methods: list[str], path: Path, title: str = "") -> Path:
+    """Heatmaps of the mean method-vs-method cosine and Spearman."""
+    metrics = list(dict.fromkeys(agreement.metric))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(1.2 * len(methods) * len(metrics) + 3, 1.0 * len(methods) + 2),
+                             squeeze=False)
+    for c, metric in enumerate(metrics):
+        m = np.eye(len(methods))
+        for _, row in agreement[agreement.metric == metric].iterrows():
+            i, j = methods.index(row.method_a), methods.index(row.method_b)
+            m[i, j] = m[j, i] = row["mean"]
+        ax = axes[0][c]
+        im = ax.imshow(m, vmin=-1, vmax=1, cmap="RdBu")
+        ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(methods)), methods, fontsize=8)
+        for i in range(len(methods)):
+            for j in range(len(methods)):
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=8)
+        ax.set_title(f"mean {metric} between methods", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    return _save(fig, path, title)
+
+
+def plot_image_examples(test_image, helpful: list, harmful: list, path: Path, title: str = "") -> Path:
+    """One row: the test image, then the most helpful and most harmful left-out images, each
+    (PIL image or array, caption)."""
+    items = [(test_image[0], "test: " + test_image[1])] + [(im, "+ " + cap) for im, cap in helpful] + \
+            [(im, "− " + cap) for im, cap in harmful]
+    fig, axes = plt.subplots(1, len(items), figsize=(1.6 * len(items), 2.0), squeeze=False)
+    for ax, (im, cap) in zip(axes[0], items):
+        arr = np.asarray(im)
+        ax.imshow(arr, cmap="gray" if arr.ndim == 2 else None)
+        ax.set_title(cap, fontsize=6)
+        ax.axis("off")
+    return _save(fig, path, title)
