@@ -96,9 +96,16 @@ def load_json(path: str | Path) -> Any:
 def save_text(path: str | Path, text: str) -> None:
     path = Path(path)
     fd, tmp = _atomic_target(path)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    _replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        _replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _json_default(obj: Any) -> Any:

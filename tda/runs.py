@@ -21,7 +21,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from tda.config import config_hash, node_name
+from tda.config import config_hash, node_name, to_container
 
 # The parts of the config that determine the final model and the selections.
 RUN_KEYS = ("dataset", "model", "optimizer", "train", "selection", "seed")
@@ -33,12 +33,21 @@ def runs_root(cfg: DictConfig) -> Path:
 
 def run_key(cfg: DictConfig) -> str:
     names = [node_name(cfg.dataset), node_name(cfg.model), node_name(cfg.optimizer)]
-    return "-".join(names + [config_hash(*(cfg[k] for k in RUN_KEYS))])
+    nodes = [to_container(cfg[k]) for k in RUN_KEYS]
+    # train.overwrite says whether to redo the run, not what the run is: it must find the same directory
+    nodes[RUN_KEYS.index("train")] = {k: v for k, v in nodes[RUN_KEYS.index("train")].items() if k != "overwrite"}
+    return "-".join(names + [config_hash(*nodes)])
 
 
 def further_training_key(cfg: DictConfig) -> str:
-    """Key of a gold standard: the further-training settings and its fresh optimizer."""
-    return f"{node_name(cfg.further_optimizer)}-{config_hash(cfg.further_training, cfg.further_optimizer)}"
+    """Key of a gold standard: the further-training settings and its fresh optimizer. Settings
+    that only choose how or which part a job computes (engine, group size, shards:
+    tda.further_training.EXECUTION_KEYS) are left out, so shards fill one directory."""
+    from tda.config import to_container
+    from tda.further_training import EXECUTION_KEYS
+
+    settings = {k: v for k, v in to_container(cfg.further_training).items() if k not in EXECUTION_KEYS}
+    return f"{node_name(cfg.further_optimizer)}-{config_hash(settings, cfg.further_optimizer)}"
 
 
 def method_key(cfg: DictConfig) -> str:

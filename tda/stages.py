@@ -17,9 +17,11 @@ from tda.data.base import DataBundle
 from tda.memory import PeakMemory
 from tda.methods.base import AttributionProblem, Method
 from tda.models.base import TDAModel, compute_features
-from tda.runs import RunDir, further_training_key, method_key
+from tda.runs import RUN_KEYS, RunDir, further_training_key, method_key
 from tda.selection import choose_indices, first_indices
 from tda.tracking import finish, init_wandb
+from tda.provenance import require_match, stamp
+from tda.validation import check_final_model, check_gold_meta, data_errors, gold_status, validate_config, validate_data
 from tda.training import FinalModelModule, evaluate_model, loaders
 
 log = logging.getLogger(__name__)
@@ -27,7 +29,10 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------- shared
 def load_data(cfg: DictConfig) -> DataBundle:
-    return build(cfg.dataset)
+    with data_errors(cfg):
+        data = build(cfg.dataset)
+    validate_data(cfg, len(data.train), len(data.test))
+    return data
 
 
 def build_model(cfg: DictConfig, data: DataBundle) -> TDAModel:
@@ -56,8 +61,10 @@ def _precision(dtype: str) -> str:
 
 # ---------------------------------------------------------------------------------- train
 def train(cfg: DictConfig) -> RunDir:
+    validate_config(cfg, "train")
     run = RunDir.from_config(cfg)
     if run.final_model.is_file() and run.selection.is_file() and not cfg.train.overwrite:
+        check_final_model(run, cfg)  # an unreadable model is reported now, not by the next stage
         log.info("final model already trained in %s (train.overwrite=true retrains)", run.path)
         return run
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -66,8 +73,19 @@ def train(cfg: DictConfig) -> RunDir:
     model = build_model(cfg, data)
     x_tr, y_tr = data.tensors("train")
     x_te, y_te = data.tensors("test")
+    frozen, trainable = model.split()
+    features = None
+    if frozen is not None:
+        # The frozen part never changes, so its features are computed once (eval mode) and only
+        # the trainable part trains on them; attribution reuses the same cache (run.features).
+        if data.final_training_transform is not None:
+            raise ValueError(f"dataset {data.name} augments inputs in final training, which cannot be combined with "
+                             f"model.trainable={cfg.model.trainable} (the frozen part's features are cached); "
+                             f"turn the augmentation off in the dataset config or use model.trainable=all")
+        x_tr, x_te = compute_features(frozen, x_tr), compute_features(frozen, x_te)
+        features = {"train": x_tr, "test": x_te[torch.tensor(selection["test_indices"])]}
     train_loader, test_loader = loaders(x_tr, y_tr, x_te, y_te, int(cfg.train.batch_size), int(cfg.seed))
-    module = FinalModelModule(model, build(cfg.optimizer), data.task)
+    module = FinalModelModule(trainable, build(cfg.optimizer), data.task, transform=data.final_training_transform)
     wb = init_wandb(cfg, "train", run.path.name)
     logger = False
     if wb is not None:
@@ -83,16 +101,22 @@ def train(cfg: DictConfig) -> RunDir:
     trainer.fit(module, train_loader, test_loader)
     seconds = time.perf_counter() - t0
     model = model.float().cpu()
-    metrics = {"test": evaluate_model(model, x_te, y_te, data.task), "train": evaluate_model(model, x_tr, y_tr, data.task),
+    metrics = {"test": evaluate_model(trainable, x_te, y_te, data.task), "train": evaluate_model(trainable, x_tr, y_tr, data.task),
                "seconds": seconds, "n_train": len(x_tr), "n_test": len(x_te),
                "n_trainable_params": sum(p.numel() for p in model.trainable_part().parameters())}
     log.info("final model: test %s, train %s", metrics["test"], metrics["train"])
     run.path.mkdir(parents=True, exist_ok=True)
     save_text(run.config, OmegaConf.to_yaml(cfg, resolve=True))
-    save_json(run.selection, selection | {"data_fingerprint": data.fingerprint(), "data_info": data.info})
+    provenance = stamp("train", {k: cfg[k] for k in RUN_KEYS}, n_train=len(data.train), n_test=len(data.test))
+    save_json(run.selection, selection | {"data_fingerprint": data.fingerprint(), "data_info": data.info,
+                                          "provenance": provenance})
     save_json(run.metrics, metrics)
+    if features is not None:
+        save_tensors(run.features, features)
     # the model file is written last: its presence marks the run as complete
-    save_tensors(run.final_model, dict(model.state_dict()), metadata={"config_hash": config_hash(cfg.dataset, cfg.model)})
+    save_tensors(run.final_model, dict(model.state_dict()), metadata={"config_hash": config_hash(cfg.dataset, cfg.model),
+                                                                      "run_config_hash": provenance["config_hash"],
+                                                                      "code_version": provenance["code_version"]})
     if wb is not None:
         wb.summary.update({f"final/{split}_{k}": v for split in ("test", "train") for k, v in metrics[split].items()})
     finish(wb)
@@ -132,8 +156,9 @@ def attribution_problem(cfg: DictConfig, run: RunDir, data: DataBundle | None = 
 
 
 def attribute(cfg: DictConfig) -> Path:
+    validate_config(cfg, "attribute")
     run = RunDir.from_config(cfg)
-    run.require_final_model()  # fail before building anything else
+    check_final_model(run, cfg)  # fail before building anything else
     method = build(cfg.method)
     problem = attribution_problem(cfg, run)
     name = node_name(cfg.method)
@@ -141,15 +166,28 @@ def attribute(cfg: DictConfig) -> Path:
     try:
         if name == "further_training":
             out = run.gold_dir(cfg)
-            t0 = time.perf_counter()
-            seeds = method.run(problem, out)
+            with PeakMemory() as mem:
+                t0 = time.perf_counter()
+                seeds = method.run(problem, out, trainer=cfg.trainer)
+                seconds = time.perf_counter() - t0
+            # the merge step: every seed and part present once, all finite (a shard only reports)
+            ft = cfg.further_training
+            sharded = ft.get("shard_seeds") is not None or int(OmegaConf.select(ft, "left_out_shard.count", default=1) or 1) > 1
+            log.info(gold_status(out, complete=not sharded))
             if wb is not None:
-                wb.summary.update({"seconds": time.perf_counter() - t0, "seeds_done": len(seeds)})
+                from tda.tracking import log_gold_progress
+
+                wb.summary.update({"seconds": seconds, "seeds_done": len(seeds), "peak_mb": mem.peak_mb})
+                log_gold_progress(wb, out)
             return out
         if not isinstance(method, Method):
             raise TypeError(f"method={name}: {type(method).__name__} is not a tda.methods.base.Method")
         out = run.method_dir(cfg)
         if (out / "scores.safetensors").is_file():
+            require_match(load_json(out / "record.json"),
+                          {"left_out_indices": problem.left_out_indices.tolist(), "test_indices": problem.test_indices.tolist(),
+                           "config": to_container(cfg.method)},
+                          f"the cached scores in {out}", f"Delete {out} and re-run this command to recompute them.")
             log.info("scores of %s already in %s", name, out)
             return out
         torch.manual_seed(int(cfg.seed))
@@ -162,7 +200,9 @@ def attribute(cfg: DictConfig) -> Path:
             raise ValueError(f"method {name} returned scores of shape {tuple(scores.shape)}, expected [n_test, n_left_out] = {expected}")
         record = {"method": name, "config": to_container(cfg.method), "seconds": seconds, "peak_mb": mem.peak_mb,
                   "left_out_indices": problem.left_out_indices.tolist(), "test_indices": problem.test_indices.tolist(),
-                  "extra": method.record, "key": method_key(cfg)}
+                  "extra": method.record, "key": method_key(cfg),
+                  "provenance": stamp("attribute", {"method": cfg.method}, shape=list(scores.shape),
+                                      n_train=problem.n_train, final_model_run=run.path.name)}
         save_json(out / "record.json", record)
         save_tensors(out / "scores.safetensors", {"scores": scores.double()}, metadata={"method": name})
         if wb is not None:
@@ -175,8 +215,12 @@ def attribute(cfg: DictConfig) -> Path:
 
 # ---------------------------------------------------------------------------------- evaluate
 def evaluate(cfg: DictConfig) -> Path:
-    from tda.evaluation.report import evaluate_run
+    from tda.evaluation.report import evaluate_compare, evaluate_run
 
+    validate_config(cfg, "evaluate")
+    if cfg.evaluate.get("compare"):
+        return evaluate_compare(cfg)  # several experiments, each found from its own overrides
     run = RunDir.from_config(cfg)
-    run.require_final_model()
+    check_final_model(run, cfg)
+    check_gold_meta(run, cfg)
     return evaluate_run(cfg, run)

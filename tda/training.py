@@ -14,11 +14,15 @@ from tda.models.base import TDAModel, per_example_loss
 class FinalModelModule(L.LightningModule):
     """Mean per-example loss; only the model's trainable part is optimised."""
 
-    def __init__(self, model: TDAModel, optimizer: Callable, task: str):
+    def __init__(self, model: TDAModel, optimizer: Callable, task: str,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
         super().__init__()
         self.model = model
         self.optimizer_factory = optimizer
         self.task = task
+        # augmentation of training batches (DataBundle.final_training_transform); never applied
+        # to validation batches, and further training does not use this module at all
+        self.transform = transform
 
     def forward(self, x):
         return self.model(x)
@@ -34,6 +38,8 @@ class FinalModelModule(L.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx):
+        if self.transform is not None:
+            batch = (self.transform(batch[0]), batch[1])
         return self._step(batch, "train")
 
     def validation_step(self, batch, batch_idx):
@@ -43,7 +49,9 @@ class FinalModelModule(L.LightningModule):
         self._step(batch, "test")
 
     def configure_optimizers(self):
-        params = [p for p in self.model.trainable_part().parameters() if p.requires_grad]
+        # `model` is a TDAModel or, when a frozen part's features are cached, its trainable part;
+        # frozen parameters have requires_grad=False either way (TDAModel.freeze_non_trainable)
+        params = [p for p in self.model.parameters() if p.requires_grad]
         return self.optimizer_factory(params)
 
 
