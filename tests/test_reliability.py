@@ -130,7 +130,9 @@ def test_partial_and_temporary_gold_files_are_not_taken_for_seeds(tiny, pipeline
 # ------------------------------------------------------------------ SIGKILL and re-run
 @pytest.mark.slow
 def test_sigkill_each_stage_and_rerun_gives_identical_numbers(tiny, tmp_path, monkeypatch):
-    overrides = tiny + ["further_training.n_seeds=4"]
+    # enough work per seed (40 epochs) that a kill shortly after seed 0 lands before the last seed,
+    # even on a fast idle machine
+    overrides = tiny + ["further_training.n_seeds=6", "further_training.epochs=40"]
     # the uninterrupted reference, in-process
     monkeypatch.setenv("TDA_RUNS_DIR", str(tmp_path / "ref"))
     run_ref = train(compose_config("train", overrides))
@@ -163,7 +165,7 @@ def test_sigkill_each_stage_and_rerun_gives_identical_numbers(tiny, tmp_path, mo
     time.sleep(delay)
     assert _kill(proc), "further training finished before the kill; raise further_training.n_seeds"
     kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in gold_dir.glob("seed_*.safetensors")}
-    assert 1 <= len(kept) < 4, kept
+    assert 1 <= len(kept) < 6, kept
     _finish(_start("attribute.py", overrides + ["method=further_training"], log), log)
     for name, stamp in kept.items():  # completed seeds were kept, not redone
         p = gold_dir / name

@@ -43,6 +43,15 @@ class TDAModel(nn.Module):
                 p.requires_grad_(False)
 
 
+def match_mode(model: nn.Module, *wrappers: nn.Module | None) -> None:
+    """Wrappers built by split() start in train mode; give them the model's mode, or
+    compute_features (which restores the frozen part's mode) would switch shared layers
+    (dropout, batch norm) into train mode."""
+    for w in wrappers:
+        if w is not None:
+            w.training = model.training
+
+
 def check_trainable(trainable: str, allowed: tuple[str, ...] = ("all", "head", "last_k")) -> str:
     if trainable not in allowed:
         raise ValueError(f"model.trainable={trainable!r} is not one of {allowed}; "

@@ -12,16 +12,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from tda.models.base import TDAModel, check_trainable
-
-
-def _same_mode(model: nn.Module, *wrappers: nn.Module) -> None:
-    """Wrappers built by split() start in train mode; give them the model's mode, or
-    compute_features (which restores the frozen part's mode) would switch shared layers
-    (dropout, batch norm) into train mode."""
-    for w in wrappers:
-        if w is not None:
-            w.training = model.training
+from tda.models.base import TDAModel, check_trainable, match_mode
 
 
 class MLP(TDAModel):
@@ -55,5 +46,5 @@ class MLP(TDAModel):
         k = self.trainable_k
         frozen, rest = self.body[:-k], self.body[-k:]
         trainable = nn.Sequential(rest, self.head)
-        _same_mode(self, frozen, rest, trainable)
+        match_mode(self, frozen, rest, trainable)
         return frozen, trainable

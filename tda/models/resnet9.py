@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from tda.models.base import TDAModel, check_trainable
+from tda.models.base import TDAModel, check_trainable, match_mode
 
 
 def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
@@ -54,15 +54,6 @@ class Scale(nn.Module):
 
     def forward(self, x):
         return x * self.scale
-
-
-def _same_mode(model: nn.Module, *wrappers: nn.Module) -> None:
-    """Wrappers built by split() start in train mode; give them the model's mode, or
-    compute_features (which restores the frozen part's mode) would switch shared layers
-    (dropout, batch norm) into train mode."""
-    for w in wrappers:
-        if w is not None:
-            w.training = model.training
 
 
 class ResNet9(TDAModel):
@@ -98,5 +89,5 @@ class ResNet9(TDAModel):
         cut = 4 - self.trainable_k
         frozen, rest = self.stages[:cut], self.stages[cut:]
         trainable = nn.Sequential(rest, self.head)
-        _same_mode(self, frozen, rest, trainable)
+        match_mode(self, frozen, rest, trainable)
         return frozen, trainable

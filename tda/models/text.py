@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from tda.data.base import offline
-from tda.models.base import TDAModel, check_trainable
+from tda.models.base import TDAModel, check_trainable, match_mode
 
 HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "bert_base": "bert-base-uncased"}
 
@@ -152,15 +152,6 @@ class TrimmedFrozen(nn.Module):
         return torch.stack(outs)  # type: ignore[arg-type]
 
 
-def _same_mode(model: nn.Module, *wrappers: nn.Module) -> None:
-    """Wrappers built by split() start in train mode; give them the model's mode, or
-    compute_features (which restores the frozen part's mode) would switch shared layers
-    (dropout, batch norm) into train mode."""
-    for w in wrappers:
-        if w is not None:
-            w.training = model.training
-
-
 class TextClassifier(TDAModel):
     def __init__(self, input_shape: Sequence[int], n_outputs: int, encoder: str = "minilm",
                  encoder_path: str | None = None, trainable: str = "head", trainable_k: int = 1,
@@ -194,6 +185,6 @@ class TextClassifier(TDAModel):
             inner = nn.Sequential(self.embed, Layers(layers[:-k]))
             frozen = TrimmedFrozen(inner, self.pad_id, self.micro_batch)
             trainable = nn.Sequential(Layers(layers[-k:]), self.cls, self.head)
-            _same_mode(self, trainable, trainable[0])
-        _same_mode(self, frozen, inner, inner[1])
+            match_mode(self, trainable, trainable[0])
+        match_mode(self, frozen, inner, inner[1])
         return frozen, trainable
