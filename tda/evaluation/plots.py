@@ -30,6 +30,16 @@ def _save(fig, path: Path, title: str = "") -> Path:
 STYLES = ["-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
 
 
+def _palette(n_lines: int) -> list:
+    """Matplotlib's default cycle repeats after 10 colours; a damping sweep easily draws more lines."""
+    return list(plt.get_cmap("tab10" if n_lines <= 10 else "tab20").colors)
+
+
+def _colour_axes(axes, n_lines: int) -> None:
+    for ax in np.ravel(axes):
+        ax.set_prop_cycle(color=_palette(n_lines))
+
+
 def plot_curves(curves: pd.DataFrame, path: Path, title: str = "", reliability: pd.DataFrame | None = None,
                 series: str = "method", style_by: str | None = None) -> Path:
     """A grid: rows = centring on/off, columns = metric; one line per `series` value with a
@@ -38,14 +48,15 @@ def plot_curves(curves: pd.DataFrame, path: Path, title: str = "", reliability: 
     rows whose method is `gold_split_half` are drawn black."""
     colors, styles = {}, {}
     if style_by is not None:
-        cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         methods = [m for m in dict.fromkeys(sorted(curves.method)) if m != "gold_split_half"]
+        cycle = _palette(len(methods))
         colors = {m: cycle[i % len(cycle)] for i, m in enumerate(methods)} | {"gold_split_half": "k"}
         styles = {v: STYLES[i % len(STYLES)] for i, v in enumerate(dict.fromkeys(curves[style_by]))}
     centerings = sorted(curves.centered.unique(), reverse=True)
     metrics = list(dict.fromkeys(curves.metric))
     fig, axes = plt.subplots(len(centerings), len(metrics), figsize=(5.2 * len(metrics), 3.6 * len(centerings)),
                              squeeze=False)
+    _colour_axes(axes, curves[series].nunique())
     for r, centered in enumerate(centerings):
         for c, metric in enumerate(metrics):
             ax = axes[r][c]
@@ -78,6 +89,7 @@ def plot_seed_windows(peaks: pd.DataFrame, path: Path, title: str = "") -> Path:
     metrics = list(dict.fromkeys(peaks.metric))
     fig, axes = plt.subplots(len(centerings), len(metrics), figsize=(5.2 * len(metrics), 3.6 * len(centerings)),
                              squeeze=False)
+    _colour_axes(axes, peaks.method.nunique())
     for r, centered in enumerate(centerings):
         for c, metric in enumerate(metrics):
             ax = axes[r][c]
