@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +33,15 @@ def _replace(tmp: str, path: Path) -> None:
         os.close(dir_fd)
 
 
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
-    """Write `tensors` atomically; `metadata` (JSON-serialisable) is stored in the header."""
+@contextmanager
+def _atomic_file(path: str | Path) -> Iterator[str]:
+    """Yield a temporary file next to `path` for the caller to fill; then fsync it and rename it
+    over `path`. On any error (or interruption) the temporary file is removed instead."""
     path = Path(path)
     fd, tmp = _atomic_target(path)
     os.close(fd)
     try:
-        contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        header = {"json": json.dumps(metadata, sort_keys=True)} if metadata is not None else None
-        save_file(contiguous, tmp, metadata=header)
+        yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         _replace(tmp, path)
@@ -47,6 +49,14 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
+    """Write `tensors` atomically; `metadata` (JSON-serialisable) is stored in the header."""
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    header = {"json": json.dumps(metadata, sort_keys=True)} if metadata is not None else None
+    with _atomic_file(path) as tmp:
+        save_file(contiguous, tmp, metadata=header)
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -82,18 +92,8 @@ def load_json(path: str | Path) -> Any:
 
 
 def save_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = _atomic_target(path)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        _replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with _atomic_file(path) as tmp:
+        Path(tmp).write_text(text)
 
 
 def _json_default(obj: Any) -> Any:

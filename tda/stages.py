@@ -17,7 +17,7 @@ from tda.data.base import DataBundle
 from tda.memory import PeakMemory
 from tda.methods.base import AttributionProblem, Method
 from tda.models.base import TDAModel, compute_features
-from tda.runs import RUN_KEYS, RunDir, further_training_key, method_key
+from tda.runs import RUN_KEYS, RunDir, method_key
 from tda.selection import choose_indices, first_indices
 from tda.tracking import finish, init_wandb
 from tda.provenance import require_match, stamp

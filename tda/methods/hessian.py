@@ -17,7 +17,6 @@ function being differentiated is the final model's, as attribution requires.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
