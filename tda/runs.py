@@ -43,11 +43,9 @@ def further_training_key(cfg: DictConfig) -> str:
     """Key of a gold standard: the further-training settings and its fresh optimizer. Settings
     that only choose how or which part a job computes (engine, group size, shards:
     tda.further_training.EXECUTION_KEYS) are left out, so shards fill one directory."""
-    from tda.config import to_container
-    from tda.further_training import EXECUTION_KEYS
+    from tda.further_training import gold_settings
 
-    settings = {k: v for k, v in to_container(cfg.further_training).items() if k not in EXECUTION_KEYS}
-    return f"{node_name(cfg.further_optimizer)}-{config_hash(settings, cfg.further_optimizer)}"
+    return f"{node_name(cfg.further_optimizer)}-{config_hash(gold_settings(cfg.further_training), cfg.further_optimizer)}"
 
 
 def method_key(cfg: DictConfig) -> str:

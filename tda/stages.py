@@ -191,9 +191,10 @@ def attribute(cfg: DictConfig) -> Path:
             log.info("scores of %s already in %s", name, out)
             return out
         torch.manual_seed(int(cfg.seed))
+        problem.model.to(problem.device)  # methods run where the model is; data moves chunk by chunk
         with PeakMemory() as mem:
             t0 = time.perf_counter()
-            scores = method.scores(problem)
+            scores = method.scores(problem).cpu()
             seconds = time.perf_counter() - t0
         expected = (len(problem.test_indices), len(problem.left_out_indices))
         if tuple(scores.shape) != expected:

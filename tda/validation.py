@@ -455,7 +455,7 @@ def check_gold_meta(run, cfg: DictConfig) -> None:
     training settings, this fresh optimizer and the run's selections (cheap: meta.json only)."""
     from tda.artifacts import load_json
     from tda.config import to_container
-    from tda.further_training.gold_standard import gold_settings
+    from tda.further_training import gold_settings
     from tda.provenance import require_match
 
     gold_dir = run.gold_dir(cfg)

@@ -345,3 +345,50 @@ def test_postprocess_adjust_centre_and_windows():
     c = postprocess(diff, full, init, center=True, seeds=slice(0, 2))
     assert torch.allclose(c.mean(dim=2), torch.zeros(2, 3, dtype=F64), atol=1e-15)
     assert torch.allclose(c, (diff[..., :2] - diff[..., :2].mean(2, keepdim=True)).mean(-1))
+
+
+def test_batchnorm_momentum_zero_freezes_running_statistics(tmp_path):
+    """With further_training.batchnorm_momentum=0 the runs normalise with batch statistics but
+    never move the running statistics that evaluation uses; the stacked engine still equals
+    the reference, the model given is untouched, and the result differs from the default."""
+    torch.manual_seed(0)
+    bn_model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)).to(F64)
+    before = {k: v.clone() for k, v in bn_model.state_dict().items()}
+    out = {}
+    for label, extra in {"frozen": ["further_training.batchnorm_momentum=0"], "default": [],
+                         "frozen_ref": ["further_training.batchnorm_momentum=0", "further_training.engine=reference"]}.items():
+        cfg, problem = _problem(["further_optimizer.lr=0.1", *extra])
+        problem.model = bn_model
+        FurtherTraining().run(problem, tmp_path / label, trainer=cfg.trainer)
+        out[label] = load_gold_standard(tmp_path / label).diff
+        out[label + "_key"] = further_training_key(cfg)
+    assert all(torch.equal(v, bn_model.state_dict()[k]) for k, v in before.items())
+    assert float((out["frozen"] - out["frozen_ref"]).abs().max()) < 1e-12
+    assert float((out["frozen"] - out["default"]).abs().max()) > 1e-6
+    assert out["frozen_key"] == out["frozen_ref_key"] != out["default_key"]
+
+
+def test_batchnorm_momentum_null_keeps_existing_gold_keys():
+    """A gold standard computed before the setting existed keeps its directory name."""
+    from tda.config import config_hash, node_name, to_container
+    from tda.further_training import EXECUTION_KEYS
+
+    cfg = compose_config("attribute", [])
+    old_style = {k: v for k, v in to_container(cfg.further_training).items()
+                 if k not in EXECUTION_KEYS and k != "batchnorm_momentum"}
+    assert further_training_key(cfg) == f"{node_name(cfg.further_optimizer)}-{config_hash(old_style, cfg.further_optimizer)}"
+
+
+def test_batchnorm_momentum_errors(tmp_path):
+    cfg, problem = _problem(["further_training.batchnorm_momentum=0"])
+    with pytest.raises(ValueError, match="no batch-norm layers; leave it null"):
+        FurtherTraining().run(problem, tmp_path / "mlp", trainer=cfg.trainer)
+    cfg, problem = _problem(["further_training.batchnorm_momentum=1.5"])
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+        FurtherTraining().run(problem, tmp_path / "bad", trainer=cfg.trainer)
+
+
+def test_checkpoint_interval_longer_than_training_is_a_clear_error(tmp_path):
+    cfg, problem = _problem(["further_training.checkpoint_every_steps=100"])  # 2 epochs of 4 steps
+    with pytest.raises(ValueError, match="checkpoint_every_steps=100 exceeds the 8 steps"):
+        FurtherTraining().run(problem, tmp_path / "g", trainer=cfg.trainer)

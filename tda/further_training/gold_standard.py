@@ -18,6 +18,7 @@ stopped; jobs given different `shard_seeds` / `left_out_shard` fill the same dir
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import time
@@ -31,7 +32,7 @@ from omegaconf import DictConfig
 
 from tda.artifacts import load_json, load_tensors, save_json, save_tensors
 from tda.config import build, to_container
-from tda.further_training import EXECUTION_KEYS
+from tda.further_training import gold_settings
 from tda.further_training.engine import FurtherTrainingModule, GroupTrainer
 from tda.further_training.optim import optimizer_spec
 from tda.further_training.reference import epoch_permutations, further_train_run, test_losses
@@ -82,6 +83,10 @@ def validate_further_training(ft: DictConfig) -> None:
     index, count = _shard(ft)
     if not (count >= 1 and 0 <= index < count):
         raise ValueError(f"further_training.left_out_shard={{index: {index}, count: {count}}}: index must be in 0..count-1")
+    bn = ft.get("batchnorm_momentum")
+    if bn is not None and not 0.0 <= float(bn) <= 1.0:
+        raise ValueError(f"further_training.batchnorm_momentum={bn} must be in [0, 1] (0 freezes the running "
+                         f"statistics) or null (the model's own momentum)")
     shard_seeds = ft.get("shard_seeds")
     if shard_seeds is not None:
         outside = sorted(set(int(s) for s in shard_seeds) - set(seeds_of(ft)))
@@ -90,9 +95,21 @@ def validate_further_training(ft: DictConfig) -> None:
                              f"({ft.seed_offset}..{int(ft.seed_offset) + int(ft.n_seeds) - 1})")
 
 
-def gold_settings(ft: DictConfig) -> dict:
-    """The settings that define the gold standard (what the directory key hashes)."""
-    return {k: v for k, v in to_container(ft).items() if k not in EXECUTION_KEYS}
+def with_batchnorm_momentum(model: torch.nn.Module, momentum: float | None) -> torch.nn.Module:
+    """`further_training.batchnorm_momentum`: a copy of the model whose batch-norm layers update
+    their running statistics with this momentum during further training (0: frozen; batch
+    statistics still normalise in train mode); null: the model itself, unchanged."""
+    if momentum is None:
+        return model
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        raise ValueError(f"further_training.batchnorm_momentum={momentum} is set but the model has no batch-norm "
+                         f"layers; leave it null")
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = float(momentum)
+    return model
 
 
 def runs_per_group(model: torch.nn.Module, x: torch.Tensor, batch_size: int, dtype: torch.dtype, budget_mb: float,
@@ -138,7 +155,7 @@ class FurtherTraining:
         validate_further_training(ft)
         gold_dir = Path(gold_dir)
         dtype = getattr(torch, ft.dtype)
-        model = problem.model.to(dtype)
+        model = with_batchnorm_momentum(problem.model.to(dtype), ft.get("batchnorm_momentum"))
         x = problem.x_train.to(dtype) if problem.x_train.is_floating_point() else problem.x_train
         x_test = problem.x_test.to(dtype) if problem.x_test.is_floating_point() else problem.x_test
         y, y_test = problem.y_train, problem.y_test
@@ -160,6 +177,11 @@ class FurtherTraining:
         shard_seeds = ft.get("shard_seeds")
         seeds = seeds_of(ft) if shard_seeds is None else [int(s) for s in shard_seeds]
         sparse = should_use_sparse(x.reshape(len(x), -1), ft.get("sparse_input", "auto")) and mlp_layers(model) is not None
+        every, steps = ft.get("checkpoint_every_steps"), int(ft.epochs) * -(-len(x) // int(ft.batch_size))
+        if every and int(every) > steps:
+            raise ValueError(f"further_training.checkpoint_every_steps={every} exceeds the {steps} steps of further "
+                             f"training ({ft.epochs} epochs of {-(-len(x) // int(ft.batch_size))}), so no checkpoint "
+                             f"would be recorded; lower it or set it to null (a checkpoint after every epoch)")
         group = ft.get("max_runs_per_group")
         group = int(group) if group else runs_per_group(model, x, int(ft.batch_size), dtype, problem.memory_budget_mb, sparse)
         trainer_cfg = dict(to_container(trainer)) if trainer is not None else {}

@@ -82,7 +82,7 @@ class Arnoldi(InfluenceMethod, Method):
             raise ValueError(f"arnoldi: {int((mu + lam <= 0).sum())} Ritz values μ have μ + λ ≤ 0 "
                              f"(curvature={self.curvature}, λ={lam:.3g}, min μ={float(mu.min()):.3g}); "
                              f"use method.curvature=gn or a larger method.damping_multiple")
-        inv = (1.0 / (mu + lam)).to(dtype)
+        inv = (1.0 / (mu + lam)).to(U.device, dtype)
         pt, pl = g_test.to(dtype) @ U, g_lo.to(dtype) @ U  # [n_test, k], [n_left_out, k]
         s = (pt * inv) @ pl.T
         if self.complement:

@@ -81,7 +81,8 @@ class DataInf(Method):
         self.record.update({"one_pass": one_pass, "factored": type(g_test).__name__ == "FactoredGrads"})
         chunks = lambda: iter_grad_chunks(model, problem.x_train, problem.y_train, target,  # noqa: E731
                                           problem.memory_budget_mb / 2, self.factored, self.max_rows)
-        sq = {b: torch.zeros(n, dtype=torch.float64) for b in groups}
+        dev = next(model.parameters()).device
+        sq = {b: torch.zeros(n, dtype=torch.float64, device=dev) for b in groups}
         kept: list[tuple[slice, dict, dict]] = []
         for rows, g in chunks():
             for k, v in grouped(tensor_sq_norms(g)).items():
@@ -96,7 +97,7 @@ class DataInf(Method):
             raise ValueError(f"DataInf: the training gradients of {zero} are all zero, so λ_l = 0; "
                              f"set method.damping to a positive value")
         self.record["lambda"] = lam
-        correction = {b: torch.zeros(n_t, n_j, dtype=torch.float64) for b in groups}
+        correction = {b: torch.zeros(n_t, n_j, dtype=torch.float64, device=dev) for b in groups}
 
         def accumulate(rows, C, D):
             for k in groups:
@@ -109,7 +110,7 @@ class DataInf(Method):
         else:
             for rows, g in chunks():
                 accumulate(rows, grouped(tensor_kernels(g_test, g)), grouped(tensor_kernels(g, g_lo)))
-        total = torch.zeros(n_t, n_j, dtype=torch.float64)
+        total = torch.zeros(n_t, n_j, dtype=torch.float64, device=dev)
         for k in groups:
             total += (direct[k].double() - correction[k] / n) / lam[k]
         return total

@@ -95,8 +95,9 @@ class GradDotAdam(Method):
         eps, bs = self.settings(problem)
         model, target = problem.model, loss_target(problem.task)
         layout = ParamLayout.of(model)
-        s1 = {k: torch.zeros(n, dtype=torch.float64) for k, n in zip(layout.names, layout.sizes)}
-        s2 = {k: torch.zeros(n, dtype=torch.float64) for k, n in zip(layout.names, layout.sizes)}
+        dev = next(model.parameters()).device
+        s1 = {k: torch.zeros(n, dtype=torch.float64, device=dev) for k, n in zip(layout.names, layout.sizes)}
+        s2 = {k: torch.zeros(n, dtype=torch.float64, device=dev) for k, n in zip(layout.names, layout.sizes)}
         for _, g in iter_grad_chunks(model, problem.x_train, problem.y_train, target, problem.memory_budget_mb / 2,
                                      self.factored, self.max_rows):
             a, b = tensor_moments(g)
@@ -114,7 +115,7 @@ class GradDotAdam(Method):
         g_test = compute_grads(problem.model, problem.x_test, problem.y_test, target, self.factored, self.chunk_size)
         g_lo = compute_grads(problem.model, problem.x_left_out, problem.y_left_out, target, self.factored,
                              self.chunk_size)
-        total = torch.zeros(len(g_test), len(g_lo), dtype=torch.float64)
+        total = torch.zeros(len(g_test), len(g_lo), dtype=torch.float64, device=g_test.block(g_test.tensor_names[0]).device)
         for k in g_test.tensor_names:
             total += (g_test.block(k).double() * D[k]) @ g_lo.block(k).double().T
         return total

@@ -82,7 +82,7 @@ def project(g: DenseGrads | FactoredGrads, P: dict[str, torch.Tensor], scratch_m
         return sum(g.block(name) @ P[name].to(g.G.dtype) for name in g.tensor_names)
     cache = {} if cache is None else cache
     n, k = len(g), next(iter(P.values())).shape[1]
-    out = torch.zeros(n, k, dtype=g.layers[0].B.dtype)
+    out = torch.zeros(n, k, dtype=g.layers[0].B.dtype, device=g.layers[0].B.device)
     for lf in g.layers:
         if lf.bias:
             out += lf.B @ P[lf.bias].to(lf.B.dtype)
@@ -122,6 +122,7 @@ def output_weights(model, x, y, task) -> torch.Tensor:
     with torch.no_grad():
         model.eval()
         out = model(x.to(next(model.parameters()).device))
+        y = y.to(out.device)
         if task == "classification":
             return -(1 - torch.softmax(out, dim=1).gather(1, y.view(-1, 1)).squeeze(1))
         return 2 * (out.reshape(y.shape) - y)
@@ -163,14 +164,15 @@ class TRAK(Method):
         g_test = compute_grads(model, problem.x_test, problem.y_test, target, self.factored, self.chunk_size)
         g_lo = compute_grads(model, problem.x_left_out, problem.y_left_out, target, self.factored, self.chunk_size)
         # P is drawn in float32 whatever the model's dtype, so a float64 model sees the same P
-        dtype = next(model.parameters()).dtype
-        phi = torch.zeros(problem.n_train, k, dtype=dtype)
-        phi_test, phi_lo = torch.zeros(len(g_test), k, dtype=dtype), torch.zeros(len(g_lo), k, dtype=dtype)
+        dtype, dev = next(model.parameters()).dtype, next(model.parameters()).device
+        phi = torch.zeros(problem.n_train, k, dtype=dtype, device=dev)
+        phi_test, phi_lo = (torch.zeros(len(g_test), k, dtype=dtype, device=dev),
+                            torch.zeros(len(g_lo), k, dtype=dtype, device=dev))
         for cb in col_blocks:
             if self.proj_dim is None:
-                P = {name: torch.eye(layout.n_params, dtype=dtype)[sl, cb] for name, sl in layout.slices().items()}
+                P = {name: torch.eye(layout.n_params, dtype=dtype, device=dev)[sl, cb] for name, sl in layout.slices().items()}
             else:
-                P = {name: v.to(dtype) for name, v in projection_matrix(layout, k, self.seed, cb).items()}
+                P = {name: v.to(dev, dtype) for name, v in projection_matrix(layout, k, self.seed, cb).items()}
             cache: dict = {}
             phi_test[:, cb], phi_lo[:, cb] = project(g_test, P, cache=cache), project(g_lo, P, cache=cache)
             row_budget = max(budget / 4 - cols * p_bytes_per_col / 2**20, budget / 16)
@@ -197,14 +199,14 @@ def kernel_solve(phi: torch.Tensor, rhs: torch.Tensor, damping: float, rcond: fl
     (ΦᵀΦ)⁺ = Φᵀ U Λ⁻² Uᵀ Φ with M = UΛUᵀ."""
     n, k = phi.shape
     if n >= k:
-        K = phi.T @ phi + damping * torch.eye(k, dtype=phi.dtype)
+        K = phi.T @ phi + damping * torch.eye(k, dtype=phi.dtype, device=phi.device)
         L, info = torch.linalg.cholesky_ex(K)
         if damping > 0 or int(info) == 0:
             return torch.cholesky_solve(rhs, L)
         return _pinv_apply(K, rhs, rcond)
     M = phi @ phi.T
     if damping > 0:
-        L = torch.linalg.cholesky(M + damping * torch.eye(n, dtype=phi.dtype))
+        L = torch.linalg.cholesky(M + damping * torch.eye(n, dtype=phi.dtype, device=phi.device))
         return (rhs - phi.T @ torch.cholesky_solve(phi @ rhs, L)) / damping
     lam, U = torch.linalg.eigh(M)
     keep = lam > rcond * lam.abs().max()

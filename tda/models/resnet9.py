@@ -56,6 +56,14 @@ class Scale(nn.Module):
         return x * self.scale
 
 
+class GlobalMaxPool(nn.Module):
+    """[n, C, H, W] -> [n, C]: max over positions. Equals AdaptiveMaxPool2d(1) + Flatten, whose
+    CUDA backward has no deterministic implementation (final training is deterministic)."""
+
+    def forward(self, x):
+        return x.amax(dim=(-2, -1))
+
+
 class ResNet9(TDAModel):
     def __init__(self, input_shape: Sequence[int], n_outputs: int, width: float = 1.0, scale: float = 0.125,
                  trainable: str = "all", trainable_k: int = 1):
@@ -69,7 +77,7 @@ class ResNet9(TDAModel):
             nn.Sequential(conv_bn(c[0], c[1]), nn.MaxPool2d(2), Residual(c[1])),
             nn.Sequential(conv_bn(c[1], c[2]), nn.MaxPool2d(2)),
             nn.Sequential(conv_bn(c[2], c[3]), nn.MaxPool2d(2), Residual(c[3])),
-            nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+            GlobalMaxPool(),
         )
         self.head = nn.Sequential(nn.Linear(c[3], n_outputs, bias=False), Scale(scale))
         if self.trainable == "last_k" and not 0 < self.trainable_k <= 3:
