@@ -22,6 +22,10 @@ Problems:
                        paper's shapes, so it runs offline and anyone can rebuild it.
   folktables_sized_3k  its first 3,000 training rows: for baselines that hold every training
                        gradient in memory (30,085 × 118k floats would be 14 GB).
+  resnet9_cifar        ResNet-9 (width 0.25, 0.41M parameters, batch norm in eval mode) trained
+                       3 epochs on the 4,000 local CIFAR-10 training images ($TDA_DATA_DIR/cifar10
+                       or ../shared/data/cifar10; built once and cached); the first 100 test
+                       images, 100 left-out training images.
 
 Cases are rows of `CASES` (a list of :class:`Case`); `benchmarks/methods_influence.py`, when
 present, contributes its own `CASES` in the same format and they are appended.
@@ -74,8 +78,47 @@ def _build_folktables_sized(path: Path) -> None:
     save_tensors(path, tensors)
 
 
+def _build_resnet9_cifar(path: Path) -> None:
+    import os
+
+    from tda.data.cifar10 import cifar10
+    from tda.models.resnet9 import ResNet9
+
+    root = Path(os.environ.get("TDA_DATA_DIR", ROOT.parent / "shared" / "data")) / "cifar10"
+    data = cifar10(root=str(root))
+    x, y = data.tensors("train")
+    xt, yt = data.tensors("test")
+    torch.manual_seed(0)
+    model = ResNet9([3, 32, 32], 10, width=0.25)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(3):
+        for idx in torch.randperm(len(x), generator=g).split(128):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update(x_train=x, y_train=y, x_test=xt[:N_TEST], y_test=yt[:N_TEST],
+                   left_out=torch.randperm(len(x), generator=g)[:N_LEFT_OUT])
+    save_tensors(path, tensors)
+
+
 def load_problem(name: str, cache: Path, budget_mb: float) -> AttributionProblem:
     from omegaconf import OmegaConf
+    if name == "resnet9_cifar":
+        from tda.models.resnet9 import ResNet9
+
+        path = cache / "resnet9_cifar.safetensors"
+        if not path.is_file():
+            _build_resnet9_cifar(path)
+        t = load_tensors(path)
+        model = ResNet9([3, 32, 32], 10, width=0.25)
+        model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+        model.eval()
+        return AttributionProblem(model=model, task="classification", x_train=t["x_train"], y_train=t["y_train"],
+                                  x_test=t["x_test"], y_test=t["y_test"], left_out_indices=t["left_out"],
+                                  test_indices=torch.arange(len(t["x_test"])), memory_budget_mb=budget_mb)
     path = cache / "folktables_sized.safetensors"
     if not path.is_file():
         _build_folktables_sized(path)
@@ -87,7 +130,7 @@ def load_problem(name: str, cache: Path, budget_mb: float) -> AttributionProblem
     if name == "folktables_sized_3k":
         x, y, lo = x[:3000], y[:3000], torch.arange(0, 3000, 30)
     elif name != "folktables_sized":
-        raise ValueError(f"unknown problem {name!r}; choose folktables_sized or folktables_sized_3k")
+        raise ValueError(f"unknown problem {name!r}; choose folktables_sized, folktables_sized_3k or resnet9_cifar")
     return AttributionProblem(model=model, task="classification", x_train=x, y_train=y, x_test=t["x_test"],
                               y_test=t["y_test"], left_out_indices=lo, test_indices=torch.arange(len(t["x_test"])),
                               further_training=OmegaConf.create({"batch_size": 128}),

@@ -21,7 +21,10 @@ Problems (built by benchmarks/methods.py): `folktables_sized` (30,085 rows, MLP 
 118,274 parameters, 100 test × 100 left-out) and `folktables_sized_3k` (its first 3,000 rows).
 The full problem runs the methods whose cost is a few passes over the data (EK-FAC, K-FAC);
 iterative solvers (100 right-hand sides × tens of full-data curvature products, each
-~1 TFLOP on this model) run on the 3k problem on a 2-core CPU.
+~1 TFLOP on this model) run on the 3k problem on a 2-core CPU. `resnet9_cifar` (ResNet-9 at
+width 0.25 on the 4,000 local CIFAR-10 training images, batch norm in eval mode) runs Arnoldi
+against dattri's and block CG against one-at-a-time CG on its first CNN_ROWS images, and EK-FAC /
+K-FAC on all 4,000.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from tda.methods.kfac import EKFAC, KFAC  # noqa: E402
 MULTIPLE = 100.0  # the paper's reported damping, 100·λ₀ (Gauss–Newton cases)
 PEER_DAMPING = 0.5  # absolute λ for the true-Hessian comparisons with dattri (λ = 0.1 leaves H + λI indefinite here)
 N_ROWS = 300  # training rows of the iterative-solver problems (see the module docstring)
+CNN_ROWS = 256  # training images of the ResNet-9 iterative-solver cases
 CG_ITERS = 10
 ARNOLDI_ITERS, ARNOLDI_K = 30, 20
 
@@ -59,11 +63,11 @@ def _methods():
     return methods
 
 
-def _slice(p: AttributionProblem, n_test: int | None = None) -> AttributionProblem:
-    """The first N_ROWS training rows, 100 left-out among them, optionally the first n_test tests."""
+def _slice(p: AttributionProblem, n_test: int | None = None, rows: int = N_ROWS) -> AttributionProblem:
+    """The first `rows` training rows, 100 left-out among them, optionally the first n_test tests."""
     k = len(p.x_test) if n_test is None else n_test
-    return AttributionProblem(**{**p.__dict__, "x_train": p.x_train[:N_ROWS], "y_train": p.y_train[:N_ROWS],
-                                 "left_out_indices": torch.arange(0, N_ROWS, N_ROWS // 100),
+    return AttributionProblem(**{**p.__dict__, "x_train": p.x_train[:rows], "y_train": p.y_train[:rows],
+                                 "left_out_indices": torch.arange(0, rows, rows // 100)[:100],
                                  "x_test": p.x_test[:k], "y_test": p.y_test[:k], "test_indices": p.test_indices[:k]})
 
 
@@ -71,14 +75,14 @@ def _multiple_for(p: AttributionProblem, lam: float) -> float:
     return lam / base_damping(p.model, p.x_train, p.y_train, p.task)
 
 
-def _cg(block: bool, curvature: str = "gn", n_test: int | None = None):
+def _cg(block: bool, curvature: str = "gn", n_test: int | None = None, rows: int = N_ROWS):
     def run(p: AttributionProblem):
         Result = _methods().Result  # noqa: N806
 
-        q = _slice(p, n_test)
+        q = _slice(p, n_test, rows)
         multiple = MULTIPLE if curvature == "gn" else _multiple_for(q, PEER_DAMPING)
         s = CG(curvature=curvature, damping_multiple=multiple, tol=0.0, maxiter=CG_ITERS, block=block,
-               batch_size=N_ROWS).scores(q)
+               batch_size=rows).scores(q)
         if n_test is None:
             return s
         return Result(s, list(range(n_test)), len(p.x_test) / n_test,
@@ -86,10 +90,15 @@ def _cg(block: bool, curvature: str = "gn", n_test: int | None = None):
     return run
 
 
-def _arnoldi(p: AttributionProblem):
-    q = _slice(p)
-    return Arnoldi(curvature="hessian", damping_multiple=_multiple_for(q, PEER_DAMPING), n_iters=ARNOLDI_ITERS,
-                   top_k=ARNOLDI_K, batch_size=N_ROWS).scores(q)
+def _arnoldi_rows(rows: int):
+    def run(p: AttributionProblem):
+        q = _slice(p, rows=rows)
+        return Arnoldi(curvature="hessian", damping_multiple=_multiple_for(q, PEER_DAMPING), n_iters=ARNOLDI_ITERS,
+                       top_k=ARNOLDI_K, batch_size=rows).scores(q)
+    return run
+
+
+_arnoldi = _arnoldi_rows(N_ROWS)
 
 
 def _dattri_task(p: AttributionProblem):
@@ -110,11 +119,11 @@ def _loader(x, y, bs):
     return DataLoader(TensorDataset(x, y), batch_size=bs, shuffle=False)
 
 
-def _dattri(kind: str):
+def _dattri(kind: str, rows: int = N_ROWS):
     def run(p: AttributionProblem):
         from dattri.algorithm import influence_function as inf
 
-        q = _slice(p)
+        q = _slice(p, rows=rows)
         task = _dattri_task(q)
         if kind == "cg":
             att = inf.IFAttributorCG(task=task, max_iter=CG_ITERS, tol=0.0, mode="rev-fwd",
@@ -140,6 +149,13 @@ def _cases():
              "folktables_sized_3k", _arnoldi, {"dattri IFAttributorArnoldi": _dattri("arnoldi")}),
         Case("ekfac", "folktables_sized", lambda p: EKFAC(damping_multiple=MULTIPLE).scores(p), {}),
         Case("kfac", "folktables_sized", lambda p: KFAC(damping_multiple=MULTIPLE).scores(p), {}),
+        # ResNet-9 on CIFAR-10 images: curvature products over CNN_ROWS training images
+        Case(f"arnoldi[hessian λ={PEER_DAMPING}, {ARNOLDI_ITERS} it, top {ARNOLDI_K}, {CNN_ROWS} rows]",
+             "resnet9_cifar", _arnoldi_rows(CNN_ROWS), {"dattri IFAttributorArnoldi": _dattri("arnoldi", CNN_ROWS)}),
+        Case(f"cg[gn, {CG_ITERS} it, block of 100, {CNN_ROWS} rows]", "resnet9_cifar", _cg(True, rows=CNN_ROWS),
+             {"cg one test instance at a time": _cg(False, "gn", 5, rows=CNN_ROWS)}),
+        Case("ekfac[4,000 rows]", "resnet9_cifar", lambda p: EKFAC(damping_multiple=MULTIPLE).scores(p), {}),
+        Case("kfac[4,000 rows]", "resnet9_cifar", lambda p: KFAC(damping_multiple=MULTIPLE).scores(p), {}),
     ]
 
 

@@ -392,3 +392,15 @@ def test_checkpoint_interval_longer_than_training_is_a_clear_error(tmp_path):
     cfg, problem = _problem(["further_training.checkpoint_every_steps=100"])  # 2 epochs of 4 steps
     with pytest.raises(ValueError, match="checkpoint_every_steps=100 exceeds the 8 steps"):
         FurtherTraining().run(problem, tmp_path / "g", trainer=cfg.trainer)
+
+
+def test_vmap_auto_follows_the_trainer_device():
+    """`vmap: auto` loops over the runs of a convolutional model on CPU and vectorises them on
+    a GPU; the Trainer's accelerator `auto` means a GPU when there is one."""
+    x = torch.randn(8, 1, 8, 8)
+    y = torch.randint(0, 3, (8,))
+    cnn = SmallCNN([1, 8, 8], 3, channels=(2, 3))
+    assert build_stacked(cnn, 2, x, y, "classification", device="cpu").vectorize is False
+    assert build_stacked(cnn, 2, x, y, "classification", device="gpu").vectorize is True
+    assert build_stacked(cnn, 2, x, y, "classification", device="auto").vectorize is torch.cuda.is_available()
+    assert build_stacked(cnn, 2, x, y, "classification", device="cpu", vmap=True).vectorize is True

@@ -347,5 +347,9 @@ def build_stacked(module: nn.Module, R: int, x: torch.Tensor, y: torch.Tensor, t
     """The MLP fast path where it applies, torch.func otherwise."""
     if fast_path and mlp_layers(module) is not None:
         return MLPStacked(module, R, x, y, task, sparse_input=sparse_input)
-    device = x.device if device in (None, "auto") else ("cuda" if device == "gpu" else device)
+    # the Trainer's accelerator names the device the runs will train on (Lightning's "auto" picks a GPU when there is one)
+    if device is None:
+        device = x.device
+    elif device in ("auto", "gpu"):
+        device = "cuda" if device == "gpu" or torch.cuda.is_available() else "cpu"
     return FuncStacked(module, R, x, y, task, vectorize=use_vmap(module, vmap, device))
