@@ -115,7 +115,7 @@ class GradDotAdam(Method):
         g_test = compute_grads(problem.model, problem.x_test, problem.y_test, target, self.factored, self.chunk_size)
         g_lo = compute_grads(problem.model, problem.x_left_out, problem.y_left_out, target, self.factored,
                              self.chunk_size)
-        total = torch.zeros(len(g_test), len(g_lo), dtype=torch.float64, device=g_test.block(g_test.tensor_names[0]).device)
+        total = torch.zeros(len(g_test), len(g_lo), dtype=torch.float64, device=next(problem.model.parameters()).device)
         for k in g_test.tensor_names:
             total += (g_test.block(k).double() * D[k]) @ g_lo.block(k).double().T
         return total
