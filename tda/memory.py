@@ -50,3 +50,28 @@ class PeakMemory:
         gpu_mb = (torch.cuda.max_memory_allocated() - self._base) / 2**20 if self._cuda else 0.0
         self.peak_mb = max(cpu_mb, gpu_mb)
         return False
+
+
+def activation_numel(model: torch.nn.Module, x_one: torch.Tensor) -> int:
+    """Elements of every module's output for one example (eval mode): the unit of the
+    activation memory that batched work on the model holds."""
+    total = 0
+
+    def hook(_m, _i, out):
+        nonlocal total
+        if isinstance(out, torch.Tensor):
+            total += out[0].numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            p = next(model.parameters())
+            x_one = x_one.to(p.device)
+            model(x_one.to(p.dtype) if x_one.is_floating_point() else x_one)
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return total

@@ -117,6 +117,18 @@ def test_curvature_products_match_autograd(mlp_problem, curvature, task):
         assert torch.allclose(rows[i], one.matvec(v[:, 0]), atol=1e-12)
 
 
+@pytest.mark.parametrize("curvature", ["gn", "hessian"])
+def test_memory_budget_splits_columns_without_changing_products(mlp_problem, curvature):
+    """A budget too small for the whole block multiplies the columns in chunks (here one at a
+    time): the same products."""
+    p = mlp_problem
+    V = torch.randn(sum(q.numel() for q in p.model.parameters()), 5, dtype=torch.float64)
+    whole = CurvatureOperator(p.model, p.x_train, p.y_train, p.task, curvature)
+    chunked = CurvatureOperator(p.model, p.x_train, p.y_train, p.task, curvature, memory_budget_mb=1e-6)
+    assert whole.max_columns is None and chunked.max_columns == 1
+    assert torch.allclose(chunked.matvec(V), whole.matvec(V), rtol=1e-12, atol=1e-14)
+
+
 def test_base_damping_is_mean_squared_gradient_entry(mlp_problem, tmp_path):
     p = mlp_problem
     g = per_example_grads(p.model, p.x_train, p.y_train, p.task)

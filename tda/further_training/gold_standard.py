@@ -37,6 +37,7 @@ from tda.further_training.engine import FurtherTrainingModule, GroupTrainer
 from tda.further_training.optim import optimizer_spec
 from tda.further_training.reference import epoch_permutations, further_train_run, test_losses
 from tda.further_training.stacked import build_stacked, mlp_layers, should_use_sparse
+from tda.memory import activation_numel
 from tda.methods.base import AttributionProblem
 
 log = logging.getLogger(__name__)
@@ -118,23 +119,7 @@ def runs_per_group(model: torch.nn.Module, x: torch.Tensor, batch_size: int, dty
     temporaries (~8 copies) plus one batch of activations (forward, backward, temporaries)."""
     nbytes = torch.finfo(dtype).bits // 8
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    act = 0
-    handles = []
-
-    def hook(_m, _i, out):
-        nonlocal act
-        if isinstance(out, torch.Tensor):
-            act += out[0].numel()
-
-    for m in model.modules():
-        handles.append(m.register_forward_hook(hook))
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        model(x[:1].to(next(model.parameters()).dtype) if x.is_floating_point() else x[:1])
-    model.train(was)
-    for h in handles:
-        h.remove()
+    act = activation_numel(model, x[:1])
     per_run = n_params * nbytes * 8 + (batch_size + 1) * act * nbytes * 4
     if sparse:  # gathered / scattered first-layer rows
         first = next(p for p in model.parameters() if p.requires_grad)

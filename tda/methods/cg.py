@@ -80,7 +80,8 @@ class CG(InfluenceMethod, Method):
     def scores(self, problem: AttributionProblem) -> torch.Tensor:
         model, dtype, g_test, g_lo, lam = self._setup(problem, self.dtype, self.chunk_size, self.damping_multiple)
         op = CurvatureOperator(model, problem.x_train, problem.y_train, problem.task, self.curvature,
-                               self.batch_size, dtype, problem.device)
+                               self.batch_size, dtype, problem.device,
+                               problem.memory_budget_mb)
         solve, other, transposed = self.solve_side(g_test, g_lo)
         B = solve.T.contiguous()
         if self.block:
@@ -106,5 +107,5 @@ class CG(InfluenceMethod, Method):
                         info["n_columns"] - info["converged"], info["n_columns"], self.tol, self.maxiter,
                         max(info["relative_residual"]))
         self.record.update({"cg": info, "curvature": self.curvature, "solved_side": "left_out" if transposed else "test",
-                            "curvature_products": op.n_matvecs})
+                            "curvature_products": op.n_matvecs, "columns_per_product": op.max_columns})
         return scores_from_solution(X, other.to(X.dtype), problem.n_train, transposed).to(torch.float64)

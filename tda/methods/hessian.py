@@ -26,6 +26,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from tda.artifacts import load_json, save_json
+from tda.memory import activation_numel
 from tda.models.base import per_example_loss
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,8 @@ class CurvatureOperator:
     `batch_matvec`: the mean over the given rows only, as LiSSA's mini-batches need)."""
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, curvature: str = "gn",
-                 batch_size: int = 1024, dtype: torch.dtype | None = None, device: torch.device | None = None):
+                 batch_size: int = 1024, dtype: torch.dtype | None = None, device: torch.device | None = None,
+                 memory_budget_mb: float | None = None):
         if curvature not in CURVATURES:
             raise ValueError(f"curvature={curvature!r} is not one of {CURVATURES}")
         model.eval()
@@ -111,6 +113,15 @@ class CurvatureOperator:
         self.x, self.y = x, y
         self.batch_size = int(batch_size)
         self.n_matvecs = 0  # columns × passes over the whole set, for the record
+        # columns multiplied at once: each holds a batch's activations (tangents and cotangents,
+        # ~4 copies) and a product vector; a block of 100 columns over 1,024 images of a
+        # ResNet-9 would need ~100 GB
+        self.max_columns = None
+        if memory_budget_mb is not None:
+            nbytes = torch.finfo(self.dtype).bits // 8
+            act = activation_numel(model, x[:1])
+            per_column = self.batch_size * act * nbytes * 4 + self.space.n_params * nbytes * 2
+            self.max_columns = max(1, int(memory_budget_mb * 2**20 // per_column))
 
     @property
     def n_params(self) -> int:
@@ -150,11 +161,16 @@ class CurvatureOperator:
                 jv = jvp(f, (self.params,), (t,))[1]
                 return vjp_fn(apply_output_hessian(o, jv, self.task))[0]
 
-        if V.shape[1] == 1:  # one column (Arnoldi, LiSSA per step): vmap's batching costs more than it saves
-            out = {k: v.unsqueeze(0) for k, v in product(self.space.unflat(V[:, 0])).items()}
-        else:
-            out = vmap(product)(vmap(self.space.unflat, in_dims=1)(V))  # dict of [k, *shape]
-        return torch.cat([out[k].reshape(V.shape[1], -1) for k in self.space.names], dim=1).T
+        step = self.max_columns or V.shape[1]
+        parts = []
+        for c in range(0, V.shape[1], step):
+            W = V[:, c:c + step]
+            if W.shape[1] == 1:  # one column (Arnoldi, LiSSA per step): vmap's batching costs more than it saves
+                out = {k: v.unsqueeze(0) for k, v in product(self.space.unflat(W[:, 0])).items()}
+            else:
+                out = vmap(product)(vmap(self.space.unflat, in_dims=1)(W))  # dict of [k, *shape]
+            parts.append(torch.cat([out[k].reshape(W.shape[1], -1) for k in self.space.names], dim=1).T)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def batch_matvec(self, idx: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         """Mean over the rows `idx` of the per-example curvature, times V [n_params, k]."""

@@ -43,7 +43,8 @@ class IFCorrected(CG):
     def scores(self, problem: AttributionProblem) -> torch.Tensor:
         model, dtype, g_test, g_lo, lam = self._setup(problem, self.dtype, self.chunk_size, self.damping_multiple)
         op = CurvatureOperator(model, problem.x_train, problem.y_train, problem.task, self.curvature,
-                               self.batch_size, dtype, problem.device)
+                               self.batch_size, dtype, problem.device,
+                               problem.memory_budget_mb)
         gbar = mean_grad(model, problem.x_train, problem.y_train, problem.task, self.batch_size, dtype)
         B = torch.cat([g_test.T, gbar[:, None]], dim=1).to(op.device, dtype)
         X, info = block_cg(op.matvec, B, lam, self.tol, self.maxiter)
