@@ -13,9 +13,10 @@ number of CG iterations (tol 0) per column, so every column follows the same ari
 the comparison is pure throughput. dattri (installed) is the peer for CG, Arnoldi and LiSSA,
 given the same absolute damping λ = multiple × λ₀ and one training batch (dattri sums the
 inverse-curvature products of its training batches, so one batch = the full-data IF).
-kronfluence was not installed: its only missing dependency that pip would add is
-torchvision, a CUDA-built wheel on PyPI that the project keeps out (README: torchvision is
-not used).
+kronfluence is the peer for EK-FAC and K-FAC. It declares torchvision, a CUDA-built wheel on
+PyPI that the project keeps out, but its library code never imports it, so the `baselines`
+extra does not list it: install it with `pip install --no-deps kronfluence` after
+`pip install -e ".[baselines]"` (which brings its other requirements).
 
 Problems (built by benchmarks/methods.py): `folktables_sized` (30,085 rows, MLP 791-128-128-2,
 118,274 parameters, 100 test × 100 left-out) and `folktables_sized_3k` (its first 3,000 rows).
@@ -138,6 +139,52 @@ def _dattri(kind: str, rows: int = N_ROWS):
     return run
 
 
+def _kronfluence(strategy: str):
+    """kronfluence's EK-FAC / K-FAC at the same absolute damping λ = MULTIPLE × λ₀. Its factors
+    use the true Fisher by sampling one label per example from the model (`sample=True`), whose
+    expectation is the Gauss–Newton our factors compute exactly, so agreement is high but not 1."""
+    def run(p: AttributionProblem):
+        import copy
+        import tempfile
+
+        import torch.nn.functional as F  # noqa: N812
+        from kronfluence.analyzer import Analyzer, prepare_model
+        from kronfluence.arguments import FactorArguments, ScoreArguments
+        from kronfluence.task import Task
+        from torch.utils.data import TensorDataset
+
+        class ClassificationTask(Task):
+            def compute_train_loss(self, batch, model, sample=False):
+                x, y = batch
+                logits = model(x)
+                if sample:
+                    with torch.no_grad():
+                        y = torch.distributions.Categorical(logits=logits.detach()).sample()
+                return F.cross_entropy(logits, y, reduction="sum")
+
+            def compute_measurement(self, batch, model):
+                x, y = batch
+                return F.cross_entropy(model(x), y, reduction="sum")
+
+        torch.manual_seed(0)
+        lam = MULTIPLE * base_damping(p.model, p.x_train, p.y_train, p.task)
+        task = ClassificationTask()
+        model = prepare_model(copy.deepcopy(p.model).eval(), task)
+        train = TensorDataset(p.x_train, p.y_train)
+        with tempfile.TemporaryDirectory() as out:
+            analyzer = Analyzer("bench", model=model, task=task, cpu=True, disable_tqdm=True, output_dir=out)
+            analyzer.fit_all_factors("factors", dataset=train, per_device_batch_size=512,
+                                     factor_args=FactorArguments(strategy=strategy), overwrite_output_dir=True)
+            analyzer.compute_pairwise_scores("scores", "factors", query_dataset=TensorDataset(p.x_test, p.y_test),
+                                             train_dataset=train, per_device_query_batch_size=len(p.x_test),
+                                             per_device_train_batch_size=len(p.left_out_indices),
+                                             train_indices=p.left_out_indices.tolist(),
+                                             score_args=ScoreArguments(damping_factor=lam), overwrite_output_dir=True)
+            scores = analyzer.load_pairwise_scores("scores")["all_modules"]
+        return scores.double() / p.n_train  # [n_test, n_left_out]; ours carries the 1/n
+    return run
+
+
 def _cases():
     Case = _methods().Case  # noqa: N806
 
@@ -148,8 +195,10 @@ def _cases():
              {"dattri IFAttributorCG": _dattri("cg")}),
         Case(f"arnoldi[hessian λ={PEER_DAMPING}, {ARNOLDI_ITERS} it, top {ARNOLDI_K}, {N_ROWS} rows]",
              "folktables_sized_3k", _arnoldi, {"dattri IFAttributorArnoldi": _dattri("arnoldi")}),
-        Case("ekfac", "folktables_sized", lambda p: EKFAC(damping_multiple=MULTIPLE).scores(p), {}),
-        Case("kfac", "folktables_sized", lambda p: KFAC(damping_multiple=MULTIPLE).scores(p), {}),
+        Case("ekfac", "folktables_sized", lambda p: EKFAC(damping_multiple=MULTIPLE).scores(p),
+             {"kronfluence EK-FAC (sampled Fisher)": _kronfluence("ekfac")}),
+        Case("kfac", "folktables_sized", lambda p: KFAC(damping_multiple=MULTIPLE).scores(p),
+             {"kronfluence K-FAC (sampled Fisher)": _kronfluence("kfac")}),
         # ResNet-9 on CIFAR-10 images: curvature products over CNN_ROWS training images
         Case(f"arnoldi[hessian λ={PEER_DAMPING}, {ARNOLDI_ITERS} it, top {ARNOLDI_K}, {CNN_ROWS} rows]",
              "resnet9_cifar", _arnoldi_rows(CNN_ROWS), {"dattri IFAttributorArnoldi": _dattri("arnoldi", CNN_ROWS)}),
