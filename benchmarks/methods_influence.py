@@ -141,48 +141,12 @@ def _dattri(kind: str, rows: int = N_ROWS, lam: float = PEER_DAMPING):
 
 
 def _kronfluence(strategy: str):
-    """kronfluence's EK-FAC / K-FAC at the same absolute damping λ = MULTIPLE × λ₀. Its factors
-    use the true Fisher by sampling one label per example from the model (`sample=True`), whose
-    expectation is the Gauss–Newton our factors compute exactly, so agreement is high but not 1."""
+    """kronfluence's EK-FAC / K-FAC (`tda.peers`) at the same absolute damping λ = MULTIPLE × λ₀."""
     def run(p: AttributionProblem):
-        import copy
-        import tempfile
-
-        import torch.nn.functional as F  # noqa: N812
-        from kronfluence.analyzer import Analyzer, prepare_model
-        from kronfluence.arguments import FactorArguments, ScoreArguments
-        from kronfluence.task import Task
-        from torch.utils.data import TensorDataset
-
-        class ClassificationTask(Task):
-            def compute_train_loss(self, batch, model, sample=False):
-                x, y = batch
-                logits = model(x)
-                if sample:
-                    with torch.no_grad():
-                        y = torch.distributions.Categorical(logits=logits.detach()).sample()
-                return F.cross_entropy(logits, y, reduction="sum")
-
-            def compute_measurement(self, batch, model):
-                x, y = batch
-                return F.cross_entropy(model(x), y, reduction="sum")
+        from tda.peers import kronfluence_scores
 
         torch.manual_seed(0)
-        lam = MULTIPLE * base_damping(p.model, p.x_train, p.y_train, p.task)
-        task = ClassificationTask()
-        model = prepare_model(copy.deepcopy(p.model).eval(), task)
-        train = TensorDataset(p.x_train, p.y_train)
-        with tempfile.TemporaryDirectory() as out:
-            analyzer = Analyzer("bench", model=model, task=task, cpu=True, disable_tqdm=True, output_dir=out)
-            analyzer.fit_all_factors("factors", dataset=train, per_device_batch_size=512,
-                                     factor_args=FactorArguments(strategy=strategy), overwrite_output_dir=True)
-            analyzer.compute_pairwise_scores("scores", "factors", query_dataset=TensorDataset(p.x_test, p.y_test),
-                                             train_dataset=train, per_device_query_batch_size=len(p.x_test),
-                                             per_device_train_batch_size=len(p.left_out_indices),
-                                             train_indices=p.left_out_indices.tolist(),
-                                             score_args=ScoreArguments(damping_factor=lam), overwrite_output_dir=True)
-            scores = analyzer.load_pairwise_scores("scores")["all_modules"]
-        return scores.double() / p.n_train  # [n_test, n_left_out]; ours carries the 1/n
+        return kronfluence_scores(p, strategy, MULTIPLE * base_damping(p.model, p.x_train, p.y_train, p.task))
     return run
 
 
