@@ -369,7 +369,12 @@ def run_child(case_index: int, which: str, cache: Path, budget_mb: float, timeou
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f}s"}
     if proc.returncode != 0 or not out.is_file():
-        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1] if (proc.stderr or proc.stdout) else "failed"}
+        # the exception's line, not a progress bar's last redraw
+        lines = [ln for ln in (proc.stderr or proc.stdout or "").replace("\r", "\n").splitlines() if ln.strip()]
+        errors = [ln for ln in lines if "Error" in ln or "Killed" in ln]
+        if proc.returncode < 0 and not errors:  # killed by a signal (SIGKILL: the kernel's out-of-memory killer)
+            return {"error": f"killed by signal {-proc.returncode} after {lines[-1].strip() if lines else 'no output'!r}"}
+        return {"error": (errors or lines or [f"failed with exit status {proc.returncode}"])[-1].strip()}
     with safe_open(str(out), "pt") as f:
         meta = _json.loads(f.metadata()["json"])
         meta["scores"] = f.get_tensor("scores")
