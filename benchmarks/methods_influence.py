@@ -25,7 +25,8 @@ iterative solvers (100 right-hand sides × tens of full-data curvature products,
 ~1 TFLOP on this model) run on the 3k problem on a 2-core CPU. `resnet9_cifar` (ResNet-9 at
 width 0.25 on the 4,000 local CIFAR-10 training images, batch norm in eval mode) runs Arnoldi
 against dattri's on its first CNN_ROWS images, block CG against one-at-a-time CG on its first
-CNN_CG_ROWS (100 of them left out, so that both variants solve the test side), and EK-FAC / K-FAC on all 4,000.
+CNN_CG_ROWS (100 of them left out, so that both variants solve the test side), and EK-FAC /
+K-FAC on all 4,000.
 """
 
 from __future__ import annotations
