@@ -1,7 +1,9 @@
 """The image run of docs/results.md: ResNet-9 on the 5,000 local CIFAR-10 images, every stage,
 on one lent GPU inside a fixed time budget.
 
-    TDA_DATA_DIR=../shared/data python docs/results/cifar10_gpu.py --budget 520 --out results_dir
+    TDA_DATA_DIR=../shared/data python docs/results/cifar10_gpu.py --budget 500 --out results_dir
+    # complete an earlier run (no probes; only some methods):
+    TDA_DATA_DIR=../shared/data python docs/results/cifar10_gpu.py --budget 120 --n-seeds 5 --methods arnoldi
 
 It runs the same stage functions as `train.py`, `attribute.py` and `evaluate.py` (composed
 from the same overrides, printed as the equivalent commands) in one process, so that imports
