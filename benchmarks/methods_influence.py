@@ -188,6 +188,44 @@ class _LazyCases(list):
 CASES = _LazyCases()
 
 
+def hessian_product_modes(cache: Path, reps: int = 20, rounds: int = 5) -> dict:
+    """One-column Hessian-vector products over N_ROWS rows of folktables_sized_3k, timed side by
+    side (alternating, best of `rounds`): `CurvatureOperator.matvec` (reverse over reverse, no
+    vmap for one column) against forward over reverse (`jvp` of `grad`) under `vmap`, the
+    operator's previous form. Returns ms per product, the ratio and the largest difference."""
+    import time
+
+    from torch.func import functional_call, grad, jvp, vmap
+
+    from tda.methods.hessian import CurvatureOperator
+    from tda.models.base import per_example_loss
+
+    p = _methods().load_problem("folktables_sized_3k", cache, 2048.0)
+    x, y = p.x_train[:N_ROWS], p.y_train[:N_ROWS]
+    op = CurvatureOperator(p.model, x, y, p.task, "hessian", N_ROWS)
+    v = torch.randn(op.n_params, 1, generator=torch.Generator().manual_seed(0))
+
+    def loss_sum(params):
+        return per_example_loss(functional_call(op.model, (params, op.const), (x,)), y, p.task).sum()
+
+    def fwd_over_rev(V):
+        out = vmap(lambda t: jvp(grad(loss_sum), (op.params,), (t,))[1])(vmap(op.space.unflat, in_dims=1)(V))
+        return torch.cat([out[k].reshape(V.shape[1], -1) for k in op.space.names], dim=1).T / len(x)
+
+    modes = {"reverse_over_reverse": lambda: op.matvec(v), "forward_over_reverse_vmap": lambda: fwd_over_rev(v)}
+    best = {k: float("inf") for k in modes}
+    for _ in range(rounds):
+        for k, f in modes.items():
+            f()
+            t = time.perf_counter()
+            for _ in range(reps):
+                f()
+            best[k] = min(best[k], (time.perf_counter() - t) / reps * 1e3)
+    diff = float((op.matvec(v) - fwd_over_rev(v)).abs().max())
+    return {"ms_per_product": best, "speedup": best["forward_over_reverse_vmap"] / best["reverse_over_reverse"],
+            "max_abs_diff": diff, "threads": torch.get_num_threads()}
+
+
 if __name__ == "__main__":
     import argparse
 
@@ -200,6 +238,13 @@ if __name__ == "__main__":
     ap.add_argument("--timeout", type=float, default=1800.0)
     ap.add_argument("--cache", default="/tmp/tda_bench_methods_influence",
                     help="problem cache and scratch (own directory, so it can run next to methods.py)")
+    ap.add_argument("--hessian-modes", action="store_true",
+                    help="only time one-column Hessian products, reverse vs forward over reverse")
     a = ap.parse_args()
+    if a.hessian_modes:
+        import json
+
+        print(json.dumps(hessian_product_modes(Path(a.cache)), indent=1))
+        raise SystemExit
     argv = ["--problems", a.problems, "--cases", a.cases, "--timeout", str(a.timeout), "--cache", a.cache]
     methods.main(argv + (["--out", str(a.out)] if a.out else []))

@@ -6,7 +6,6 @@ of the gold standard and optional cross-checks against dattri / traker."""
 from __future__ import annotations
 
 import itertools
-import math
 
 import pytest
 import torch
@@ -19,14 +18,13 @@ from tda.methods.base import AttributionProblem
 from tda.methods.datainf import DataInf
 from tda.methods.grad_dot import GradCos, GradDot
 from tda.methods.grad_dot_adam import GradDotAdam, adam_second_moment
-from tda.methods.gradients import (DenseGrads, FactoredGrads, ParamLayout, compute_grads, iter_grad_chunks,
+from tda.methods.gradients import (DenseGrads, ParamLayout, compute_grads, iter_grad_chunks,
                                    linear_factors, loss_target, margin_target, per_example_grads,
-                                   per_example_target_grads, tensor_kernels, tensor_moments, tensor_sq_norms)
+                                   tensor_kernels, tensor_moments, tensor_sq_norms)
 from tda.methods.trak import TRAK, projection_matrix
 from tda.models.base import per_example_loss
 from tda.models.cnn import SmallCNN
 from tda.models.mlp import MLP
-from tda.runs import RunDir
 from tda.stages import attribute, train
 
 torch.set_default_dtype(torch.float32)
@@ -351,7 +349,7 @@ def test_every_first_order_method_through_the_pipeline(tiny):
 @pytest.mark.baselines
 @pytest.mark.slow
 def test_grad_dot_and_datainf_agree_with_dattri():
-    dattri = pytest.importorskip("dattri")
+    pytest.importorskip("dattri")
     from dattri.algorithm.influence_function import IFAttributorDataInf
     from dattri.algorithm.tracin import TracInAttributor
     from dattri.task import AttributionTask

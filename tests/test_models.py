@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from tda.methods.gradients import per_example_grads
 from tda.models.base import compute_features, per_example_loss

@@ -7,7 +7,6 @@ import torch
 
 from conftest import compose_config
 from tda.artifacts import load_json, load_tensors
-from tda.runs import RunDir
 from tda.stages import attribute, evaluate, train
 
 

@@ -185,7 +185,7 @@ def _examples(cfg: DictConfig, gold: GoldStandard, scores: dict[str, torch.Tenso
     overlap = {name: top_k_overlap(target, s, k) for name, s in scores.items()}
     data = build(cfg.dataset)
     x_name, xs = gold.checkpoint_axis()
-    lines = [f"# Most helpful and harmful left-out instances", "",
+    lines = ["# Most helpful and harmful left-out instances", "",
              f"Gold standard at {x_name} {xs[t]:g} ({'centred' if centered else 'not centred'}), top {k} of "
              f"{len(left_out)} left-out instances. A method *agrees* on an instance when it also ranks it in its own "
              f"top {k} (helpful) or bottom {k} (harmful). Mean top-{k} overlap with the gold standard over all "

@@ -23,7 +23,7 @@ import logging
 import torch
 
 from tda.methods.base import AttributionProblem, Method
-from tda.methods.hessian import CurvatureOperator, InfluenceMethod, Matvec
+from tda.methods.hessian import InfluenceMethod, Matvec
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +74,7 @@ class Arnoldi(InfluenceMethod, Method):
 
     def scores(self, problem: AttributionProblem) -> torch.Tensor:
         model, dtype, g_test, g_lo, lam = self._setup(problem, self.dtype, self.chunk_size, self.damping_multiple)
-        op = CurvatureOperator(model, problem.x_train, problem.y_train, problem.task, self.curvature,
-                               self.batch_size, dtype, problem.device,
-                               problem.memory_budget_mb)
+        op = self._operator(problem, model, dtype)
         gen = torch.Generator().manual_seed(int(self.seed))
         mu, U = arnoldi_eigs(op.matvec, op.n_params, self.n_iters, self.top_k, gen, dtype, op.device)
         if (mu + lam <= 0).any():

@@ -15,7 +15,7 @@ import logging
 import torch
 
 from tda.methods.base import AttributionProblem, Method
-from tda.methods.hessian import CurvatureOperator, InfluenceMethod, Matvec, scores_from_solution
+from tda.methods.hessian import InfluenceMethod, Matvec, scores_from_solution
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,7 @@ class CG(InfluenceMethod, Method):
 
     def scores(self, problem: AttributionProblem) -> torch.Tensor:
         model, dtype, g_test, g_lo, lam = self._setup(problem, self.dtype, self.chunk_size, self.damping_multiple)
-        op = CurvatureOperator(model, problem.x_train, problem.y_train, problem.task, self.curvature,
-                               self.batch_size, dtype, problem.device,
-                               problem.memory_budget_mb)
+        op = self._operator(problem, model, dtype)
         solve, other, transposed = self.solve_side(g_test, g_lo)
         B = solve.T.contiguous()
         if self.block:

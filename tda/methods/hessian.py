@@ -146,7 +146,7 @@ class CurvatureOperator:
 
             # reverse over reverse: the gradient's graph is built once per batch and every
             # column is one backward pass through it (H is symmetric, so tᵀH = (Ht)ᵀ); faster on
-            # CPU than forward over reverse (benchmarks/methods_influence.py)
+            # CPU than forward over reverse (benchmarks/methods_influence.py --hessian-modes)
             _, vjp_grad = vjp(grad(loss_sum), self.params)
 
             def product(t):
@@ -307,9 +307,18 @@ class InfluenceMethod:
         dtype = resolve_dtype(dtype_name) or next(model.parameters()).dtype
         g_test = flat_grads(model, problem.x_test, problem.y_test, problem.task, chunk_size, dtype)
         g_lo = flat_grads(model, problem.x_left_out, problem.y_left_out, problem.task, chunk_size, dtype)
+        return model, dtype, g_test, g_lo, self._damping(problem, model, chunk_size, damping_multiple)
+
+    def _damping(self, problem, model: nn.Module, chunk_size: int, damping_multiple: float) -> float:
+        """λ = damping_multiple × λ₀ (both recorded)."""
         lam0 = base_damping(model, problem.x_train, problem.y_train, problem.task, chunk_size, problem.cache_dir)
-        lam = resolve_damping(damping_multiple, lam0, self.record)
-        return model, dtype, g_test, g_lo, lam
+        return resolve_damping(damping_multiple, lam0, self.record)
+
+    def _operator(self, problem, model: nn.Module, dtype: torch.dtype) -> "CurvatureOperator":
+        """The method's curvature (`self.curvature`, batches of `self.batch_size` training rows)
+        of the mean training loss, its column blocks bounded by the memory budget."""
+        return CurvatureOperator(model, problem.x_train, problem.y_train, problem.task, self.curvature,
+                                 self.batch_size, dtype, problem.device, problem.memory_budget_mb)
 
     @staticmethod
     def solve_side(g_test: torch.Tensor, g_lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:

@@ -34,7 +34,7 @@ import torch
 
 from tda.methods.base import AttributionProblem
 from tda.methods.cg import CG, block_cg
-from tda.methods.hessian import CurvatureOperator, mean_grad
+from tda.methods.hessian import mean_grad
 
 
 class IFCorrected(CG):
@@ -42,9 +42,7 @@ class IFCorrected(CG):
 
     def scores(self, problem: AttributionProblem) -> torch.Tensor:
         model, dtype, g_test, g_lo, lam = self._setup(problem, self.dtype, self.chunk_size, self.damping_multiple)
-        op = CurvatureOperator(model, problem.x_train, problem.y_train, problem.task, self.curvature,
-                               self.batch_size, dtype, problem.device,
-                               problem.memory_budget_mb)
+        op = self._operator(problem, model, dtype)
         gbar = mean_grad(model, problem.x_train, problem.y_train, problem.task, self.batch_size, dtype)
         B = torch.cat([g_test.T, gbar[:, None]], dim=1).to(op.device, dtype)
         X, info = block_cg(op.matvec, B, lam, self.tol, self.maxiter)

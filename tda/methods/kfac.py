@@ -36,8 +36,7 @@ from torch.func import functional_call, grad, vmap
 from tda.artifacts import load_tensors, save_tensors
 from tda.methods.base import AttributionProblem, Method
 from tda.methods.gradients import FactoredGrads, NotFactorable, compute_grads, loss_target
-from tda.methods.hessian import (InfluenceMethod, ParamSpace, base_damping, model_fingerprint, output_hessian_sqrt,
-                                 resolve_damping)
+from tda.methods.hessian import InfluenceMethod, ParamSpace, model_fingerprint, output_hessian_sqrt
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +139,8 @@ def compute_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: st
                 fn(l, l.patches(inputs[l.name]), torch.stack(deltas[l.name], dim=1))
 
     def accumulate(l, a, d):
-        # each batch's products in the model's dtype (float32 GEMMs run twice as fast as float64
-        # on CPU), summed over batches in float64
+        # each batch's products in the model's dtype (float32 GEMMs are the faster kind on CPU),
+        # summed over batches in float64
         A[l.name] += torch.einsum("bti,btj->ij", a, a).double() / a.shape[1]
         S[l.name] += torch.einsum("bcti,bctj->ij", d, d).double()
 
@@ -300,8 +299,7 @@ class EKFAC(InfluenceMethod, Method):
         layers, others = find_layers(model, ParamSpace(model))
         self.record.update({"kind": self.kind, "diagonal_params": others})
         if self.dtype is None and (grads := _factored_grads(problem, model, layers, others)) is not None:
-            lam0 = base_damping(model, problem.x_train, problem.y_train, problem.task, self.chunk_size, problem.cache_dir)
-            lam = resolve_damping(self.damping_multiple, lam0, self.record)
+            lam = self._damping(problem, model, self.chunk_size, self.damping_multiple)
             factors = load_or_compute_factors(problem, model, self.kind, self.batch_size, self.record)
             self.record["factored_scores"] = True
             return factored_scores(layers, factors, self.kind, *grads, lam) / problem.n_train

@@ -81,9 +81,7 @@ class LiSSA(InfluenceMethod, Method):
 
     def scores(self, problem: AttributionProblem) -> torch.Tensor:
         model, dtype, g_test, g_lo, lam = self._setup(problem, self.dtype, self.chunk_size, self.damping_multiple)
-        op = CurvatureOperator(model, problem.x_train, problem.y_train, problem.task, self.curvature,
-                               self.batch_size, dtype, problem.device,
-                               problem.memory_budget_mb)
+        op = self._operator(problem, model, dtype)
         solve, other, transposed = self.solve_side(g_test, g_lo)
         G = solve.T.contiguous()
         candidates = self.scales if self.scale == "auto" else [float(self.scale)]
