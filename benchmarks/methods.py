@@ -414,7 +414,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if not case.baselines:
             row = {"method": case.method, "problem": case.problem, "seconds": round(mine["seconds"], 4),
                    "peak_mb": round(mine["peak_mb"], 1), "baseline": None, "baseline_seconds": None,
-                   "baseline_peak_mb": None, "speedup": None, "agreement": None, "note": "no baseline run"}
+                   "baseline_peak_mb": None, "speedup": None, "agreement": None,
+                   "note": "; ".join(n for n in (mine["note"], "no baseline run") if n)}
             rows.append(row)
             print(json.dumps(row), flush=True)
         for name in case.baselines:
@@ -429,7 +430,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 ours_s = mine["scores"] if rows_b is None else mine["scores"][rows_b]
                 row.update(baseline_seconds=round(base["seconds"], 4), baseline_peak_mb=round(base["peak_mb"], 1),
                            speedup=round(base["seconds"] / max(mine["seconds"], 1e-9), 2),
-                           agreement=round(agreement(ours_s, base["scores"]), 6), note=base["note"])
+                           agreement=round(agreement(ours_s, base["scores"]), 6),
+                           note="; ".join(n for n in (mine["note"], base["note"]) if n))
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.out:

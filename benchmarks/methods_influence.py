@@ -1,18 +1,20 @@
 """Benchmark of the influence-function methods (issue 5), in the rows of benchmarks/methods.py.
 
     python benchmarks/methods_influence.py [--out rows.json] [--problems folktables_sized_3k,folktables_sized]
-                                           [--cases cg,arnoldi,ekfac,kfac,lissa]
+                                           [--cases cg,arnoldi,lissa_h,ekfac,kfac]
 
 `benchmarks/methods.py` imports `CASES` from here and runs them with its own cases; run this
 file alone to measure only these (same subprocess isolation, same row format:
 {method, problem, seconds, peak_mb, baseline, baseline_seconds, baseline_peak_mb, speedup,
 agreement, note}).
 
-Equal work, so equal agreement: block CG and the one-at-a-time reference run the same fixed
-number of CG iterations (tol 0) per column, so every column follows the same arithmetic and
-the comparison is pure throughput. dattri (installed) is the peer for CG, Arnoldi and LiSSA,
-given the same absolute damping λ = multiple × λ₀ and one training batch (dattri sums the
-inverse-curvature products of its training batches, so one batch = the full-data IF).
+Equal agreement: block CG and the one-at-a-time reference both run to the same relative
+residual (CG_TOL) for every column, so the row compares the work each needs to get there (the
+block's columns share their Krylov space and need fewer products; `note` gives both counts).
+dattri (installed) is the peer for CG, Arnoldi and LiSSA, given the same absolute damping
+λ = PEER_DAMPING and one training batch (dattri sums the inverse-curvature products of its
+training batches, so one batch = the full-data IF); its CG has no stopping rule, so it runs the
+iterations one-column CG needs for CG_TOL (DATTRI_CG_ITERS).
 kronfluence is the peer for EK-FAC and K-FAC. It declares torchvision, a CUDA-built wheel on
 PyPI that the project keeps out, but its library code never imports it, so the `baselines`
 extra does not list it: install it with `pip install --no-deps kronfluence` after
@@ -20,13 +22,18 @@ extra does not list it: install it with `pip install --no-deps kronfluence` afte
 
 Problems (built by benchmarks/methods.py): `folktables_sized` (30,085 rows, MLP 791-128-128-2,
 118,274 parameters, 100 test × 100 left-out) and `folktables_sized_3k` (its first 3,000 rows).
-The full problem runs the methods whose cost is a few passes over the data (EK-FAC, K-FAC);
-iterative solvers (100 right-hand sides × tens of full-data curvature products, each
-~1 TFLOP on this model) run on the 3k problem on a 2-core CPU. `resnet9_cifar` (ResNet-9 at
-width 0.25 on the 4,000 local CIFAR-10 training images, batch norm in eval mode) runs Arnoldi
-against dattri's on its first CNN_ROWS images, block CG against one-at-a-time CG on its first
+The full problem runs EK-FAC, K-FAC and block CG at the paper's damping; the damping sweep of
+CG and the peer comparisons with dattri (whose products over 30,085 rows for 100 vmapped
+columns would need tens of GB) run on the 3k problem. `resnet9_cifar` (ResNet-9 at width 0.25
+on the 4,000 local CIFAR-10 training images, batch norm in eval mode) runs Arnoldi against
+dattri's on its first CNN_ROWS images, block CG against one-at-a-time CG on its first
 CNN_CG_ROWS (100 of them left out, so that both variants solve the test side), and EK-FAC /
 K-FAC on all 4,000.
+
+    python benchmarks/methods_influence.py --products
+
+times the curvature products alone: the MLP's hand-written path against `torch.func`, one
+column against a block of 100 (benchmarks/results/curvature_products.json).
 """
 
 from __future__ import annotations
@@ -45,15 +52,20 @@ from tda.methods.base import AttributionProblem  # noqa: E402
 from tda.methods.cg import CG  # noqa: E402
 from tda.methods.hessian import base_damping  # noqa: E402
 from tda.methods.kfac import EKFAC, KFAC  # noqa: E402
+from tda.methods.lissa import LiSSAH  # noqa: E402
 
 MULTIPLE = 100.0  # the paper's reported damping, 100·λ₀ (Gauss–Newton cases)
 PEER_DAMPING = 0.5  # absolute λ for the true-Hessian comparisons with dattri (λ = 0.1 leaves H + λI indefinite here)
 CNN_PEER_DAMPING = 30.0  # ... on the ResNet-9 (its Hessian's most negative Ritz value is about −22)
-N_ROWS = 300  # training rows of the iterative-solver problems (see the module docstring)
+N_ROWS = 3000  # training rows of the peer comparisons with dattri (see the module docstring)
 CNN_ROWS = 256  # training images of the ResNet-9 Arnoldi case
 CNN_CG_ROWS = 128  # ... and of its CG case (100 columns × 10 products over these images; 100 of them left out)
-CG_ITERS = 10
+CG_TOL, CG_MAXITER, CG_BATCH = 1e-5, 500, 4096  # float32 models: 1e-5 is well above the round-off floor
+CG_SWEEP = (10.0, 1.0, 0.1)  # further damping multiples, on the 3k problem
+DATTRI_CG_ITERS = 5  # what one-column CG needs for CG_TOL on the 3k problem at λ = PEER_DAMPING (all 100 columns)
+CNN_CG_TOL = 1e-4
 ARNOLDI_ITERS, ARNOLDI_K = 30, 20
+LISSA_DEPTH, LISSA_BATCH, LISSA_SCALE = 100, 128, 10.0  # the scale `auto` picks at PEER_DAMPING; dattri takes a fixed one
 
 
 def _methods():
@@ -79,19 +91,37 @@ def _multiple_for(p: AttributionProblem, lam: float) -> float:
     return lam / base_damping(p.model, p.x_train, p.y_train, p.task)
 
 
-def _cg(block: bool, curvature: str = "gn", n_test: int | None = None, rows: int = N_ROWS):
+def _cg(block: bool, multiple: float = MULTIPLE, curvature: str = "gn", n_test: int | None = None,
+        rows: int | None = None, tol: float = CG_TOL):
+    """CG to tolerance `tol` (equal agreement: every column meets the same residual bound), at
+    damping `multiple` × λ₀ (Gauss–Newton) or PEER_DAMPING (true Hessian); on the problem's
+    first `rows` training rows (None: all of them, with the problem's own left-out set)."""
     def run(p: AttributionProblem):
         Result = _methods().Result  # noqa: N806
 
-        q = _slice(p, n_test, rows)
-        multiple = MULTIPLE if curvature == "gn" else _multiple_for(q, PEER_DAMPING)
-        s = CG(curvature=curvature, damping_multiple=multiple, tol=0.0, maxiter=CG_ITERS, block=block,
-               batch_size=rows).scores(q)
+        if rows is None:
+            k = len(p.x_test) if n_test is None else n_test
+            q = AttributionProblem(**{**p.__dict__, "x_test": p.x_test[:k], "y_test": p.y_test[:k],
+                                      "test_indices": p.test_indices[:k]})
+        else:
+            q = _slice(p, n_test, rows)
+        multiple_ = _multiple_for(q, PEER_DAMPING) if curvature == "hessian" else multiple
+        m = CG(curvature=curvature, damping_multiple=multiple_, tol=tol, maxiter=CG_MAXITER, block=block,
+               batch_size=min(CG_BATCH, len(q.x_train)))
+        s = m.scores(q)
+        info = m.record["cg"]
+        work = (f"{'block' if block else 'one at a time'}: {info['max_iterations']} iterations at most, "
+                f"{m.record['curvature_products']} column products, {info['converged']}/{info['n_columns']} "
+                f"converged")
         if n_test is None:
-            return s
+            return Result(s, note=work)
         return Result(s, list(range(n_test)), len(p.x_test) / n_test,
-                      f"one at a time on {n_test} of {len(p.x_test)} test instances, time extrapolated linearly")
+                      f"{work}; on {n_test} of {len(p.x_test)} test instances, time extrapolated linearly")
     return run
+
+
+def _cnn_cg(block: bool, n_test: int | None = None):
+    return _cg(block, n_test=n_test, rows=CNN_CG_ROWS, tol=CNN_CG_TOL)
 
 
 def _arnoldi_rows(rows: int, lam: float = PEER_DAMPING):
@@ -105,14 +135,20 @@ def _arnoldi_rows(rows: int, lam: float = PEER_DAMPING):
 _arnoldi = _arnoldi_rows(N_ROWS)
 
 
+def _lissa_h(p: AttributionProblem):
+    q = _slice(p)
+    return LiSSAH(damping_multiple=_multiple_for(q, PEER_DAMPING), depth=LISSA_DEPTH, batch_size=LISSA_BATCH,
+                  scale=LISSA_SCALE).scores(q)
+
+
 def _dattri_task(p: AttributionProblem):
     from dattri.task import AttributionTask
 
     model = p.model
 
     def loss(params, data):  # the mean loss of a batch: one batch = the curvature of the mean training loss
-        xb, yb = data
-        return torch.nn.functional.cross_entropy(torch.func.functional_call(model, params, xb), yb)
+        xb, yb = data  # dattri's LiSSA casts every data tensor to float, the labels too
+        return torch.nn.functional.cross_entropy(torch.func.functional_call(model, params, xb), yb.long())
 
     return AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
 
@@ -129,9 +165,11 @@ def _dattri(kind: str, rows: int = N_ROWS, lam: float = PEER_DAMPING):
 
         q = _slice(p, rows=rows)
         task = _dattri_task(q)
-        if kind == "cg":
-            att = inf.IFAttributorCG(task=task, max_iter=CG_ITERS, tol=0.0, mode="rev-fwd",
-                                     regularization=lam)
+        if kind == "cg":  # dattri's CG has no stopping rule: it runs max_iter steps per column
+            att = inf.IFAttributorCG(task=task, max_iter=DATTRI_CG_ITERS, mode="rev-fwd", regularization=lam)
+        elif kind == "lissa":  # h ← v + (1 − d)h − Hh/s returns (H + d·s I)⁻¹v: d = λ/s gives our λ
+            att = inf.IFAttributorLiSSA(task=task, batch_size=LISSA_BATCH, recursion_depth=LISSA_DEPTH,
+                                        damping=lam / LISSA_SCALE, scaling=LISSA_SCALE, mode="rev-rev")
         else:
             att = inf.IFAttributorArnoldi(task=task, proj_dim=ARNOLDI_K, max_iter=ARNOLDI_ITERS,
                                           regularization=lam)
@@ -155,10 +193,14 @@ def _cases():
     Case = _methods().Case  # noqa: N806
 
     return [
-        Case(f"cg[gn, {CG_ITERS} it, block of 100, {N_ROWS} rows]", "folktables_sized_3k", _cg(True),
-             {"cg one test instance at a time": _cg(False, "gn", 10)}),
-        Case(f"cg[hessian λ={PEER_DAMPING}, {CG_ITERS} it, {N_ROWS} rows]", "folktables_sized_3k", _cg(True, "hessian"),
-             {"dattri IFAttributorCG": _dattri("cg")}),
+        # block CG against the same solver one column at a time, both to tolerance CG_TOL: on the
+        # full problem at the paper's damping, then the damping sweep on its first 3,000 rows
+        Case(f"cg[gn, {MULTIPLE:g}·λ₀, tol {CG_TOL:g}, block of 100]", "folktables_sized", _cg(True),
+             {"cg one test instance at a time": _cg(False, n_test=10)}),
+        *[Case(f"cg[gn, {m:g}·λ₀, tol {CG_TOL:g}, block of 100]", "folktables_sized_3k", _cg(True, m),
+               {"cg one test instance at a time": _cg(False, m, n_test=10)}) for m in CG_SWEEP],
+        Case(f"cg[hessian λ={PEER_DAMPING}, tol {CG_TOL:g}]", "folktables_sized_3k", _cg(True, curvature="hessian"),
+             {f"dattri IFAttributorCG ({DATTRI_CG_ITERS} it)": _dattri("cg")}),
         Case(f"arnoldi[hessian λ={PEER_DAMPING}, {ARNOLDI_ITERS} it, top {ARNOLDI_K}, {N_ROWS} rows]",
              "folktables_sized_3k", _arnoldi, {"dattri IFAttributorArnoldi": _dattri("arnoldi")}),
         Case("ekfac", "folktables_sized", lambda p: EKFAC(damping_multiple=MULTIPLE).scores(p),
@@ -169,10 +211,12 @@ def _cases():
         Case(f"arnoldi[hessian λ={CNN_PEER_DAMPING:g}, {ARNOLDI_ITERS} it, top {ARNOLDI_K}, {CNN_ROWS} rows]",
              "resnet9_cifar", _arnoldi_rows(CNN_ROWS, CNN_PEER_DAMPING),
              {"dattri IFAttributorArnoldi": _dattri("arnoldi", CNN_ROWS, CNN_PEER_DAMPING)}),
-        Case(f"cg[gn, {CG_ITERS} it, block of 100, {CNN_CG_ROWS} rows]", "resnet9_cifar", _cg(True, rows=CNN_CG_ROWS),
-             {"cg one test instance at a time": _cg(False, "gn", 10, rows=CNN_CG_ROWS)}),
+        Case(f"cg[gn, {MULTIPLE:g}·λ₀, tol {CNN_CG_TOL:g}, block of 100, {CNN_CG_ROWS} rows]", "resnet9_cifar",
+             _cnn_cg(True), {"cg one test instance at a time": _cnn_cg(False, 10)}),
         Case("ekfac[4,000 rows]", "resnet9_cifar", lambda p: EKFAC(damping_multiple=MULTIPLE).scores(p), {}),
         Case("kfac[4,000 rows]", "resnet9_cifar", lambda p: KFAC(damping_multiple=MULTIPLE).scores(p), {}),
+        Case(f"lissa_h[λ={PEER_DAMPING}, depth {LISSA_DEPTH}, batch {LISSA_BATCH}, scale {LISSA_SCALE:g}, {N_ROWS} rows]",
+             "folktables_sized_3k", _lissa_h, {"dattri IFAttributorLiSSA": _dattri("lissa")}),
     ]
 
 
@@ -188,11 +232,14 @@ class _LazyCases(list):
 CASES = _LazyCases()
 
 
-def hessian_product_modes(cache: Path, reps: int = 20, rounds: int = 5) -> dict:
-    """One-column Hessian-vector products over N_ROWS rows of folktables_sized_3k, timed side by
-    side (alternating, best of `rounds`): `CurvatureOperator.matvec` (reverse over reverse, no
-    vmap for one column) against forward over reverse (`jvp` of `grad`) under `vmap`, the
-    operator's previous form. Returns ms per product, the ratio and the largest difference."""
+def curvature_products(cache: Path, rows: int = 3000, reps: int = 3, rounds: int = 3) -> dict:
+    """Curvature products on the first `rows` rows of folktables_sized_3k, timed side by side
+    (alternating, best of `rounds`), in ms per column for one column and for a block of 100:
+    - `mlp_fast_path`: `CurvatureOperator` as built for the MLP (tda/methods/mlp_curvature.py);
+    - `torch_func`: the generic path (`fast_path=False`): reverse over reverse for the Hessian,
+      JVP then VJP for the Gauss–Newton, vmapped over the columns of a block;
+    - `forward_over_reverse_vmap` (Hessian): `jvp` of `grad` under vmap, the operator's first form.
+    Also the largest relative difference of each way from the fast path."""
     import time
 
     from torch.func import functional_call, grad, jvp, vmap
@@ -201,29 +248,38 @@ def hessian_product_modes(cache: Path, reps: int = 20, rounds: int = 5) -> dict:
     from tda.models.base import per_example_loss
 
     p = _methods().load_problem("folktables_sized_3k", cache, 2048.0)
-    x, y = p.x_train[:N_ROWS], p.y_train[:N_ROWS]
-    op = CurvatureOperator(p.model, x, y, p.task, "hessian", N_ROWS)
-    v = torch.randn(op.n_params, 1, generator=torch.Generator().manual_seed(0))
+    x, y = p.x_train[:rows], p.y_train[:rows]
+    out = {"rows": rows, "threads": torch.get_num_threads(), "dtype": str(next(p.model.parameters()).dtype)}
+    for curvature in ("gn", "hessian"):
+        fast = CurvatureOperator(p.model, x, y, p.task, curvature, rows)
+        generic = CurvatureOperator(p.model, x, y, p.task, curvature, rows, fast_path=False)
 
-    def loss_sum(params):
-        return per_example_loss(functional_call(op.model, (params, op.const), (x,)), y, p.task).sum()
+        def loss_sum(params):
+            return per_example_loss(functional_call(generic.model, (params, generic.const), (x,)), y, p.task).sum()
 
-    def fwd_over_rev(V):
-        out = vmap(lambda t: jvp(grad(loss_sum), (op.params,), (t,))[1])(vmap(op.space.unflat, in_dims=1)(V))
-        return torch.cat([out[k].reshape(V.shape[1], -1) for k in op.space.names], dim=1).T / len(x)
+        def fwd_over_rev(V):
+            o = vmap(lambda t: jvp(grad(loss_sum), (generic.params,), (t,))[1])(vmap(generic.space.unflat, in_dims=1)(V))
+            return torch.cat([o[k].reshape(V.shape[1], -1) for k in generic.space.names], dim=1).T / len(x)
 
-    modes = {"reverse_over_reverse": lambda: op.matvec(v), "forward_over_reverse_vmap": lambda: fwd_over_rev(v)}
-    best = {k: float("inf") for k in modes}
-    for _ in range(rounds):
-        for k, f in modes.items():
-            f()
-            t = time.perf_counter()
-            for _ in range(reps):
-                f()
-            best[k] = min(best[k], (time.perf_counter() - t) / reps * 1e3)
-    diff = float((op.matvec(v) - fwd_over_rev(v)).abs().max())
-    return {"ms_per_product": best, "speedup": best["forward_over_reverse_vmap"] / best["reverse_over_reverse"],
-            "max_abs_diff": diff, "threads": torch.get_num_threads()}
+        for k in (1, 100):
+            V = torch.randn(fast.n_params, k, generator=torch.Generator().manual_seed(0))
+            modes = {"mlp_fast_path": fast.matvec, "torch_func": generic.matvec}
+            if curvature == "hessian":
+                modes["forward_over_reverse_vmap"] = fwd_over_rev
+            best = {name: float("inf") for name in modes}
+            ref = fast.matvec(V)
+            diff = {name: float((f(V) - ref).norm() / ref.norm()) for name, f in modes.items()}
+            for _ in range(rounds):
+                for name, f in modes.items():
+                    t = time.perf_counter()
+                    for _ in range(reps):
+                        f(V)
+                    best[name] = min(best[name], (time.perf_counter() - t) / reps / k * 1e3)
+            out[f"{curvature}, {k} column{'s' if k > 1 else ''}"] = {
+                "ms_per_column": {n: round(v, 3) for n, v in best.items()},
+                "speedup_over_torch_func": round(best["torch_func"] / best["mlp_fast_path"], 2),
+                "relative_difference": diff}
+    return out
 
 
 if __name__ == "__main__":
@@ -234,17 +290,17 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--problems", default="folktables_sized_3k,folktables_sized")
-    ap.add_argument("--cases", default="cg,arnoldi,ekfac,kfac")
+    ap.add_argument("--cases", default="cg,arnoldi,lissa_h,ekfac,kfac")
     ap.add_argument("--timeout", type=float, default=1800.0)
     ap.add_argument("--cache", default="/tmp/tda_bench_methods_influence",
                     help="problem cache and scratch (own directory, so it can run next to methods.py)")
-    ap.add_argument("--hessian-modes", action="store_true",
-                    help="only time one-column Hessian products, reverse vs forward over reverse")
+    ap.add_argument("--products", action="store_true",
+                    help="only time the curvature products: MLP fast path vs torch.func, one column vs 100")
     a = ap.parse_args()
-    if a.hessian_modes:
+    if a.products:
         import json
 
-        print(json.dumps(hessian_product_modes(Path(a.cache)), indent=1))
+        print(json.dumps(curvature_products(Path(a.cache)), indent=1))
         raise SystemExit
     argv = ["--problems", a.problems, "--cases", a.cases, "--timeout", str(a.timeout), "--cache", a.cache]
     methods.main(argv + (["--out", str(a.out)] if a.out else []))

@@ -5,10 +5,15 @@ All vectors live in the flat parameter space of the trainable model: the concate
 its trainable parameters in `named_parameters` order, the same layout as
 :func:`tda.methods.gradients.per_example_grads`. Blocks of vectors are [n_params, k].
 
-- `hessian`: H V with H = ∇²(1/n Σᵢ loss(zᵢ, θ)), forward-over-reverse
-  (`jvp` of `grad`), vmapped over the k columns.
+- `hessian`: H V with H = ∇²(1/n Σᵢ loss(zᵢ, θ)), reverse over reverse (a VJP of `grad`),
+  vmapped over the k columns.
 - `gn`: the Gauss–Newton G V = 1/n Σᵢ Jᵢᵀ Λᵢ Jᵢ V with Jᵢ the Jacobian of the model output
   and Λᵢ the Hessian of the loss in the output: a JVP, the closed-form Λᵢ, then a VJP.
+
+Linear/ReLU stacks (the paper's MLP) take a hand-written path for both,
+:mod:`tda.methods.mlp_curvature` (one GEMM per layer for all k columns, a sparse first layer
+for one-hot rows; 2.3–4.4× faster, `benchmarks/methods_influence.py --products`);
+`fast_path=False` forces the `torch.func` path, which the tests compare it against.
 
 The model is used in eval mode (batch norm with running statistics, dropout off): the
 function being differentiated is the final model's, as attribution requires.
@@ -98,7 +103,7 @@ class CurvatureOperator:
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, curvature: str = "gn",
                  batch_size: int = 1024, dtype: torch.dtype | None = None, device: torch.device | None = None,
-                 memory_budget_mb: float | None = None):
+                 memory_budget_mb: float | None = None, fast_path: bool = True):
         if curvature not in CURVATURES:
             raise ValueError(f"curvature={curvature!r} is not one of {CURVATURES}")
         model.eval()
@@ -112,6 +117,11 @@ class CurvatureOperator:
         self.const = {**cast(self.space.frozen), **cast(self.space.buffers)}
         self.x, self.y = x, y
         self.batch_size = int(batch_size)
+        from tda.methods.mlp_curvature import MLPCurvature  # noqa: PLC0415 (it imports this module)
+
+        # Linear/ReLU stacks: hand-written block products, one GEMM per layer for all columns
+        self.fast = MLPCurvature.of(model, self.space.names, self.space.offsets(), task, curvature, self.dtype,
+                                    self.device) if fast_path else None
         self.n_matvecs = 0  # columns × passes over the whole set, for the record
         # columns multiplied at once: each holds a batch's activations (tangents and cotangents,
         # ~4 copies) and a product vector; a block of 100 columns over 1,024 images of a
@@ -137,16 +147,21 @@ class CurvatureOperator:
         y = y.to(self.dtype) if y.is_floating_point() else y
         return x, y
 
-    def _batch_sum(self, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-        """Σ over the rows of the per-example curvature times V: [n_params, k]."""
+    def _batch_sum(self, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor, key: int | None = None) -> torch.Tensor:
+        """Σ over the rows of the per-example curvature times V: [n_params, k]. `key`: the
+        batch's start row in a full pass (the fast path keeps its forward pass)."""
         x, y = self._prep(x, y)
+        step = self.max_columns or V.shape[1]
+        if self.fast is not None:
+            parts = [self.fast.batch_sum(x, y, V[:, c:c + step], key) for c in range(0, V.shape[1], step)]
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         if self.curvature == "hessian":
             def loss_sum(p):
                 return per_example_loss(self._fwd(p, x), y, self.task).sum()
 
             # reverse over reverse: the gradient's graph is built once per batch and every
-            # column is one backward pass through it (H is symmetric, so tᵀH = (Ht)ᵀ); faster on
-            # CPU than forward over reverse (benchmarks/methods_influence.py --hessian-modes)
+            # column is one backward pass through it (H is symmetric, so tᵀH = (Ht)ᵀ); for one
+            # column on CPU faster than forward over reverse (methods_influence.py --products)
             _, vjp_grad = vjp(grad(loss_sum), self.params)
 
             def product(t):
@@ -161,7 +176,6 @@ class CurvatureOperator:
                 jv = jvp(f, (self.params,), (t,))[1]
                 return vjp_fn(apply_output_hessian(o, jv, self.task))[0]
 
-        step = self.max_columns or V.shape[1]
         parts = []
         for c in range(0, V.shape[1], step):
             W = V[:, c:c + step]
@@ -180,12 +194,13 @@ class CurvatureOperator:
         """Curvature of the mean loss over all rows, times V [n_params, k]."""
         squeeze = V.dim() == 1
         V = V.reshape(len(V), -1).to(self.device, self.dtype)
-        out = torch.zeros_like(V)
+        out = None
         n = len(self.x)
         for i in range(0, n, self.batch_size):
-            out += self._batch_sum(self.x[i:i + self.batch_size], self.y[i:i + self.batch_size], V)
+            part = self._batch_sum(self.x[i:i + self.batch_size], self.y[i:i + self.batch_size], V, key=i)
+            out = part if out is None else out.add_(part)
         self.n_matvecs += V.shape[1]
-        out /= n
+        out.div_(n)
         return out.squeeze(1) if squeeze else out
 
     def per_example_matvec(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

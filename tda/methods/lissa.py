@@ -49,7 +49,7 @@ def lissa_solve(op: CurvatureOperator, G: torch.Tensor, damping: float, scale: f
                 Ch = op.matvec(h)
             else:
                 Ch = op.batch_matvec(torch.randint(n, (batch_size,), generator=generator), h)
-            h = G + h - (Ch + damping * h) / scale
+            h.mul_(1 - damping / scale).add_(G).add_(Ch, alpha=-1 / scale)  # G + h − (C_b + λI)h/s, in place
             if t % check_every == 0 or t == depth:
                 norms = h.norm(dim=0)
                 bad = ~torch.isfinite(norms) | (norms > bound)
