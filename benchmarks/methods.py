@@ -1,7 +1,7 @@
 """Benchmark of the attribution methods against their reference formulations and public peers.
 
     python benchmarks/methods.py [--problems folktables_sized,folktables_sized_3k] [--cases grad_dot,datainf]
-                                 [--out rows.json] [--budget-mb 2048]
+                                 [--out rows.json] [--budget-mb 2048] [--device cpu]
 
 Every measurement runs in a fresh subprocess (so peak memory — the increase of resident memory
 over the process's state after loading the problem, `tda.memory.PeakMemory` — is not polluted
@@ -340,15 +340,18 @@ def _build_cases() -> list[Case]:
 
 
 # ----------------------------------------------------------------------------------- running
-def measure(case_index: int, which: str, cache: Path, budget_mb: float, out: Path) -> None:
+def measure(case_index: int, which: str, cache: Path, budget_mb: float, out: Path, device: str = "cpu") -> None:
     """Child process: run one runner of one case, write scores + time + memory to `out`."""
     torch.set_num_threads(torch.get_num_threads())
     case = _build_cases()[case_index]
     problem = load_problem(case.problem, cache, budget_mb)
+    problem.device = torch.device(device)  # where our methods run (peers choose their own)
     runner = case.run if which == "__ours__" else case.baselines[which]
     with PeakMemory() as mem:
         t0 = time.perf_counter()
         res = runner(problem)
+        if problem.device.type == "cuda":
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
     res = res if isinstance(res, Result) else Result(res)
     save_tensors(out, {"scores": res.scores.detach().double()},
@@ -356,14 +359,15 @@ def measure(case_index: int, which: str, cache: Path, budget_mb: float, out: Pat
                            "test_rows": res.test_rows, "note": res.note})
 
 
-def run_child(case_index: int, which: str, cache: Path, budget_mb: float, timeout: float) -> dict | None:
+def run_child(case_index: int, which: str, cache: Path, budget_mb: float, timeout: float,
+              device: str = "cpu") -> dict | None:
     import json as _json
 
     from safetensors import safe_open
     out = cache / f"result_{case_index}.safetensors"
     out.unlink(missing_ok=True)
     cmd = [sys.executable, __file__, "--child", str(case_index), which, str(out), "--cache", str(cache),
-           "--budget-mb", str(budget_mb)]
+           "--budget-mb", str(budget_mb), "--device", device]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -394,11 +398,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--cache", type=Path, default=Path("/tmp/tda_bench_methods"))
     ap.add_argument("--budget-mb", type=float, default=2048.0)
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement")
+    ap.add_argument("--device", default="cpu",
+                    help="where our methods run, e.g. cuda (peak_mb stays the process's resident CPU memory)")
     ap.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.cache.mkdir(parents=True, exist_ok=True)
     if args.child:
-        measure(int(args.child[0]), args.child[1], args.cache, args.budget_mb, Path(args.child[2]))
+        measure(int(args.child[0]), args.child[1], args.cache, args.budget_mb, Path(args.child[2]), args.device)
         return []
     load_problem("folktables_sized", args.cache, args.budget_mb)  # build the cached problem once
     problems = set(args.problems.split(","))
@@ -407,7 +413,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for i, case in enumerate(_build_cases()):
         if case.problem not in problems or (wanted and case.method.split("[")[0] not in wanted):
             continue
-        mine = run_child(i, "__ours__", args.cache, args.budget_mb, args.timeout)
+        mine = run_child(i, "__ours__", args.cache, args.budget_mb, args.timeout, args.device)
         if "error" in mine:
             print(f"{case.method} on {case.problem}: FAILED: {mine['error']}", flush=True)
             continue
@@ -419,7 +425,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append(row)
             print(json.dumps(row), flush=True)
         for name in case.baselines:
-            base = run_child(i, name, args.cache, args.budget_mb, args.timeout)
+            base = run_child(i, name, args.cache, args.budget_mb, args.timeout, args.device)
             row = {"method": case.method, "problem": case.problem, "seconds": round(mine["seconds"], 4),
                    "peak_mb": round(mine["peak_mb"], 1), "baseline": name}
             if "error" in base:

@@ -55,15 +55,15 @@ from tda.methods.kfac import EKFAC, KFAC  # noqa: E402
 from tda.methods.lissa import LiSSAH  # noqa: E402
 
 MULTIPLE = 100.0  # the paper's reported damping, 100·λ₀ (Gauss–Newton cases)
-PEER_DAMPING = 0.5  # absolute λ for the true-Hessian comparisons with dattri (λ = 0.1 leaves H + λI indefinite here)
+PEER_DAMPING = 0.5  # absolute λ for the true-Hessian comparisons with dattri (chosen on 300 rows, where λ = 0.1 leaves H + λI indefinite)
 CNN_PEER_DAMPING = 30.0  # ... on the ResNet-9 (its Hessian's most negative Ritz value is about −22)
 N_ROWS = 3000  # training rows of the peer comparisons with dattri (see the module docstring)
 CNN_ROWS = 256  # training images of the ResNet-9 Arnoldi case
-CNN_CG_ROWS = 128  # ... and of its CG case (100 columns × 10 products over these images; 100 of them left out)
+CNN_CG_ROWS = 128  # ... and of its CG case (100 of them left out)
 CG_TOL, CG_MAXITER, CG_BATCH = 1e-5, 500, 4096  # float32 models: 1e-5 is well above the round-off floor
 CG_SWEEP = (10.0, 1.0, 0.1)  # further damping multiples, on the 3k problem
 DATTRI_CG_ITERS = 5  # what one-column CG needs for CG_TOL on the 3k problem at λ = PEER_DAMPING (all 100 columns)
-CNN_CG_TOL = 1e-4
+CNN_CG_TOL = 1e-4  # a column product over 128 images costs ~0.6 s: keeps the one-at-a-time reference ~7 min
 ARNOLDI_ITERS, ARNOLDI_K = 30, 20
 LISSA_DEPTH, LISSA_BATCH, LISSA_SCALE = 100, 128, 10.0  # the scale `auto` picks at PEER_DAMPING; dattri takes a fixed one
 
@@ -294,6 +294,7 @@ if __name__ == "__main__":
     ap.add_argument("--timeout", type=float, default=1800.0)
     ap.add_argument("--cache", default="/tmp/tda_bench_methods_influence",
                     help="problem cache and scratch (own directory, so it can run next to methods.py)")
+    ap.add_argument("--device", default="cpu", help="where our methods run, e.g. cuda")
     ap.add_argument("--products", action="store_true",
                     help="only time the curvature products: MLP fast path vs torch.func, one column vs 100")
     a = ap.parse_args()
@@ -302,5 +303,6 @@ if __name__ == "__main__":
 
         print(json.dumps(curvature_products(Path(a.cache)), indent=1))
         raise SystemExit
-    argv = ["--problems", a.problems, "--cases", a.cases, "--timeout", str(a.timeout), "--cache", a.cache]
+    argv = ["--problems", a.problems, "--cases", a.cases, "--timeout", str(a.timeout), "--cache", a.cache,
+            "--device", a.device]
     methods.main(argv + (["--out", str(a.out)] if a.out else []))

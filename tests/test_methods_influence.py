@@ -12,6 +12,7 @@ from torch.func import functional_call
 
 from conftest import compose_config
 from tda.artifacts import load_json
+from tda.further_training.stacked import should_use_sparse
 from tda.methods.arnoldi import Arnoldi, arnoldi_eigs
 from tda.methods.base import AttributionProblem
 from tda.methods.cg import CG, block_cg
@@ -361,13 +362,15 @@ def _cnn_with_batchnorm():
                          nn.Conv2d(2, 3, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(3, 3)).to(D).eval()
 
 
-@pytest.mark.parametrize("arch", ["mlp", "cnn"])
-def test_ekfac_eigenvalues_are_exact_diagonal_in_kronecker_basis(mlp_problem, arch):
+@pytest.mark.parametrize("arch", ["mlp", "one_hot_mlp", "cnn"])
+def test_ekfac_eigenvalues_are_exact_diagonal_in_kronecker_basis(mlp_problem, relu_problem, arch):
     """EK-FAC's corrected eigenvalues equal diag((Q_A⊗Q_S)ᵀ G_l (Q_A⊗Q_S)) of the dense GN block;
     K-FAC's factors equal their definitions; parameters outside Linear/Conv2d (batch norm)
     get the exact diagonal of G."""
     if arch == "mlp":
         p = mlp_problem
+    elif arch == "one_hot_mlp":  # the first layer's rows go through the sparse products
+        p = relu_problem
     else:
         model = _cnn_with_batchnorm()
         with torch.no_grad():
@@ -402,6 +405,17 @@ def test_ekfac_eigenvalues_are_exact_diagonal_in_kronecker_basis(mlp_problem, ar
         a = torch.cat([p.x_train, torch.ones(len(p.x_train), 1, dtype=D)], 1)
         QA, eA = f["0.QA"], f["0.eA"]
         assert torch.allclose(QA @ torch.diag(eA) @ QA.T, a.T @ a / len(a), atol=1e-12)
+
+
+def test_kfac_input_factor_of_one_hot_rows(relu_problem):
+    """One-hot rows take the sparse product for the first layer's A = mean [x, 1][x, 1]ᵀ."""
+    p = relu_problem
+    a = torch.cat([p.x_train, torch.ones(len(p.x_train), 1, dtype=D)], 1)
+    assert should_use_sparse(a, "auto")
+    f = compute_factors(p.model, p.x_train, p.y_train, p.task, "kfac", batch_size=50)
+    name = find_layers(p.model, ParamSpace(p.model))[0][0].name
+    QA, eA = f[f"{name}.QA"], f[f"{name}.eA"]
+    assert torch.allclose(QA @ torch.diag(eA) @ QA.T, a.T @ a / len(a), atol=1e-12)
 
 
 @pytest.mark.parametrize("arch", ["cnn_batchnorm", "mlp"])

@@ -65,8 +65,8 @@ def block_cg(matvec: Matvec, B: torch.Tensor, damping: float, tol: float = 1e-6,
     bnorm = B.double().norm(dim=0)
     rel = (bnorm > 0).double()  # ‖b − (C+λI)·0‖ / ‖b‖; a zero column is solved by 0
     bnorm = bnorm.clamp_min(torch.finfo(torch.float64).tiny)
-    iters = torch.zeros(k, dtype=torch.long)
-    breakdown = torch.zeros(k, dtype=torch.bool)
+    iters = torch.zeros(k, dtype=torch.long, device=B.device)
+    breakdown = torch.zeros(k, dtype=torch.bool, device=B.device)
     X = torch.zeros_like(B)
     # the active columns' solutions and residuals, compacted (copied out when columns converge)
     cols = (rel > tol).nonzero().squeeze(1)

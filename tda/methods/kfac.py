@@ -34,6 +34,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from tda.artifacts import load_tensors, save_tensors
+from tda.further_training.stacked import should_use_sparse
 from tda.methods.base import AttributionProblem, Method
 from tda.methods.gradients import FactoredGrads, NotFactorable, compute_grads, loss_target
 from tda.methods.hessian import InfluenceMethod, ParamSpace, model_fingerprint, output_hessian_sqrt
@@ -143,7 +144,12 @@ def compute_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: st
     def accumulate(l, a, d):
         # each batch's products in the model's dtype (float32 GEMMs are the faster kind on CPU),
         # summed over batches in float64
-        A[l.name] += torch.einsum("bti,btj->ij", a, a).double() / a.shape[1]
+        if a.shape[1] == 1 and should_use_sparse(a[:, 0], "auto"):
+            # one-hot rows (Folktables: 11 non-zeros of 792 with the bias column): aᵀa costs its
+            # non-zeros, not d_in² per row
+            A[l.name] += (a[:, 0].T.to_sparse() @ a[:, 0]).double()
+        else:
+            A[l.name] += torch.einsum("bti,btj->ij", a, a).double() / a.shape[1]
         S[l.name] += torch.einsum("bcti,bctj->ij", d, d).double()
 
     passes(accumulate)
@@ -159,7 +165,8 @@ def compute_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: st
             QA, QS = out[f"{l.name}.QA"], out[f"{l.name}.QS"]
             a64, d64 = a.double(), d.double()
             if a.shape[1] == 1:  # M = δ aᵀ: the rotated square is an outer product of squares
-                ar, dr = (a64[:, 0] @ QA) ** 2, (d64[:, :, 0] @ QS) ** 2  # [b, d_in'], [b, C, d_out]
+                a1 = a64[:, 0].to_sparse() if should_use_sparse(a64[:, 0], "auto") else a64[:, 0]
+                ar, dr = (a1 @ QA) ** 2, (d64[:, :, 0] @ QS) ** 2  # [b, d_in'], [b, C, d_out]
                 lam[l.name] += torch.einsum("bco,bi->oi", dr, ar)
             else:
                 # M is [rows, C, d_out, d_in'] float64 and its rotation holds two more of its size
