@@ -15,7 +15,7 @@ from tda.artifacts import load_json
 from tda.further_training.stacked import should_use_sparse
 from tda.methods.arnoldi import Arnoldi, arnoldi_eigs
 from tda.methods.base import AttributionProblem
-from tda.methods.cg import BLOCK_BYTES_PER_ENTRY, CG, block_cg
+from tda.methods.cg import CG, block_cg
 from tda.methods.gradients import per_example_grads
 from tda.methods.hessian import CurvatureOperator, ParamSpace, base_damping, mean_grad
 from tda.methods.if_corrected import IFCorrected
@@ -198,13 +198,7 @@ def test_cg_matches_explicit_solve(mlp_problem, curvature):
     assert s.shape == (7, 20)
     assert _rel(s, ref) < 1e-6
     assert m.record["lambda0"] * 10.0 == pytest.approx(float(lam)) and m.record["damping"] == pytest.approx(float(lam))
-    assert m.record["cg"]["converged"] == 7 and m.record["columns_per_block"] == 7
-    # a memory budget that holds the block arrays of 3 columns: blocks of 3, 3 and 1, same answer
-    n_params = sum(q.numel() for q in mlp_problem.model.parameters())
-    small = AttributionProblem(**{**mlp_problem.__dict__, "memory_budget_mb": 3.5 * BLOCK_BYTES_PER_ENTRY * n_params / 2**20})
-    m = CG(curvature=curvature, damping_multiple=10.0, tol=1e-10, maxiter=500)
-    assert _rel(m.scores(small), ref) < 1e-6
-    assert m.record["columns_per_block"] == 3 and m.record["cg"]["blocks"] == 3 and m.record["cg"]["converged"] == 7
+    assert m.record["cg"]["converged"] == 7
     if curvature == "hessian":
         return
     two = AttributionProblem(**{**mlp_problem.__dict__, "x_test": mlp_problem.x_test[:2],

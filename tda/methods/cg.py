@@ -106,29 +106,9 @@ def block_cg(matvec: Matvec, B: torch.Tensor, damping: float, tol: float = 1e-6,
     return X, info
 
 
-BLOCK_BYTES_PER_ENTRY = 56  # per parameter and column: six float64 [n, k] arrays, the result and B
-
-
-def columns_per_block(n_params: int, memory_budget_mb: float) -> int:
-    """Columns solved together so that the block's own arrays (float64 solution and residual,
-    directions P and (C+λI)P, the basis being built; the curvature products are bounded
-    separately) fit the memory budget. Fewer columns share fewer directions, never a wrong answer."""
-    return max(1, int(memory_budget_mb * 2**20 // (BLOCK_BYTES_PER_ENTRY * n_params)))
-
-
-def merge_infos(infos: list[dict]) -> dict:
-    """One record for blocks solved one after another (each column belongs to one block)."""
-    iterations = [i for info in infos for i in info["iterations"]]
-    return {"iterations": iterations, "relative_residual": [r for info in infos for r in info["relative_residual"]],
-            "converged": sum(i["converged"] for i in infos), "n_columns": sum(i["n_columns"] for i in infos),
-            "breakdown": sum(i["breakdown"] for i in infos), "max_iterations": max(iterations, default=0),
-            "blocks": len(infos)}
-
-
 class CG(InfluenceMethod, Method):
-    """IF score g_testᵀ (C + λI)⁻¹ g_j / n by block CG; λ = damping_multiple × λ₀. The columns
-    form as few blocks as `attribution.memory_budget_mb` allows (one for the paper's MLP and
-    100 columns); `block: false` solves one column at a time (the benchmark's reference)."""
+    """IF score g_testᵀ (C + λI)⁻¹ g_j / n by block CG; λ = damping_multiple × λ₀.
+    `block: false` solves one column at a time (the slow reference of the benchmark)."""
 
     name = "cg"
 
@@ -144,11 +124,19 @@ class CG(InfluenceMethod, Method):
         op = self._operator(problem, model, dtype)
         solve, other, transposed = self.solve_side(g_test, g_lo)
         B = solve.T.contiguous()
-        group = max(1, min(columns_per_block(B.shape[0], problem.memory_budget_mb), B.shape[1])) if self.block else 1
-        parts = [block_cg(op.matvec, B[:, c:c + group], lam, self.tol, self.maxiter)
-                 for c in range(0, B.shape[1], group)]
-        X = torch.cat([x for x, _ in parts], dim=1)
-        info = parts[0][1] if len(parts) == 1 else merge_infos([i for _, i in parts])
+        if self.block:
+            X, info = block_cg(op.matvec, B, lam, self.tol, self.maxiter)
+        else:
+            cols, infos = [], []
+            for c in range(B.shape[1]):
+                x, inf = block_cg(op.matvec, B[:, c:c + 1], lam, self.tol, self.maxiter)
+                cols.append(x)
+                infos.append(inf)
+            X = torch.cat(cols, dim=1)
+            iterations = [i["iterations"][0] for i in infos]
+            info = {"iterations": iterations, "relative_residual": [i["relative_residual"][0] for i in infos],
+                    "converged": sum(i["converged"] for i in infos), "n_columns": B.shape[1],
+                    "breakdown": sum(i["breakdown"] for i in infos), "max_iterations": max(iterations, default=0)}
         if info["breakdown"]:
             raise ValueError(f"cg: C + λI is not positive definite along {info['breakdown']} of {info['n_columns']} "
                              f"solves (curvature={self.curvature}, λ={lam:.3g}); the damped quadratic model has no "
@@ -159,6 +147,5 @@ class CG(InfluenceMethod, Method):
                         info["n_columns"] - info["converged"], info["n_columns"], self.tol, self.maxiter,
                         max(info["relative_residual"]))
         self.record.update({"cg": info, "curvature": self.curvature, "solved_side": "left_out" if transposed else "test",
-                            "curvature_products": op.n_matvecs, "columns_per_product": op.max_columns,
-                            "columns_per_block": group})
+                            "curvature_products": op.n_matvecs, "columns_per_product": op.max_columns})
         return scores_from_solution(X, other.to(X.dtype), problem.n_train, transposed).to(torch.float64)
