@@ -55,7 +55,9 @@ from tda.methods.kfac import EKFAC, KFAC  # noqa: E402
 from tda.methods.lissa import LiSSAH  # noqa: E402
 
 MULTIPLE = 100.0  # the paper's reported damping, 100·λ₀ (Gauss–Newton cases)
-PEER_DAMPING = 0.5  # absolute λ for the true-Hessian comparisons with dattri (chosen on 300 rows, where λ = 0.1 leaves H + λI indefinite)
+# absolute λ for the true-Hessian comparisons with dattri
+# (chosen on 300 rows, where λ = 0.1 leaves H + λI indefinite)
+PEER_DAMPING = 0.5
 CNN_PEER_DAMPING = 30.0  # ... on the ResNet-9 (its Hessian's most negative Ritz value is about −22)
 N_ROWS = 3000  # training rows of the peer comparisons with dattri (see the module docstring)
 CNN_ROWS = 256  # training images of the ResNet-9 Arnoldi case
@@ -65,7 +67,8 @@ CG_SWEEP = (10.0, 1.0, 0.1)  # further damping multiples, on the 3k problem
 DATTRI_CG_ITERS = 5  # what one-column CG needs for CG_TOL on the 3k problem at λ = PEER_DAMPING (all 100 columns)
 CNN_CG_TOL = 1e-4  # a column product over 128 images costs ~0.6 s: keeps the one-at-a-time reference ~7 min
 ARNOLDI_ITERS, ARNOLDI_K = 30, 20
-LISSA_DEPTH, LISSA_BATCH, LISSA_SCALE = 100, 128, 10.0  # the scale `auto` picks at PEER_DAMPING; dattri takes a fixed one
+# LiSSA-H against dattri's LiSSA: 10 is the scale `auto` picks at PEER_DAMPING (dattri takes a fixed one)
+LISSA_DEPTH, LISSA_BATCH, LISSA_SCALE = 100, 128, 10.0
 
 
 def _methods():
@@ -215,8 +218,8 @@ def _cases():
              _cnn_cg(True), {"cg one test instance at a time": _cnn_cg(False, 10)}),
         Case("ekfac[4,000 rows]", "resnet9_cifar", lambda p: EKFAC(damping_multiple=MULTIPLE).scores(p), {}),
         Case("kfac[4,000 rows]", "resnet9_cifar", lambda p: KFAC(damping_multiple=MULTIPLE).scores(p), {}),
-        Case(f"lissa_h[λ={PEER_DAMPING}, depth {LISSA_DEPTH}, batch {LISSA_BATCH}, scale {LISSA_SCALE:g}, {N_ROWS} rows]",
-             "folktables_sized_3k", _lissa_h, {"dattri IFAttributorLiSSA": _dattri("lissa")}),
+        Case(f"lissa_h[λ={PEER_DAMPING}, depth {LISSA_DEPTH}, batch {LISSA_BATCH}, scale {LISSA_SCALE:g}, "
+             f"{N_ROWS} rows]", "folktables_sized_3k", _lissa_h, {"dattri IFAttributorLiSSA": _dattri("lissa")}),
     ]
 
 
@@ -258,7 +261,8 @@ def curvature_products(cache: Path, rows: int = 3000, reps: int = 3, rounds: int
             return per_example_loss(functional_call(generic.model, (params, generic.const), (x,)), y, p.task).sum()
 
         def fwd_over_rev(V):
-            o = vmap(lambda t: jvp(grad(loss_sum), (generic.params,), (t,))[1])(vmap(generic.space.unflat, in_dims=1)(V))
+            tangents = vmap(generic.space.unflat, in_dims=1)(V)
+            o = vmap(lambda t: jvp(grad(loss_sum), (generic.params,), (t,))[1])(tangents)
             return torch.cat([o[k].reshape(V.shape[1], -1) for k in generic.space.names], dim=1).T / len(x)
 
         for k in (1, 100):

@@ -7,15 +7,16 @@ directions of all of them. A block of k columns then needs fewer iterations than
 column alone — in effect the block takes the k largest eigenvalues of C out together, and a
 trained network's Gauss–Newton has a few large outliers over a flat bulk (100 columns need
 2.4–4× fewer curvature products than solving them one by one on the Folktables-sized MLP,
-~10× on a ResNet-9; benchmarks/methods_influence.py). One iteration = one batched curvature product of the
-active search directions.
+~10× on a slice of CIFAR-10 for a ResNet-9; benchmarks/methods_influence.py). One iteration
+= one batched curvature product of the active search directions.
 
 The search directions are re-orthonormalised every iteration and directions that have become
 linearly dependent (duplicated right-hand sides, columns converging alike) are dropped, which
-is what keeps the block recurrence from breaking down. A column stops (its solution and residual are frozen and it leaves later
-products) once its relative residual ‖b − (C+λI)x‖/‖b‖ is below `tol`. With C + λI positive
-definite CG converges; with an indefinite true Hessian (λ too small) the projected matrix
-Pᵀ(C+λI)P stops being positive definite, the active columns are stopped there and flagged.
+is what keeps the block recurrence from breaking down. A column stops (its solution and
+residual are frozen and it leaves later products) once its relative residual
+‖b − (C+λI)x‖/‖b‖ is below `tol`. With C + λI positive definite CG converges; with an
+indefinite true Hessian (λ too small) the projected matrix Pᵀ(C+λI)P stops being positive
+definite, the active columns are stopped there and flagged.
 k = 1 is textbook CG.
 """
 
