@@ -55,9 +55,9 @@ def block_cg(matvec: Matvec, B: torch.Tensor, damping: float, tol: float = 1e-6,
     directions per iteration). `matvec` takes [n, r] for any number r of directions, in B's dtype.
 
     The recurrence runs in float64 whatever B's dtype: in float32 the block's directions lose
-    their conjugacy and a few columns stall short of the tolerance (measured on 3,000 rows of
-    the Folktables-sized MLP at 1·λ₀, tol 1e-5: 3 of 100 columns stuck at 4e-5 after 60
-    iterations; in float64 all 100 converge within 21). Memory: the active columns' solution and
+    their conjugacy and columns can stall short of the tolerance (seen once, in a run not kept
+    in the repository, on 3,000 rows of the Folktables-sized MLP at 1·λ₀, tol 1e-5: 3 of 100
+    columns stuck at 4e-5 after 60 iterations; in float64 all 100 converged within 21). Memory: the active columns' solution and
     residual, the directions P and (C+λI)P, in float64, and the result in B's dtype."""
     n, k = B.shape
     dtype = B.dtype

@@ -120,7 +120,7 @@ class CurvatureOperator:
         from tda.methods.mlp_curvature import MLPCurvature  # noqa: PLC0415 (it imports this module)
 
         # Linear/ReLU stacks: hand-written block products, one GEMM per layer for all columns
-        self.fast = MLPCurvature.of(model, self.space.names, self.space.offsets(), task, curvature, self.dtype,
+        self.fast = MLPCurvature.of(model, self.space.offsets(), task, curvature, self.dtype,
                                     self.device) if fast_path else None
         self.n_matvecs = 0  # columns × passes over the whole set, for the record
         # columns multiplied at once: each holds a batch's activations (tangents and cotangents,

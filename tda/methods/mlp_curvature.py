@@ -48,8 +48,8 @@ class MLPCurvature:
         self._states: dict = {}
 
     @classmethod
-    def of(cls, model: nn.Module, names: list[str], offsets: dict[str, tuple[int, int]], task: str,
-           curvature: str, dtype: torch.dtype, device: torch.device) -> "MLPCurvature | None":
+    def of(cls, model: nn.Module, offsets: dict[str, tuple[int, int]], task: str, curvature: str,
+           dtype: torch.dtype, device: torch.device) -> "MLPCurvature | None":
         """The fast path for `model`, or None where it does not apply (not a Linear/ReLU stack,
         partly frozen, or other trainable parameters than its layers')."""
         layers = mlp_layers(model)
@@ -57,7 +57,7 @@ class MLPCurvature:
             return None
         by_id = {id(p): k for k, p in model.named_parameters() if p.requires_grad}
         covered = {id(p) for m in layers if isinstance(m, nn.Linear) for p in m.parameters()}
-        if covered != set(by_id) or set(by_id.values()) != set(names):
+        if covered != set(by_id):
             return None
         return cls(layers, by_id, offsets, task, curvature, dtype, device)
 
@@ -71,7 +71,7 @@ class MLPCurvature:
                 inputs.append(h.to_sparse() if h is x and should_use_sparse(x, "auto") else h)
                 h = inputs[-1] @ op[1].T if op[2] is None else torch.addmm(op[2], inputs[-1], op[1].T)
             else:
-                masks.append((h > 0).to(h.dtype))  # multiplies [m, k, d] tangents: same dtype is faster
+                masks.append((h > 0).to(h.dtype))  # in the tangents' dtype: an in-place multiply, no cast
                 h = torch.relu(h)
         g = self._output_grad(h, y) if self.curvature == "hessian" else None
         return {"inputs": inputs, "masks": masks, "out": h, "grad_out": g, "m": len(x)}
@@ -95,7 +95,7 @@ class MLPCurvature:
         tangents, t, li, ri = [], None, 0, 0
         for op in self.ops:
             if op[0] == "linear":
-                _, W, b, ws, bs = op
+                _, W, _, ws, bs = op
                 d_out, d_in = W.shape
                 tangents.append(t)
                 dW = V[ws[0]:ws[1]].reshape(d_out, d_in, k)
@@ -118,7 +118,7 @@ class MLPCurvature:
                 Rg.mul_(masks[ri].unsqueeze(1))
                 g = g * masks[ri] if hessian else None
                 continue
-            _, W, b, ws, bs = op
+            _, W, _, ws, bs = op
             li -= 1
             d_out, d_in = W.shape
             # Σ_rows Rg_z a_inᵀ for every column: aᵀ [d_in, m] @ Rg [m, k·d_out]
