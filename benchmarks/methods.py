@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from tda.artifacts import load_tensors, save_tensors  # noqa: E402
 from tda.memory import PeakMemory  # noqa: E402
-from tda.methods.base import AttributionProblem  # noqa: E402
+from tda.problem import AttributionProblem  # noqa: E402
 from tda.models.mlp import MLP  # noqa: E402
 
 N_TRAIN, GROUPS, N_TEST, N_LEFT_OUT = 30_085, [80] * 9 + [71], 100, 100

@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from tda.methods.arnoldi import Arnoldi  # noqa: E402
-from tda.methods.base import AttributionProblem  # noqa: E402
+from tda.problem import AttributionProblem  # noqa: E402
 from tda.methods.cg import CG  # noqa: E402
 from tda.methods.hessian import base_damping  # noqa: E402
 from tda.methods.kfac import EKFAC, KFAC  # noqa: E402

@@ -13,7 +13,7 @@ import tempfile
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from tda.methods.base import AttributionProblem
+from tda.problem import AttributionProblem
 
 
 def kronfluence_scores(problem: AttributionProblem, strategy: str, damping: float, batch_size: int = 512) -> torch.Tensor:

@@ -1,28 +1,44 @@
-"""What produced an artifact, and refusing to combine artifacts that do not belong together.
+"""What produced an artifact, checked by content whenever it is loaded or reused.
 
-Every artifact a stage writes carries a provenance record (in a safetensors header or a JSON
-file): the code version, the hash and content of the config nodes that determine it, and the
-shapes / index lists it was computed for. Before a stage combines artifacts (a final model
-with the current config, cached method scores with the current selection, method scores
-with the gold standard) it compares these records with :func:`require_match`, which names
-every field that differs and says what to do about it.
+The identity of a final model is four fingerprints, recorded in the header of
+`final_model.safetensors` when it is trained:
+
+    weights     SHA-256 of its tensors (also the file's integrity checksum)
+    data        fingerprint of the training and test tensors (`DataBundle.fingerprint`)
+    selection   fingerprint of the left-out and test indices in `selection.json`
+    run         the run key: dataset / model / optimizer / train / selection / seed settings
+
+Every derived artifact (cached features, each seed or part of the gold standard and its
+`meta.json`, each method's scores, each evaluation) records the identity of the final model it
+was computed from, plus the settings that define it. A stage reads the current identity with
+:func:`read_final_model` (which verifies the weights and the selection against it) and compares
+every artifact it loads or reuses with :func:`require_match`, which names each field that
+differs (a missing field counts as different) and says what to do.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import subprocess
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
+from omegaconf import DictConfig
+
+from tda.artifacts import IntegrityError, load_json, load_tensors_with_metadata, tensor_checksum
 from tda.config import config_hash, to_container
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+IDENTITY_FIELDS = ("weights", "data", "selection", "run")
 
 
 class ProvenanceError(ValueError):
-    """Artifacts that were produced for different configurations or instances."""
+    """Artifacts that were produced for different configurations, models or instances."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -57,21 +73,129 @@ def stamp(stage: str, config: dict[str, Any], **extra: Any) -> dict[str, Any]:
 
 def require_match(found: dict[str, Any], expected: dict[str, Any], what: str, fix: str) -> None:
     """Raise :class:`ProvenanceError` naming every key whose value in `found` (read from an
-    artifact) differs from `expected` (what the current stage needs). Keys missing from
-    `found` (artifacts written before a field existed) are not held against it."""
+    artifact) differs from `expected` (what the current stage needs). A key missing from
+    `found` is a difference: an artifact that cannot say what it was computed from is not used."""
     diffs = []
     for key, want in expected.items():
         if key not in found:
+            diffs.append(f"{key}: missing from the artifact, this run needs {_short(to_container(want))}")
             continue
-        have = to_container(found[key])
-        want = to_container(want)
+        have, want = to_container(found[key]), to_container(want)
         if have != want:
-            diffs.append(f"{key}: artifact has {_short(have)}, this run needs {_short(want)}")
+            diffs.append(f"{key}: {_describe_difference(have, want)}")
     if diffs:
-        raise ProvenanceError(f"refusing to combine {what}, which was produced for a different configuration or "
-                              f"different instances:\n  - " + "\n  - ".join(diffs) + f"\n{fix}")
+        raise ProvenanceError(f"refusing to combine {what}, which was produced for a different final model, "
+                              f"configuration or set of instances:\n  - " + "\n  - ".join(diffs) + f"\n{fix}")
+
+
+def _describe_difference(have: Any, want: Any) -> str:
+    if isinstance(have, dict) and isinstance(want, dict):
+        keys = sorted(set(have) | set(want), key=str)
+        parts = [f"{k}: artifact has {_short(have.get(k, '<missing>'))}, this run needs {_short(want.get(k, '<missing>'))}"
+                 for k in keys if have.get(k, "<missing>") != want.get(k, "<missing>")]
+        return "; ".join(parts)
+    return f"artifact has {_short(have)}, this run needs {_short(want)}"
 
 
 def _short(value: Any, limit: int = 160) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ------------------------------------------------------------------------------ fingerprints
+def selection_fingerprint(left_out_indices: list[int], test_indices: list[int]) -> str:
+    """Fingerprint of a selection: the left-out and test indices, in order."""
+    payload = json.dumps({"left_out_indices": [int(i) for i in left_out_indices],
+                          "test_indices": [int(i) for i in test_indices]}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def data_fingerprint(*tensors: torch.Tensor) -> str:
+    """Fingerprint of tensors by content (for problems built outside the stages)."""
+    return tensor_checksum({str(i): t for i, t in enumerate(tensors)})[:16]
+
+
+def identity(weights: str, data: str, selection: str, run: str) -> dict[str, str]:
+    """The identity of a final model (see the module docstring)."""
+    return {"weights": weights, "data": data, "selection": selection, "run": run}
+
+
+@dataclass(frozen=True)
+class FinalModel:
+    """A final model read back and verified: its weights, its identity, its selection."""
+
+    state_dict: dict[str, torch.Tensor]
+    identity: dict[str, str]
+    selection: dict[str, Any]
+    header: dict[str, Any]
+
+
+def read_final_model(run, cfg: DictConfig) -> FinalModel:
+    """Load and verify the final model of `run` for the config `cfg`: the weights against their
+    checksum, the model's recorded run key against this config's, and `selection.json` against
+    its own checksum and the selection the model records. Raises naming the problem and the fix."""
+    from tda.runs import run_key  # runs imports nothing of ours but config; kept local for clarity
+    from tda.selection import validate_indices
+
+    run.require_final_model()
+    retrain = "retrain it with `python train.py <same overrides> train.overwrite=true`"
+    try:
+        state, header, weights = load_tensors_with_metadata(run.final_model)
+    except IntegrityError as err:
+        raise IntegrityError(f"the final model {run.final_model} is damaged or truncated ({err}); {retrain}") from err
+    have = header.get("identity", {})
+    require_match(have, {"run": run_key(cfg)}, f"the final model {run.final_model}",
+                  f"It was trained for other dataset/model/optimizer/train/selection/seed settings (copied from another "
+                  f"run directory?); {retrain}, or point paths.runs_dir at the folder it belongs to.")
+    if have.get("weights") != weights:
+        raise ProvenanceError(f"the final model {run.final_model} records weights {have.get('weights')!r} but holds "
+                              f"{weights!r}; {retrain}")
+    selection = load_json(run.selection)
+    n_train, n_test = selection.get("n_train"), selection.get("n_test_total")
+    validate_indices(selection.get("left_out_indices"), n_train, "left_out_indices", run.selection)
+    validate_indices(selection.get("test_indices"), n_test, "test_indices", run.selection)
+    sel = selection_fingerprint(selection["left_out_indices"], selection["test_indices"])
+    if have.get("selection") != sel or have.get("data") != selection.get("data_fingerprint"):
+        raise ProvenanceError(f"{run.selection} does not belong to the final model {run.final_model} (its indices or "
+                              f"data fingerprint differ from those the model was trained with); restore it, or {retrain}")
+    missing = [f for f in IDENTITY_FIELDS if not have.get(f)]
+    if missing:
+        raise ProvenanceError(f"the final model {run.final_model} does not record {missing}; {retrain}")
+    return FinalModel(state_dict=state, identity={f: have[f] for f in IDENTITY_FIELDS}, selection=selection, header=header)
+
+
+# Everything in a run directory that was computed from its final model.
+DEPENDENTS = ("gold", "methods", "eval", "cache", "features.safetensors")
+
+
+def supersede_dependents(run, new_identity: dict[str, str]) -> Path | None:
+    """Before a retrained final model replaces the one in `run` (`train.overwrite=true`): if the
+    new model differs, move everything computed from the old one into
+    `superseded/<old weights>/`, so that nothing of it is reused with the new model (and
+    nothing is lost). Returns where it went, or None when nothing had to move."""
+    import logging
+    import shutil
+
+    from tda.artifacts import load_tensor_metadata
+
+    if not run.final_model.is_file():
+        return None  # whatever is there records its own final model and is checked on load
+    try:
+        old = load_tensor_metadata(run.final_model).get("identity")
+    except Exception:  # an unreadable model: nothing computed from it can be vouched for
+        old = None
+    if old == new_identity:
+        return None  # retrained to the same weights: every result still belongs to it
+    present = [run.path / d for d in DEPENDENTS if (run.path / d).exists()]
+    if not present:
+        return None
+    dest = run.path / "superseded" / str((old or {}).get("weights", "unreadable"))[:12]
+    while dest.exists():
+        dest = dest.with_name(dest.name + "+")
+    dest.mkdir(parents=True)
+    for p in present:
+        shutil.move(str(p), str(dest / p.name))
+    logging.getLogger(__name__).warning(
+        "the retrained final model differs from the one in %s; what was computed from the old one (%s) moved to %s",
+        run.path, ", ".join(p.name for p in present), dest)
+    return dest

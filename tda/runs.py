@@ -12,23 +12,55 @@ One run directory per final model, derived from the resolved training config, so
         gold/<key>/            further-training gold standard: one file per seed + meta.json
         methods/<key>/         one gradient method: scores.safetensors + record.json
         eval/<key>/            CSV, PNG, report.md of the evaluate stage
+
+Every name from the config that becomes a path component (the dataset / model / optimizer /
+further_optimizer / method names and the experiment `name`) is checked by `check_names` before
+any directory is derived (tda.config.SAFE_NAME), and every directory a RunDir hands out is
+checked to lie inside paths.runs_dir, so no config value can make a stage write elsewhere.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from tda.config import config_hash, node_name, to_container
+from tda.config import SAFE_NAME_RULE, config_hash, node_name, safe_name, to_container
 
 # The parts of the config that determine the final model and the selections.
 RUN_KEYS = ("dataset", "model", "optimizer", "train", "selection", "seed")
 
 
+# The `_target_` nodes whose names become path components or W&B names.
+NAMED_NODES = ("dataset", "model", "optimizer", "further_optimizer", "method")
+
+
 def runs_root(cfg: DictConfig) -> Path:
     return Path(cfg.paths.runs_dir).expanduser().resolve()
+
+
+def check_names(cfg: DictConfig) -> None:
+    """Raise a ConfigError (naming the key, the value and the fix) for the first name that is
+    not directory-name safe: each node's `name` (or its `_target_`-derived fallback) and the
+    experiment `name` (null means unnamed; an empty string is refused)."""
+    for key in NAMED_NODES:
+        if cfg.get(key) is not None:
+            node_name(cfg[key], key=key)
+    if cfg.get("name") is not None:
+        safe_name(cfg.name, "name")
+
+
+def inside(root: Path, path: Path) -> Path:
+    """`path`, after checking that it lies inside `root` once `.` and `..` are resolved
+    (lexically: a run directory that the user symlinked to another disk stays usable)."""
+    resolved, base = Path(os.path.abspath(path.expanduser())), Path(os.path.abspath(root.expanduser()))
+    if resolved == base or not resolved.is_relative_to(base):
+        raise ValueError(f"{path} resolves to {resolved}, not inside the runs directory {base}; refusing to write "
+                         f"there. Give the dataset / model / optimizer / further_optimizer / method / experiment "
+                         f"names as {SAFE_NAME_RULE}.")
+    return path
 
 
 def run_key(cfg: DictConfig) -> str:
@@ -54,11 +86,18 @@ def method_key(cfg: DictConfig) -> str:
 
 @dataclass(frozen=True)
 class RunDir:
+    """One run directory. `from_config` checks the config's names and that the directory lies
+    inside paths.runs_dir; every directory it hands out is checked to lie inside it."""
     path: Path
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "RunDir":
-        return cls(runs_root(cfg) / run_key(cfg))
+        check_names(cfg)
+        root = runs_root(cfg)
+        return cls(inside(root, root / run_key(cfg)))
+
+    def _inside(self, path: Path) -> Path:
+        return inside(self.path, path)
 
     @property
     def config(self) -> Path:
@@ -81,13 +120,13 @@ class RunDir:
         return self.path / "features.safetensors"
 
     def gold_dir(self, cfg: DictConfig) -> Path:
-        return self.path / "gold" / further_training_key(cfg)
+        return self._inside(self.path / "gold" / further_training_key(cfg))
 
     def method_dir(self, cfg: DictConfig) -> Path:
-        return self.path / "methods" / method_key(cfg)
+        return self._inside(self.path / "methods" / method_key(cfg))
 
     def eval_dir(self, key: str) -> Path:
-        return self.path / "eval" / key
+        return self._inside(self.path / "eval" / safe_name(key, "the evaluation key"))
 
     def require_final_model(self) -> None:
         if not self.final_model.is_file() or not self.selection.is_file():

@@ -42,3 +42,41 @@ def first_indices(n: int, k: int | None, what: str = "instances") -> list[int]:
     if k <= 0 or k > n:
         raise ValueError(f"number of {what} must be in 1..{n}, got {k}")
     return list(range(k))
+
+
+def validate_indices(indices, n: int, what: str, source: str) -> list[int]:
+    """Check a recorded list of row indices before it is used to index data: integers (not
+    bools, not floats), each in [0, n), none repeated. A negative index would silently mean a
+    row counted from the end and a repeated one would count an instance twice, so both are
+    refused. Returns the indices as a list of ints; raises ValueError naming the first
+    offending index, `what` they select and the `source` file."""
+    fix = (f"restore {source} as train.py wrote it, or retrain to write a fresh one: "
+           f"`python train.py <same overrides> train.overwrite=true`")
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise ValueError(f"{source} does not record how many rows its {what} index into (got {n!r}); {fix}")
+    if not isinstance(indices, (list, tuple)):
+        raise ValueError(f"{what} in {source} must be a list of row indices, got {type(indices).__name__}; {fix}")
+    seen: set[int] = set()
+    for pos, i in enumerate(indices):
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise ValueError(f"{what} in {source}: entry {pos} is {i!r} ({type(i).__name__}), not an integer row "
+                             f"index; {fix}")
+        if not 0 <= i < n:
+            raise ValueError(f"{what} in {source}: index {i} (entry {pos}) is outside 0..{n - 1} (the data has "
+                             f"{n} rows); {fix}")
+        if i in seen:
+            raise ValueError(f"{what} in {source}: index {i} appears twice (entry {pos}); each instance may be "
+                             f"listed once; {fix}")
+        seen.add(i)
+    return list(indices)
+
+
+def validate_selection(selection: dict, n_train: int, n_test: int, source) -> None:
+    """Both index lists of a selection (`selection.json`): left-out training instances in
+    [0, n_train), evaluated test instances in [0, n_test); see :func:`validate_indices`."""
+    for key, n, what in (("left_out_indices", n_train, "left-out training indices"),
+                         ("test_indices", n_test, "evaluated test indices")):
+        if key not in selection:
+            raise ValueError(f"{source} has no {key!r}; retrain with `python train.py <same overrides> "
+                             f"train.overwrite=true` to write a complete selection")
+        validate_indices(selection[key], n, what, str(source))

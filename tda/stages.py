@@ -11,17 +11,24 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tda.artifacts import load_json, load_tensors, save_json, save_tensors, save_text
-from tda.config import build, config_hash, node_name, to_container
+from tda.artifacts import (IntegrityError, load_tensors_with_metadata, remove_stale_temp_files, require_finite,
+                           save_json, save_tensors, save_text, tensor_checksum)
+from tda.further_training.gold_standard import expected_gold, gold_status, seeds_of
+from tda.scores import load_method_scores, save_method_scores
+from tda.config import build, node_name, to_container
 from tda.data.base import DataBundle
 from tda.memory import PeakMemory
-from tda.methods.base import AttributionProblem, Method
+from tda.methods.base import Method
+from tda.problem import AttributionProblem
 from tda.models.base import TDAModel, compute_features
-from tda.runs import RUN_KEYS, RunDir, method_key
-from tda.selection import choose_indices, first_indices
-from tda.tracking import finish, init_wandb
-from tda.provenance import require_match, stamp
-from tda.validation import check_final_model, check_gold_meta, data_errors, gold_status, validate_config, validate_data
+from tda.runs import RUN_KEYS, RunDir, method_key, run_key
+from tda.selection import choose_indices, first_indices, validate_indices, validate_selection
+from tda.interrupt import file_states, gold_job_files
+from tda.tracking import finish, init_wandb, mark_cached
+from tda.provenance import (FinalModel, ProvenanceError, identity, read_final_model, require_match,
+                            selection_fingerprint, stamp, supersede_dependents)
+from tda.validation import (data_errors, validate_config, validate_data,
+                            validate_devices)
 from tda.training import FinalModelModule, evaluate_model, loaders
 
 log = logging.getLogger(__name__)
@@ -29,9 +36,12 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------- shared
 def load_data(cfg: DictConfig) -> DataBundle:
+    """The dataset, refused (ConfigError) when the devices asked for are missing, it is empty or
+    too small for the selection, holds NaN/inf or bad labels, or does not fit the model."""
+    validate_devices(cfg)  # before the (possibly long) load
     with data_errors(cfg):
         data = build(cfg.dataset)
-    validate_data(cfg, len(data.train), len(data.test))
+    validate_data(cfg, len(data.train), len(data.test), data=data)
     return data
 
 
@@ -51,6 +61,8 @@ def select(cfg: DictConfig, data: DataBundle) -> dict:
         test = first_indices(len(data.test), sel.n_test, what="evaluated test instances (selection.n_test)")
     else:
         test = choose_indices(len(data.test), sel.n_test, int(sel.seed) + 1, what="evaluated test instances (selection.n_test)")
+    validate_indices(left_out, len(data.train), "left-out training indices", "the selection (selection.*)")
+    validate_indices(test, len(data.test), "evaluated test indices", "the selection (selection.*)")
     return {"left_out_indices": left_out, "test_indices": test, "selection_seed": int(sel.seed),
             "rule": to_container(sel), "n_train": len(data.train), "n_test_total": len(data.test)}
 
@@ -63,9 +75,11 @@ def _precision(dtype: str) -> str:
 def train(cfg: DictConfig) -> RunDir:
     validate_config(cfg, "train")
     run = RunDir.from_config(cfg)
-    if run.final_model.is_file() and run.selection.is_file() and not cfg.train.overwrite:
-        check_final_model(run, cfg)  # an unreadable model is reported now, not by the next stage
+    remove_stale_temp_files(run.path)
+    if run.final_model.is_file() and not cfg.train.overwrite:
+        read_final_model(run, cfg)  # a damaged or foreign model is reported now, not by the next stage
         log.info("final model already trained in %s (train.overwrite=true retrains)", run.path)
+        finish(mark_cached(init_wandb(cfg, "train", run.path.name)))  # a W&B run with no timings
         return run
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     data = load_data(cfg)
@@ -99,24 +113,31 @@ def train(cfg: DictConfig) -> RunDir:
                         num_sanity_val_steps=0)
     t0 = time.perf_counter()
     trainer.fit(module, train_loader, test_loader)
+    if trainer.interrupted:  # Lightning returned from a stopped fit: never write a partial model
+        raise RuntimeError("final training was interrupted before its last epoch; no final model was written. "
+                           "Re-run the same command to train it.")
     seconds = time.perf_counter() - t0
     model = model.float().cpu()
     metrics = {"test": evaluate_model(trainable, x_te, y_te, data.task), "train": evaluate_model(trainable, x_tr, y_tr, data.task),
                "seconds": seconds, "n_train": len(x_tr), "n_test": len(x_te),
                "n_trainable_params": sum(p.numel() for p in model.trainable_part().parameters())}
     log.info("final model: test %s, train %s", metrics["test"], metrics["train"])
+    state = dict(model.state_dict())
+    require_finite(state, "the final model")  # before anything of the old run is moved aside
+    data_fp = data.fingerprint()
+    final = identity(tensor_checksum(state), data_fp,
+                     selection_fingerprint(selection["left_out_indices"], selection["test_indices"]), run_key(cfg))
     run.path.mkdir(parents=True, exist_ok=True)
+    supersede_dependents(run, final)
     save_text(run.config, OmegaConf.to_yaml(cfg, resolve=True))
     provenance = stamp("train", {k: cfg[k] for k in RUN_KEYS}, n_train=len(data.train), n_test=len(data.test))
-    save_json(run.selection, selection | {"data_fingerprint": data.fingerprint(), "data_info": data.info,
-                                          "provenance": provenance})
+    save_json(run.selection, selection | {"data_fingerprint": data_fp, "data_info": data.info, "provenance": provenance})
     save_json(run.metrics, metrics)
     if features is not None:
-        save_tensors(run.features, features)
+        save_tensors(run.features, features, metadata={"final_model": final}, what="the frozen part's features")
     # the model file is written last: its presence marks the run as complete
-    save_tensors(run.final_model, dict(model.state_dict()), metadata={"config_hash": config_hash(cfg.dataset, cfg.model),
-                                                                      "run_config_hash": provenance["config_hash"],
-                                                                      "code_version": provenance["code_version"]})
+    save_tensors(run.final_model, state, metadata={"identity": final, "config_hash": provenance["config_hash"],
+                                                   "code_version": provenance["code_version"]}, what="the final model")
     if wb is not None:
         wb.summary.update({f"final/{split}_{k}": v for split in ("test", "train") for k, v in metrics[split].items()})
     finish(wb)
@@ -124,17 +145,20 @@ def train(cfg: DictConfig) -> RunDir:
 
 
 # ---------------------------------------------------------------------------------- attribute
-def attribution_problem(cfg: DictConfig, run: RunDir, data: DataBundle | None = None) -> AttributionProblem:
-    """Load the final model and its selections, apply (and cache) the frozen part."""
-    run.require_final_model()
+def attribution_problem(cfg: DictConfig, run: RunDir, data: DataBundle | None = None,
+                         final: FinalModel | None = None) -> AttributionProblem:
+    """Load the final model (verified) and its selections, apply (and cache) the frozen part."""
+    final = final if final is not None else read_final_model(run, cfg)
+    validate_devices(cfg, attribution=True)
     data = data if data is not None else load_data(cfg)
-    selection = load_json(run.selection)
-    if selection["data_fingerprint"] != data.fingerprint():
-        raise ValueError(f"the dataset loaded now differs from the one the final model in {run.path} was trained on "
-                         f"(fingerprint {data.fingerprint()} != {selection['data_fingerprint']}); "
-                         f"check dataset.root / TDA_DATA_DIR, or retrain with train.overwrite=true")
+    selection = final.selection
+    validate_selection(selection, len(data.train), len(data.test), run.selection)
+    if final.identity["data"] != data.fingerprint():
+        raise ProvenanceError(f"the dataset loaded now differs from the one the final model in {run.path} was trained "
+                              f"on (fingerprint {data.fingerprint()} != {final.identity['data']}); check dataset.root / "
+                              f"TDA_DATA_DIR, or retrain with train.overwrite=true")
     model = build_model(cfg, data)
-    model.load_state_dict(load_tensors(run.final_model))
+    model.load_state_dict(final.state_dict)
     model.eval()
     frozen, trainable = model.split()
     x_tr, y_tr = data.tensors("train")
@@ -142,30 +166,48 @@ def attribution_problem(cfg: DictConfig, run: RunDir, data: DataBundle | None = 
     test_idx = torch.tensor(selection["test_indices"])
     x_te, y_te = x_te[test_idx], y_te[test_idx]
     if frozen is not None:
-        if run.features.is_file():
-            feats = load_tensors(run.features)
+        feats = _cached_features(run, final.identity)
+        if feats is not None:
             x_tr, x_te = feats["train"], feats["test"]
         else:
             x_tr, x_te = compute_features(frozen, x_tr), compute_features(frozen, x_te)
-            save_tensors(run.features, {"train": x_tr, "test": x_te})
+            save_tensors(run.features, {"train": x_tr, "test": x_te}, metadata={"final_model": final.identity},
+                         what="the frozen part's features")
     return AttributionProblem(model=trainable, task=data.task, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te,
                               left_out_indices=torch.tensor(selection["left_out_indices"]), test_indices=test_idx,
                               further_training=cfg.further_training, further_optimizer=cfg.further_optimizer,
                               device=torch.device(cfg.trainer.attribution_device), cache_dir=run.path / "cache",
-                              memory_budget_mb=float(cfg.attribution.memory_budget_mb))
+                              memory_budget_mb=float(cfg.attribution.memory_budget_mb), final_model=final.identity)
+
+
+def _cached_features(run: RunDir, final_model: dict) -> dict[str, torch.Tensor] | None:
+    """The frozen part's cached features if they verify and were computed by this final model;
+    a damaged or foreign cache is recomputed (it is a pure function of the model and data)."""
+    if not run.features.is_file():
+        return None
+    try:
+        feats, meta, _ = load_tensors_with_metadata(run.features)
+        require_match(meta, {"final_model": final_model}, f"the cached features {run.features}", "recomputing them")
+    except (IntegrityError, ProvenanceError) as err:
+        log.warning("%s", err)
+        return None
+    return feats
 
 
 def attribute(cfg: DictConfig) -> Path:
     validate_config(cfg, "attribute")
     run = RunDir.from_config(cfg)
-    check_final_model(run, cfg)  # fail before building anything else
+    remove_stale_temp_files(run.path)
+    final = read_final_model(run, cfg)  # fail before building anything else
     method = build(cfg.method)
-    problem = attribution_problem(cfg, run)
+    problem = attribution_problem(cfg, run, final=final)
     name = node_name(cfg.method)
     wb = init_wandb(cfg, "attribute", f"{run.path.name}/{name}")
     try:
         if name == "further_training":
             out = run.gold_dir(cfg)
+            job_files = gold_job_files(cfg, out)
+            before = file_states(job_files)  # unchanged afterwards: every seed was already there (cached)
             with PeakMemory() as mem:
                 t0 = time.perf_counter()
                 seeds = method.run(problem, out, trainer=cfg.trainer)
@@ -173,22 +215,27 @@ def attribute(cfg: DictConfig) -> Path:
             # the merge step: every seed and part present once, all finite (a shard only reports)
             ft = cfg.further_training
             sharded = ft.get("shard_seeds") is not None or int(OmegaConf.select(ft, "left_out_shard.count", default=1) or 1) > 1
-            log.info(gold_status(out, complete=not sharded))
+            expected = expected_gold(final.identity, final.selection, ft, cfg.further_optimizer)
+            log.info(gold_status(out, expected, seeds_of(ft), complete=not sharded))
             if wb is not None:
                 from tda.tracking import log_gold_progress
 
-                wb.summary.update({"seconds": seconds, "seeds_done": len(seeds), "peak_mb": mem.peak_mb})
-                log_gold_progress(wb, out)
+                computed = sum(state != before[p] for p, state in file_states(job_files).items())
+                wb.summary.update({"seeds_done": len(seeds), "seeds_computed": computed})
+                if computed:
+                    wb.summary.update({"seconds": seconds, "peak_mb": mem.peak_mb})
+                else:
+                    mark_cached(wb)
+                log_gold_progress(wb, out, expected, seeds_of(ft))
             return out
         if not isinstance(method, Method):
             raise TypeError(f"method={name}: {type(method).__name__} is not a tda.methods.base.Method")
         out = run.method_dir(cfg)
+        expected = (len(problem.test_indices), len(problem.left_out_indices))
         if (out / "scores.safetensors").is_file():
-            require_match(load_json(out / "record.json"),
-                          {"left_out_indices": problem.left_out_indices.tolist(), "test_indices": problem.test_indices.tolist(),
-                           "config": to_container(cfg.method)},
-                          f"the cached scores in {out}", f"Delete {out} and re-run this command to recompute them.")
+            load_method_scores(out, final.identity, expected)  # verified, and computed for this final model
             log.info("scores of %s already in %s", name, out)
+            mark_cached(wb)
             return out
         torch.manual_seed(int(cfg.seed))
         problem.model.to(problem.device)  # methods run where the model is; data moves chunk by chunk
@@ -196,16 +243,14 @@ def attribute(cfg: DictConfig) -> Path:
             t0 = time.perf_counter()
             scores = method.scores(problem).cpu()
             seconds = time.perf_counter() - t0
-        expected = (len(problem.test_indices), len(problem.left_out_indices))
         if tuple(scores.shape) != expected:
             raise ValueError(f"method {name} returned scores of shape {tuple(scores.shape)}, expected [n_test, n_left_out] = {expected}")
-        record = {"method": name, "config": to_container(cfg.method), "seconds": seconds, "peak_mb": mem.peak_mb,
-                  "left_out_indices": problem.left_out_indices.tolist(), "test_indices": problem.test_indices.tolist(),
-                  "extra": method.record, "key": method_key(cfg),
-                  "provenance": stamp("attribute", {"method": cfg.method}, shape=list(scores.shape),
-                                      n_train=problem.n_train, final_model_run=run.path.name)}
-        save_json(out / "record.json", record)
-        save_tensors(out / "scores.safetensors", {"scores": scores.double()}, metadata={"method": name})
+        header = {"method": name, "config": to_container(cfg.method), "final_model": final.identity,
+                  "shape": list(expected)}
+        save_method_scores(out, scores, header, {
+            "seconds": seconds, "peak_mb": mem.peak_mb, "left_out_indices": problem.left_out_indices.tolist(),
+            "test_indices": problem.test_indices.tolist(), "extra": method.record, "key": method_key(cfg),
+            "provenance": stamp("attribute", {"method": cfg.method}, n_train=problem.n_train, final_model_run=run.path.name)})
         if wb is not None:
             wb.summary.update({"seconds": seconds, "peak_mb": mem.peak_mb})
         log.info("%s: %.2fs, peak %.0f MB -> %s", name, seconds, mem.peak_mb, out)
@@ -222,6 +267,4 @@ def evaluate(cfg: DictConfig) -> Path:
     if cfg.evaluate.get("compare"):
         return evaluate_compare(cfg)  # several experiments, each found from its own overrides
     run = RunDir.from_config(cfg)
-    check_final_model(run, cfg)
-    check_gold_meta(run, cfg)
-    return evaluate_run(cfg, run)
+    return evaluate_run(cfg, run, read_final_model(run, cfg))

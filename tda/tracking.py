@@ -1,8 +1,11 @@
 """Weights & Biases runs for every stage: offline by default, online on request.
 
 Each stage (and each job of a multirun) is its own W&B run; `job_type` is the stage, the
-group is the experiment (`logger.group`, default: the experiment name), and the dataset /
-model / optimizer / method choices are tags. The config logged is the resolved one.
+group is the experiment (`logger.group`, default: the experiment name, `<dataset>-<model>`
+unless an experiment config names it), and the dataset / model / optimizer / method choices
+are tags. The config logged is the resolved one. A stage that fails or is interrupted finishes
+its run as failed; a job whose work was already done is tagged `cached` and logs no timings.
+All of W&B's files stay under `logger.dir` (default `paths.runs_dir`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from tda.config import node_name, to_container
+from tda.exits import exit_code_of
 
 
 # The config groups that describe each stage's run (the evaluate stage covers every method,
@@ -37,22 +41,54 @@ def wandb_tags(cfg: DictConfig, stage: str) -> list[str]:
 
 
 def init_wandb(cfg: DictConfig, stage: str, name: str):
-    """A W&B run for this stage, or None when `logger=none`."""
+    """A W&B run for this stage, or None when `logger=none`. Finish it with :func:`finish`."""
     lg = cfg.get("logger")
     if lg is None or lg.get("mode", "disabled") == "disabled":
         return None
-    import wandb
-
     mode = os.environ.get("WANDB_MODE") or lg.mode
     if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _has_netrc_key()):
         raise RuntimeError("logger.mode=online needs a W&B account: run `wandb login` or set WANDB_API_KEY, "
                            "or keep the default logger.mode=offline and `wandb sync` later")
     wandb_dir = Path(lg.dir).expanduser().resolve()
+    keep_wandb_files_under(wandb_dir)
+    import wandb
+
+    run = wandb.init(project=lg.project, entity=lg.get("entity"), group=wandb_group(cfg),
+                     job_type=stage, name=name, tags=wandb_tags(cfg, stage), mode=mode, dir=str(wandb_dir),
+                     config=to_container(cfg), reinit="create_new",
+                     settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+    _open_runs.append(run)
+    return run
+
+
+# Runs started by init_wandb and not yet finished: an entry point that ends with an exception
+# finishes those its stage left open as failed (finish_open_runs), whatever path the stage took.
+_open_runs: list[Any] = []
+
+
+def wandb_group(cfg: DictConfig) -> str:
+    """`logger.group`, else the experiment's `name` (conf/experiment/*.yaml set it; by default
+    `<dataset>-<model>`, see conf/common.yaml), else `<dataset>-<model>`."""
+    group = cfg.logger.get("group") or cfg.get("name")
+    if not group or group == "default":
+        group = "-".join(node_name(cfg[k], key=k) if cfg.get(k) is not None else k for k in ("dataset", "model"))
+    return str(group)
+
+
+# W&B's own files outside its run directories: the artifact cache and wandb-core's logs
+# (WANDB_CACHE_DIR, default ~/.cache/wandb) and artifact staging (WANDB_DATA_DIR, default
+# ~/.local/share/wandb). An environment variable the user set wins.
+WANDB_DIR_VARIABLES = {"WANDB_CACHE_DIR": "cache", "WANDB_DATA_DIR": "data"}
+
+
+def keep_wandb_files_under(wandb_dir: Path) -> None:
+    """Make W&B keep all its files under `logger.dir` (default `paths.runs_dir`): run
+    directories in `<dir>/wandb/`, its cache and staging in `<dir>/wandb/{cache,data}`.
+    Must run before the first `wandb.init` of the process (W&B's service reads them then)."""
     wandb_dir.mkdir(parents=True, exist_ok=True)
-    return wandb.init(project=lg.project, entity=lg.get("entity"), group=lg.get("group") or cfg.get("name"),
-                      job_type=stage, name=name, tags=wandb_tags(cfg, stage), mode=mode, dir=str(wandb_dir),
-                      config=to_container(cfg), reinit="create_new",
-                      settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+    for var, sub in WANDB_DIR_VARIABLES.items():
+        if not os.environ.get(var):
+            os.environ[var] = str(wandb_dir / "wandb" / sub)
 
 
 def _has_netrc_key() -> bool:
@@ -60,9 +96,30 @@ def _has_netrc_key() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text()
 
 
-def finish(run: Any) -> None:
+def finish(run: Any, exit_code: int | None = None) -> None:
+    """Finish a W&B run: as failed (non-zero exit code) when called while an exception
+    propagates, i.e. from the `finally` of the stage that failed or was interrupted (130 / 143
+    for SIGINT / SIGTERM, see tda.interrupt; 1 for an error), else as finished (0)."""
+    if run is None:
+        return
+    _open_runs[:] = [r for r in _open_runs if r is not run]
+    run.finish(exit_code=exit_code_of(sys.exc_info()[1]) if exit_code is None else int(exit_code))
+
+
+def finish_open_runs(exit_code: int) -> None:
+    """Finish every run this process started and did not finish, with `exit_code` (the
+    entry point's, when its stage ended with an exception before its own `finish`)."""
+    for run in reversed(list(_open_runs)):
+        finish(run, exit_code)
+
+
+def mark_cached(run: Any) -> Any:
+    """Tag a run whose work was already done (tag `cached`, summary `cached: true`); it logs no
+    `seconds` / `peak_mb`, which would time a cache look-up as if it were the computation."""
     if run is not None:
-        run.finish()
+        run.tags = tuple(run.tags or ()) + ("cached",)
+        run.summary["cached"] = True
+    return run
 
 
 def offline_runs(wandb_parent: str | Path) -> list[Path]:
@@ -78,7 +135,9 @@ def read_offline_run(run_dir: str | Path, timeout: float = 120) -> dict[str, Any
 
     Returns {"run": run record (name, group, job_type, tags), "config": resolved config,
     "history": [logged rows], "summary": final summary, "metrics": define_metric records,
-    "tables": {key: {"columns", "data"}} read from the run's `files/media/table`}."""
+    "tables": {key: {"columns", "data"}} read from the run's `files/media/table`,
+    "exit_code": the code the run finished with (None: it never finished), "state": "finished"
+    (exit code 0), "failed" (non-zero) or "crashed" (no exit record), as W&B shows it}."""
     run_dir = Path(run_dir)
     files = list(run_dir.glob("run-*.wandb"))
     if len(files) != 1:
@@ -87,7 +146,8 @@ def read_offline_run(run_dir: str | Path, timeout: float = 120) -> dict[str, Any
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
         raise RuntimeError(f"`wandb leet inspect --json {files[0]}` failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    out: dict[str, Any] = {"run": {}, "config": {}, "history": [], "summary": {}, "metrics": [], "tables": {}}
+    out: dict[str, Any] = {"run": {}, "config": {}, "history": [], "summary": {}, "metrics": [], "tables": {},
+                           "exit_code": None}
     for line in proc.stdout.splitlines():
         if not line.strip():
             continue
@@ -104,6 +164,9 @@ def read_offline_run(run_dir: str | Path, timeout: float = 120) -> dict[str, Any
             out["summary"].update(rec["summary"].get("update", {}))
         elif kind == "metric":
             out["metrics"].append(rec["metric"])
+        elif kind == "exit":
+            out["exit_code"] = int(rec["exit"].get("exit_code", 0))
+    out["state"] = "crashed" if out["exit_code"] is None else "finished" if out["exit_code"] == 0 else "failed"
     out["config"].pop("_wandb", None)
     # tables: the summary points at the JSON file of each logged wandb.Table
     for key, value in out["summary"].items():
@@ -114,16 +177,20 @@ def read_offline_run(run_dir: str | Path, timeout: float = 120) -> dict[str, Any
     return out
 
 
-def log_gold_progress(wb: Any, gold_dir: Path) -> None:
+def log_gold_progress(wb: Any, gold_dir: Path, expected: dict, seeds: list[int]) -> None:
     """After further training: per checkpoint, the size of the gold-standard attribution
     (mean over test instances of the L2 norm over left-out instances, centred and not), so
     the dashboard shows how the measured effect grows with further training and whether it
     stays far above float resolution."""
+    from tda.artifacts import IntegrityError
     from tda.further_training.gold_standard import load_gold_standard
+    from tda.provenance import ProvenanceError
 
     try:
-        gold = load_gold_standard(Path(gold_dir), require_all=False)
+        gold = load_gold_standard(Path(gold_dir), expected, seeds, require_all=False)
     except (FileNotFoundError, ValueError) as err:
+        if isinstance(err, (ProvenanceError, IntegrityError)):
+            raise  # foreign or damaged files are never glossed over
         # e.g. a job that computed only a shard of the gold standard: the run itself succeeded
         logging.getLogger(__name__).warning("not logging further-training progress to W&B: %s", err)
         return

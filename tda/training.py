@@ -40,7 +40,22 @@ class FinalModelModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         if self.transform is not None:
             batch = (self.transform(batch[0]), batch[1])
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        if not bool(torch.isfinite(loss)):
+            # raised here, it propagates out of trainer.fit: no final model is written
+            raise FloatingPointError(
+                f"final training diverged: the training loss is {float(loss.detach())} at epoch {self.current_epoch}, "
+                f"step {self.global_step} (batch {batch_idx} of the epoch); nothing was written. Lower optimizer.lr "
+                f"or set train.gradient_clip_val (e.g. 1.0), then re-run train.py")
+        return loss
+
+    def on_train_end(self):
+        """The last optimizer step can still overflow after the last loss was checked."""
+        bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise FloatingPointError(
+                f"final training diverged: after the last step the weights {bad[:5]} hold NaN/inf; nothing was "
+                f"written. Lower optimizer.lr or set train.gradient_clip_val (e.g. 1.0), then re-run train.py")
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "test")

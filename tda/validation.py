@@ -9,10 +9,12 @@ keys that do not exist (`train.epochz=3`). What it cannot see is checked here:
   `conf/common.yaml` defines; for `_target_` nodes, against the constructor's parameters),
   values of the wrong type, and impossible values (negative learning rate, zero seeds,
   zero epochs, ...). Every problem found is listed in the one error.
-- :func:`validate_data` (right after the data is loaded, before training): empty splits and
-  selections larger than the data (more left-out instances than training rows).
-- :func:`check_final_model` (attribute / evaluate, and train when a model exists): the
-  final model file is present, readable (not truncated) and was trained for this config.
+- :func:`validate_devices` (before the data is loaded): a CUDA accelerator or attribution
+  device asked for on a machine without CUDA.
+- :func:`validate_data` (right after the data is loaded, before training): empty splits,
+  selections larger than the data (more left-out instances than training rows), NaN/inf
+  inputs or targets and out-of-range class labels (named by split and column), and a model
+  that cannot take the data's inputs (a CNN on tabular data).
 - :func:`data_errors` wraps dataset loading and turns the usual failures (offline with
   nothing cached, an empty data file) into the same kind of message.
 """
@@ -257,17 +259,18 @@ def _value_problems(cfg: DictConfig) -> list[str]:
         elif below_one and not value < 1:
             problems.append(f"{path}={value} must be below 1{fix}")
 
-    def choice(path: str, allowed: tuple, nullable: bool = False) -> None:
+    def choice(path: str, allowed: tuple, nullable: bool = False, fix: str = "") -> None:
         value = _get(cfg, path, default="__absent__")
         if value == "__absent__" or (value is None and nullable):
             return
         if value not in allowed:
-            problems.append(f"{path}={value!r} is not one of {list(allowed)}")
+            problems.append(f"{path}={value!r} is not one of {list(allowed)}{fix}")
 
     number("seed", nonneg=True, integer=True)
     number("train.epochs", positive=True, integer=True, fix="; train for at least one epoch")
     number("train.batch_size", positive=True, integer=True)
-    choice("train.dtype", ("float32", "float64", "bf16", "16"))
+    # float16 mixed precision is not offered: Lightning silently runs it as bf16 on a CPU
+    choice("train.dtype", ("float32", "float64", "bf16"), fix="; for mixed precision use train.dtype=bf16")
     number("train.gradient_clip_val", positive=True, nullable=True)
     number("train.eval_every_epochs", positive=True, integer=True)
     number("selection.n_left_out", positive=True, integer=True, nullable=True, fix="; null attributes every training row")
@@ -285,6 +288,8 @@ def _value_problems(cfg: DictConfig) -> list[str]:
     number("further_training.epsilon", positive=True, nullable=True, fix="; null uses 1/n")
     number("further_training.clip_grad_norm", positive=True, nullable=True, fix="; null disables clipping")
     choice("further_training.dtype", ("float32", "float64"))
+    number("further_training.max_runs_per_group", positive=True, integer=True, nullable=True,
+           fix="; null trains as many runs at once as attribution.memory_budget_mb allows")
     number("attribution.memory_budget_mb", positive=True)
     for opt in ("optimizer", "further_optimizer"):
         number(f"{opt}.lr", positive=True, fix=f"; e.g. {opt}.lr=1e-3")
@@ -312,6 +317,10 @@ def _value_problems(cfg: DictConfig) -> list[str]:
                                                           and devices != 0 and devices >= -1)
                                     or isinstance(devices, (ListConfig, str))):
         problems.append(f"trainer.devices={devices!r} must be a positive count, -1 (all), 'auto' or a list of ids")
+    number("evaluate.examples.k", positive=True, integer=True,
+           fix="; it is the number of helpful and harmful instances shown per test instance "
+               "(to show no examples, set evaluate.examples.n_test=0)")
+    number("evaluate.examples.n_test", nonneg=True, integer=True, fix="; 0 shows no examples")
     centering = _get(cfg, "evaluate.centering")
     if centering is not None and (not isinstance(centering, ListConfig) or not len(centering)
                                   or not all(isinstance(c, bool) for c in centering)):
@@ -357,10 +366,19 @@ def _shard_problems(cfg: DictConfig) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ data
-def validate_data(cfg: DictConfig, n_train: int, n_test: int) -> None:
-    """Checks that need the data's size: empty splits and selections larger than the data."""
+def validate_data(cfg: DictConfig, n_train: int, n_test: int, data=None) -> None:
+    """Checks that need the data: empty splits, selections larger than the data and, given the
+    loaded `data` (a DataBundle), NaN/inf inputs or targets, class labels outside the classes
+    and a model that cannot take these inputs (a CNN on tabular data)."""
     name = _get(cfg, "dataset.name", "the dataset")
     problems = []
+    if data is not None:
+        values = data.value_problems()
+        if values:
+            problems.append(f"dataset {name} holds values no model can be trained on:\n      "
+                            + "\n      ".join(values) + "\n    Clean the data (drop or impute the missing values, fix "
+                            "the labels) or check the data file its loader reads (dataset.root / TDA_DATA_DIR)")
+        problems += _model_fit_problems(cfg, data)
     if n_train == 0:
         problems.append(f"dataset {name} has no training rows; check the data file it reads (empty?) and "
                         f"dataset.max_train")
@@ -384,6 +402,57 @@ def validate_data(cfg: DictConfig, n_train: int, n_test: int) -> None:
         raise ConfigError("the configuration does not fit the data:\n  - " + "\n  - ".join(problems))
 
 
+def _model_fit_problems(cfg: DictConfig, data) -> list[str]:
+    """The model's declared inputs (TDAModel.modalities / input_dims) against the data's."""
+    target = _get(cfg, "model._target_")
+    cls = _import_target(str(target)) if target else None
+    modalities, dims = getattr(cls, "modalities", None), getattr(cls, "input_dims", None)
+    if modalities is None:
+        return []
+    model = _get(cfg, "model.name", target)
+    shape = list(data.input_shape) if len(data.train) else None
+    kinds = {"image": "image inputs [C, H, W]", "text": "token ids [L]", "tabular": "feature vectors"}
+    if data.modality not in modalities or (dims is not None and shape is not None and len(shape) != dims):
+        options = {"image": "model=small_cnn or model=resnet9", "text": "model=text_classifier",
+                   "tabular": "model=mlp"}
+        return [f"model={model} needs {' or '.join(kinds[m] for m in modalities)}, but dataset "
+                f"{_get(cfg, 'dataset.name', 'the dataset')} is {data.modality} data with inputs of shape {shape}; "
+                f"use {options.get(data.modality, 'another model')} for it, or a {'/'.join(modalities)} dataset"]
+    return []
+
+
+def validate_devices(cfg: DictConfig, attribution: bool = False) -> None:
+    """The devices the config asks for exist on this machine: `trainer.accelerator` (final
+    and further training) and, with `attribution`, `trainer.attribution_device` (the
+    methods). Cheap; called before any data is loaded."""
+    import torch
+
+    problems = []
+    accelerator = _get(cfg, "trainer.accelerator")
+    if isinstance(accelerator, str) and accelerator.lower() in ("gpu", "cuda") and not torch.cuda.is_available():
+        problems.append(f"trainer.accelerator={accelerator} asks for a CUDA GPU, but torch.cuda.is_available() is "
+                        f"false on this machine (no GPU, or a CPU-only torch build); use trainer.accelerator=cpu "
+                        f"(or auto), or run on a machine with a GPU")
+    device = _get(cfg, "trainer.attribution_device") if attribution else None
+    if device is not None:
+        try:
+            dev = torch.device(str(device))
+        except (RuntimeError, ValueError):
+            problems.append(f"trainer.attribution_device={device!r} is not a torch device; use cpu, cuda or cuda:<index>")
+        else:
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                problems.append(f"trainer.attribution_device={device} asks for a CUDA GPU, but torch.cuda.is_available() "
+                                f"is false on this machine (no GPU, or a CPU-only torch build); use "
+                                f"trainer.attribution_device=cpu, or run on a machine with a GPU")
+            elif dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+                problems.append(f"trainer.attribution_device={device}: this machine has only "
+                                f"{torch.cuda.device_count()} CUDA device(s); use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+            elif dev.type == "mps" and not torch.backends.mps.is_available():
+                problems.append(f"trainer.attribution_device={device}: MPS is not available on this machine; use cpu")
+    if problems:
+        raise ConfigError("the configuration asks for devices this machine does not have:\n  - " + "\n  - ".join(problems))
+
+
 _OFFLINE_MARKERS = ("offline", "couldn't reach", "could not reach", "connection", "max retries", "name resolution",
                     "failed to resolve", "temporary failure", "network is unreachable", "localentrynotfound",
                     "cannot find the requested files in the local cache", "urlopen error")
@@ -392,7 +461,7 @@ _OFFLINE_MARKERS = ("offline", "couldn't reach", "could not reach", "connection"
 @contextlib.contextmanager
 def data_errors(cfg: DictConfig) -> Iterator[None]:
     """Turn the usual dataset-loading failures into one message with the fix."""
-    from tda.data.base import offline
+    from tda.env import offline
 
     name = _get(cfg, "dataset.name", "the dataset")
     try:
@@ -421,66 +490,3 @@ def data_errors(cfg: DictConfig) -> Iterator[None]:
             raise ConfigError(f"dataset {name} could not be downloaded ({type(err).__name__}: {err}). Check the network "
                               f"connection, or point dataset.root (or $TDA_DATA_DIR/<dataset>) at a local copy") from err
         raise
-
-
-# ------------------------------------------------------------------------------ final model
-def check_final_model(run, cfg: DictConfig) -> None:
-    """The final model of `run` exists, is a complete safetensors file, and was trained for
-    the dataset/model config of `cfg`. Cheap: reads only the header."""
-    import json
-
-    from safetensors import safe_open
-
-    from tda.config import config_hash
-    from tda.provenance import require_match
-
-    run.require_final_model()
-    path = run.final_model
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-    except Exception as err:
-        raise ConfigError(f"the final model {path} is corrupt or truncated ({err}). Retrain it: "
-                          f"`python train.py <same overrides> train.overwrite=true`") from err
-    meta = json.loads(header["json"]) if "json" in header else {}
-    expected = {"config_hash": config_hash(cfg.dataset, cfg.model)}
-    require_match(meta, expected, f"the final model {path}",
-                  "It was trained for another dataset/model configuration; retrain it with "
-                  "`python train.py <same overrides> train.overwrite=true` or point paths.runs_dir elsewhere.")
-
-
-# ------------------------------------------------------------------------------ gold standard
-def check_gold_meta(run, cfg: DictConfig) -> None:
-    """The gold standard directory this config points at was written for these further-
-    training settings, this fresh optimizer and the run's selections (cheap: meta.json only)."""
-    from tda.artifacts import load_json
-    from tda.config import to_container
-    from tda.further_training import gold_settings
-    from tda.provenance import require_match
-
-    gold_dir = run.gold_dir(cfg)
-    if not (gold_dir / "meta.json").is_file() or not run.selection.is_file():
-        return  # nothing to compare yet; loading it names what is missing
-    selection = load_json(run.selection)
-    require_match(load_json(gold_dir / "meta.json"),
-                  {"further_training": gold_settings(cfg.further_training),
-                   "further_optimizer": to_container(cfg.further_optimizer),
-                   "left_out_indices": selection["left_out_indices"], "test_indices": selection["test_indices"]},
-                  f"the gold standard in {gold_dir}",
-                  f"Delete {gold_dir} and re-run `python attribute.py method=further_training <same overrides>`.")
-
-
-def gold_status(gold_dir: Path, complete: bool) -> str:
-    """After a further-training job: merge what is on disk. `complete` (an unsharded job)
-    requires every seed; a shard reports what the other jobs still have to deliver."""
-    from tda.further_training.gold_standard import load_gold_standard
-
-    try:
-        gold = load_gold_standard(gold_dir, require_all=True)
-    except (FileNotFoundError, ValueError) as err:
-        # a shard's own files are written and correct; what other jobs still owe (or wrote
-        # twice) is for the merge in the evaluate stage to refuse
-        if complete:
-            raise
-        return f"this shard is done; the gold standard cannot be merged yet: {err}"
-    return f"gold standard complete: {len(gold.seeds)} seeds, diff {list(gold.diff.shape)}"

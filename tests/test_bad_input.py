@@ -10,6 +10,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import open_dict
 
 from conftest import SHARED_DATA, compose_config
+from tda.artifacts import IntegrityError
 from tda.provenance import ProvenanceError
 from tda.runs import RunDir
 from tda.stages import attribute, evaluate, train
@@ -183,7 +184,7 @@ def test_corrupt_final_model(tiny, damage):
     data = run.final_model.read_bytes()
     run.final_model.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"not a model" * 10, "empty": b""}[damage])
     for stage, fn in (("attribute", attribute), ("evaluate", evaluate), ("train", train)):
-        with pytest.raises(ConfigError, match=r"final model .* is corrupt or truncated .*train.overwrite=true"):
+        with pytest.raises(IntegrityError, match=r"final model .* is damaged or truncated .*train.overwrite=true"):
             fn(compose_config(stage, tiny + (["method=grad_dot"] if stage == "attribute" else [])))
     if damage == "truncate":
         train(compose_config("train", tiny + ["train.overwrite=true"]))  # the fix the message gives works
@@ -194,5 +195,5 @@ def test_final_model_from_another_config_is_refused(tiny):
     other = train(compose_config("train", tiny + ["model.hidden=[16]"]))
     run = train(compose_config("train", tiny))
     shutil.copy(other.final_model, run.final_model)  # e.g. a hand-copied file
-    with pytest.raises(ProvenanceError, match="(?s)refusing to combine the final model.*config_hash"):
+    with pytest.raises(ProvenanceError, match="(?s)refusing to combine the final model.*run: artifact has"):
         attribute(compose_config("attribute", tiny + ["method=grad_dot"]))

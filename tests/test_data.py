@@ -215,7 +215,7 @@ def test_hub_dataset_offline_without_local_copy_names_the_local_path_option(monk
 # ------------------------------------------------------------------ SST-2
 @requires_shared_data("sst2")
 def test_sst2_tokenised_by_the_models_tokenizer():
-    from tda.models.text import load_tokenizer
+    from tda.pretrained import load_tokenizer
 
     cfg = compose_config("train", ["dataset=sst2", "model=text_classifier", "dataset.max_train=50"])
     assert cfg.dataset.tokenizer == "minilm"

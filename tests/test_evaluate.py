@@ -11,14 +11,15 @@ import torch
 from scipy.stats import spearmanr
 
 from conftest import compose_config
-from tda.artifacts import load_json, save_json, save_tensors
+from tda.artifacts import load_json
 from tda.evaluation.curves import (method_agreement, resolve_checkpoints, seed_window_peaks, seed_windows,
                                    similarity_curves, sorted_profile, sorted_scores, split_half_reliability,
                                    top_instances, top_k_overlap)
 from tda.evaluation.metrics import mean_and_se, rowwise_cosine, rowwise_spearman
-from tda.evaluation.report import apply_overrides, load_method_scores
+from tda.evaluation.report import apply_overrides, load_all_method_scores
 from tda.further_training.gold_standard import GoldStandard, load_gold_standard
 from tda.runs import RunDir
+from tda.scores import save_method_scores
 from tda.stages import attribute, evaluate, train
 
 
@@ -176,10 +177,10 @@ def test_method_agreement_and_top_instances():
 def _write_method(run: RunDir, name: str, scores: torch.Tensor, gold: GoldStandard, config: dict) -> None:
     """A method result in the layout the attribute stage writes (scores + record)."""
     d = run.path / "methods" / f"{name}-test"
-    save_json(d / "record.json", {"method": name, "config": config, "seconds": 0.0, "peak_mb": 0.0, "key": d.name,
-                                  "left_out_indices": gold.meta["left_out_indices"],
-                                  "test_indices": gold.meta["test_indices"]})
-    save_tensors(d / "scores.safetensors", {"scores": scores})
+    header = {"method": name, "config": config, "final_model": gold.meta["final_model"], "shape": list(scores.shape)}
+    save_method_scores(d, scores, header, {"seconds": 0.0, "peak_mb": 0.0, "key": d.name,
+                                           "left_out_indices": gold.meta["left_out_indices"],
+                                           "test_indices": gold.meta["test_indices"]})
 
 
 def test_evaluate_stage_known_answers_on_disk(tiny):
@@ -215,14 +216,12 @@ def test_evaluate_stage_known_answers_on_disk(tiny):
 
 def test_several_configs_of_one_method_get_readable_labels(tmp_path):
     run, gold = RunDir(tmp_path / "run"), synthetic_gold(n_test=6, n_lo=8)
+    final_model = {"weights": "w", "data": "d", "selection": "s", "run": "r"}
     s = torch.randn(6, 8, dtype=torch.float64)
     for damping in (0.1, 10.0):
-        d = run.path / "methods" / f"cg-{damping}"
-        save_json(d / "record.json", {"method": "cg", "config": {"damping": damping, "iters": 5}, "seconds": 1.0,
-                                      "left_out_indices": gold.meta["left_out_indices"],
-                                      "test_indices": gold.meta["test_indices"]})
-        save_tensors(d / "scores.safetensors", {"scores": s * damping})
-    scores, _ = load_method_scores(run, gold)
+        header = {"method": "cg", "config": {"damping": damping, "iters": 5}, "final_model": final_model, "shape": [6, 8]}
+        save_method_scores(run.path / "methods" / f"cg-{damping}", s * damping, header, {"seconds": 1.0})
+    scores, _ = load_all_method_scores(run, final_model, gold)
     assert sorted(scores) == ["cg(damping=0.1)", "cg(damping=10.0)"]
 
 

@@ -17,8 +17,9 @@ from tda.further_training.engine import GroupTrainer, plan_step
 from tda.further_training.gold_standard import FurtherTraining, load_gold_standard, postprocess, seed_file
 from tda.further_training.optim import StackedOptimizer, clip_grad_norm_per_run, optimizer_spec
 from tda.further_training.reference import epoch_permutations, further_train_run
-from tda.further_training.stacked import FuncStacked, MLPStacked, build_stacked, sparse_rows
-from tda.methods.base import AttributionProblem
+from tda.further_training.stacked import FuncStacked, MLPStacked, build_stacked
+from tda.models.structure import sparse_rows
+from tda.problem import AttributionProblem
 from tda.models.cnn import SmallCNN
 from tda.models.mlp import MLP
 from tda.runs import further_training_key
@@ -284,7 +285,7 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="node lost"):
         FurtherTraining().run(problem, tmp_path, trainer=cfg.trainer)
     assert seed_file(tmp_path, 0).is_file() and not seed_file(tmp_path, 1).is_file()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temporary file left behind
     with pytest.raises(FileNotFoundError, match="missing seed 1; seed 2"):
         load_gold_standard(tmp_path)
     assert load_gold_standard(tmp_path, require_all=False).seeds == [0]

@@ -14,7 +14,7 @@ from torch import nn
 from conftest import compose_config
 from tda.artifacts import load_json, load_tensors
 from tda.further_training.reference import further_train_run
-from tda.methods.base import AttributionProblem
+from tda.problem import AttributionProblem
 from tda.methods.datainf import DataInf
 from tda.methods.grad_dot import GradCos, GradDot
 from tda.methods.grad_dot_adam import GradDotAdam, adam_second_moment

@@ -79,7 +79,7 @@ def test_resnet9_batch_norm_is_per_example_in_eval_mode():
 # ------------------------------------------------------------------ text
 @pytest.fixture(scope="module")
 def minilm_ids():
-    from tda.models.text import load_tokenizer
+    from tda.pretrained import load_tokenizer
 
     tok = load_tokenizer("minilm")
     sentences = ["a gorgeous , witty , seductive movie .", "it 's just not very funny .", "dull",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,8 +21,9 @@ import pandas as pd
 import pytest
 import torch
 
+import safetensors.torch
 from conftest import ROOT, compose_config
-from tda.artifacts import load_json, load_tensors, save_json, save_tensors
+from tda.artifacts import IntegrityError, load_json, load_tensors, load_tensors_with_metadata, save_json, save_tensors
 from tda.further_training.gold_standard import load_gold_standard, seed_file
 from tda.provenance import ProvenanceError, code_version
 from tda.runs import RunDir
@@ -261,12 +263,13 @@ def test_diverging_further_training_is_reported_with_seed_and_instances(tiny, pi
 
 def test_non_finite_seed_file_is_never_averaged_in(tiny, pipeline):
     gold_dir = pipeline.gold_dir(compose_config("attribute", tiny))
-    meta = load_json(gold_dir / "meta.json")
-    t = load_tensors(seed_file(gold_dir, 1))
-    t["diff"][-1, 2, 3] = float("nan")  # a run that diverged in its last epoch, written by some other tool
-    save_tensors(seed_file(gold_dir, 1), t)
-    instance = meta["left_out_indices"][3]
-    with pytest.raises(FloatingPointError, match=rf"seed 1 .*left-out training instances \[{instance}\]"):
+    t, header, _ = load_tensors_with_metadata(seed_file(gold_dir, 1))
+    t["diff"][-1, 2, 3] = float("nan")  # a run that diverged in its last epoch
+    with pytest.raises(FloatingPointError, match=r"refusing to write .*non-finite values \(NaN/inf\) in diff \(1 of"):
+        save_tensors(seed_file(gold_dir, 1), t, metadata=header)
+    # written by some other tool (no checksum): never loaded
+    safetensors.torch.save_file(t, str(seed_file(gold_dir, 1)))
+    with pytest.raises(IntegrityError, match=r"seed_00001.safetensors carries no checksum"):
         load_gold_standard(gold_dir)
 
 
@@ -280,7 +283,7 @@ def test_artifacts_carry_provenance(tiny, pipeline):
     assert prov["config"]["selection"]["n_left_out"] == 8 and prov["n_train"] == 96
     out = attribute(compose_config("attribute", tiny + ["method=grad_dot"]))
     record = load_json(out / "record.json")
-    assert record["provenance"]["shape"] == [6, 8]
+    assert record["shape"] == [6, 8]
     assert record["left_out_indices"] == sel["left_out_indices"] and record["test_indices"] == sel["test_indices"]
     from tda.artifacts import load_tensor_metadata
 
@@ -290,10 +293,11 @@ def test_artifacts_carry_provenance(tiny, pipeline):
 def test_cached_scores_for_other_instances_are_refused(tiny, pipeline):
     cfg = compose_config("attribute", tiny + ["method=grad_dot"])
     out = pipeline.method_dir(cfg)
-    record = load_json(out / "record.json")
-    record["left_out_indices"] = record["left_out_indices"][::-1]
-    save_json(out / "record.json", record)
-    with pytest.raises(ProvenanceError, match=r"(?s)refusing to combine the cached scores.*left_out_indices.*Delete"):
+    other = tiny + ["method=grad_dot", "selection.seed=1"]  # another selection of left-out instances
+    train(compose_config("train", other))
+    shutil.rmtree(out)
+    shutil.copytree(attribute(compose_config("attribute", other)), out)
+    with pytest.raises(ProvenanceError, match=r"(?s)refusing to combine the scores in .*final_model: .*selection.*Delete"):
         attribute(cfg)
 
 

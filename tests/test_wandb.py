@@ -52,7 +52,8 @@ def test_evaluate_logs_exactly_what_it_writes(tiny, isolated_env):
     ev = runs["evaluate"][0]
 
     # names, group, tags, resolved config
-    assert ev["run"]["run_group"] == "default" and ev["run"]["job_type"] == "evaluate"
+    assert ev["run"]["run_group"] == "breast_cancer-mlp" and ev["run"]["job_type"] == "evaluate"
+    assert all(r["state"] == "finished" for rs in runs.values() for r in rs)  # exit code 0: succeeded
     assert {"stage:evaluate", "dataset:breast_cancer", "model:mlp", "further_optimizer:sgd"} <= set(ev["run"]["tags"])
     config = {k: v for k, v in ev["config"].items() if not k.startswith("_wandb")}  # W&B's chart specs
     assert config == to_container(cfg) and "${" not in repr(config)
@@ -134,7 +135,7 @@ def test_multirun_is_one_wandb_run_per_job(tiny, isolated_env):
     assert list(runs) == ["attribute"] and len(runs["attribute"]) == 2
     methods = sorted(r["config"]["method"]["name"] for r in runs["attribute"])
     assert methods == ["grad_cos", "grad_dot"]
-    assert {r["run"]["run_group"] for r in runs["attribute"]} == {"default"}
+    assert {r["run"]["run_group"] for r in runs["attribute"]} == {"breast_cancer-mlp"}
     assert len({r["run"]["run_id"] for r in runs["attribute"]}) == 2
     for r in runs["attribute"]:
         assert f"method:{r['config']['method']['name']}" in r["run"]["tags"]

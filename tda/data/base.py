@@ -77,6 +77,44 @@ class DataBundle:
             out.update(dict(nz))
         return out
 
+    def value_problems(self) -> list[str]:
+        """What makes the model-facing values unusable, one line per split and column: NaN/inf
+        inputs (named by feature where `feature_names` exist, else by flat column index of
+        x [n, d] / [n, C*H*W]), non-finite regression targets, class labels outside
+        0..n_outputs-1. A NaN input turns training, every method score and the gold standard
+        into NaN, so it is refused at load, where the message can name the column."""
+        problems = []
+        for split in ("train", "test"):
+            ds = self.train if split == "train" else self.test
+            batch = ds.with_format("torch", columns=["x", "y"])[:]
+            x, y = batch["x"], batch["y"]
+            if x.is_floating_point() and len(x):
+                bad = ~torch.isfinite(x.reshape(len(x), -1))  # [n, d]
+                columns = bad.any(0).nonzero().flatten().tolist()
+                names = self.feature_names if self.feature_names and len(self.feature_names) == bad.shape[1] else None
+                for c in columns[:5]:
+                    label = f"feature {names[c]!r} (column {c})" if names else f"column {c} of the flattened input"
+                    problems.append(f"{split} split: {label} holds NaN/inf in {int(bad[:, c].sum())} of {len(x)} rows")
+                if len(columns) > 5:
+                    problems.append(f"{split} split: {len(columns) - 5} more input columns hold NaN/inf")
+            problems += self._label_problems(split, y)
+        return problems
+
+    def _label_problems(self, split: str, y: torch.Tensor) -> list[str]:
+        if not len(y):
+            return []
+        if y.is_floating_point() and not bool(torch.isfinite(y).all()):
+            return [f"{split} split: {int((~torch.isfinite(y)).sum())} of {len(y)} labels (y) are NaN/inf"]
+        if self.task != "classification":
+            return []
+        if y.is_floating_point() and not bool((y == y.round()).all()):
+            return [f"{split} split: {int((y != y.round()).sum())} of {len(y)} class labels (y) are not whole numbers"]
+        outside = (y < 0) | (y >= self.n_outputs)
+        if bool(outside.any()):
+            return [f"{split} split: {int(outside.sum())} of {len(y)} class labels (y) are outside "
+                    f"0..{self.n_outputs - 1} (the {self.n_outputs} classes), e.g. {y[outside][0].item():g}"]
+        return []
+
     def fingerprint(self) -> str:
         """Hash of the model-facing content, recorded with every run so a later stage can
         detect that the data changed underneath it."""
@@ -114,7 +152,3 @@ def data_root(dataset_dir: str, root: str | None = None) -> Path | None:
         if path.exists():
             return path
     return None
-
-
-def offline() -> bool:
-    return any(os.environ.get(v, "0") not in ("0", "", "false", "False") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TDA_OFFLINE"))

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tda.data.base import DataBundle, data_root, offline
+from tda.data.base import DataBundle, data_root
+from tda.env import offline
 from tda.data.tabular import split_standardise
 
 NUMERIC = ("AGEP", "WKHP")  # the only standardised columns in the paper

@@ -7,7 +7,8 @@ from collections.abc import Mapping
 
 import datasets
 
-from tda.data.base import data_root, offline
+from tda.data.base import data_root
+from tda.env import offline
 
 
 def load_splits(name: str, hub_id: str, splits: Mapping[str, str], root: str | None = None) -> datasets.DatasetDict:

@@ -15,13 +15,12 @@ import numpy as np
 
 from tda.data.base import DataBundle, subsample
 from tda.data.hub import load_splits
+from tda.pretrained import load_tokenizer
 
 
 def sst2(root: str | None = None, tokenizer: str = "minilm", tokenizer_path: str | None = None,
          max_length: int = 128, max_train: int | None = None, max_test: int | None = None,
          subsample_seed: int = 0) -> DataBundle:
-    from tda.models.text import load_tokenizer
-
     raw = load_splits("sst2", "stanfordnlp/sst2", {"train": "train", "test": "validation"}, root)
     tok = load_tokenizer(tokenizer, tokenizer_path)
     pad_id = int(tok.pad_token_id)

@@ -25,11 +25,29 @@ def _check_shape(name: str, s: torch.Tensor, target: torch.Tensor) -> None:
     if tuple(s.shape) != tuple(target.shape[1:]):
         raise ValueError(f"scores of {name} have shape {tuple(s.shape)} but the gold standard has "
                          f"[n_test, n_left_out] = {tuple(target.shape[1:])}; they were computed for a different selection")
+    check_finite_scores(name, s)
+
+
+def check_finite_scores(name: str, s: torch.Tensor) -> None:
+    """Refuse method scores [n_test, n_left_out] holding NaN/inf. Left in, a NaN makes the
+    test instance's cosine "undefined" (silently skipped) and its ranks arbitrary (Spearman
+    over garbage), so the method would be scored on a subset it did not choose."""
+    bad = ~torch.isfinite(s)
+    if bool(bad.any()):
+        rows = bad.any(-1).nonzero().flatten().tolist()
+        raise ValueError(f"scores of {name} hold {int(bad.sum())} NaN/inf entries of {s.numel()} (test positions "
+                         f"{rows[:10]}{' ...' if len(rows) > 10 else ''}); the method failed numerically. Delete its "
+                         f"directory under methods/ and re-run attribute.py for it with settings that keep it finite, "
+                         f"or leave it deleted to evaluate the other methods")
 
 
 def curve_rows(target: torch.Tensor, scores: dict[str, torch.Tensor]) -> list[tuple[str, str, int, float, float, int, int]]:
     """(method, metric, checkpoint, mean, se, n, n_skipped) for a gold attribution `target`
-    [T, n_test, n_left_out] and method scores [n_test, n_left_out]."""
+    [T, n_test, n_left_out] and method scores [n_test, n_left_out]; both must be finite
+    (NaN is reserved for a metric that is undefined on a constant vector)."""
+    if not bool(torch.isfinite(target).all()):
+        raise ValueError(f"the gold-standard attribution holds {int((~torch.isfinite(target)).sum())} NaN/inf entries; "
+                         f"delete the gold standard's diverged seed files and re-run attribute.py method=further_training")
     rows = []
     for name, s in scores.items():
         _check_shape(name, s, target)
@@ -166,6 +184,8 @@ def method_agreement(scores: dict[str, torch.Tensor]) -> pd.DataFrame:
     """Every pair of methods: per-test-instance cosine and Spearman between their score
     vectors, mean and SE over test instances (the paper compares e.g. Grad-Dot and DataInf)."""
     names = list(scores)
+    for name in names:
+        check_finite_scores(name, scores[name])
     rows = []
     for i, a in enumerate(names):
         for b in names[i + 1:]:

@@ -3,6 +3,9 @@ the same DataFrame that is written as CSV and logged to W&B."""
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 from pathlib import Path
 
 import matplotlib
@@ -18,12 +21,21 @@ def _label(centered) -> str:
 
 
 def _save(fig, path: Path, title: str = "") -> Path:
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """Write `fig` to `path` through a temporary file in the same directory and a rename, so
+    `path` is never a truncated image (the evaluate stage also writes into a staging directory
+    that is swapped in as a whole: tda.evaluation.output_set). Closes `fig` either way."""
+    # named like tda.artifacts' temporary files, so its clean-up recognises a killed writer's
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        if title:
+            fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return path
 
 

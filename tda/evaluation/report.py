@@ -1,9 +1,13 @@
 """The evaluate stage: load the gold standard and every method's scores for one final
-model, run every analysis of SPEC §4, and write the results to disk (CSV + PNG + a
+model, run every analysis of docs/method.md (Evaluation), and write the results to disk (CSV + PNG + a
 markdown report linking them) and the same numbers to W&B.
 
 `evaluate.compare` (a list of override strings) instead compares several experiments
 (e.g. SGD vs Adam further training, or several further-training settings) in one figure.
+
+The files of one evaluation are written as one set (`output_set`): into a staging directory
+that is swapped into place only when every file is complete, so the output directory never
+mixes two evaluations and never holds a truncated file.
 """
 
 from __future__ import annotations
@@ -20,39 +24,51 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tda.artifacts import load_json, load_tensors, save_json, save_text
+from tda.artifacts import save_json, save_text
 from tda.config import build, config_hash, to_container
 from tda.evaluation.curves import (DEFAULT_WINDOWS, method_agreement, resolve_checkpoints, seed_window_peaks,
                                    similarity_curves, sorted_scores, split_half_reliability, top_instances,
                                    top_k_overlap)
 from tda.evaluation import plots
-from tda.further_training.gold_standard import GoldStandard, load_gold_standard
-from tda.runs import RunDir, further_training_key, runs_root
+from tda.evaluation.output_set import output_set
+from tda.further_training.gold_standard import GoldStandard, expected_gold, load_gold_standard, seeds_of
+from tda.provenance import FinalModel, read_final_model
+from tda.scores import SCORES, load_method_scores
+from tda.runs import RunDir, check_names, further_training_key, inside, runs_root
 from tda.tracking import finish, init_wandb
 
 log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------- loading
-def load_method_scores(run: RunDir, gold: GoldStandard) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """Scores [n_test, n_left_out] of every method computed for this final model, checked
-    against the gold standard's selections. Labels are the method name, or, when one method
-    was run with several configs (e.g. a damping sweep), the name plus the config values
-    that differ: `cg(damping=0.1)`."""
-    dirs = []
+def load_experiment(cfg: DictConfig, run: RunDir, final: FinalModel | None = None
+                    ) -> tuple[GoldStandard, dict[str, torch.Tensor], dict[str, dict]]:
+    """The gold standard of `cfg` and every method's scores for the final model of `run`, each
+    verified and checked to be computed from that final model (and, for the gold standard, with
+    the settings, seeds and selection of `cfg`)."""
+    final = final if final is not None else read_final_model(run, cfg)
+    ft = cfg.further_training
+    gold = load_gold_standard(run.gold_dir(cfg), expected_gold(final.identity, final.selection, ft, cfg.further_optimizer),
+                              seeds_of(ft))
+    scores, records = load_all_method_scores(run, final.identity, gold)
+    return gold, scores, records
+
+
+def load_all_method_scores(run: RunDir, final_model: dict, gold: GoldStandard
+                           ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Scores [n_test, n_left_out] of every method computed for this final model. A method
+    whose scores belong to another final model, or are damaged, is refused with its fix.
+    Labels are the method name, or, when one method was run with several configs (e.g. a
+    damping sweep), the name plus the config values that differ: `cg(damping=0.1)`."""
+    shape = (len(gold.meta["test_indices"]), len(gold.meta["left_out_indices"]))
+    loaded = []
     for d in sorted((run.path / "methods").glob("*/")):
-        if not (d / "scores.safetensors").is_file():
+        if not (d / SCORES).is_file():
             continue  # unfinished method: never read a partial result
-        record = load_json(d / "record.json")
-        if record["left_out_indices"] != gold.meta["left_out_indices"] or record["test_indices"] != gold.meta["test_indices"]:
-            raise ValueError(f"{d} was computed for other left-out / test instances than the gold standard; "
-                             f"delete it and re-run attribute.py for that method")
-        dirs.append((d, record))
-    labels = _method_labels([r for _, r in dirs], [d.name for d, _ in dirs])
-    scores, records = {}, {}
-    for (d, record), label in zip(dirs, labels):
-        scores[label] = load_tensors(d / "scores.safetensors")["scores"].double()
-        records[label] = record
+        loaded.append((d, *load_method_scores(d, final_model, shape)))
+    labels = _method_labels([r for _, _, r in loaded], [d.name for d, _, _ in loaded])
+    scores = {label: s.double() for (_, s, _), label in zip(loaded, labels)}
+    records = {label: r for (_, _, r), label in zip(loaded, labels)}
     return scores, records
 
 
@@ -80,16 +96,28 @@ def _method_labels(records: list[dict], dir_names: list[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------- one experiment
-def evaluate_run(cfg: DictConfig, run: RunDir) -> Path:
-    ev = cfg.evaluate
-    gold = load_gold_standard(run.gold_dir(cfg))
-    scores, records = load_method_scores(run, gold)
+def evaluate_run(cfg: DictConfig, run: RunDir, final: FinalModel | None = None) -> Path:
+    """Evaluate every method of `run` against its gold standard; returns `eval/<key>/`, which
+    is replaced as one set (see `output_set`) and only then logged to W&B."""
+    gold, scores, records = load_experiment(cfg, run, final)
     if not scores:
         raise FileNotFoundError(f"no method scores for the final model in {run.path}; run e.g. "
                                 f"`python attribute.py method=grad_dot` with the same overrides first")
     key = further_training_key(cfg)
-    out = run.eval_dir(key)
-    out.mkdir(parents=True, exist_ok=True)
+    out_dir = run.eval_dir(key)
+    with output_set(out_dir) as staging:
+        tables, figures, x_name = _write_evaluation(cfg, run, gold, scores, records, key, staging)
+    # W&B reads the files from their final place: the staging directory no longer exists
+    log_to_wandb(cfg, f"{run.path.name}/evaluate/{key}", tables, [out_dir / f.name for f in figures], x_name)
+    log.info("evaluation written to %s", out_dir)
+    return out_dir
+
+
+def _write_evaluation(cfg: DictConfig, run: RunDir, gold: GoldStandard, scores: dict[str, torch.Tensor],
+                      records: dict[str, dict], key: str, out: Path) -> tuple[dict[str, pd.DataFrame], list[Path], str]:
+    """Run every analysis and write all of its files into `out` (a staging directory); returns
+    the tables, the figures written and the name of the checkpoint axis, for W&B."""
+    ev = cfg.evaluate
     centering = tuple(bool(c) for c in ev.centering)
     x_name, xs = gold.checkpoint_axis()
     n_seeds = len(gold.seeds)
@@ -137,11 +165,12 @@ def evaluate_run(cfg: DictConfig, run: RunDir) -> Path:
         save_text(out / "examples.md", examples_md)
     save_text(out / "report.md", markdown_report(title, summary, reliability, peaks, agreement, figures, out,
                                                  bool(examples_md)))
+    # what this evaluation was computed from, by content
     save_json(out / "evaluated.json", {"run": str(run.path), "gold": str(run.gold_dir(cfg)), "seeds": gold.seeds,
-                                       "methods": {k: r.get("key") for k, r in records.items()}})
-    log_to_wandb(cfg, f"{run.path.name}/evaluate/{key}", tables, figures, x_name)
-    log.info("evaluation written to %s", out)
-    return out
+                                       "final_model": gold.meta["final_model"], "gold_files": gold.files,
+                                       "methods": {k: {"key": r.get("key"), "scores_sha256": r.get("scores_sha256")}
+                                                   for k, r in records.items()}})
+    return tables, figures, x_name
 
 
 def summary_table(curves: pd.DataFrame, records: dict[str, dict], overlap: dict[str, tuple[float, float]] | None = None,
@@ -393,7 +422,7 @@ def apply_overrides(cfg: DictConfig, overrides: str) -> DictConfig:
             raise ValueError(f"evaluate.compare entry {overrides!r}: {item!r} is not key=value")
         key, value = item.split("=", 1)
         key = key.lstrip("+")
-        if "." not in key:
+        if "." not in key and (CONF_DIR / key).is_dir():  # a config group; a top-level value (seed=1) is set below
             composed = _compose([item])
             if key == "experiment":
                 new = OmegaConf.create(OmegaConf.to_container(composed, resolve=False))
@@ -423,9 +452,11 @@ def _compose(overrides: list[str]) -> DictConfig:
 
     if GlobalHydra.instance().is_initialized():
         return compose(config_name="evaluate", overrides=overrides)
-    conf = Path(__file__).resolve().parents[2] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="evaluate", overrides=overrides)
+
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def _slug(s: str) -> str:
@@ -435,7 +466,9 @@ def _slug(s: str) -> str:
 def evaluate_compare(cfg: DictConfig) -> Path:
     """One figure and table across experiments: `evaluate.compare` lists override strings,
     each applied to the current config to find a final model, its gold standard and its
-    methods (which must already exist). Lines are `<experiment> / <method>`."""
+    methods (which must already exist). Lines are `<experiment> / <method>`. Written as one
+    set into `runs/compare/<name>-<hash>/` (see `output_set`), then logged to W&B."""
+    check_names(cfg)  # `name` names the output directory: refuse an unsafe one before any work
     entries = [str(e) for e in cfg.evaluate.compare]
     centering = tuple(bool(c) for c in cfg.evaluate.centering)
     wanted = cfg.evaluate.get("compare_methods")
@@ -443,9 +476,7 @@ def evaluate_compare(cfg: DictConfig) -> Path:
     for entry in entries:
         sub = apply_overrides(cfg, entry)
         run = RunDir.from_config(sub)
-        run.require_final_model()
-        gold = load_gold_standard(run.gold_dir(sub))
-        scores, records = load_method_scores(run, gold)
+        gold, scores, records = load_experiment(sub, run)
         if wanted:
             scores = {k: v for k, v in scores.items() if k in set(wanted)}
         if not scores:
@@ -467,25 +498,28 @@ def evaluate_compare(cfg: DictConfig) -> Path:
     x_name = x_names.pop()
     curves = pd.concat(all_curves, ignore_index=True)
     reliability = pd.concat(all_rel, ignore_index=True)
-    out = runs_root(cfg) / "compare" / f"{cfg.name}-{config_hash(entries, to_container(cfg.evaluate))}"
-    out.mkdir(parents=True, exist_ok=True)
+    name = cfg.name if cfg.get("name") is not None else "unnamed"
+    root = runs_root(cfg)
+    out_dir = inside(root, root / "compare" / f"{name}-{config_hash(entries, to_container(cfg.evaluate))}")
     summary = summary_table(curves, all_records, by=("experiment", "method"))
-    curves.to_csv(out / "similarity.csv", index=False)
-    reliability.to_csv(out / "reliability.csv", index=False)
-    summary.to_csv(out / "summary.csv", index=False)
-    plot_df = curves.assign(series=curves.experiment + " / " + curves.method)
-    rel_lines = reliability.assign(series=reliability.experiment + " / gold split-half", method="gold_split_half")
-    both = pd.concat([plot_df, rel_lines[[c for c in plot_df.columns if c in rel_lines.columns]]], ignore_index=True)
-    title = f"comparison: {' vs '.join(e or 'base' for e in entries)}"
-    figures = [plots.plot_curves(both, out / "similarity.png", title=title, series="series", style_by="experiment")]
-    lines = [f"# {title}", "", "Experiments (override strings applied to the evaluate config):", ""]
-    lines += [f"- `{e or 'base'}`: {sorted({r['run'] for (lab, _), r in all_records.items() if lab == (e or 'base')})}" for e in entries]
-    lines += ["", "## Summary", ""] + _md_table(list(summary.columns), summary.values.tolist())
-    lines += ["", "![similarity](similarity.png)", "", "Data: [similarity.csv](similarity.csv), "
-              "[reliability.csv](reliability.csv), [summary.csv](summary.csv)", ""]
-    save_text(out / "report.md", "\n".join(lines))
+    with output_set(out_dir) as out:
+        curves.to_csv(out / "similarity.csv", index=False)
+        reliability.to_csv(out / "reliability.csv", index=False)
+        summary.to_csv(out / "summary.csv", index=False)
+        plot_df = curves.assign(series=curves.experiment + " / " + curves.method)
+        rel_lines = reliability.assign(series=reliability.experiment + " / gold split-half", method="gold_split_half")
+        both = pd.concat([plot_df, rel_lines[[c for c in plot_df.columns if c in rel_lines.columns]]], ignore_index=True)
+        title = f"comparison: {' vs '.join(e or 'base' for e in entries)}"
+        figures = [plots.plot_curves(both, out / "similarity.png", title=title, series="series", style_by="experiment")]
+        lines = [f"# {title}", "", "Experiments (override strings applied to the evaluate config):", ""]
+        lines += [f"- `{e or 'base'}`: {sorted({r['run'] for (lab, _), r in all_records.items() if lab == (e or 'base')})}" for e in entries]
+        lines += ["", "## Summary", ""] + _md_table(list(summary.columns), summary.values.tolist())
+        lines += ["", "![similarity](similarity.png)", "", "Data: [similarity.csv](similarity.csv), "
+                  "[reliability.csv](reliability.csv), [summary.csv](summary.csv)", ""]
+        save_text(out / "report.md", "\n".join(lines))
     tables = {"similarity": curves, "reliability": None, "summary": summary}
-    log_to_wandb(cfg, f"compare/{cfg.name}/{_slug('_vs_'.join(entries))}", {k: v for k, v in tables.items() if v is not None},
-                 figures, x_name, series=("experiment", "method"))
-    log.info("comparison written to %s", out)
-    return out
+    # W&B reads the figures from their final place: the staging directory no longer exists
+    log_to_wandb(cfg, f"compare/{name}/{_slug('_vs_'.join(entries))}", {k: v for k, v in tables.items() if v is not None},
+                 [out_dir / f.name for f in figures], x_name, series=("experiment", "method"))
+    log.info("comparison written to %s", out_dir)
+    return out_dir

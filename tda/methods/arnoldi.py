@@ -22,8 +22,10 @@ import logging
 
 import torch
 
-from tda.methods.base import AttributionProblem, Method
-from tda.methods.hessian import InfluenceMethod, Matvec
+from tda.methods.base import Method
+from tda.problem import AttributionProblem
+from tda.methods.checks import check_curvature, check_dtype, non_negative, positive_int
+from tda.methods.hessian import InfluenceMethod, Matvec, ParamSpace
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +67,28 @@ class Arnoldi(InfluenceMethod, Method):
                  top_k: int = 100, complement: bool = False, seed: int = 0, batch_size: int = 1024,
                  chunk_size: int = 256, dtype: str | None = None):
         Method.__init__(self)
-        if top_k > n_iters:
+        self.curvature = check_curvature(curvature)
+        self.damping_multiple = non_negative("damping_multiple", damping_multiple, "λ = damping_multiple × λ₀", 100.0)
+        self.n_iters = positive_int("n_iters", n_iters, "Arnoldi steps", 200)
+        self.top_k = positive_int("top_k", top_k, "eigenpairs to keep", min(100, self.n_iters))
+        if self.top_k > self.n_iters:
             raise ValueError(f"method.top_k={top_k} exceeds method.n_iters={n_iters}; Arnoldi yields at most "
-                             f"n_iters eigenpairs")
-        self.curvature, self.damping_multiple, self.n_iters, self.top_k = curvature, damping_multiple, n_iters, top_k
-        self.complement, self.seed, self.batch_size, self.chunk_size, self.dtype = (
-            complement, seed, batch_size, chunk_size, dtype)
+                             f"n_iters eigenpairs; e.g. method.top_k={self.n_iters}")
+        if complement and self.damping_multiple == 0:
+            raise ValueError("method.complement=true divides the directions outside the top-k by λ, so "
+                             f"method.damping_multiple={damping_multiple} (λ = 0) is not allowed with it; e.g. "
+                             "method.damping_multiple=100 or method.complement=false")
+        self.batch_size = positive_int("batch_size", batch_size, "training rows per curvature-product batch", 1024)
+        self.chunk_size = positive_int("chunk_size", chunk_size, "rows per per-example-gradient chunk", 256)
+        check_dtype(dtype)
+        self.complement, self.seed, self.dtype = complement, seed, dtype
 
     def scores(self, problem: AttributionProblem) -> torch.Tensor:
+        n_params = ParamSpace(problem.model).n_params
+        if self.top_k > n_params:  # before any gradient: C has only n_params eigenpairs
+            raise ValueError(f"method.top_k={self.top_k} exceeds the {n_params} trainable parameters of the model, "
+                             f"the most eigenpairs its curvature has; e.g. method.top_k={min(n_params, 100)} "
+                             f"(and method.n_iters ≥ top_k)")
         model, dtype, g_test, g_lo, lam = self._setup(problem, self.dtype, self.chunk_size, self.damping_multiple)
         op = self._operator(problem, model, dtype)
         gen = torch.Generator().manual_seed(int(self.seed))

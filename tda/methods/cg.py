@@ -26,7 +26,9 @@ import logging
 
 import torch
 
-from tda.methods.base import AttributionProblem, Method
+from tda.methods.base import Method
+from tda.problem import AttributionProblem
+from tda.methods.checks import check_curvature, check_dtype, non_negative, positive_int
 from tda.methods.hessian import InfluenceMethod, Matvec, scores_from_solution
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,12 @@ def block_cg(matvec: Matvec, B: torch.Tensor, damping: float, tol: float = 1e-6,
              maxiter: int = 200) -> tuple[torch.Tensor, dict]:
     """Solve (C + damping·I) X = B by block CG, from X = 0. B [n, k] -> X [n, k] and info
     (per-column iterations and relative residuals, convergence and breakdown counts, search
-    directions per iteration). `matvec` takes [n, r] for any number r of directions, in B's dtype.
+    directions per iteration, and `no_progress`: the columns left unconverged that no iteration
+    improved — none ran, b or the iterates are not finite, or ‖r‖ in the (C+λI)⁻¹-norm, which
+    CG lowers at every step, is not below ‖b‖; their X is zero or meaningless). `matvec` takes
+    [n, r] for any number r of directions, in B's dtype. The 2-norm of the residual is no
+    test of progress: it can rise in the first iterations while the error falls (the tiny
+    config's MLP at 1·λ₀: 1.3–1.7 × ‖b‖ for 6 iterations, then 0.56 at 10).
 
     The recurrence runs in float64 whatever B's dtype: in float32 the block's directions lose
     their conjugacy and columns can stall short of the tolerance (seen once, in a run not kept
@@ -64,7 +71,9 @@ def block_cg(matvec: Matvec, B: torch.Tensor, damping: float, tol: float = 1e-6,
     if dtype != torch.float64:
         matvec = (lambda mv: lambda V: mv(V.to(dtype)).double())(matvec)
     bnorm = B.double().norm(dim=0)
+    finite = torch.isfinite(bnorm)
     rel = (bnorm > 0).double()  # ‖b − (C+λI)·0‖ / ‖b‖; a zero column is solved by 0
+    rel[~finite] = float("nan")  # never active, never converged: reported as no progress
     bnorm = bnorm.clamp_min(torch.finfo(torch.float64).tiny)
     iters = torch.zeros(k, dtype=torch.long, device=B.device)
     breakdown = torch.zeros(k, dtype=torch.bool, device=B.device)
@@ -100,10 +109,15 @@ def block_cg(matvec: Matvec, B: torch.Tensor, damping: float, tol: float = 1e-6,
         beta = torch.cholesky_solve(Q.T @ Ra, L)
         P = orthonormal_basis(torch.addmm(Ra, P, beta, alpha=-1))
     X[:, cols] = Xa.to(dtype)
+    # progress of the columns still active: with e = x − x*, ‖e‖²_(C+λI) − ‖x*‖²_(C+λI) =
+    # ‖r‖²_(C+λI)⁻¹ − ‖b‖²_(C+λI)⁻¹ = −xᵀ(b + r), negative once any iteration helped
+    no_progress = ~finite
+    gain = (Xa * (B[:, cols].double() + Ra)).sum(0)
+    no_progress[cols] |= ~(gain > 0) | ~torch.isfinite(Xa).all(0)
     info = {"iterations": iters.tolist(), "relative_residual": rel.tolist(),
             "converged": int(((rel <= tol) & ~breakdown).sum()), "n_columns": k,
             "breakdown": int(breakdown.sum()), "max_iterations": int(iters.max()) if k else 0,
-            "directions_per_iteration": widths}
+            "directions_per_iteration": widths, "no_progress": int(no_progress.sum())}
     return X, info
 
 
@@ -117,8 +131,15 @@ class CG(InfluenceMethod, Method):
                  maxiter: int = 200, batch_size: int = 1024, chunk_size: int = 256, dtype: str | None = None,
                  block: bool = True):
         Method.__init__(self)
-        self.curvature, self.damping_multiple, self.tol, self.maxiter = curvature, damping_multiple, tol, maxiter
-        self.batch_size, self.chunk_size, self.dtype, self.block = batch_size, chunk_size, dtype, block
+        check_curvature(curvature)
+        self.curvature = curvature
+        self.damping_multiple = non_negative("damping_multiple", damping_multiple, "λ = damping_multiple × λ₀", 100.0)
+        self.tol = non_negative("tol", tol, "relative residual at which a column stops", 1e-6)
+        self.maxiter = positive_int("maxiter", maxiter, "iterations", 100)
+        self.batch_size = positive_int("batch_size", batch_size, "training rows per curvature-product batch", 1024)
+        self.chunk_size = positive_int("chunk_size", chunk_size, "rows per per-example-gradient chunk", 256)
+        check_dtype(dtype)
+        self.dtype, self.block = dtype, block
 
     def scores(self, problem: AttributionProblem) -> torch.Tensor:
         model, dtype, g_test, g_lo, lam = self._setup(problem, self.dtype, self.chunk_size, self.damping_multiple)
@@ -137,11 +158,18 @@ class CG(InfluenceMethod, Method):
             iterations = [i["iterations"][0] for i in infos]
             info = {"iterations": iterations, "relative_residual": [i["relative_residual"][0] for i in infos],
                     "converged": sum(i["converged"] for i in infos), "n_columns": B.shape[1],
-                    "breakdown": sum(i["breakdown"] for i in infos), "max_iterations": max(iterations, default=0)}
+                    "breakdown": sum(i["breakdown"] for i in infos), "max_iterations": max(iterations, default=0),
+                    "no_progress": sum(i["no_progress"] for i in infos)}
         if info["breakdown"]:
             raise ValueError(f"cg: C + λI is not positive definite along {info['breakdown']} of {info['n_columns']} "
                              f"solves (curvature={self.curvature}, λ={lam:.3g}); the damped quadratic model has no "
                              f"minimum. Use method.curvature=gn or a larger method.damping_multiple")
+        if info["no_progress"]:
+            raise ValueError(f"cg: {info['no_progress']} of {info['n_columns']} solves made no progress in "
+                             f"method.maxiter={self.maxiter} iterations (none ran, the gradients or iterates are not "
+                             f"finite, or the error did not decrease), so their scores would be zero or meaningless "
+                             f"(curvature={self.curvature}, λ={lam:.3g}). Raise method.maxiter (e.g. "
+                             f"method.maxiter=200) and check the final model's gradients for NaN/inf")
         if info["converged"] < info["n_columns"]:
             log.warning("cg: %d of %d columns did not reach tol=%g in maxiter=%d (max relative residual %.2e); "
                         "raise method.maxiter or method.damping_multiple",

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from tda.methods.base import AttributionProblem, Method
+from tda.methods.base import Method
+from tda.problem import AttributionProblem
+from tda.methods.checks import optional_positive_int, positive_int
 from tda.methods.grad_dot import check_factored
 from tda.methods.gradients import (ParamLayout, compute_grads, iter_grad_chunks, loss_target, tensor_kernels,
                                    tensor_sq_norms)
@@ -48,8 +50,9 @@ class DataInf(Method):
         self.c = float(c)
         self.damping = damping
         self.factored = check_factored(factored)
-        self.chunk_size = chunk_size
-        self.max_rows = max_train_rows_per_chunk
+        self.chunk_size = positive_int("chunk_size", chunk_size, "rows per per-example-gradient chunk", 256)
+        self.max_rows = optional_positive_int("max_train_rows_per_chunk", max_train_rows_per_chunk,
+                                              "training rows per chunk", 1024)
 
     def groups(self, layout: ParamLayout) -> dict[str, list[str]]:
         """Block name -> parameter tensors in it, and sizes."""

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from tda.methods.base import AttributionProblem, Method
+from tda.methods.base import Method
+from tda.problem import AttributionProblem
+from tda.methods.checks import positive_int
 from tda.methods.gradients import compute_grads, loss_target, tensor_kernels, tensor_sq_norms
 
 
@@ -26,7 +28,7 @@ class GradDot(Method):
 
     def __init__(self, chunk_size: int = 256, normalize: bool = False, factored: str | bool = "auto"):
         super().__init__()
-        self.chunk_size = chunk_size
+        self.chunk_size = positive_int("chunk_size", chunk_size, "rows per per-example-gradient chunk", 256)
         self.normalize = normalize
         self.factored = check_factored(factored)
 

@@ -41,7 +41,9 @@ from __future__ import annotations
 
 import torch
 
-from tda.methods.base import AttributionProblem, Method
+from tda.methods.base import Method
+from tda.problem import AttributionProblem
+from tda.methods.checks import non_negative, optional_positive_int, positive_int
 from tda.methods.grad_dot import check_factored
 from tda.methods.gradients import ParamLayout, compute_grads, iter_grad_chunks, loss_target, tensor_moments
 
@@ -66,10 +68,14 @@ class GradDotAdam(Method):
     def __init__(self, eps: float | None = None, batch_size: int | None = None, factored: str | bool = "auto",
                  chunk_size: int = 256, max_train_rows_per_chunk: int | None = None):
         super().__init__()
-        self.eps, self.batch_size = eps, batch_size
+        if eps is not None:
+            non_negative("eps", eps, "Adam's ε, or null to read further_optimizer.eps", 1e-8)
+        self.eps = eps
+        self.batch_size = optional_positive_int("batch_size", batch_size, "rows per further-training batch", 16)
         self.factored = check_factored(factored)
-        self.chunk_size = chunk_size
-        self.max_rows = max_train_rows_per_chunk
+        self.chunk_size = positive_int("chunk_size", chunk_size, "rows per per-example-gradient chunk", 256)
+        self.max_rows = optional_positive_int("max_train_rows_per_chunk", max_train_rows_per_chunk,
+                                              "training rows per chunk", 1024)
 
     def settings(self, problem: AttributionProblem) -> tuple[float, int]:
         eps = self.eps

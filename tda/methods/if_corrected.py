@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from tda.methods.base import AttributionProblem
+from tda.problem import AttributionProblem
 from tda.methods.cg import CG, block_cg
 from tda.methods.hessian import mean_grad
 

@@ -34,8 +34,10 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from tda.artifacts import load_tensors, save_tensors
-from tda.further_training.stacked import should_use_sparse
-from tda.methods.base import AttributionProblem, Method
+from tda.models.structure import should_use_sparse
+from tda.methods.base import Method
+from tda.problem import AttributionProblem
+from tda.methods.checks import check_dtype, non_negative, positive_int
 from tda.methods.gradients import FactoredGrads, NotFactorable, compute_grads, loss_target
 from tda.methods.hessian import InfluenceMethod, ParamSpace, model_fingerprint, output_hessian_sqrt
 
@@ -305,8 +307,11 @@ class EKFAC(InfluenceMethod, Method):
     def __init__(self, damping_multiple: float = 100.0, batch_size: int = 512, chunk_size: int = 256,
                  dtype: str | None = None):
         Method.__init__(self)
-        self.damping_multiple, self.batch_size, self.chunk_size, self.dtype = (
-            damping_multiple, batch_size, chunk_size, dtype)
+        self.damping_multiple = non_negative("damping_multiple", damping_multiple, "λ = damping_multiple × λ₀", 100.0)
+        self.batch_size = positive_int("batch_size", batch_size, "training rows per factor batch", 512)
+        self.chunk_size = positive_int("chunk_size", chunk_size, "rows per per-example-gradient chunk", 256)
+        check_dtype(dtype)
+        self.dtype = dtype
 
     def scores(self, problem: AttributionProblem) -> torch.Tensor:
         model = problem.model.to(problem.device)

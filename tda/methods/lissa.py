@@ -6,7 +6,21 @@ over `depth` mini-batches b drawn with replacement (`batch_size` ≥ n: the whol
 Gauss–Newton (`lissa`) or the true Hessian (`lissa_h`) of the mean loss over batch b. All
 evaluated test instances run as one block of columns, so each step is one batched product.
 
-Divergence. If every batch curvature C_b is positive semi-definite and its eigenvalues are
+Definiteness. The recursion is a Neumann series for (C + λI)⁻¹, which exists as its limit
+only if K = C + λI (the full-data curvature) is positive definite: along an eigenvector with
+eigenvalue μ ≤ 0 each step multiplies h by 1 + |μ|/s, a growth slow enough (1 + 0.09/500 per
+step for the default MLP's Hessian at 100·λ₀) to stay under any norm bound for thousands of
+steps while the result is already wrong. So before the recursion, `lanczos_steps` Lanczos
+steps on K (full data, float64, :func:`tda.methods.spectrum.lanczos_extremes`) estimate its
+smallest eigenvalue, and after each run the smallest Ritz value of K on the span of the final
+iterates and increments (the increments are power iterations of I − K/s, so they line up with
+any growing direction: :func:`tda.methods.spectrum.span_ritz_min`) is computed; either one
+≤ 0 (up to the operator's rounding) proves K is not positive definite and the method
+refuses, as CG and Arnoldi do. Both are recorded (`spectrum`), with the full-data relative residual
+‖g − K x‖/‖g‖ of the returned solution.
+Cost: `lanczos_steps` one-column and ≤ 3·k·`repeat` column products over the training set.
+
+Divergence of a run. If every batch curvature C_b is positive semi-definite and its eigenvalues are
 below 2s − λ, each step contracts by (1 − λ/s) and ‖h_t‖ ≤ s‖g‖/λ for all t. A column whose
 norm exceeds `divergence_factor` × s‖g‖/λ (or turns non-finite) is therefore outside the
 converging regime (for the indefinite true Hessian the factor leaves room for the extra
@@ -19,11 +33,15 @@ raises instead of returning a diverged result.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
-from tda.methods.base import AttributionProblem, Method
+from tda.methods.base import Method
+from tda.problem import AttributionProblem
+from tda.methods.checks import check_curvature, check_dtype, non_negative, positive, positive_int
 from tda.methods.hessian import CurvatureOperator, InfluenceMethod, scores_from_solution
+from tda.methods.spectrum import definiteness_tolerance, lanczos_extremes, span_ritz_min
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +54,11 @@ class Diverged(RuntimeError):
 
 def lissa_solve(op: CurvatureOperator, G: torch.Tensor, damping: float, scale: float, depth: int, repeat: int,
                 batch_size: int, generator: torch.Generator, divergence_factor: float = 10.0,
-                check_every: int = 10) -> torch.Tensor:
-    """≈ (C + λI)⁻¹ G for G [n_params, k]; raises :class:`Diverged` (naming the step)."""
+                check_every: int = 10,
+                on_final: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """≈ (C + λI)⁻¹ G for G [n_params, k]; raises :class:`Diverged` (naming the step).
+    `on_final`, if given, is called after each repeat that did not diverge with its last
+    iterate and last increment (h_depth, h_depth − h_depth−1), both [n_params, k]."""
     n = len(op.x)
     gnorm = G.norm(dim=0)
     bound = divergence_factor * scale * gnorm / damping if damping > 0 else torch.full_like(gnorm, float("inf"))
@@ -49,6 +70,8 @@ def lissa_solve(op: CurvatureOperator, G: torch.Tensor, damping: float, scale: f
                 Ch = op.matvec(h)
             else:
                 Ch = op.batch_matvec(torch.randint(n, (batch_size,), generator=generator), h)
+            # the last increment G − (C_b + λI)h/s, formed apart (not as a difference of iterates)
+            step = G - Ch / scale - h * (damping / scale) if on_final is not None and t == depth else None
             h.mul_(1 - damping / scale).add_(G).add_(Ch, alpha=-1 / scale)  # G + h − (C_b + λI)h/s, in place
             if t % check_every == 0 or t == depth:
                 norms = h.norm(dim=0)
@@ -56,13 +79,17 @@ def lissa_solve(op: CurvatureOperator, G: torch.Tensor, damping: float, scale: f
                 if bad.any():
                     raise Diverged(f"scale {scale}: {int(bad.sum())} of {len(bad)} columns diverged at step {t} "
                                    f"of repeat {r}")
+        if on_final is not None:
+            on_final(h, step)
+            del step
         total += h / scale
     return total / repeat
 
 
 class LiSSA(InfluenceMethod, Method):
     """IF score with (C + λI)⁻¹ g_test from the LiSSA recursion; λ = damping_multiple × λ₀.
-    `scale` is a number or `auto` (see the module docstring)."""
+    `scale` is a number or `auto` (see the module docstring); `lanczos_steps` full-data
+    products estimate the smallest eigenvalue of C + λI before the recursion runs."""
 
     name = "lissa"
     default_curvature = "gn"
@@ -70,26 +97,68 @@ class LiSSA(InfluenceMethod, Method):
     def __init__(self, damping_multiple: float = 100.0, depth: int = 5000, repeat: int = 1,
                  scale: float | str = "auto", scales: list[float] | tuple[float, ...] = SPEC_SCALES,
                  batch_size: int = 128, curvature: str | None = None, divergence_factor: float = 10.0,
-                 seed: int = 0, chunk_size: int = 256, dtype: str | None = None):
+                 seed: int = 0, chunk_size: int = 256, dtype: str | None = None, lanczos_steps: int = 20):
         Method.__init__(self)
-        self.damping_multiple, self.depth, self.repeat = damping_multiple, int(depth), int(repeat)
-        if scale != "auto" and not (isinstance(scale, (int, float)) and scale > 0):
-            raise ValueError(f"method.scale={scale!r}: use a positive number or 'auto'")
+        self.damping_multiple = non_negative("damping_multiple", damping_multiple, "λ = damping_multiple × λ₀",
+                                             100.0)
+        self.depth = positive_int("depth", depth, "recursion steps", 5000)
+        self.repeat = positive_int("repeat", repeat, "recursion runs to average", 1)
+        if scale != "auto":
+            positive("scale", scale, "the recursion's scale s, or 'auto'", 100)
+        if isinstance(scales, (str, bytes)) or not hasattr(scales, "__iter__") or len(list(scales)) == 0:
+            raise ValueError(f"method.scales={scales} must be a non-empty list of positive scales; "
+                             f"e.g. method.scales=[10,100,500]")
+        for v in scales:
+            if _bad_scale(v):
+                raise ValueError(f"method.scales={list(scales)} contains {v}; every scale must be a positive number, "
+                                 f"e.g. method.scales=[10,100,500]")
         self.scale, self.scales = scale, sorted(float(s) for s in scales)
-        self.batch_size, self.curvature = int(batch_size), curvature or self.default_curvature
-        self.divergence_factor, self.seed, self.chunk_size, self.dtype = divergence_factor, seed, chunk_size, dtype
+        self.batch_size = positive_int("batch_size", batch_size, "training rows per recursion step", 128)
+        self.curvature = check_curvature(curvature or self.default_curvature, self.default_curvature)
+        self.divergence_factor = positive("divergence_factor", divergence_factor,
+                                          "a run diverged once ‖h‖ > factor · s‖g‖/λ", 10.0)
+        self.seed = seed
+        self.chunk_size = positive_int("chunk_size", chunk_size, "rows per per-example-gradient chunk", 256)
+        check_dtype(dtype)
+        self.dtype = dtype
+        self.lanczos_steps = positive_int("lanczos_steps", lanczos_steps, "Lanczos steps", 20)
 
     def scores(self, problem: AttributionProblem) -> torch.Tensor:
         model, dtype, g_test, g_lo, lam = self._setup(problem, self.dtype, self.chunk_size, self.damping_multiple)
         op = self._operator(problem, model, dtype)
+
+        def K(V: torch.Tensor) -> torch.Tensor:  # (C + λI) V over the whole training set
+            return op.matvec(V).add_(V.to(op.dtype), alpha=lam)
+
+        # before the recursion: Lanczos on the full-data K
+        est = lanczos_extremes(K, op.n_params, self.lanczos_steps, torch.Generator().manual_seed(int(self.seed)),
+                               op.dtype, op.device)
+        tol = definiteness_tolerance(est["max"], op.dtype)
+        spectrum = {"lanczos_min": est["min"], "lanczos_max": est["max"], "lanczos_steps": est["steps"],
+                    "lanczos_exact": est["exact"], "tolerance": tol}
+        self.record["spectrum"] = spectrum
+        if est["min"] <= tol:
+            self._refuse(est["min"], lam, tol, f"{est['steps']} Lanczos steps on the full-data operator")
+
         solve, other, transposed = self.solve_side(g_test, g_lo)
         G = solve.T.contiguous()
+        k = G.shape[1]
         candidates = self.scales if self.scale == "auto" else [float(self.scale)]
         tried = []
         for s in candidates:
             gen = torch.Generator().manual_seed(int(self.seed))  # same batches for every scale tried
+            # after each run: K on the span of its last iterate and increment (a growing
+            # direction, if any), and K h for the full-data residual of the result
+            finals = {"ritz_min": float("inf"), "Kh": torch.zeros_like(G)}
+
+            def on_final(h: torch.Tensor, step: torch.Tensor, finals=finals) -> None:
+                found = span_ritz_min(torch.cat([h, step], dim=1), K)
+                finals["ritz_min"] = min(finals["ritz_min"], found)
+                finals["Kh"] += K(h)
+
             try:
-                X = lissa_solve(op, G, lam, s, self.depth, self.repeat, self.batch_size, gen, self.divergence_factor)
+                X = lissa_solve(op, G, lam, s, self.depth, self.repeat, self.batch_size, gen, self.divergence_factor,
+                                on_final=on_final)
                 break
             except Diverged as err:
                 log.info("%s: %s", self.name, err)
@@ -98,10 +167,38 @@ class LiSSA(InfluenceMethod, Method):
             raise ValueError(f"{self.name}: the recursion diverged for every scale in {candidates} "
                              f"(λ={lam:.3g}): {tried[-1]}. Use larger method.scales (or method.scale), "
                              f"or a larger method.damping_multiple")
+        found = finals["ritz_min"]
+        KX = finals["Kh"] / (self.repeat * s)  # K x for x = the mean of h/s over the repeats
+        residual = (G - KX).double().norm(dim=0) / G.double().norm(dim=0).clamp_min(1e-300)
+        spectrum.update({"recursion_ritz_min": found if found < float("inf") else None,
+                         "relative_residual_max": float(residual.max()) if k else 0.0,
+                         "relative_residual_mean": float(residual.mean()) if k else 0.0})
+        if found <= tol:
+            self._refuse(found, lam, tol, f"the smallest Ritz value on the span of the recursion's last iterates and "
+                                       f"increments at scale {s:g}")
         self.record.update({"scale": s, "scales_diverged": tried, "curvature": self.curvature,
                             "depth": self.depth, "repeat": self.repeat, "batch_size": self.batch_size,
-                            "solved_side": "left_out" if transposed else "test"})
+                            "solved_side": "left_out" if transposed else "test", "curvature_products": op.n_matvecs})
         return scores_from_solution(X, other.to(X.dtype), problem.n_train, transposed).to(torch.float64)
+
+    def _refuse(self, mu: float, lam: float, tol: float, how: str) -> None:
+        """The one message for a C + λI that is not positive definite (as CG and Arnoldi word it)."""
+        lam0 = self.record["lambda0"]
+        need = (lam - mu) / lam0  # the multiple that would only cancel the eigenvalue found
+        suggest = float(f"{max(2 * need, 1.0):.2g}")
+        fix = (f"raise method.damping_multiple (now {self.damping_multiple:g}) well above {need:.3g}, e.g. "
+               f"method.damping_multiple={suggest:g}")
+        if self.curvature == "hessian":
+            fix += ", or use the Gauss–Newton curvature (method=lissa, positive semi-definite)"
+        raise ValueError(f"{self.name}: C + λI is not positive definite (curvature={self.curvature}, "
+                         f"λ={lam:.3g} = {self.damping_multiple:g}·λ₀): its smallest eigenvalue is ≤ {mu:.3g} "
+                         f"{'' if mu <= 0 else f'(within rounding of 0: ≤ {tol:.2g}) '}"
+                         f"(found by {how}), so the LiSSA recursion grows along it instead of converging and "
+                         f"would return a non-solution. To fix, {fix}")
+
+
+def _bad_scale(v) -> bool:
+    return isinstance(v, bool) or not isinstance(v, (int, float)) or not (float(v) > 0 and float(v) < float("inf"))
 
 
 class LiSSAH(LiSSA):

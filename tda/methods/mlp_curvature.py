@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tda.further_training.stacked import mlp_layers, should_use_sparse
+from tda.models.structure import mlp_layers, should_use_sparse
 from tda.methods.hessian import apply_output_hessian
 
 

@@ -26,7 +26,9 @@ from contextlib import contextmanager
 
 import torch
 
-from tda.methods.base import AttributionProblem, Method
+from tda.methods.base import Method
+from tda.problem import AttributionProblem
+from tda.methods.checks import optional_positive_int, positive_int
 from tda.methods.grad_dot import check_factored
 from tda.methods.gradients import (DenseGrads, FactoredGrads, ParamLayout, compute_grads, iter_grad_chunks,
                                    margin_target)
@@ -143,8 +145,9 @@ class TRAK(Method):
             raise ValueError(f"method.damping={damping} must be >= 0")
         self.proj_dim, self.seed, self.damping = proj_dim, int(seed), float(damping)
         self.factored = check_factored(factored)
-        self.chunk_size = chunk_size
-        self.max_rows = max_train_rows_per_chunk
+        self.chunk_size = positive_int("chunk_size", chunk_size, "rows per per-example-gradient chunk", 256)
+        self.max_rows = optional_positive_int("max_train_rows_per_chunk", max_train_rows_per_chunk,
+                                              "training rows per chunk", 1024)
 
     def features(self, problem: AttributionProblem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(Φ_train [n_train, k], φ_test [n_test, k], φ_left_out [n_left_out, k])."""

@@ -24,6 +24,11 @@ class TDAModel(nn.Module):
 
     trainable: str = "all"
     trainable_k: int = 1
+    # What inputs the model can take: DataBundle.modality values, and the number of
+    # per-instance input dimensions if fixed (3 for images [C, H, W]). Checked against the
+    # data before the model is built (tda.validation.validate_data).
+    modalities: tuple[str, ...] = ("tabular", "image", "text")
+    input_dims: int | None = None
 
     def split(self) -> tuple[nn.Module | None, nn.Module]:
         """(frozen feature extractor or None, trainable module); composing them is `forward`."""
@@ -41,6 +46,15 @@ class TDAModel(nn.Module):
         if frozen is not None:
             for p in frozen.parameters():
                 p.requires_grad_(False)
+
+
+def check_input_shape(model: str, input_shape, dims: int, what: str) -> tuple[int, ...]:
+    """`input_shape` (per instance) has `dims` dimensions, else one message with the fix."""
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) != dims:
+        raise ValueError(f"model {model} needs {what} inputs, but the data's inputs have shape {list(shape)}; "
+                         f"use model=mlp for tabular data, or a dataset of {what} (e.g. dataset=digits)")
+    return shape
 
 
 def match_mode(model: nn.Module, *wrappers: nn.Module | None) -> None:

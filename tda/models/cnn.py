@@ -7,16 +7,19 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from tda.models.base import TDAModel, check_trainable
+from tda.models.base import TDAModel, check_input_shape, check_trainable
 
 
 class SmallCNN(TDAModel):
+    modalities = ("image",)
+    input_dims = 3
+
     def __init__(self, input_shape: Sequence[int], n_outputs: int, channels: Sequence[int] = (8, 16),
                  trainable: str = "all", trainable_k: int = 1):
         super().__init__()
         self.trainable = check_trainable(trainable, ("all", "head"))
         self.trainable_k = trainable_k
-        c_in, h, w = input_shape
+        c_in, h, w = check_input_shape("small_cnn", input_shape, 3, "image [C, H, W]")
         layers: list[nn.Module] = []
         for c in channels:
             layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]

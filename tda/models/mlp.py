@@ -16,6 +16,8 @@ from tda.models.base import TDAModel, check_trainable, match_mode
 
 
 class MLP(TDAModel):
+    modalities = ("tabular", "image")  # images are flattened; token ids are not features
+
     def __init__(self, input_shape: Sequence[int], n_outputs: int, hidden: Sequence[int] = (128, 128),
                  trainable: str = "all", trainable_k: int = 1, dropout: float = 0.0,
                  head_bias: bool = True):

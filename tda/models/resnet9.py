@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from tda.models.base import TDAModel, check_trainable, match_mode
+from tda.models.base import TDAModel, check_input_shape, check_trainable, match_mode
 
 
 def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
@@ -65,13 +65,16 @@ class GlobalMaxPool(nn.Module):
 
 
 class ResNet9(TDAModel):
+    modalities = ("image",)
+    input_dims = 3
+
     def __init__(self, input_shape: Sequence[int], n_outputs: int, width: float = 1.0, scale: float = 0.125,
                  trainable: str = "all", trainable_k: int = 1):
         super().__init__()
         self.trainable = check_trainable(trainable)
         self.trainable_k = int(trainable_k)
         c = [max(1, int(round(w * width))) for w in (64, 128, 256, 512)]
-        c_in = int(input_shape[0])
+        c_in = check_input_shape("resnet9", input_shape, 3, "image [C, H, W]")[0]
         self.stages = nn.Sequential(
             conv_bn(c_in, c[0]),
             nn.Sequential(conv_bn(c[0], c[1]), nn.MaxPool2d(2), Residual(c[1])),

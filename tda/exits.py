@@ -1,0 +1,49 @@
+"""Exit statuses: what an exception that ends a stage means for the process (0, 1, or 128 +
+signal for an interruption). Shared by the W&B runs (tda.tracking, which record it) and the
+entry points (tda.interrupt, which exit with it)."""
+
+from __future__ import annotations
+
+import signal
+
+HANDLED = (signal.SIGTERM, signal.SIGINT)
+
+
+class Interrupted(BaseException):
+    """The first SIGTERM / SIGINT received while a stage runs (see the module docstring)."""
+
+    def __init__(self, signum: int):
+        self.signum = int(signum)
+        super().__init__(f"interrupted by {self.signal_name}")
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def exit_code_of(err: BaseException | None) -> int:
+    """The process exit status an exception leads to: 0 for none (or a clean SystemExit),
+    128 + signal for an interruption (Lightning's SIGTERMException included), 1 otherwise."""
+    if err is None:
+        return 0
+    if isinstance(err, Interrupted):
+        return err.exit_code
+    if is_lightning_sigterm(err):
+        return 128 + signal.SIGTERM
+    if isinstance(err, KeyboardInterrupt):
+        return 128 + signal.SIGINT
+    if isinstance(err, SystemExit):
+        return err.code if isinstance(err.code, int) else (0 if err.code is None else 1)
+    return 1
+
+
+def is_lightning_sigterm(err: BaseException) -> bool:
+    try:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+    except ImportError:  # pragma: no cover - lightning is a dependency
+        return False
+    return isinstance(err, SIGTERMException)

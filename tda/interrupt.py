@@ -1,0 +1,189 @@
+"""Honest exits: SIGTERM (what schedulers send) and SIGINT (Ctrl+C) stop a stage with a non-zero
+status and one message saying what was kept and how to resume.
+
+Every artifact is written atomically and only once complete (final model, each gold-standard
+seed or part, each method's scores, evaluation outputs as a set), so stopping at any point keeps
+all completed work; the seed or scores in progress are simply not written. What must not happen
+is a run that *looks* successful. Lightning gets in the way in two places (lightning 2.6):
+
+- during `trainer.fit` its `_SignalConnector` chains a SIGTERM handler that only sets
+  `trainer.received_sigterm`; the loops then raise `SIGTERMException`, a `SystemExit` with no
+  code, i.e. exit status 0;
+- `_call_and_handle_interrupt` catches `KeyboardInterrupt`, ignores SIGINT from then on and
+  calls `sys.exit(1)`.
+
+So the entry points run each stage under :func:`run_entry_point`: the first SIGTERM / SIGINT
+raises :class:`Interrupted` in the main thread — a `BaseException` that is not a
+`KeyboardInterrupt`, so no `except Exception` swallows it and Lightning re-raises it (its
+SIGTERM handler calls ours, which it finds installed). `finally` blocks run (the stage's W&B run
+is finished as failed, see tda.tracking.finish); then the message goes to stderr and the process
+exits 128 + signal number (143 for SIGTERM, 130 for SIGINT, as shells report). A second signal
+kills the process at once. Under a Hydra multirun the `SystemExit` ends the sweep. Whatever
+ends a stage with an exception, W&B runs it left open are finished as failed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from tda.exits import HANDLED, Interrupted, exit_code_of, is_lightning_sigterm
+
+
+# Code a signal must not interrupt half-way: an exception raised inside W&B's client (e.g. in
+# the middle of `run.log` sending a record to its service) breaks its connection, and the run
+# could then not be finished as failed. The interruption is raised as soon as the main thread
+# has left such code (re-checked every RETRY_S seconds with SIGALRM).
+# tda.tracking too, so that a run W&B has just started is always registered for finishing.
+PROTECTED_MODULES = ("wandb", "tda.tracking")
+RETRY_S = 0.02
+
+
+def _inside_protected(frame: Any) -> bool:
+    while frame is not None:
+        name = str(frame.f_globals.get("__name__", ""))
+        if any(name == m or name.startswith(m + ".") for m in PROTECTED_MODULES):
+            return True
+        frame = frame.f_back
+    return False
+
+
+@contextmanager
+def signals_raise() -> Iterator[None]:
+    """Within the block, the first SIGTERM or SIGINT raises :class:`Interrupted` (once the main
+    thread is outside W&B's client, see PROTECTED_MODULES); a second one gets the default
+    action (the process dies at once). Outside the main thread (where Python cannot install
+    handlers) the block runs unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (*HANDLED, signal.SIGALRM)}
+    received: list[int] = []
+
+    def raise_when_safe(frame: Any) -> None:
+        if _inside_protected(frame):
+            signal.setitimer(signal.ITIMER_REAL, RETRY_S)  # try again once it has returned
+            return
+        raise Interrupted(received[0])
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if received:  # the second signal: no more cleanup, die now
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        received.append(signum)
+        raise_when_safe(frame)
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        if received:
+            raise_when_safe(frame)
+
+    for s in HANDLED:
+        signal.signal(s, on_signal)
+    signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+def run_entry_point(stage: str, fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """Run `fn(cfg)` (tda.stages.<stage>) as an entry point does: on SIGTERM / SIGINT print
+    "interrupted by <signal> during <what>: <what was kept>; <how to resume>" to stderr and
+    exit 128 + signal. Any other error propagates unchanged (Hydra prints it, exit status 1)."""
+    from tda.tracking import finish_open_runs
+
+    started = time.time()
+    try:
+        with signals_raise():
+            return fn(cfg)
+    except BaseException as err:  # only interruptions are handled here, the rest re-raised
+        code = exit_code_of(err)
+        finish_open_runs(code)  # a W&B run the stage left open is recorded as failed, not finished
+        if not (isinstance(err, (Interrupted, KeyboardInterrupt)) or is_lightning_sigterm(err)):
+            raise
+        sig = signal.Signals(code - 128).name
+    what, kept, resume = describe(stage, cfg, started)
+    print(f"interrupted by {sig} during {what}: {kept}; {resume}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+# ---------------------------------------------------------------------------------- what was kept
+def describe(stage: str, cfg: DictConfig, started: float = 0.0) -> tuple[str, str, str]:
+    """(what was running, what is kept on disk, how to resume) for the interruption message.
+    Read from the disk at the moment of the interruption (`started`: when the stage began, as
+    time.time()); never raises."""
+    try:
+        return _describe(stage, cfg, started)
+    except Exception as err:  # the message must come out whatever the config
+        return (stage, f"completed artifacts are kept (their state could not be read: {err})",
+                "re-run the same command to resume")
+
+
+def _describe(stage: str, cfg: DictConfig, started: float) -> tuple[str, str, str]:
+    from tda.config import node_name
+    from tda.runs import RunDir
+
+    run = RunDir.from_config(cfg)
+    if stage == "train":
+        model = run.final_model
+        if model.is_file() and (not cfg.train.get("overwrite") or model.stat().st_mtime >= started):
+            return "training", f"the final model is complete in {run.path}", "nothing is left to do"
+        if model.is_file():  # train.overwrite=true stopped before the new model was written
+            kept = f"the new final model was not written; the previous one in {run.path} is unchanged"
+            return "training", kept, "re-run the same command to retrain"
+        return ("training", "no final model was written (training does not resume mid-way)",
+                "re-run the same command to train it")
+    if stage == "attribute":
+        name = node_name(cfg.method)
+        if name == "further_training":
+            gold = run.gold_dir(cfg)
+            files = gold_job_files(cfg, gold)
+            n = sum(p.is_file() for p in files)
+            unit = "seeds" if files and ".part_" not in files[0].name else "seeds of this left-out shard"
+            kept = f"{n} of {len(files)} {unit} are complete in {gold} (the seed in progress was not written)"
+            return "further training", kept, "re-run the same command to resume"
+        out = run.method_dir(cfg)
+        if (out / "scores.safetensors").is_file():
+            return f"attribution ({name})", f"the scores are complete in {out}", "nothing is left to do"
+        return (f"attribution ({name})", f"no scores were written to {out}",
+                "re-run the same command to compute them")
+    return ("evaluation", f"the final model, gold standard and method scores in {run.path} are unchanged",
+            "re-run the same command to evaluate again")
+
+
+def gold_job_files(cfg: DictConfig, gold_dir: Path) -> list[Path]:
+    """The gold-standard files this job computes: one per seed of `further_training.shard_seeds`
+    (default: all seeds), for its block `further_training.left_out_shard`."""
+    from tda.further_training.gold_standard import seed_file, seeds_of
+
+    ft = cfg.further_training
+    shard_seeds = ft.get("shard_seeds")
+    seeds = seeds_of(ft) if shard_seeds is None else [int(s) for s in shard_seeds]
+    index = int(OmegaConf.select(ft, "left_out_shard.index", default=0) or 0)
+    count = int(OmegaConf.select(ft, "left_out_shard.count", default=1) or 1)
+    return [seed_file(Path(gold_dir), s, (index, count) if count > 1 else None) for s in seeds]
+
+
+def file_states(paths: list[Path]) -> dict[Path, tuple[int, int] | None]:
+    """(inode, mtime) of each file, None when absent: equal before and after a job when the job
+    wrote none of them (a cached job)."""
+    out: dict[Path, tuple[int, int] | None] = {}
+    for p in paths:
+        try:
+            st = p.stat()
+            out[p] = (st.st_ino, st.st_mtime_ns)
+        except FileNotFoundError:
+            out[p] = None
+    return out

@@ -1,0 +1,67 @@
+"""The attribution problem: what every attribution method and the gold standard receive.
+
+A neutral contract between the stages (which build it from a final model and its data) and
+the methods and further training (which consume it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+
+@dataclass
+class AttributionProblem:
+    """The final model reduced to what attribution needs.
+
+    `model` is the trainable part of the final model (the frozen part, if any, has already
+    been applied: `x_train` / `x_test` are its cached outputs). Shapes:
+      x_train [n_train, ...], y_train [n_train]          the whole training set
+      x_test [n_test, ...], y_test [n_test]              the evaluated test instances
+      left_out_indices [n_left_out]                      rows of x_train being attributed
+      test_indices [n_test]                              rows of the dataset's test split
+    """
+
+    model: nn.Module
+    task: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    left_out_indices: torch.Tensor
+    test_indices: torch.Tensor
+    further_training: DictConfig | None = None
+    further_optimizer: DictConfig | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    cache_dir: Path | None = None
+    memory_budget_mb: float = 2048.0
+    # identity of the final model this problem was built from (tda.provenance); set by the stages
+    final_model: dict[str, str] | None = None
+
+    def final_model_identity(self) -> dict[str, str]:
+        """The final model's identity, or, for a problem built by hand, fingerprints of its
+        content (trainable weights, data tensors, selection)."""
+        if self.final_model is not None:
+            return dict(self.final_model)
+        from tda.artifacts import tensor_checksum
+        from tda.provenance import data_fingerprint, identity, selection_fingerprint
+
+        weights = tensor_checksum({k: v for k, v in self.model.state_dict().items()})
+        data = data_fingerprint(self.x_train, self.y_train, self.x_test, self.y_test)
+        return identity(weights, data, selection_fingerprint(self.left_out_indices.tolist(), self.test_indices.tolist()),
+                        run="in-memory problem")
+
+    @property
+    def n_train(self) -> int:
+        return len(self.x_train)
+
+    @property
+    def x_left_out(self) -> torch.Tensor:
+        return self.x_train[self.left_out_indices]
+
+    @property
+    def y_left_out(self) -> torch.Tensor:
+        return self.y_train[self.left_out_indices]

@@ -1,0 +1,40 @@
+"""A method's scores on disk: `methods/<method>-<hash>/` holds `record.json` (settings, timing,
+indices, provenance) and `scores.safetensors` (`scores` [n_test, n_left_out], float64).
+
+The scores file is written last, so its presence marks a completed method. Reading verifies
+the file's checksum, that `record.json` names that checksum, and that both were computed from
+the given final model (tda.provenance) for the given shape.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tda.artifacts import load_json, load_tensors_with_metadata, require_finite, save_json, save_tensors, tensor_checksum
+from tda.provenance import ProvenanceError, require_match
+
+SCORES, RECORD = "scores.safetensors", "record.json"
+
+
+def save_method_scores(out: Path, scores: torch.Tensor, header: dict, record: dict) -> None:
+    """Write `scores` [n_test, n_left_out] with `header` (method, config, final model, shape) in
+    the file and `header | record` in record.json."""
+    tensors = {"scores": scores.detach().double().cpu()}
+    what = f"the scores of {header.get('method')}"
+    require_finite(tensors, what)
+    save_json(out / RECORD, header | record | {"scores_sha256": tensor_checksum(tensors)})
+    save_tensors(out / SCORES, tensors, metadata=header, what=what)
+
+
+def load_method_scores(out: Path, final_model: dict, shape: tuple[int, int]) -> tuple[torch.Tensor, dict]:
+    """(scores [n_test, n_left_out], record) of the method in `out`, verified and checked to
+    belong to `final_model`; raises naming the problem and the fix."""
+    fix = f"Delete {out} and re-run `python attribute.py method=<this method> <same overrides>` to recompute them."
+    tensors, header, checksum = load_tensors_with_metadata(out / SCORES)
+    record = load_json(out / RECORD)
+    require_match(header, {"final_model": final_model, "shape": list(shape)}, f"the scores in {out}", fix)
+    if record.get("scores_sha256") != checksum or record.get("final_model") != header["final_model"]:
+        raise ProvenanceError(f"{out / RECORD} does not describe {out / SCORES} (copied from another run?). {fix}")
+    return tensors["scores"], record
