@@ -1,16 +1,7 @@
-"""Attribute stage: see tda.stages.attribute. Usage: `python attribute.py [overrides]` (Hydra)."""
+"""Attribute stage: a method's scores or the gold standard (tda.stages.attribute).
+Usage: `python attribute.py [overrides]`, the same as `tda-attribute [overrides]` (tda.cli)."""
 
-import hydra
-from omegaconf import DictConfig
-
-from tda.interrupt import run_entry_point
-from tda.stages import attribute as run_stage
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="attribute")
-def main(cfg: DictConfig) -> None:
-    run_entry_point("attribute", run_stage, cfg)  # SIGTERM / SIGINT: exit 143 / 130 saying what was kept
-
+from tda.cli import attribute
 
 if __name__ == "__main__":
-    main()
+    attribute()

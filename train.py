@@ -1,16 +1,7 @@
-"""Train stage: see tda.stages.train. Usage: `python train.py [overrides]` (Hydra)."""
+"""Train stage: the final model (tda.stages.train).
+Usage: `python train.py [overrides]`, the same as `tda-train [overrides]` (tda.cli)."""
 
-import hydra
-from omegaconf import DictConfig
-
-from tda.interrupt import run_entry_point
-from tda.stages import train as run_stage
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> None:
-    run_entry_point("train", run_stage, cfg)  # SIGTERM / SIGINT: exit 143 / 130 saying what was kept
-
+from tda.cli import train
 
 if __name__ == "__main__":
-    main()
+    train()

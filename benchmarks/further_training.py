@@ -2,7 +2,7 @@
 
     python benchmarks/further_training.py [--out FILE] [--ref-runs 3] [--optimizer sgd|adam] [--quick]
 
-Folktables-shaped synthetic problem (SPEC §5): 30,085 training rows of 791 inputs with 10
+Folktables-shaped synthetic problem (docs/method.md §5): 30,085 training rows of 791 inputs with 10
 non-zeros per row (8 one-hot blocks and 2 standardised columns), MLP 791-128-128-2, batch
 128, 100 left-out runs + 1 full run, 100 test instances, one epoch, `drop` removal.
 
@@ -210,8 +210,8 @@ def main() -> None:
     res: dict = {"problem": {"n_train": n, "n_inputs": N_IN, "nonzeros_per_row": 10, "hidden": [128, 128],
                              "batch_size": BATCH, "runs": 1 + N_LEFT_OUT, "n_test": N_TEST, "epochs": 1,
                              "optimizer": opt, "removal": "drop"},
-                 "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor(),
-                             "load_average_at_start": _loadavg()},
+                 "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                             "cpu": platform.processor(), "load_average_at_start": _loadavg()},
                  "reference": "tda.further_training.reference.further_train_run: DataLoader(TensorDataset) + "
                               "RandomSampler, one torch.optim optimizer per run"}
     peak = gemm_gflops()
@@ -234,7 +234,8 @@ def main() -> None:
     d32 = (out32[..., 1:] - out32[..., :1]).double()
     d64 = out64[..., 1:] - out64[..., :1]
     cos = torch.nn.functional.cosine_similarity(d32[-1], d64[-1], dim=-1)  # per test instance, over left-out runs
-    res |= {"f32_vs_f64_max_abs_diff": float((d32 - d64).abs().max()), "f64_loss_difference_rms": float(d64.pow(2).mean().sqrt()),
+    res |= {"f32_vs_f64_max_abs_diff": float((d32 - d64).abs().max()),
+            "f64_loss_difference_rms": float(d64.pow(2).mean().sqrt()),
             "f32_vs_f64_cosine_mean": float(cos.mean()), "f32_vs_f64_cosine_min": float(cos.min())}
     print(f"float32 vs float64 loss differences: max |error| {res['f32_vs_f64_max_abs_diff']:.2e} vs rms difference "
           f"{res['f64_loss_difference_rms']:.2e}; cosine per test instance mean {res['f32_vs_f64_cosine_mean']:.4f}, "
@@ -248,7 +249,8 @@ def main() -> None:
             "speedup_f32": ref32 / eng32, "speedup_f64_engine_vs_f32_reference": ref32 / eng64,
             "matmul_peak_fraction": frac, "gemm_f32_gflops": peak, "max_abs_diff_f64": max_diff,
             "max_abs_loss_difference_f64": float(d_ref.abs().max()),
-            "projected_paper_hours_engine_f32": paper_hours, "projected_paper_hours_engine_f64": paper_hours * eng64 / eng32,
+            "projected_paper_hours_engine_f32": paper_hours,
+            "projected_paper_hours_engine_f64": paper_hours * eng64 / eng32,
             "projected_paper_hours_reference_f32": paper_hours_ref}
     print(f"speedup float32: {ref32 / eng32:.1f}x; float64 engine vs float32 reference: {ref32 / eng64:.1f}x")
     print(f"engine matmul rate: {frac:.1%} of this machine's float32 GEMM peak")

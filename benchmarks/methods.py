@@ -3,44 +3,14 @@
     python benchmarks/methods.py [--problems folktables_sized,folktables_sized_3k] [--cases grad_dot,datainf]
                                  [--out rows.json] [--budget-mb 2048] [--device cpu]
 
-Every measurement runs in a fresh subprocess (so peak memory — the increase of resident memory
-over the process's state after loading the problem, `tda.memory.PeakMemory` — is not polluted
-by earlier cases) on the same model and data, cached once under --cache. Each row:
-
-    {method, problem, seconds, peak_mb, baseline, baseline_seconds, baseline_peak_mb, speedup,
-     agreement, note}
-
-`agreement` is the cosine similarity of the two score matrices (flattened) on the test rows
-both computed; `speedup` = baseline_seconds / seconds. A baseline too slow to run on every
-test instance runs on the first few and its time is extrapolated linearly in the number of
-test instances (the loop is linear in it); the row's note says so.
-
-Problems:
-  folktables_sized     30,085 training rows, 791 one-hot inputs with 10 non-zeros per row
-                       (10 categorical groups), MLP 791-128-128-2 (118,274 parameters) trained
-                       2 epochs; 100 test and 100 left-out instances. Synthetic data with the
-                       paper's shapes, so it runs offline and anyone can rebuild it.
-  folktables_sized_3k  its first 3,000 training rows: for baselines that hold every training
-                       gradient in memory (30,085 × 118k floats would be 14 GB).
-  resnet9_cifar        ResNet-9 (width 0.25, 0.41M parameters, batch norm in eval mode) trained
-                       3 epochs on the 4,000 local CIFAR-10 training images ($TDA_DATA_DIR/cifar10
-                       or ../shared/data/cifar10; built once and cached); the first 100 test
-                       images, 100 left-out training images.
-
-Cases are rows of `CASES` (a list of :class:`Case`); `benchmarks/methods_influence.py`, when
-present, contributes its own `CASES` in the same format and they are appended.
+The problems, the row format and the subprocess per measurement are those of
+`benchmarks/common.py`. The cases are the first-order methods' (Grad-Dot, Grad-Cos, DataInf,
+Grad-Dot-Adam, TRAK) below, then the influence functions' of `benchmarks/methods_influence.py`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import subprocess
 import sys
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -49,115 +19,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from tda.artifacts import load_tensors, save_tensors  # noqa: E402
-from tda.memory import PeakMemory  # noqa: E402
+from common import Case, Result, Runner, arguments, run  # noqa: E402
+from methods_influence import influence_cases  # noqa: E402
+
+from tda.methods.datainf import DataInf  # noqa: E402
+from tda.methods.grad_dot import GradCos, GradDot  # noqa: E402
+from tda.methods.grad_dot_adam import GradDotAdam  # noqa: E402
+from tda.methods.gradients import per_example_grads  # noqa: E402
+from tda.methods.layout import ParamLayout  # noqa: E402
+from tda.methods.trak import TRAK, projection_matrix  # noqa: E402
 from tda.problem import AttributionProblem  # noqa: E402
-from tda.models.mlp import MLP  # noqa: E402
-
-N_TRAIN, GROUPS, N_TEST, N_LEFT_OUT = 30_085, [80] * 9 + [71], 100, 100
-
-
-# ----------------------------------------------------------------------------------- problems
-def _build_folktables_sized(path: Path) -> None:
-    g = torch.Generator().manual_seed(0)
-    n = N_TRAIN + N_TEST
-    x = torch.cat([torch.nn.functional.one_hot(torch.randint(0, k, (n,), generator=g), k) for k in GROUPS], 1).float()
-    w = torch.randn(x.shape[1], generator=g)
-    y = ((x @ w) / math.sqrt(len(GROUPS)) + 0.7 * torch.randn(n, generator=g) > 0).long()
-    torch.manual_seed(0)
-    model = MLP([x.shape[1]], 2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    for _ in range(2):
-        for idx in torch.randperm(N_TRAIN, generator=g).split(128):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    left_out = torch.randperm(N_TRAIN, generator=g)[:N_LEFT_OUT]
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors.update(x_train=x[:N_TRAIN], y_train=y[:N_TRAIN], x_test=x[N_TRAIN:], y_test=y[N_TRAIN:], left_out=left_out)
-    save_tensors(path, tensors)
-
-
-def _build_resnet9_cifar(path: Path) -> None:
-    import os
-
-    from tda.data.cifar10 import cifar10
-    from tda.models.resnet9 import ResNet9
-
-    root = Path(os.environ.get("TDA_DATA_DIR", ROOT.parent / "shared" / "data")) / "cifar10"
-    data = cifar10(root=str(root))
-    x, y = data.tensors("train")
-    xt, yt = data.tensors("test")
-    torch.manual_seed(0)
-    model = ResNet9([3, 32, 32], 10, width=0.25)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    g = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(3):
-        for idx in torch.randperm(len(x), generator=g).split(128):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors.update(x_train=x, y_train=y, x_test=xt[:N_TEST], y_test=yt[:N_TEST],
-                   left_out=torch.randperm(len(x), generator=g)[:N_LEFT_OUT])
-    save_tensors(path, tensors)
-
-
-def load_problem(name: str, cache: Path, budget_mb: float) -> AttributionProblem:
-    from omegaconf import OmegaConf
-    if name == "resnet9_cifar":
-        from tda.models.resnet9 import ResNet9
-
-        path = cache / "resnet9_cifar.safetensors"
-        if not path.is_file():
-            _build_resnet9_cifar(path)
-        t = load_tensors(path)
-        model = ResNet9([3, 32, 32], 10, width=0.25)
-        model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
-        model.eval()
-        return AttributionProblem(model=model, task="classification", x_train=t["x_train"], y_train=t["y_train"],
-                                  x_test=t["x_test"], y_test=t["y_test"], left_out_indices=t["left_out"],
-                                  test_indices=torch.arange(len(t["x_test"])), memory_budget_mb=budget_mb)
-    path = cache / "folktables_sized.safetensors"
-    if not path.is_file():
-        _build_folktables_sized(path)
-    t = load_tensors(path)
-    model = MLP([t["x_train"].shape[1]], 2)
-    model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
-    model.eval()
-    x, y, lo = t["x_train"], t["y_train"], t["left_out"]
-    if name == "folktables_sized_3k":
-        x, y, lo = x[:3000], y[:3000], torch.arange(0, 3000, 30)
-    elif name != "folktables_sized":
-        raise ValueError(f"unknown problem {name!r}; choose folktables_sized, folktables_sized_3k or resnet9_cifar")
-    return AttributionProblem(model=model, task="classification", x_train=x, y_train=y, x_test=t["x_test"],
-                              y_test=t["y_test"], left_out_indices=lo, test_indices=torch.arange(len(t["x_test"])),
-                              further_training=OmegaConf.create({"batch_size": 128}),
-                              further_optimizer=OmegaConf.create({"eps": 1e-8}), memory_budget_mb=budget_mb)
-
-
-# ----------------------------------------------------------------------------------- cases
-@dataclass
-class Result:
-    """Scores of a run; `test_rows` when only some test instances were computed, and the
-    factor by which the measured time is extrapolated to all of them."""
-
-    scores: torch.Tensor
-    test_rows: list[int] | None = None
-    extrapolate: float = 1.0
-    note: str = ""
-
-
-Runner = Callable[[AttributionProblem], "torch.Tensor | Result"]
-
-
-@dataclass
-class Case:
-    method: str
-    problem: str
-    run: Runner
-    baselines: dict[str, Runner] = field(default_factory=dict)
 
 
 # --- references and peers -------------------------------------------------------------------
@@ -210,7 +81,6 @@ def authors_datainf_loop(p: AttributionProblem, n_test: int = 10, c: float = 10.
     intra-op thread (tiny ops gain nothing from threads; on a loaded machine they lose a lot),
     which favours the baseline."""
     torch.set_num_threads(1)
-    from tda.methods.gradients import ParamLayout, per_example_grads
     layout = ParamLayout.of(p.model)
     sl = list(layout.slices().values())
     tr = per_example_grads(p.model, p.x_train, p.y_train, p.task)
@@ -246,11 +116,14 @@ def dattri_datainf(p: AttributionProblem, damping: float) -> torch.Tensor:
     return att.attribute(_loader(p.x_left_out, p.y_left_out), _loader(p.x_test, p.y_test)).T
 
 
+# Grad-Dot-Adam's further training on the Folktables-sized problems: Adam's ε, batch 128
+ADAM = {"eps": 1e-8, "batch_size": 128}
+
+
 def materialised_grad_dot_adam(p: AttributionProblem) -> torch.Tensor:
     """Adam-preconditioned Grad-Dot from materialised (vmap) per-example gradients streamed
     over the training set: the formulation without the factored moments."""
-    from tda.methods.grad_dot_adam import GradDotAdam
-    return GradDotAdam(factored=False).scores(p)
+    return GradDotAdam(factored=False, **ADAM).scores(p)
 
 
 def materialised(method_cls, **kw) -> Runner:
@@ -269,8 +142,6 @@ def traker_trak(p: AttributionProblem, proj_dim: int, same_projection: bool = Fa
     from trak import TRAKer
     from trak.projectors import AbstractProjector, BasicProjector, ProjectionType
     from trak.utils import vectorize
-    from tda.methods.gradients import ParamLayout
-    from tda.methods.trak import projection_matrix
     layout = ParamLayout.of(p.model)
     n_params = layout.n_params
 
@@ -296,19 +167,16 @@ def traker_trak(p: AttributionProblem, proj_dim: int, same_projection: bool = Fa
             xb, yb = p.x_train[i:i + 512], p.y_train[i:i + 512]
             tr.featurize(batch=(xb, yb), num_samples=len(xb))
         tr.finalize_features()
-        tr.start_scoring_checkpoint(exp_name="t", checkpoint=p.model.state_dict(), model_id=0, num_targets=len(p.x_test))
+        tr.start_scoring_checkpoint(exp_name="t", checkpoint=p.model.state_dict(), model_id=0,
+                                    num_targets=len(p.x_test))
         tr.score(batch=(p.x_test, p.y_test), num_samples=len(p.x_test))
         s = tr.finalize_scores(exp_name="t")  # [n_train, n_test]
     return torch.as_tensor(s).T[:, p.left_out_indices]
 
 
-def _build_cases() -> list[Case]:
-    from tda.methods.datainf import DataInf
-    from tda.methods.grad_dot import GradCos, GradDot
-    from tda.methods.grad_dot_adam import GradDotAdam
-    from tda.methods.trak import TRAK
-
-    cases = [
+def cases() -> list[Case]:
+    """Every case: the first-order methods' here, then the influence functions'."""
+    return [
         Case("grad_dot", "folktables_sized", ours(GradDot),
              {"explicit per-instance loop": ref_grad_dot, "vmap (materialised)": materialised(GradDot),
               "dattri TracIn (no projection)": dattri_grad_dot}),
@@ -318,142 +186,26 @@ def _build_cases() -> list[Case]:
         # the materialised baselines stream 30,085 × 118k-float gradients: run them on 3k rows
         Case("datainf", "folktables_sized", ours(DataInf), {}),
         Case("datainf", "folktables_sized_3k", ours(DataInf),
-             {"authors' per-instance loop": authors_datainf_loop, "vmap (materialised, streamed)": materialised(DataInf)}),
+             {"authors' per-instance loop": authors_datainf_loop,
+              "vmap (materialised, streamed)": materialised(DataInf)}),
         Case("datainf[module blocks, λ=1e-3]", "folktables_sized_3k", ours(DataInf, damping=1e-3, blocks="module"),
              {"dattri DataInf": lambda p: dattri_datainf(p, 1e-3)}),
-        Case("grad_dot_adam", "folktables_sized", ours(GradDotAdam), {}),
-        Case("grad_dot_adam", "folktables_sized_3k", ours(GradDotAdam),
+        Case("grad_dot_adam", "folktables_sized", ours(GradDotAdam, **ADAM), {}),
+        Case("grad_dot_adam", "folktables_sized_3k", ours(GradDotAdam, **ADAM),
              {"vmap (materialised, streamed)": materialised_grad_dot_adam}),
         Case("trak[k=2048]", "folktables_sized", ours(TRAK, proj_dim=2048), {}),
         Case("trak[k=512]", "folktables_sized_3k", ours(TRAK, proj_dim=512),
              {"vmap (materialised) + dense projection": materialised(TRAK, proj_dim=512),
               "traker 0.3.2 (its BasicProjector: another random matrix)": lambda p: traker_trak(p, 512),
               "traker 0.3.2 (given our projection matrix)": lambda p: traker_trak(p, 512, True)}),
+        *influence_cases(),
     ]
-    try:
-        from methods_influence import CASES as influence_cases  # noqa: PLC0415
-        cases += list(influence_cases)
-    except ModuleNotFoundError as e:
-        if e.name != "methods_influence":
-            raise
-    return cases
-
-
-# ----------------------------------------------------------------------------------- running
-def measure(case_index: int, which: str, cache: Path, budget_mb: float, out: Path, device: str = "cpu") -> None:
-    """Child process: run one runner of one case, write scores + time + memory to `out`."""
-    torch.set_num_threads(torch.get_num_threads())
-    case = _build_cases()[case_index]
-    problem = load_problem(case.problem, cache, budget_mb)
-    problem.device = torch.device(device)  # where our methods run (peers choose their own)
-    runner = case.run if which == "__ours__" else case.baselines[which]
-    with PeakMemory() as mem:
-        t0 = time.perf_counter()
-        res = runner(problem)
-        if problem.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-    res = res if isinstance(res, Result) else Result(res)
-    save_tensors(out, {"scores": res.scores.detach().double()},
-                 metadata={"seconds": seconds * res.extrapolate, "measured_seconds": seconds, "peak_mb": mem.peak_mb,
-                           "test_rows": res.test_rows, "note": res.note})
-
-
-def run_child(case_index: int, which: str, cache: Path, budget_mb: float, timeout: float,
-              device: str = "cpu") -> dict | None:
-    import json as _json
-
-    from safetensors import safe_open
-    out = cache / f"result_{case_index}.safetensors"
-    out.unlink(missing_ok=True)
-    cmd = [sys.executable, __file__, "--child", str(case_index), which, str(out), "--cache", str(cache),
-           "--budget-mb", str(budget_mb), "--device", device]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f}s"}
-    if proc.returncode != 0 or not out.is_file():
-        # the exception's line, not a progress bar's last redraw
-        lines = [ln for ln in (proc.stderr or proc.stdout or "").replace("\r", "\n").splitlines() if ln.strip()]
-        errors = [ln for ln in lines if "Error" in ln or "Killed" in ln]
-        if proc.returncode < 0 and not errors:  # killed by a signal (SIGKILL: the kernel's out-of-memory killer)
-            return {"error": f"killed by signal {-proc.returncode} after {lines[-1].strip() if lines else 'no output'!r}"}
-        return {"error": (errors or lines or [f"failed with exit status {proc.returncode}"])[-1].strip()}
-    with safe_open(str(out), "pt") as f:
-        meta = _json.loads(f.metadata()["json"])
-        meta["scores"] = f.get_tensor("scores")
-    return meta
-
-
-def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
-    return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--problems", default="folktables_sized,folktables_sized_3k")
-    ap.add_argument("--cases", default=None, help="comma-separated method names (default: all)")
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--cache", type=Path, default=Path("/tmp/tda_bench_methods"))
-    ap.add_argument("--budget-mb", type=float, default=2048.0)
-    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement")
-    ap.add_argument("--device", default="cpu",
-                    help="where our methods run, e.g. cuda (peak_mb stays the process's resident CPU memory)")
-    ap.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    args.cache.mkdir(parents=True, exist_ok=True)
-    if args.child:
-        measure(int(args.child[0]), args.child[1], args.cache, args.budget_mb, Path(args.child[2]), args.device)
-        return []
-    load_problem("folktables_sized", args.cache, args.budget_mb)  # build the cached problem once
-    problems = set(args.problems.split(","))
-    wanted = set(args.cases.split(",")) if args.cases else None
-    rows = []
-    for i, case in enumerate(_build_cases()):
-        if case.problem not in problems or (wanted and case.method.split("[")[0] not in wanted):
-            continue
-        mine = run_child(i, "__ours__", args.cache, args.budget_mb, args.timeout, args.device)
-        if "error" in mine:
-            print(f"{case.method} on {case.problem}: FAILED: {mine['error']}", flush=True)
-            continue
-        if not case.baselines:
-            row = {"method": case.method, "problem": case.problem, "seconds": round(mine["seconds"], 4),
-                   "peak_mb": round(mine["peak_mb"], 1), "baseline": None, "baseline_seconds": None,
-                   "baseline_peak_mb": None, "speedup": None, "agreement": None,
-                   "note": "; ".join(n for n in (mine["note"], "no baseline run") if n)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        for name in case.baselines:
-            base = run_child(i, name, args.cache, args.budget_mb, args.timeout, args.device)
-            row = {"method": case.method, "problem": case.problem, "seconds": round(mine["seconds"], 4),
-                   "peak_mb": round(mine["peak_mb"], 1), "baseline": name}
-            if "error" in base:
-                row.update(baseline_seconds=None, baseline_peak_mb=None, speedup=None, agreement=None,
-                           note=f"baseline failed: {base['error']}")
-            else:
-                rows_b = base["test_rows"]
-                ours_s = mine["scores"] if rows_b is None else mine["scores"][rows_b]
-                row.update(baseline_seconds=round(base["seconds"], 4), baseline_peak_mb=round(base["peak_mb"], 1),
-                           speedup=round(base["seconds"] / max(mine["seconds"], 1e-9), 2),
-                           agreement=round(agreement(ours_s, base["scores"]), 6),
-                           note="; ".join(n for n in (mine["note"], base["note"]) if n))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows, indent=1))
-    print(markdown(rows))
-    return rows
-
-
-def markdown(rows: list[dict]) -> str:
-    head = "| method | problem | ours s | ours MB | baseline | baseline s | baseline MB | speedup | agreement |\n"
-    head += "|---|---|---|---|---|---|---|---|---|\n"
-    fmt = lambda v: "—" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))  # noqa: E731
-    return head + "".join(f"| {r['method']} | {r['problem']} | {fmt(r['seconds'])} | {fmt(r['peak_mb'])} | {r['baseline']} | "
-                          f"{fmt(r['baseline_seconds'])} | {fmt(r['baseline_peak_mb'])} | {fmt(r['speedup'])} | "
-                          f"{fmt(r['agreement'])} |\n" for r in rows)
+    args = arguments(__doc__.split("\n\n")[0], "folktables_sized,folktables_sized_3k",
+                     Path("/tmp/tda_bench_methods")).parse_args(argv)
+    return run(cases, __file__, args)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
-"""Benchmark of the influence-function methods (issue 5), in the rows of benchmarks/methods.py.
+"""Benchmark of the influence-function methods (issue 5), in the rows of benchmarks/common.py.
 
     python benchmarks/methods_influence.py [--out rows.json] [--problems folktables_sized_3k,folktables_sized]
                                            [--cases cg,arnoldi,lissa_h,ekfac,kfac]
 
-`benchmarks/methods.py` imports `CASES` from here and runs them with its own cases; run this
-file alone to measure only these (same subprocess isolation, same row format:
+`benchmarks/methods.py` runs :func:`influence_cases` after its own cases; run this file alone
+to measure only these (same subprocess isolation, same row format:
 {method, problem, seconds, peak_mb, baseline, baseline_seconds, baseline_peak_mb, speedup,
 agreement, note}).
 
@@ -20,7 +20,7 @@ PyPI that the project keeps out, but its library code never imports it, so the `
 extra does not list it: install it with `pip install --no-deps kronfluence` after
 `pip install -e ".[baselines]"` (which brings its other requirements).
 
-Problems (built by benchmarks/methods.py): `folktables_sized` (30,085 rows, MLP 791-128-128-2,
+Problems (built by benchmarks/common.py): `folktables_sized` (30,085 rows, MLP 791-128-128-2,
 118,274 parameters, 100 test × 100 left-out) and `folktables_sized_3k` (its first 3,000 rows).
 The full problem runs EK-FAC, K-FAC and block CG at the paper's damping; the damping sweep of
 CG and the peer comparisons with dattri (whose products over 30,085 rows for 100 vmapped
@@ -46,13 +46,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))  # tests/helpers (not `tests.helpers`: folktables installs a `tests` package)
+
+from common import Case, Result, arguments, load_problem, run  # noqa: E402
+from helpers.peers import kronfluence_scores  # noqa: E402
 
 from tda.methods.arnoldi import Arnoldi  # noqa: E402
-from tda.problem import AttributionProblem  # noqa: E402
 from tda.methods.cg import CG  # noqa: E402
-from tda.methods.hessian import base_damping  # noqa: E402
+from tda.methods.curvature import CurvatureOperator  # noqa: E402
+from tda.methods.damping import base_damping  # noqa: E402
 from tda.methods.kfac import EKFAC, KFAC  # noqa: E402
 from tda.methods.lissa import LiSSAH  # noqa: E402
+from tda.models.base import per_example_loss  # noqa: E402
+from tda.problem import AttributionProblem  # noqa: E402
 
 MULTIPLE = 100.0  # the paper's reported damping, 100·λ₀ (Gauss–Newton cases)
 # absolute λ for the true-Hessian comparisons with dattri
@@ -69,17 +75,6 @@ CNN_CG_TOL = 1e-4  # a column product over 128 images costs ~0.6 s: keeps the on
 ARNOLDI_ITERS, ARNOLDI_K = 30, 20
 # LiSSA-H against dattri's LiSSA: 10 is the scale `auto` picks at PEER_DAMPING (dattri takes a fixed one)
 LISSA_DEPTH, LISSA_BATCH, LISSA_SCALE = 100, 128, 10.0
-
-
-def _methods():
-    """benchmarks/methods.py as loaded: `__main__` in its child processes (whose isinstance
-    checks must see the same `Result` class), else imported."""
-    main = sys.modules.get("__main__")
-    if main is not None and hasattr(main, "Result") and hasattr(main, "Case"):
-        return main
-    import methods  # noqa: PLC0415
-
-    return methods
 
 
 def _slice(p: AttributionProblem, n_test: int | None = None, rows: int = N_ROWS) -> AttributionProblem:
@@ -100,8 +95,6 @@ def _cg(block: bool, multiple: float = MULTIPLE, curvature: str = "gn", n_test: 
     damping `multiple` × λ₀ (Gauss–Newton) or PEER_DAMPING (true Hessian); on the problem's
     first `rows` training rows (None: all of them, with the problem's own left-out set)."""
     def run(p: AttributionProblem):
-        Result = _methods().Result  # noqa: N806
-
         if rows is None:
             k = len(p.x_test) if n_test is None else n_test
             q = AttributionProblem(**{**p.__dict__, "x_test": p.x_test[:k], "y_test": p.y_test[:k],
@@ -183,18 +176,15 @@ def _dattri(kind: str, rows: int = N_ROWS, lam: float = PEER_DAMPING):
 
 
 def _kronfluence(strategy: str):
-    """kronfluence's EK-FAC / K-FAC (`tda.peers`) at the same absolute damping λ = MULTIPLE × λ₀."""
+    """kronfluence's EK-FAC / K-FAC (`tests/helpers/peers.py`) at the same absolute damping λ = MULTIPLE × λ₀."""
     def run(p: AttributionProblem):
-        from tda.peers import kronfluence_scores
-
         torch.manual_seed(0)
         return kronfluence_scores(p, strategy, MULTIPLE * base_damping(p.model, p.x_train, p.y_train, p.task))
     return run
 
 
-def _cases():
-    Case = _methods().Case  # noqa: N806
-
+def influence_cases() -> list[Case]:
+    """The influence functions' cases."""
     return [
         # block CG against the same solver one column at a time, both to tolerance CG_TOL: on the
         # full problem at the paper's damping, then the damping sweep on its first 3,000 rows
@@ -223,18 +213,6 @@ def _cases():
     ]
 
 
-class _LazyCases(list):
-    """Built on first use: `methods.Case` is importable only once methods.py is loaded."""
-
-    def __iter__(self):
-        if not len(self):
-            self.extend(_cases())
-        return super().__iter__()
-
-
-CASES = _LazyCases()
-
-
 def curvature_products(cache: Path, rows: int = 3000, reps: int = 3, rounds: int = 3) -> dict:
     """Curvature products on the first `rows` rows of folktables_sized_3k, timed side by side
     (alternating, best of `rounds`), in ms per column for one column and for a block of 100:
@@ -247,10 +225,7 @@ def curvature_products(cache: Path, rows: int = 3000, reps: int = 3, rounds: int
 
     from torch.func import functional_call, grad, jvp, vmap
 
-    from tda.methods.hessian import CurvatureOperator
-    from tda.models.base import per_example_loss
-
-    p = _methods().load_problem("folktables_sized_3k", cache, 2048.0)
+    p = load_problem("folktables_sized_3k", cache, 2048.0)
     x, y = p.x_train[:rows], p.y_train[:rows]
     out = {"rows": rows, "threads": torch.get_num_threads(), "dtype": str(next(p.model.parameters()).dtype)}
     for curvature in ("gn", "hessian"):
@@ -261,9 +236,9 @@ def curvature_products(cache: Path, rows: int = 3000, reps: int = 3, rounds: int
             return per_example_loss(functional_call(generic.model, (params, generic.const), (x,)), y, p.task).sum()
 
         def fwd_over_rev(V):
-            tangents = vmap(generic.space.unflat, in_dims=1)(V)
+            tangents = vmap(generic.layout.unflatten, in_dims=1)(V)
             o = vmap(lambda t: jvp(grad(loss_sum), (generic.params,), (t,))[1])(tangents)
-            return torch.cat([o[k].reshape(V.shape[1], -1) for k in generic.space.names], dim=1).T / len(x)
+            return torch.cat([o[k].reshape(V.shape[1], -1) for k in generic.layout.names], dim=1).T / len(x)
 
         for k in (1, 100):
             V = torch.randn(fast.n_params, k, generator=torch.Generator().manual_seed(0))
@@ -287,26 +262,14 @@ def curvature_products(cache: Path, rows: int = 3000, reps: int = 3, rounds: int
 
 
 if __name__ == "__main__":
-    import argparse
-
-    import methods
-
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--problems", default="folktables_sized_3k,folktables_sized")
-    ap.add_argument("--cases", default="cg,arnoldi,lissa_h,ekfac,kfac")
-    ap.add_argument("--timeout", type=float, default=1800.0)
-    ap.add_argument("--cache", default="/tmp/tda_bench_methods_influence",
-                    help="problem cache and scratch (own directory, so it can run next to methods.py)")
-    ap.add_argument("--device", default="cpu", help="where our methods run, e.g. cuda")
+    ap = arguments(__doc__.split("\n\n")[0], "folktables_sized_3k,folktables_sized",
+                   Path("/tmp/tda_bench_methods_influence"))
     ap.add_argument("--products", action="store_true",
                     help="only time the curvature products: MLP fast path vs torch.func, one column vs 100")
     a = ap.parse_args()
     if a.products:
         import json
 
-        print(json.dumps(curvature_products(Path(a.cache)), indent=1))
+        print(json.dumps(curvature_products(a.cache), indent=1))
         raise SystemExit
-    argv = ["--problems", a.problems, "--cases", a.cases, "--timeout", str(a.timeout), "--cache", a.cache,
-            "--device", a.device]
-    methods.main(argv + (["--out", str(a.out)] if a.out else []))
+    run(influence_cases, __file__, a)

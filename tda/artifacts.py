@@ -30,12 +30,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from tda.exits import UserError
+
 CHECKSUM_KEY = "_sha256"  # in a JSON artifact's top-level object
 _HEADER_CHECKSUM = "sha256"  # in a safetensors header's metadata
 _HOST = socket.gethostname().replace(".", "_")
 
 
-class IntegrityError(ValueError):
+class IntegrityError(UserError, ValueError):
     """An artifact whose content does not match its checksum (damaged, truncated, edited), or
     that carries none."""
 

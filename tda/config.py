@@ -1,18 +1,43 @@
-"""Small helpers around Hydra/OmegaConf: stable hashes of config nodes and instantiation.
+"""Helpers around Hydra/OmegaConf: stable hashes of config nodes, building `_target_` nodes and
+names that become directories, each refusing bad input with a :class:`ConfigError` that names
+the fix. (Plain sections such as `train` are typed in tda.sections.)
 
-Config nodes that describe a pluggable object carry `_target_` plus an optional `name` (used
-for run-directory names, W&B tags and plot legends; it is not passed to the constructor).
+A node that describes a pluggable object carries `_target_` plus an optional `name` (used for
+run-directory names, W&B tags and plot legends; not passed to the constructor). Its keys are
+checked against the constructor's signature (:func:`target_problems`) when it is built.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import importlib
+import inspect
 import json
+import math
 import re
-from typing import Any
+import types
+import typing
+from collections.abc import Callable
+from typing import Any, Literal, Union
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from tda.exits import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration that cannot work; the message lists every problem with its fix
+    (`problems`: one entry per problem)."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = list(problems) if problems is not None else [message]
+
+    @classmethod
+    def listing(cls, header: str, problems: list[str]) -> "ConfigError":
+        return cls(f"{header}:\n  - " + "\n  - ".join(problems), problems)
 
 
 def to_container(cfg: Any) -> Any:
@@ -28,13 +53,174 @@ def config_hash(*nodes: Any, length: int = 8) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:length]
 
 
-def build(node: DictConfig | dict, **kwargs: Any) -> Any:
-    """`hydra.utils.instantiate` without the descriptive `name` key."""
+# ------------------------------------------------------------------------------ types
+def kind_of(value: Any) -> str:
+    """The kind of a config value, as messages name it: bool, int, float, str, list, dict."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (list, tuple, ListConfig)):
+        return "list"
+    if isinstance(value, (dict, DictConfig)):
+        return "dict"
+    return type(value).__name__
+
+
+def accepts(hint: Any, value: Any) -> bool:
+    """Whether a config value fits a type annotation (Any, unions, Literal, list[...], int /
+    float / bool / str, where an int fits a float and a bool fits neither)."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (Union, types.UnionType):
+        return any(accepts(h, value) for h in typing.get_args(hint))
+    if origin is Literal:
+        return any(value == choice and type(value) is type(choice) for choice in typing.get_args(hint))
+    if origin is list or hint is list:
+        item = (typing.get_args(hint) or (Any,))[0]
+        return isinstance(value, (list, tuple)) and all(accepts(item, v) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+# ------------------------------------------------------------------------------ _target_ nodes
+def import_target(target: str) -> Any:
+    """The object a `_target_` names (module.attr, or module.Class.method), or None."""
+    parts = str(target).split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        try:
+            for part in parts[i:]:
+                obj = getattr(obj, part)
+            return obj
+        except AttributeError:
+            return None
+    return None
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _widths(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and all(_is_int(w) and w > 0 for w in v)
+
+
+# Constructor arguments that mean the same whichever `_target_` takes them (torch's optimizers,
+# tda's datasets and models): name -> (the check, the message if it fails). Null is left to the
+# constructor (e.g. max_train=null keeps every row), except for `lr`.
+ARGUMENT_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "lr": (lambda v: v > 0, "must be positive; e.g. {key}=1e-3"),
+    "eps": (lambda v: v > 0, "must be positive"),
+    "momentum": (lambda v: v >= 0, "must not be negative"),
+    "dampening": (lambda v: v >= 0, "must not be negative"),
+    "weight_decay": (lambda v: v >= 0, "must not be negative"),
+    "test_size": (lambda v: 0 < v < 1, "must be below 1 (and positive); it is the test fraction, e.g. 0.25"),
+    "max_train": (lambda v: v > 0, "must be positive; null keeps every row"),
+    "max_test": (lambda v: v > 0, "must be positive; null keeps every row"),
+    "dropout": (lambda v: 0 <= v < 1, "must be below 1 (and not negative)"),
+    "betas": (lambda v: len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v),
+              "must be two numbers in [0, 1), e.g. {key}=[0.9,0.999]"),
+    "hidden": (_widths, "must be a list of positive layer widths, e.g. {key}=[128,128]"),
+    "channels": (_widths, "must be a list of positive layer widths, e.g. {key}=[8,16]"),
+}
+
+
+def _param_kind(p: inspect.Parameter) -> Any:
+    """int / float / bool when a constructor parameter clearly wants one of them, else None."""
+    names = {"int": int, "float": float, "bool": bool}
+    ann = names.get(p.annotation, p.annotation)
+    if ann in (int, float, bool):  # not str: a string is often one choice among kinds (`auto` | true)
+        return ann
+    d = p.default
+    if _is_number(d) or isinstance(d, bool):
+        return bool if isinstance(d, bool) else float  # SGD's momentum=0 must still accept 0.9
+    return None
+
+
+def target_problems(node: Any, key: str) -> list[str]:
+    """What is wrong with a `_target_` node `key` (e.g. `optimizer`): a target that cannot be
+    imported, keys that are not constructor parameters (with a "did you mean"), values of the
+    wrong type (from the parameter's annotation or default) and impossible values
+    (ARGUMENT_RULES). Cheap: imports the target, builds nothing."""
+    values = dict(to_container(node))
+    target = values.get("_target_")
+    obj = import_target(str(target))
+    if obj is None:
+        return [f"{key}._target_={target!r} cannot be imported; check the spelling in conf/{key}/*.yaml or pick "
+                f"another {key}=..."]
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        params = None
+    open_ended = params is None or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    problems = []
+    for arg, value in values.items():
+        if arg.startswith("_") or arg == "name":
+            continue
+        path = f"{key}.{arg}"
+        if not open_ended and arg not in params:
+            accepted = [p for p in params if p not in ("self", "params", "input_shape", "n_outputs")]
+            hint = difflib.get_close_matches(arg, accepted, n=1)
+            problems.append(f"{path} is not a parameter of {target}"
+                            + (f" — did you mean {key}.{hint[0]}?" if hint else f"; it accepts {accepted}"))
+            continue
+        kind = _param_kind(params[arg]) if params is not None and arg in params else None
+        if value is not None and kind is not None and not accepts(kind, value):
+            default = params[arg].default
+            shown = default if default is not inspect.Parameter.empty else kind.__name__
+            problems.append(f"{path}={value!r} is a {kind_of(value)}, but it must be a {kind.__name__} (default: "
+                            f"{shown!r}); pass e.g. {path}={shown}")
+            continue
+        rule = ARGUMENT_RULES.get(arg)
+        if rule is None:
+            continue
+        check, why = rule
+        if value is None:
+            if arg == "lr":
+                problems.append(f"{path} must be set, got null; e.g. {path}=1e-3")
+        elif isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{path}={value} is not a finite number")
+        else:
+            try:
+                ok = bool(check(value))
+            except TypeError:  # e.g. a list where a number belongs: the type check above names it
+                ok = False
+            if not ok:
+                problems.append(f"{path}={value!r} {why.format(key=path)}")
+    return problems
+
+
+def build(node: DictConfig | dict, key: str | None = None, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate` without the descriptive `name` key, after checking the node
+    against its constructor (:func:`target_problems`; `key` names it in the message)."""
     plain = dict(to_container(node))
+    problems = target_problems(plain, key or _own_key(node))
+    if problems:
+        raise ConfigError.listing(f"invalid {key or _own_key(node)} settings", problems)
     plain.pop("name", None)
     return instantiate(plain, **kwargs)
 
 
+def _own_key(node: Any) -> str:
+    own = node._key() if isinstance(node, DictConfig) else None
+    return str(own) if own is not None else "the node"
+
+
+# ------------------------------------------------------------------------------ names
 # Names from the config become path components (run / gold / method / eval / compare directories)
 # and W&B names, so they are restricted to characters that are safe in a file name on every
 # platform and cannot climb out of paths.runs_dir: letters, digits and . _ - + = , ( ) — no
@@ -50,8 +236,6 @@ def safe_name(value: Any, key: str, fix_key: str | None = None) -> str:
     the value and the fix (set `fix_key`, default `key`, to a safe name)."""
     text = str(value)
     if value is None or not SAFE_NAME.fullmatch(text):
-        from tda.validation import ConfigError  # lazy: tda.validation imports this module
-
         raise ConfigError(f"{key}={text!r} cannot name a directory under paths.runs_dir (it becomes a path "
                           f"component of the run directory and the W&B names); set {fix_key or key} to a name of "
                           f"{SAFE_NAME_RULE}, e.g. {fix_key or key}={_suggest(text)}")
@@ -68,8 +252,7 @@ def node_name(node: DictConfig | dict, default: str = "unnamed", key: str | None
     `_target_`. Always directory-name safe (see SAFE_NAME): an unsafe or empty one raises a
     ConfigError naming `key` (default: the node's own key in the config, e.g. `dataset`)."""
     if key is None:
-        own = node._key() if isinstance(node, DictConfig) else None
-        key = str(own) if own is not None else "the node"
+        key = _own_key(node)
     name = node.get("name") if node is not None else None
     if name is not None:
         return safe_name(name, f"{key}.name")

@@ -20,6 +20,10 @@ is finished as failed, see tda.tracking.finish); then the message goes to stderr
 exits 128 + signal number (143 for SIGTERM, 130 for SIGINT, as shells report). A second signal
 kills the process at once. Under a Hydra multirun the `SystemExit` ends the sweep. Whatever
 ends a stage with an exception, W&B runs it left open are finished as failed.
+
+User errors (tda.exits.is_user_error: a bad value, a missing final model, a refused artifact)
+end the stage with their message on stderr, no traceback, and exit status 2, as Hydra does for
+its own config errors; `HYDRA_FULL_ERROR=1` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -34,9 +38,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from hydra.errors import CompactHydraException, InstantiationException
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
-from tda.exits import HANDLED, Interrupted, exit_code_of, is_lightning_sigterm
+from tda.exits import HANDLED, USER_ERROR_EXIT, Interrupted, exit_code_of, is_lightning_sigterm, is_user_error
+
+FULL_ERROR = "HYDRA_FULL_ERROR"  # =1: tracebacks for user errors too
 
 
 # Code a signal must not interrupt half-way: an exception raised inside W&B's client (e.g. in
@@ -101,22 +109,43 @@ def signals_raise() -> Iterator[None]:
 def run_entry_point(stage: str, fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """Run `fn(cfg)` (tda.stages.<stage>) as an entry point does: on SIGTERM / SIGINT print
     "interrupted by <signal> during <what>: <what was kept>; <how to resume>" to stderr and
-    exit 128 + signal. Any other error propagates unchanged (Hydra prints it, exit status 1)."""
+    exit 128 + signal; on a user error print its message and exit 2 (:func:`exit_on_user_error`).
+    Any other error propagates unchanged (Hydra prints its traceback, exit status 1)."""
     from tda.tracking import finish_open_runs
 
     started = time.time()
     try:
         with signals_raise():
             return fn(cfg)
-    except BaseException as err:  # only interruptions are handled here, the rest re-raised
+    except BaseException as err:  # interruptions and user errors are handled here, the rest re-raised
         code = exit_code_of(err)
         finish_open_runs(code)  # a W&B run the stage left open is recorded as failed, not finished
+        exit_on_user_error(err)
         if not (isinstance(err, (Interrupted, KeyboardInterrupt)) or is_lightning_sigterm(err)):
             raise
         sig = signal.Signals(code - 128).name
     what, kept, resume = describe(stage, cfg, started)
     print(f"interrupted by {sig} during {what}: {kept}; {resume}", file=sys.stderr, flush=True)
     raise SystemExit(code)
+
+
+def full_error() -> bool:
+    """Whether the user asked for tracebacks of every error (HYDRA_FULL_ERROR=1, as Hydra reads it)."""
+    return os.environ.get(FULL_ERROR) == "1"
+
+
+def exit_on_user_error(err: BaseException) -> None:
+    """For a user error (tda.exits.is_user_error), unless HYDRA_FULL_ERROR is set: print its
+    message, which names the problem and the fix, to stderr and exit 2. Otherwise return."""
+    if not is_user_error(err) or full_error():
+        return
+    if isinstance(err, InstantiationException) and err.__cause__ is not None:
+        err = err.__cause__  # the constructor's own error, without Hydra's preamble
+    text = str(err)
+    if isinstance(err, CompactHydraException) and isinstance(err.__cause__, OmegaConfBaseException):
+        text += "\n" + str(err.__cause__)  # e.g. "Key 'epochz' is not in struct", as Hydra prints it
+    print(f"Error: {text}", file=sys.stderr, flush=True)
+    raise SystemExit(USER_ERROR_EXIT) from None
 
 
 # ---------------------------------------------------------------------------------- what was kept
@@ -133,6 +162,7 @@ def describe(stage: str, cfg: DictConfig, started: float = 0.0) -> tuple[str, st
 
 def _describe(stage: str, cfg: DictConfig, started: float) -> tuple[str, str, str]:
     from tda.config import node_name
+    from tda.further_training.store import further_training_key, job_files
     from tda.runs import RunDir
 
     run = RunDir.from_config(cfg)
@@ -145,15 +175,16 @@ def _describe(stage: str, cfg: DictConfig, started: float) -> tuple[str, str, st
             return "training", kept, "re-run the same command to retrain"
         return ("training", "no final model was written (training does not resume mid-way)",
                 "re-run the same command to train it")
+    if stage == "further_train" or (stage == "attribute" and cfg.method.get("stage") == "further_train"):
+        # the gold-standard stage, also reached as `attribute.py method=further_training`
+        gold = run.gold_dir(further_training_key(cfg))
+        files = job_files(cfg.further_training, gold)
+        n = sum(p.is_file() for p in files)
+        unit = "seeds" if files and ".part_" not in files[0].name else "seeds of this left-out shard"
+        kept = f"{n} of {len(files)} {unit} are complete in {gold} (the seed in progress was not written)"
+        return "further training", kept, "re-run the same command to resume"
     if stage == "attribute":
         name = node_name(cfg.method)
-        if name == "further_training":
-            gold = run.gold_dir(cfg)
-            files = gold_job_files(cfg, gold)
-            n = sum(p.is_file() for p in files)
-            unit = "seeds" if files and ".part_" not in files[0].name else "seeds of this left-out shard"
-            kept = f"{n} of {len(files)} {unit} are complete in {gold} (the seed in progress was not written)"
-            return "further training", kept, "re-run the same command to resume"
         out = run.method_dir(cfg)
         if (out / "scores.safetensors").is_file():
             return f"attribution ({name})", f"the scores are complete in {out}", "nothing is left to do"
@@ -161,19 +192,6 @@ def _describe(stage: str, cfg: DictConfig, started: float) -> tuple[str, str, st
                 "re-run the same command to compute them")
     return ("evaluation", f"the final model, gold standard and method scores in {run.path} are unchanged",
             "re-run the same command to evaluate again")
-
-
-def gold_job_files(cfg: DictConfig, gold_dir: Path) -> list[Path]:
-    """The gold-standard files this job computes: one per seed of `further_training.shard_seeds`
-    (default: all seeds), for its block `further_training.left_out_shard`."""
-    from tda.further_training.gold_standard import seed_file, seeds_of
-
-    ft = cfg.further_training
-    shard_seeds = ft.get("shard_seeds")
-    seeds = seeds_of(ft) if shard_seeds is None else [int(s) for s in shard_seeds]
-    index = int(OmegaConf.select(ft, "left_out_shard.index", default=0) or 0)
-    count = int(OmegaConf.select(ft, "left_out_shard.count", default=1) or 1)
-    return [seed_file(Path(gold_dir), s, (index, count) if count > 1 else None) for s in seeds]
 
 
 def file_states(paths: list[Path]) -> dict[Path, tuple[int, int] | None]:

@@ -4,6 +4,7 @@ size sampled in a background thread on CPU (reported as the increase over the st
 from __future__ import annotations
 
 import os
+import resource
 import threading
 
 import torch
@@ -16,7 +17,6 @@ def rss_bytes() -> int:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * _PAGE
     except OSError:
-        import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

@@ -1,7 +1,9 @@
 """The attribution problem: what every attribution method and the gold standard receive.
 
 A neutral contract between the stages (which build it from a final model and its data) and
-the methods and further training (which consume it)."""
+the methods and further training (which consume it). It holds the final model and its data
+only: a method's settings are its own config, and further training receives the
+`further_training` / `further_optimizer` settings from its stage."""
 
 from __future__ import annotations
 
@@ -9,8 +11,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
+
+from tda.artifacts import tensor_checksum
+from tda.provenance import data_fingerprint, identity, selection_fingerprint
+from tda.sections import Checks, Section, setting
+
+
+@dataclass
+class AttributionSettings(Section):
+    """`attribution`: what every method and the gold standard share (AttributionProblem)."""
+
+    PATH = "attribution"
+    memory_budget_mb: float = setting(2048, "bound on per-example gradients (and stacked runs) held at once")
+
+    def check(self, c: Checks) -> None:
+        c.positive("memory_budget_mb")
 
 
 @dataclass
@@ -33,8 +49,6 @@ class AttributionProblem:
     y_test: torch.Tensor
     left_out_indices: torch.Tensor
     test_indices: torch.Tensor
-    further_training: DictConfig | None = None
-    further_optimizer: DictConfig | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     cache_dir: Path | None = None
     memory_budget_mb: float = 2048.0
@@ -46,13 +60,10 @@ class AttributionProblem:
         content (trainable weights, data tensors, selection)."""
         if self.final_model is not None:
             return dict(self.final_model)
-        from tda.artifacts import tensor_checksum
-        from tda.provenance import data_fingerprint, identity, selection_fingerprint
-
         weights = tensor_checksum({k: v for k, v in self.model.state_dict().items()})
         data = data_fingerprint(self.x_train, self.y_train, self.x_test, self.y_test)
-        return identity(weights, data, selection_fingerprint(self.left_out_indices.tolist(), self.test_indices.tolist()),
-                        run="in-memory problem")
+        selection = selection_fingerprint(self.left_out_indices.tolist(), self.test_indices.tolist())
+        return identity(weights, data, selection, run="in-memory problem")
 
     @property
     def n_train(self) -> int:

@@ -32,12 +32,13 @@ from omegaconf import DictConfig
 
 from tda.artifacts import IntegrityError, load_json, load_tensors_with_metadata, tensor_checksum
 from tda.config import config_hash, to_container
+from tda.exits import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IDENTITY_FIELDS = ("weights", "data", "selection", "run")
 
 
-class ProvenanceError(ValueError):
+class ProvenanceError(UserError, ValueError):
     """Artifacts that were produced for different configurations, models or instances."""
 
 

@@ -63,21 +63,28 @@ def inside(root: Path, path: Path) -> Path:
     return path
 
 
+# `trainer` settings that do not change what final training computes (where and how it runs,
+# what it displays) stay out of the run key; any other Lightning argument passed through
+# (`+trainer.accumulate_grad_batches=4`, `+trainer.limit_train_batches=...`) is part of it, so a
+# model trained with it never answers for a run without it.
+TRAINER_KEYS_OUTSIDE_RUN = frozenset({
+    "accelerator", "devices", "strategy", "progress_bar", "attribution_device", "num_nodes", "fast_dev_run",
+    "enable_progress_bar", "enable_model_summary", "log_every_n_steps", "default_root_dir", "profiler",
+    "num_sanity_val_steps", "limit_val_batches", "check_val_every_n_epoch", "val_check_interval", "logger",
+    "callbacks", "barebones", "sync_batchnorm", "plugins", "use_distributed_sampler", "reload_dataloaders_every_n_epochs",
+})
+
+
 def run_key(cfg: DictConfig) -> str:
     names = [node_name(cfg.dataset), node_name(cfg.model), node_name(cfg.optimizer)]
     nodes = [to_container(cfg[k]) for k in RUN_KEYS]
     # train.overwrite says whether to redo the run, not what the run is: it must find the same directory
     nodes[RUN_KEYS.index("train")] = {k: v for k, v in nodes[RUN_KEYS.index("train")].items() if k != "overwrite"}
+    trainer = to_container(cfg.get("trainer")) or {}
+    passed = {k: v for k, v in trainer.items() if k not in TRAINER_KEYS_OUTSIDE_RUN}
+    if passed:  # absent for every run without such arguments, so their keys are unchanged
+        nodes.append({"trainer": passed})
     return "-".join(names + [config_hash(*nodes)])
-
-
-def further_training_key(cfg: DictConfig) -> str:
-    """Key of a gold standard: the further-training settings and its fresh optimizer. Settings
-    that only choose how or which part a job computes (engine, group size, shards:
-    tda.further_training.EXECUTION_KEYS) are left out, so shards fill one directory."""
-    from tda.further_training import gold_settings
-
-    return f"{node_name(cfg.further_optimizer)}-{config_hash(gold_settings(cfg.further_training), cfg.further_optimizer)}"
 
 
 def method_key(cfg: DictConfig) -> str:
@@ -119,8 +126,9 @@ class RunDir:
     def features(self) -> Path:
         return self.path / "features.safetensors"
 
-    def gold_dir(self, cfg: DictConfig) -> Path:
-        return self._inside(self.path / "gold" / further_training_key(cfg))
+    def gold_dir(self, key: str) -> Path:
+        """`gold/<key>/`; key: tda.further_training.store.further_training_key of the config."""
+        return self._inside(self.path / "gold" / safe_name(key, "the gold-standard key"))
 
     def method_dir(self, cfg: DictConfig) -> Path:
         return self._inside(self.path / "methods" / method_key(cfg))

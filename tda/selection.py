@@ -1,9 +1,46 @@
-"""Seeded, recorded choice of the left-out training instances and evaluated test instances."""
+"""Seeded, recorded choice of the left-out training instances and evaluated test instances,
+and its settings (the `selection` section)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import numpy as np
 import torch
+
+from tda.sections import Checks, Section, setting
+
+
+@dataclass
+class SelectionSettings(Section):
+    """`selection`: which instances are attributed and evaluated (recorded in selection.json
+    and part of the run directory's key)."""
+
+    PATH = "selection"
+    n_left_out: int | None = setting(40, "training instances attributed (left out one at a time)",
+                                     "null attributes every training row")
+    n_test: int | None = setting(40, "test instances evaluated", "null evaluates every test instance")
+    seed: int = setting(0, "seed of the choice")
+    stratify: bool = setting(True, "left-out instances stratified by label")
+    test: Literal["first", "random"] = setting("first", "which test instances (the paper evaluates the first 100)")
+
+    def check(self, c: Checks) -> None:
+        c.positive("n_left_out")
+        c.positive("n_test")
+        c.non_negative("seed")
+
+    def fit_problems(self, n_train: int, n_test: int, dataset: str) -> list[str]:
+        """The selection against the data's size: no more instances than rows."""
+        problems = []
+        if self.n_left_out is not None and n_train and self.n_left_out > n_train:
+            problems.append(f"selection.n_left_out={self.n_left_out} asks for more left-out instances than the "
+                            f"{n_train} training rows of {dataset}; lower it (or set it to null for all rows) or raise "
+                            f"dataset.max_train")
+        if self.n_test is not None and n_test and self.n_test > n_test:
+            problems.append(f"selection.n_test={self.n_test} asks for more test instances than the {n_test} test rows "
+                            f"of {dataset}; lower it (or set it to null) or raise dataset.max_test")
+        return problems
 
 
 def choose_indices(n: int, k: int | None, seed: int, labels: torch.Tensor | None = None,

@@ -1,5 +1,5 @@
-"""The three stages. Entry points (`train.py`, `attribute.py`, `evaluate.py`) only parse the
-config and call these."""
+"""The stages: train, further_train (the gold standard), attribute, evaluate. Entry points
+(`train.py`, `attribute.py`, `evaluate.py`) only parse the config and call these."""
 
 from __future__ import annotations
 
@@ -13,23 +13,27 @@ from omegaconf import DictConfig, OmegaConf
 
 from tda.artifacts import (IntegrityError, load_tensors_with_metadata, remove_stale_temp_files, require_finite,
                            save_json, save_tensors, save_text, tensor_checksum)
-from tda.further_training.gold_standard import expected_gold, gold_status, seeds_of
+from tda.further_training.gold_standard import FurtherTraining
+from tda.further_training.store import (expected_gold, further_training_key, gold_status, is_sharded, job_files,
+                                        load_gold_standard, seeds_of)
 from tda.scores import load_method_scores, save_method_scores
-from tda.config import build, node_name, to_container
+from tda.config import ConfigError, build, import_target, node_name, to_container
 from tda.data.base import DataBundle
+from tda.data.errors import data_problems, loading_errors
+from tda.further_training.settings import FurtherTrainingSettings
 from tda.memory import PeakMemory
 from tda.methods.base import Method
 from tda.problem import AttributionProblem
 from tda.models.base import TDAModel, compute_features
 from tda.runs import RUN_KEYS, RunDir, method_key, run_key
-from tda.selection import choose_indices, first_indices, validate_indices, validate_selection
-from tda.interrupt import file_states, gold_job_files
-from tda.tracking import finish, init_wandb, mark_cached
+from tda.selection import SelectionSettings, choose_indices, first_indices, validate_indices, validate_selection
+from tda.preflight import check_config
+from tda.interrupt import file_states
+from tda.tracking import finish, init_wandb, log_gold_progress, mark_cached
 from tda.provenance import (FinalModel, ProvenanceError, identity, read_final_model, require_match,
                             selection_fingerprint, stamp, supersede_dependents)
-from tda.validation import (data_errors, validate_config, validate_data,
-                            validate_devices)
-from tda.training import FinalModelModule, evaluate_model, loaders
+from tda.training import (FinalModelModule, TrainerSettings, TrainSettings, evaluate_model, final_trainer,
+                          loaders)
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +42,32 @@ log = logging.getLogger(__name__)
 def load_data(cfg: DictConfig) -> DataBundle:
     """The dataset, refused (ConfigError) when the devices asked for are missing, it is empty or
     too small for the selection, holds NaN/inf or bad labels, or does not fit the model."""
-    validate_devices(cfg)  # before the (possibly long) load
-    with data_errors(cfg):
-        data = build(cfg.dataset)
-    validate_data(cfg, len(data.train), len(data.test), data=data)
+    TrainerSettings.from_config(cfg.trainer).require_devices()  # before the (possibly long) load
+    name = str(cfg.dataset.get("name", "the dataset"))
+    with loading_errors(name):
+        data = build(cfg.dataset, key="dataset")
+    n_train, n_test = len(data.train), len(data.test)
+    problems = data_problems(data, name) + _model_input_problems(cfg, data, name)
+    problems += SelectionSettings.from_config(cfg.selection).fit_problems(n_train, n_test, name)
+    problems += FurtherTrainingSettings.from_config(cfg.further_training).fit_problems(
+        cfg.selection.n_left_out or n_train)
+    if problems:
+        raise ConfigError.listing("the configuration does not fit the data", problems)
     return data
 
 
+def _model_input_problems(cfg: DictConfig, data: DataBundle, dataset: str) -> list[str]:
+    """The model's declared inputs (TDAModel.modalities / input_dims) against the data's."""
+    cls = import_target(cfg.model._target_)
+    if not (isinstance(cls, type) and issubclass(cls, TDAModel)):
+        return []
+    shape = list(data.input_shape) if len(data.train) else None
+    problem = cls.input_problem(cfg.model.get("name", cfg.model._target_), dataset, data.modality, shape)
+    return [problem] if problem else []
+
+
 def build_model(cfg: DictConfig, data: DataBundle) -> TDAModel:
-    model = build(cfg.model, input_shape=list(data.input_shape), n_outputs=data.n_outputs)
+    model = build(cfg.model, key="model", input_shape=list(data.input_shape), n_outputs=data.n_outputs)
     model.freeze_non_trainable()
     return model
 
@@ -67,16 +88,13 @@ def select(cfg: DictConfig, data: DataBundle) -> dict:
             "rule": to_container(sel), "n_train": len(data.train), "n_test_total": len(data.test)}
 
 
-def _precision(dtype: str) -> str:
-    return {"float32": "32-true", "float64": "64-true", "bf16": "bf16-mixed", "16": "16-mixed"}[dtype]
-
-
 # ---------------------------------------------------------------------------------- train
 def train(cfg: DictConfig) -> RunDir:
-    validate_config(cfg, "train")
+    check_config(cfg, "train")
+    settings, trainer_settings = TrainSettings.from_config(cfg.train), TrainerSettings.from_config(cfg.trainer)
     run = RunDir.from_config(cfg)
     remove_stale_temp_files(run.path)
-    if run.final_model.is_file() and not cfg.train.overwrite:
+    if run.final_model.is_file() and not settings.overwrite and not trainer_settings.dry_run:
         read_final_model(run, cfg)  # a damaged or foreign model is reported now, not by the next stage
         log.info("final model already trained in %s (train.overwrite=true retrains)", run.path)
         finish(mark_cached(init_wandb(cfg, "train", run.path.name)))  # a W&B run with no timings
@@ -105,17 +123,16 @@ def train(cfg: DictConfig) -> RunDir:
     if wb is not None:
         from lightning.pytorch.loggers import WandbLogger
         logger = WandbLogger(experiment=wb)
-    trainer = L.Trainer(max_epochs=int(cfg.train.epochs), accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
-                        strategy=cfg.trainer.strategy, precision=_precision(cfg.train.dtype), deterministic=True,
-                        logger=logger, enable_checkpointing=False, enable_progress_bar=cfg.trainer.progress_bar,
-                        gradient_clip_val=cfg.train.gradient_clip_val, enable_model_summary=False,
-                        default_root_dir=str(run.path), check_val_every_n_epoch=int(cfg.train.eval_every_epochs),
-                        num_sanity_val_steps=0)
+    trainer = final_trainer(settings, trainer_settings, logger, str(run.path))
     t0 = time.perf_counter()
     trainer.fit(module, train_loader, test_loader)
     if trainer.interrupted:  # Lightning returned from a stopped fit: never write a partial model
         raise RuntimeError("final training was interrupted before its last epoch; no final model was written. "
                            "Re-run the same command to train it.")
+    if trainer_settings.dry_run:
+        log.info("trainer.fast_dev_run: a dry run of final training; nothing was written")
+        finish(wb)
+        return run
     seconds = time.perf_counter() - t0
     model = model.float().cpu()
     metrics = {"test": evaluate_model(trainable, x_te, y_te, data.task), "train": evaluate_model(trainable, x_tr, y_tr, data.task),
@@ -149,7 +166,7 @@ def attribution_problem(cfg: DictConfig, run: RunDir, data: DataBundle | None = 
                          final: FinalModel | None = None) -> AttributionProblem:
     """Load the final model (verified) and its selections, apply (and cache) the frozen part."""
     final = final if final is not None else read_final_model(run, cfg)
-    validate_devices(cfg, attribution=True)
+    TrainerSettings.from_config(cfg.trainer).require_devices(attribution=True)
     data = data if data is not None else load_data(cfg)
     selection = final.selection
     validate_selection(selection, len(data.train), len(data.test), run.selection)
@@ -175,7 +192,6 @@ def attribution_problem(cfg: DictConfig, run: RunDir, data: DataBundle | None = 
                          what="the frozen part's features")
     return AttributionProblem(model=trainable, task=data.task, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te,
                               left_out_indices=torch.tensor(selection["left_out_indices"]), test_indices=test_idx,
-                              further_training=cfg.further_training, further_optimizer=cfg.further_optimizer,
                               device=torch.device(cfg.trainer.attribution_device), cache_dir=run.path / "cache",
                               memory_budget_mb=float(cfg.attribution.memory_budget_mb), final_model=final.identity)
 
@@ -195,7 +211,14 @@ def _cached_features(run: RunDir, final_model: dict) -> dict[str, torch.Tensor] 
 
 
 def attribute(cfg: DictConfig) -> Path:
-    validate_config(cfg, "attribute")
+    """One method's scores [n_test, n_left_out] for the final model, into `methods/<key>/`; returns
+    that directory. `method=further_training` is no method: its config declares `stage:
+    further_train`, and the gold-standard stage runs instead (:func:`further_train`), so that
+    `attribute.py method=further_training` and sweeps such as `-m method=further_training,grad_dot`
+    keep working."""
+    if cfg.method.get("stage") == "further_train":
+        return further_train(cfg, stage="attribute")
+    check_config(cfg, "attribute")
     run = RunDir.from_config(cfg)
     remove_stale_temp_files(run.path)
     final = read_final_model(run, cfg)  # fail before building anything else
@@ -204,30 +227,6 @@ def attribute(cfg: DictConfig) -> Path:
     name = node_name(cfg.method)
     wb = init_wandb(cfg, "attribute", f"{run.path.name}/{name}")
     try:
-        if name == "further_training":
-            out = run.gold_dir(cfg)
-            job_files = gold_job_files(cfg, out)
-            before = file_states(job_files)  # unchanged afterwards: every seed was already there (cached)
-            with PeakMemory() as mem:
-                t0 = time.perf_counter()
-                seeds = method.run(problem, out, trainer=cfg.trainer)
-                seconds = time.perf_counter() - t0
-            # the merge step: every seed and part present once, all finite (a shard only reports)
-            ft = cfg.further_training
-            sharded = ft.get("shard_seeds") is not None or int(OmegaConf.select(ft, "left_out_shard.count", default=1) or 1) > 1
-            expected = expected_gold(final.identity, final.selection, ft, cfg.further_optimizer)
-            log.info(gold_status(out, expected, seeds_of(ft), complete=not sharded))
-            if wb is not None:
-                from tda.tracking import log_gold_progress
-
-                computed = sum(state != before[p] for p, state in file_states(job_files).items())
-                wb.summary.update({"seeds_done": len(seeds), "seeds_computed": computed})
-                if computed:
-                    wb.summary.update({"seconds": seconds, "peak_mb": mem.peak_mb})
-                else:
-                    mark_cached(wb)
-                log_gold_progress(wb, out, expected, seeds_of(ft))
-            return out
         if not isinstance(method, Method):
             raise TypeError(f"method={name}: {type(method).__name__} is not a tda.methods.base.Method")
         out = run.method_dir(cfg)
@@ -259,12 +258,66 @@ def attribute(cfg: DictConfig) -> Path:
         finish(wb)
 
 
-# ---------------------------------------------------------------------------------- evaluate
-def evaluate(cfg: DictConfig) -> Path:
-    from tda.evaluation.report import evaluate_compare, evaluate_run
+# ---------------------------------------------------------------------------------- further training
+def further_train(cfg: DictConfig, stage: str = "further_train") -> Path:
+    """The gold standard of the final model (tda.further_training): the seeds of this job
+    (`further_training`, its shard) trained further with a fresh `further_optimizer`, written
+    seed by seed into `gold/<key>/`, which is returned. Finished seeds are kept, so a re-run
+    resumes. `stage` names the entry point in messages and as the W&B job type: `further_train`,
+    or `attribute` for the alias `attribute.py method=further_training`."""
+    check_config(cfg, stage)
+    run = RunDir.from_config(cfg)
+    remove_stale_temp_files(run.path)
+    final = read_final_model(run, cfg)  # fail before building anything else
+    problem = attribution_problem(cfg, run, final=final)
+    ft, further_optimizer = cfg.further_training, cfg.further_optimizer
+    out = run.gold_dir(further_training_key(cfg))
+    wb = init_wandb(cfg, stage, f"{run.path.name}/further_training")
+    try:
+        files = job_files(ft, out)
+        before = file_states(files)  # unchanged afterwards: every seed was already there (cached)
+        with PeakMemory() as mem:
+            t0 = time.perf_counter()
+            seeds = FurtherTraining(ft, further_optimizer, trainer=cfg.trainer).run(problem, out)
+            seconds = time.perf_counter() - t0
+        # the merge step: every seed and part present once, all finite (a shard only reports)
+        expected = expected_gold(final.identity, final.selection, ft, further_optimizer)
+        log.info(gold_status(out, expected, seeds_of(ft), complete=not is_sharded(ft)))
+        if wb is not None:
+            computed = sum(state != before[p] for p, state in file_states(files).items())
+            wb.summary.update({"seeds_done": len(seeds), "seeds_computed": computed})
+            if computed:
+                wb.summary.update({"seconds": seconds, "peak_mb": mem.peak_mb})
+            else:
+                mark_cached(wb)
+            _log_gold_progress(wb, out, expected, seeds_of(ft))
+        return out
+    finally:
+        finish(wb)
 
-    validate_config(cfg, "evaluate")
+
+def _log_gold_progress(wb, gold_dir: Path, expected: dict, seeds: list[int]) -> None:
+    """W&B: the size of the gold-standard attribution per checkpoint, over the seeds merged so
+    far (a shard's job may find none of them complete yet: then only a warning)."""
+    try:
+        gold = load_gold_standard(gold_dir, expected, seeds, require_all=False)
+    except (FileNotFoundError, ValueError) as err:
+        if isinstance(err, (ProvenanceError, IntegrityError)):
+            raise  # foreign or damaged files are never glossed over
+        log.warning("not logging further-training progress to W&B: %s", err)
+        return
+    log_gold_progress(wb, gold)
+
+
+# ---------------------------------------------------------------------------------- evaluate
+def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
+    """Evaluate the methods of this final model, or with `evaluate.compare` several experiments,
+    each composed from `overrides` (default: the running Hydra app's) plus its own."""
+    from tda.evaluation.compare import evaluate_compare
+    from tda.evaluation.evaluate import evaluate_run
+
+    check_config(cfg, "evaluate")
     if cfg.evaluate.get("compare"):
-        return evaluate_compare(cfg)  # several experiments, each found from its own overrides
+        return evaluate_compare(cfg, overrides)  # several experiments, each composed from its own overrides
     run = RunDir.from_config(cfg)
     return evaluate_run(cfg, run, read_final_model(run, cfg))

@@ -11,7 +11,6 @@ All of W&B's files stay under `logger.dir` (default `paths.runs_dir`).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -25,9 +24,11 @@ from tda.exits import exit_code_of
 
 
 # The config groups that describe each stage's run (the evaluate stage covers every method,
-# the final model is trained before any further-training optimizer matters).
+# the final model is trained before any further-training optimizer matters, the gold standard
+# has no method).
 STAGE_GROUPS = {"train": ("dataset", "model", "optimizer"),
                 "attribute": ("dataset", "model", "optimizer", "method", "further_optimizer"),
+                "further_train": ("dataset", "model", "optimizer", "further_optimizer"),
                 "evaluate": ("dataset", "model", "optimizer", "further_optimizer")}
 
 
@@ -177,23 +178,12 @@ def read_offline_run(run_dir: str | Path, timeout: float = 120) -> dict[str, Any
     return out
 
 
-def log_gold_progress(wb: Any, gold_dir: Path, expected: dict, seeds: list[int]) -> None:
+def log_gold_progress(wb: Any, gold: Any) -> None:
     """After further training: per checkpoint, the size of the gold-standard attribution
     (mean over test instances of the L2 norm over left-out instances, centred and not), so
     the dashboard shows how the measured effect grows with further training and whether it
-    stays far above float resolution."""
-    from tda.artifacts import IntegrityError
-    from tda.further_training.gold_standard import load_gold_standard
-    from tda.provenance import ProvenanceError
-
-    try:
-        gold = load_gold_standard(Path(gold_dir), expected, seeds, require_all=False)
-    except (FileNotFoundError, ValueError) as err:
-        if isinstance(err, (ProvenanceError, IntegrityError)):
-            raise  # foreign or damaged files are never glossed over
-        # e.g. a job that computed only a shard of the gold standard: the run itself succeeded
-        logging.getLogger(__name__).warning("not logging further-training progress to W&B: %s", err)
-        return
+    stays far above float resolution. `gold`: the seeds merged so far, a
+    tda.further_training.store.GoldStandard."""
     x_name, xs = gold.checkpoint_axis()
     wb.define_metric(x_name)
     for key in ("gold/attribution_norm_centered", "gold/attribution_norm_uncentered"):

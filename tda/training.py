@@ -1,14 +1,150 @@
-"""Final-model training with Lightning: the model the whole study starts from (θᶠ)."""
+"""Final-model training with Lightning: the model the whole study starts from (θᶠ), and its
+settings: the `train` section and the `trainer` section (tda's own keys, and any argument of
+Lightning's `Trainer`, passed through)."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from tda.config import ConfigError, to_container
 from tda.models.base import TDAModel, per_example_loss
+from tda.sections import Checks, Section, setting, unknown_key
+
+# float16 mixed precision is not offered: Lightning silently runs it as bf16 on a CPU
+PRECISION = {"float32": "32-true", "float64": "64-true", "bf16": "bf16-mixed"}
+
+
+@dataclass
+class TrainSettings(Section):
+    """`train`: final training (part of the run directory's key, except `overwrite`)."""
+
+    PATH = "train"
+    epochs: int = setting(30, "epochs of final training", "train for at least one epoch")
+    batch_size: int = setting(32, "batch size of final training")
+    dtype: Literal["float32", "float64", "bf16"] = setting("float32", "precision of final training",
+                                                           "for mixed precision use train.dtype=bf16")
+    gradient_clip_val: float | None = setting(None, "gradient norm clipping (Lightning's); null: none")
+    eval_every_epochs: int = setting(1, "test-set metrics every this many epochs")
+    overwrite: bool = setting(False, "retrain even if the run directory holds a final model")
+
+    def check(self, c: Checks) -> None:
+        for name in ("epochs", "batch_size", "gradient_clip_val", "eval_every_epochs"):
+            c.positive(name)
+
+    @property
+    def precision(self) -> str:
+        return PRECISION[self.dtype]
+
+
+# Trainer arguments that tda sets from its own settings (or fixes): passing them through would
+# train a model that its run directory's key does not describe, or break the stage.
+SET_BY_TDA = {"max_epochs": "train.epochs", "precision": "train.dtype", "gradient_clip_val": "train.gradient_clip_val",
+              "check_val_every_n_epoch": "train.eval_every_epochs", "enable_progress_bar": "trainer.progress_bar",
+              "logger": "logger=wandb|none", "deterministic": None, "enable_checkpointing": None,
+              "default_root_dir": None}
+TRAINER_ARGS = tuple(p for p in inspect.signature(L.Trainer.__init__).parameters if p != "self")
+
+
+@dataclass
+class TrainerSettings(Section):
+    """`trainer`: tda's own keys (`progress_bar`, `attribution_device`) and the arguments of
+    Lightning's `Trainer` for final training: `accelerator`, `devices`, `strategy` with tda's
+    defaults, and any other (`+trainer.num_nodes=2`, `+trainer.fast_dev_run=1`) in `lightning`.
+    Pass-through arguments that change what final training computes are part of the run
+    directory's key (tda.runs.TRAINER_KEYS_OUTSIDE_RUN lists those that are not); further
+    training reads only `accelerator` and `progress_bar`."""
+
+    PATH = "trainer"
+    accelerator: str = setting("cpu", "Lightning accelerator (final and further training): cpu | gpu | auto | ...")
+    devices: int | str | list[int] = setting(1, "Lightning devices of final training: a count, -1 (all), auto, ids")
+    strategy: str = setting("auto", "Lightning strategy of final training, e.g. ddp")
+    progress_bar: bool = setting(True, "Lightning's bar in final training, tda's in further training")
+    attribution_device: str = setting("cpu", "torch device the attribution methods run on: cpu | cuda | cuda:<i>")
+    lightning: dict[str, Any] = setting({}, "any other `Trainer` argument, added with +trainer.<argument>=...")
+
+    def check(self, c: Checks) -> None:
+        devices = c.value("devices")
+        if isinstance(devices, int) and not (devices == -1 or devices > 0):
+            c.add(f"trainer.devices={devices!r} must be a positive count, -1 (all), 'auto' or a list of ids")
+        for key in self.lightning:
+            if key not in TRAINER_ARGS:
+                c.add(unknown_key(f"trainer.{key}", TRAINER_OWN_KEYS + TRAINER_ARGS,
+                                  "a tda setting or an argument of lightning.Trainer"))
+            elif key in SET_BY_TDA:
+                owner = SET_BY_TDA[key]
+                c.add(f"trainer.{key} is set by tda" + (f" from {owner}; set {owner} instead" if owner else
+                                                          "; remove the override"))
+
+    @classmethod
+    def load(cls, node: Any) -> tuple[Any, list[str]]:
+        """Keys that are not tda's go to `lightning` (checked against Trainer's signature)."""
+        values = to_container(node) if node is not None else {}
+        if not isinstance(values, dict):
+            return super().load(values)
+        passed = {k: v for k, v in values.items() if k not in TRAINER_OWN_KEYS}
+        return super().load({k: v for k, v in values.items() if k in TRAINER_OWN_KEYS} | {"lightning": passed})
+
+    @property
+    def dry_run(self) -> bool:
+        """`fast_dev_run`: Lightning runs a few batches to find bugs; nothing is written."""
+        return bool(self.lightning.get("fast_dev_run"))
+
+    def trainer_args(self) -> dict[str, Any]:
+        """Everything this section passes to `L.Trainer`."""
+        return {"accelerator": self.accelerator, "devices": self.devices, "strategy": self.strategy,
+                "enable_progress_bar": self.progress_bar} | self.lightning
+
+    def require_devices(self, attribution: bool = False) -> None:
+        """The devices asked for exist on this machine: `accelerator` (final and further
+        training) and, with `attribution`, `attribution_device` (the methods). Cheap; called
+        before any data is loaded."""
+        problems = []
+        accelerator = self.accelerator
+        if accelerator.lower() in ("gpu", "cuda") and not torch.cuda.is_available():
+            problems.append(f"trainer.accelerator={accelerator} asks for a CUDA GPU, but torch.cuda.is_available() is "
+                            f"false on this machine (no GPU, or a CPU-only torch build); use trainer.accelerator=cpu "
+                            f"(or auto), or run on a machine with a GPU")
+        if attribution:
+            device = self.attribution_device
+            try:
+                dev = torch.device(str(device))
+            except (RuntimeError, ValueError):
+                problems.append(f"trainer.attribution_device={device!r} is not a torch device; use cpu, cuda or "
+                                f"cuda:<index>")
+            else:
+                if dev.type == "cuda" and not torch.cuda.is_available():
+                    problems.append(f"trainer.attribution_device={device} asks for a CUDA GPU, but "
+                                    f"torch.cuda.is_available() is false on this machine (no GPU, or a CPU-only torch "
+                                    f"build); use trainer.attribution_device=cpu, or run on a machine with a GPU")
+                elif dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+                    problems.append(f"trainer.attribution_device={device}: this machine has only "
+                                    f"{torch.cuda.device_count()} CUDA device(s); use "
+                                    f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+                elif dev.type == "mps" and not torch.backends.mps.is_available():
+                    problems.append(f"trainer.attribution_device={device}: MPS is not available on this machine; "
+                                    f"use cpu")
+        if problems:
+            raise ConfigError.listing("the configuration asks for devices this machine does not have", problems)
+
+
+TRAINER_OWN_KEYS = tuple(f.name for f in fields(TrainerSettings) if f.name != "lightning")
+
+
+def final_trainer(train: TrainSettings, trainer: TrainerSettings, logger: Any, root_dir: str) -> L.Trainer:
+    """Lightning's `Trainer` for final training: deterministic, no Lightning checkpoints (tda
+    writes the final model itself), the `trainer` section's arguments passed through."""
+    return L.Trainer(**({"enable_model_summary": False, "num_sanity_val_steps": 0} | trainer.trainer_args()),
+                     max_epochs=train.epochs, precision=train.precision, gradient_clip_val=train.gradient_clip_val,
+                     check_val_every_n_epoch=train.eval_every_epochs, deterministic=True, logger=logger,
+                     enable_checkpointing=False, default_root_dir=root_dir)
+
 
 
 class FinalModelModule(L.LightningModule):

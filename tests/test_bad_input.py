@@ -11,10 +11,11 @@ from omegaconf import open_dict
 
 from conftest import SHARED_DATA, compose_config
 from tda.artifacts import IntegrityError
+from tda.config import ConfigError
+from tda.data.errors import loading_errors
 from tda.provenance import ProvenanceError
 from tda.runs import RunDir
 from tda.stages import attribute, evaluate, train
-from tda.validation import ConfigError, data_errors
 
 
 def _no_run_dir(cfg) -> bool:
@@ -79,9 +80,9 @@ def test_wrong_type_or_impossible_value(tiny, override, expect):
 @pytest.mark.parametrize("override", ["trainer.devices=auto", "trainer.devices=[0]", "further_training.sparse_input=true",
                                       "selection.n_left_out=null", "optimizer.lr=1", "further_training.epsilon=0.01"])
 def test_valid_values_of_other_kinds_pass(tiny, override):
-    from tda.validation import validate_config
+    from tda.preflight import check_config
 
-    validate_config(compose_config("train", tiny + [override]), "train")
+    check_config(compose_config("train", tiny + [override]), "train")
 
 
 def test_every_problem_in_one_message(tiny):
@@ -102,14 +103,16 @@ def test_defaults_and_every_option_pass_validation(tiny):
     """The checks must not reject any shipped configuration."""
     from hydra import compose, initialize_config_dir
 
-    from tda.validation import CONF_DIR, validate_config
+    from tda.resources import config_dir
+    from tda.preflight import check_config
 
+    CONF_DIR = config_dir()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for group in ("dataset", "model", "optimizer", "further_optimizer", "method", "logger", "experiment"):
             for option in sorted((CONF_DIR / group).glob("*.yaml")):
-                validate_config(compose(config_name="attribute", overrides=tiny + [f"{group}={option.stem}"]), "attribute")
+                check_config(compose(config_name="attribute", overrides=tiny + [f"{group}={option.stem}"]), "attribute")
         for stage in ("train", "evaluate"):
-            validate_config(compose(config_name=stage, overrides=tiny), stage)
+            check_config(compose(config_name=stage, overrides=tiny), stage)
 
 
 # ------------------------------------------------------------------ checks that need the data
@@ -145,6 +148,7 @@ def test_empty_data_file(tiny, tmp_path, content):
 
 def test_dataset_that_needs_a_download_while_offline(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("TDA_OFFLINE", "1")
+    (tmp_path / "no_data_here").mkdir()  # a data folder without this dataset
     monkeypatch.setenv("TDA_DATA_DIR", str(tmp_path / "no_data_here"))
     cfg = compose_config("train", tiny)
     with open_dict(cfg):
@@ -167,7 +171,7 @@ def test_hub_download_while_offline_gets_the_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     cfg = compose_config("train", ["dataset=breast_cancer"])
     with pytest.raises(ConfigError, match="needs a download, but offline mode is on.*dataset.root"):
-        with data_errors(cfg):
+        with loading_errors(cfg.dataset.name):
             datasets.load_dataset("uoft-cs/cifar10", cache_dir=str(tmp_path / "cache"))
 
 

@@ -16,8 +16,9 @@ from tda.evaluation.curves import (method_agreement, resolve_checkpoints, seed_w
                                    similarity_curves, sorted_profile, sorted_scores, split_half_reliability,
                                    top_instances, top_k_overlap)
 from tda.evaluation.metrics import mean_and_se, rowwise_cosine, rowwise_spearman
-from tda.evaluation.report import apply_overrides, load_all_method_scores
-from tda.further_training.gold_standard import GoldStandard, load_gold_standard
+from tda.evaluation.compare import compose_experiment
+from tda.evaluation.loading import load_all_method_scores
+from tda.further_training.store import GoldStandard, further_training_key, load_gold_standard
 from tda.runs import RunDir
 from tda.scores import save_method_scores
 from tda.stages import attribute, evaluate, train
@@ -188,7 +189,7 @@ def test_evaluate_stage_known_answers_on_disk(tiny):
     for method in ("further_training", "grad_dot"):
         attribute(compose_config("attribute", tiny + [f"method={method}"]))
     cfg = compose_config("evaluate", tiny)
-    gold = load_gold_standard(run.gold_dir(cfg))
+    gold = load_gold_standard(run.gold_dir(further_training_key(cfg)))
     last = gold.attribution(center=False)[-1]
     _write_method(run, "oracle", last, gold, {})
     _write_method(run, "anti_oracle", -last, gold, {})
@@ -225,15 +226,17 @@ def test_several_configs_of_one_method_get_readable_labels(tmp_path):
     assert sorted(scores) == ["cg(damping=0.1)", "cg(damping=10.0)"]
 
 
-def test_apply_overrides_swaps_groups_and_sets_values(tiny):
-    cfg = compose_config("evaluate", tiny)
-    new = apply_overrides(cfg, "further_optimizer=adam further_optimizer.lr=1e-6 further_training.epochs=5")
-    assert new.further_optimizer.name == "adam" and new.further_optimizer.lr == 1e-6
-    assert new.further_training.epochs == 5 and cfg.further_training.epochs == 2
-    with pytest.raises(ValueError, match="no config key"):
-        apply_overrides(cfg, "further_training.epoch=5")
-    with pytest.raises(ValueError, match="not key=value"):
-        apply_overrides(cfg, "adam")
+def test_compare_entries_are_composed_after_the_base_overrides(tiny):
+    new = compose_experiment(tiny, "further_optimizer=adam further_optimizer.lr=1e-7 further_training.epochs=5")
+    assert new.further_optimizer.name == "adam" and new.further_optimizer.lr == 1e-7
+    assert new.further_training.epochs == 5 and new.dataset.max_train == 96  # the base overrides are kept
+    assert compose_experiment(tiny, "") == compose_config("evaluate", tiny)
+    with pytest.raises(ValueError, match=r"entry 'further_training.epoch=5': Could not override 'further_training.epoch'"):
+        compose_experiment(tiny, "further_training.epoch=5")
+    with pytest.raises(ValueError, match=r"entry 'further_optimizer=adam adam': 'adam' is not a Hydra override"):
+        compose_experiment(tiny, "further_optimizer=adam adam")
+    with pytest.raises(ValueError, match="outside `python evaluate.py` pass the overrides"):
+        evaluate(compose_config("evaluate", tiny + ['evaluate.compare=["seed=0"]']))
 
 
 @pytest.mark.slow
@@ -244,7 +247,8 @@ def test_compare_two_further_optimizers_in_one_figure(tiny):
     attribute(compose_config("attribute", tiny + ["method=grad_dot"]))
     tiny = tiny + ["evaluate.examples.n_test=0", "evaluate.seed_windows=[1]"]  # only the curves are compared here
     single = pd.read_csv(evaluate(compose_config("evaluate", tiny + ["further_optimizer=adam"])) / "similarity.csv")
-    out = evaluate(compose_config("evaluate", tiny + ['evaluate.compare=["further_optimizer=sgd","further_optimizer=adam"]']))
+    compare = tiny + ['evaluate.compare=["further_optimizer=sgd","further_optimizer=adam"]']
+    out = evaluate(compose_config("evaluate", compare), compare)
     both = pd.read_csv(out / "similarity.csv")
     assert set(both.experiment) == {"further_optimizer=sgd", "further_optimizer=adam"}
     adam = both[both.experiment == "further_optimizer=adam"].drop(columns="experiment").reset_index(drop=True)

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import CONF, SHARED_DATA, compose_config
 from tda.artifacts import load_json, load_tensors
+from tda.further_training.store import further_training_key
 from tda.stages import attribute, evaluate, train
 from test_data import write_dictionary, write_pums
 
@@ -76,7 +77,7 @@ def test_experiment_runs_every_stage(experiment, tiny, pums_root):
     assert metrics["n_train"] <= 96 and 0.0 <= metrics["test"]["accuracy"] <= 1.0
     for method in ("further_training", "grad_dot"):
         attribute(compose_config("attribute", over + [f"method={method}"]))
-    gold = load_tensors(run.gold_dir(compose_config("attribute", over)) / "seed_00000.safetensors")
+    gold = load_tensors(run.gold_dir(further_training_key(compose_config("attribute", over))) / "seed_00000.safetensors")
     assert gold["diff"].shape[1:] == (6, 8)
     out = evaluate(compose_config("evaluate", over))
     assert (out / "similarity.csv").is_file()

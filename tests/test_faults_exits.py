@@ -19,6 +19,7 @@ import torch
 
 from conftest import ROOT, TINY, compose_config
 from tda.artifacts import load_tensors
+from tda.further_training.store import further_training_key
 from tda.runs import RunDir
 from tda.stages import attribute, train
 from tda.tracking import offline_runs, read_offline_run, wandb_group
@@ -103,7 +104,7 @@ def test_sigterm_during_further_training_keeps_seeds_and_resumes_to_identical_nu
     tmp = isolated_env
     run = trained(NO_WANDB)
     cfg = compose_config("attribute", NO_WANDB + ["method=further_training"])
-    gold = run.gold_dir(cfg)
+    gold = run.gold_dir(further_training_key(cfg))
     args = NO_WANDB + ["method=further_training"]
     proc = start("attribute.py", args, tmp)
     wait_for(lambda: (gold / "seed_00000.safetensors").is_file(), proc, tmp, "attribute.py")
@@ -133,7 +134,7 @@ def test_sigterm_during_further_training_keeps_seeds_and_resumes_to_identical_nu
 def test_sigint_stops_a_multirun_sweep_with_130_and_the_rerun_completes_it(isolated_env):
     tmp = isolated_env
     run = trained(NO_WANDB)
-    gold = run.gold_dir(compose_config("attribute", NO_WANDB + ["method=further_training"]))
+    gold = run.gold_dir(further_training_key(compose_config("attribute", NO_WANDB + ["method=further_training"])))
     args = ["-m", "method=further_training,grad_dot", *NO_WANDB]
     proc = start("attribute.py", args, tmp)
     wait_for(lambda: (gold / "seed_00000.safetensors").is_file(), proc, tmp, "attribute.py")

@@ -21,7 +21,7 @@ from tda.config import node_name
 from tda.evaluation.output_set import remove_stale_sets
 from tda.runs import RunDir
 from tda.stages import attribute, evaluate, train
-from tda.validation import ConfigError
+from tda.config import ConfigError
 
 # The files a tiny evaluate writes (tabular data: no example images).
 EVAL_FILES = {"similarity.csv", "similarity.png", "reliability.csv", "seed_windows.csv", "seed_windows.png",
@@ -33,6 +33,9 @@ def _files(d: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
 
 
+COMPARE = ['evaluate.compare=["seed=0"]']  # compare mode, one experiment: the current overrides
+
+
 def _evaluated_once_then_a_third_method(tiny, compare: bool = False) -> tuple:
     """Train, the gold standard, grad_dot; evaluate (the previous set); then grad_cos, so that
     the next evaluate would write a different set (two methods instead of one). With
@@ -40,8 +43,8 @@ def _evaluated_once_then_a_third_method(tiny, compare: bool = False) -> tuple:
     train(compose_config("train", tiny))
     for method in ("further_training", "grad_dot"):
         attribute(compose_config("attribute", tiny + [f"method={method}"]))
-    cfg = compose_config("evaluate", tiny + (['evaluate.compare=["seed=0"]'] if compare else []))
-    out = evaluate(cfg)
+    cfg = compose_config("evaluate", tiny + (COMPARE if compare else []))
+    out = evaluate(cfg, tiny + COMPARE) if compare else evaluate(cfg)
     if not compare:
         assert {p.name for p in out.iterdir()} == EVAL_FILES - {"agreement.png"}  # one method: nothing to agree with
     attribute(compose_config("attribute", tiny + ["method=grad_cos"]))
@@ -99,11 +102,11 @@ def test_compare_failing_at_its_figure_keeps_the_previous_set(tiny, monkeypatch)
 
     monkeypatch.setattr(Figure, "savefig", fail)
     with pytest.raises(OSError, match="injected"):
-        evaluate(cfg)
+        evaluate(cfg, tiny + COMPARE)
     assert _files(out) == before  # not the new similarity.csv (two methods) beside the old report
     assert [p.name for p in out.parent.iterdir()] == [out.name]
     monkeypatch.setattr(Figure, "savefig", real)
-    assert evaluate(cfg) == out
+    assert evaluate(cfg, tiny + COMPARE) == out
     assert set(pd.read_csv(out / "similarity.csv").method) == set(pd.read_csv(out / "summary.csv").method) \
         == {"grad_dot", "grad_cos"}
     assert "grad_cos" in (out / "report.md").read_text() and (out / "similarity.png").stat().st_size > 0
@@ -188,7 +191,7 @@ UNSAFE = [
 
 @pytest.mark.parametrize("stage,override,key,shown", UNSAFE, ids=[u[1] for u in UNSAFE])
 def test_unsafe_name_is_refused_before_anything_is_written(tiny, tmp_path, stage, override, key, shown):
-    extra = ['evaluate.compare=["seed=0"]'] if stage == "evaluate" else []
+    extra = COMPARE if stage == "evaluate" else []
     cfg = compose_config(stage, tiny + [override] + extra)
     before_parent = set(tmp_path.parent.iterdir())
     run_stage = {"train": train, "attribute": attribute, "evaluate": evaluate}[stage]

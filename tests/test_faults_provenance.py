@@ -16,7 +16,7 @@ import torch
 
 from conftest import ROOT, TINY, compose_config
 from tda.artifacts import IntegrityError, load_json, load_tensors, save_json
-from tda.further_training.gold_standard import load_gold_standard, seed_file
+from tda.further_training.store import further_training_key, load_gold_standard, seed_file
 from tda.provenance import ProvenanceError
 from tda.runs import RunDir
 from tda.stages import attribute, evaluate, train
@@ -59,7 +59,7 @@ def _run(overrides) -> RunDir:
 
 
 def _gold_dir(overrides) -> Path:
-    return _run(overrides).gold_dir(compose_config("attribute", overrides))
+    return _run(overrides).gold_dir(further_training_key(compose_config("attribute", overrides)))
 
 
 def _method_dir(overrides, method="grad_dot") -> Path:
@@ -268,8 +268,16 @@ def test_identical_concurrent_further_training_jobs_split_the_seeds(tiny, tmp_pa
     text = "".join(log.read_text() for log in logs)
     computed = [line for line in text.splitlines() if "further training seed" in line]
     assert len(computed) == 4, text[-3000:]  # every seed computed exactly once between the two jobs
-    gold_dir = RunDir.from_config(compose_config("train", overrides)).gold_dir(compose_config("attribute", overrides))
+    gold_dir = RunDir.from_config(compose_config("train", overrides)).gold_dir(further_training_key(compose_config("attribute", overrides)))
     together = load_gold_standard(gold_dir)
     shutil.rmtree(gold_dir)
     attribute(compose_config("attribute", overrides + ["method=further_training"]))
     assert torch.equal(load_gold_standard(gold_dir).diff, together.diff)
+
+
+def test_trainer_arguments_that_change_training_are_part_of_the_run(tiny):
+    base = _run(tiny).path.name
+    assert _run(tiny + ["+trainer.accumulate_grad_batches=2"]).path.name != base
+    assert _run(tiny + ["+trainer.limit_train_batches=3"]).path.name != base
+    for display_only in ("+trainer.enable_model_summary=true", "+trainer.log_every_n_steps=5", "trainer.devices=1"):
+        assert _run(tiny + [display_only]).path.name == base, display_only

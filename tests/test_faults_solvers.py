@@ -23,7 +23,9 @@ from tda.config import build
 from tda.problem import AttributionProblem
 from tda.methods.cg import CG
 from tda.methods.gradients import per_example_grads
-from tda.methods.hessian import CurvatureOperator, base_damping, scores_from_solution
+from tda.methods.curvature import CurvatureOperator
+from tda.methods.damping import base_damping
+from tda.methods.influence import scores_from_solution
 from tda.methods.lissa import LiSSA, LiSSAH, lissa_solve
 from tda.methods.spectrum import definiteness_tolerance, lanczos_extremes, span_ritz_min
 from tda.stages import attribute, train
@@ -113,8 +115,8 @@ def test_lissa_on_positive_definite_operator_is_unchanged(untrained, cls, curvat
 
     # the bare recursion on the method's own inputs (gradients, λ, operator)
     bare = cls(damping_multiple=multiple)
-    model, dtype, g_test, g_lo, lam = bare._setup(p, None, 256, multiple)
-    op = bare._operator(p, model, dtype)
+    model, dtype, g_test, g_lo, lam = bare._prepare(p)
+    op = bare._curvature_operator(p, model, dtype)
     X = lissa_solve(op, g_test.T.contiguous(), lam, scale, depth, 1, p.n_train, torch.Generator().manual_seed(0))
     assert torch.equal(s, scores_from_solution(X, g_lo, p.n_train, False).to(D))
 
@@ -203,7 +205,7 @@ DEGENERATE = [
     ("datainf", "method.chunk_size=0", "method.chunk_size=0 must be a positive number of rows"),
     ("trak", "method.max_train_rows_per_chunk=0", "method.max_train_rows_per_chunk=0 must be a positive number"),
     ("grad_dot", "method.chunk_size=-1", "method.chunk_size=-1 must be a positive number of rows"),
-    ("grad_dot_adam", "method.eps=-1e-8", "method.eps=-1e-08 must be a number ≥ 0"),
+    ("grad_dot_adam", "method.eps=-1e-8", "method.eps=-1e-08 must be positive"),
 ]
 
 

@@ -15,10 +15,11 @@ from omegaconf import open_dict
 from conftest import compose_config
 from tda.data.base import DataBundle
 from tda.data.sklearn_data import breast_cancer
+from tda.further_training.store import further_training_key
 from tda.runs import RunDir
 from tda.selection import validate_indices
 from tda.stages import attribute, evaluate, train
-from tda.validation import ConfigError
+from tda.config import ConfigError
 
 
 def _no_run_dir(cfg) -> bool:
@@ -124,7 +125,7 @@ def test_further_training_with_a_far_too_large_lr_is_reported_diverged(tiny, lr,
     with pytest.raises(FloatingPointError, match=rf"further training diverged \({why}\) for seed 0: the full-data "
                                                  r"run.*Nothing was written for this seed\. Lower further_optimizer\.lr"):
         attribute(cfg)
-    gold = RunDir.from_config(cfg).gold_dir(cfg)
+    gold = RunDir.from_config(cfg).gold_dir(further_training_key(cfg))
     assert not list(gold.glob("seed_*.safetensors"))
 
 
@@ -133,7 +134,7 @@ def test_sane_range_check_accepts_the_runs_of_a_default_gold_standard(tiny):
     train(compose_config("train", tiny))
     cfg = compose_config("attribute", tiny + ["method=further_training"])
     attribute(cfg)
-    gold = RunDir.from_config(cfg).gold_dir(cfg)
+    gold = RunDir.from_config(cfg).gold_dir(further_training_key(cfg))
     assert sorted(p.name for p in gold.glob("seed_*.safetensors")) == ["seed_00000.safetensors", "seed_00001.safetensors"]
 
 
@@ -282,3 +283,11 @@ def test_train_py_exits_non_zero_on_a_diverged_final_training(tmp_path):
     assert proc.returncode != 0
     assert "final training diverged" in proc.stderr and "train.gradient_clip_val" in proc.stderr
     assert not list((tmp_path / "runs").rglob("final_model.safetensors"))
+
+
+def test_data_dir_that_does_not_exist_is_refused_not_downloaded(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("TDA_DATA_DIR", str(tmp_path / "typo"))
+    cfg = compose_config("train", tiny + ["dataset=acs_ma2018"])
+    with pytest.raises(FileNotFoundError, match=r"TDA_DATA_DIR=.*typo does not exist .*unset it to download"):
+        train(cfg)
+    assert not RunDir.from_config(cfg).path.exists()

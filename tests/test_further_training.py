@@ -8,21 +8,21 @@ import functools
 
 import pytest
 import torch
+from conftest import compose_config
 from torch import nn
 from torch.utils.data import RandomSampler
 
-from conftest import compose_config
 from tda.artifacts import load_tensors
 from tda.further_training.engine import GroupTrainer, plan_step
-from tda.further_training.gold_standard import FurtherTraining, load_gold_standard, postprocess, seed_file
+from tda.further_training.gold_standard import FurtherTraining
 from tda.further_training.optim import StackedOptimizer, clip_grad_norm_per_run, optimizer_spec
 from tda.further_training.reference import epoch_permutations, further_train_run
 from tda.further_training.stacked import FuncStacked, MLPStacked, build_stacked
-from tda.models.structure import sparse_rows
-from tda.problem import AttributionProblem
+from tda.further_training.store import further_training_key, load_gold_standard, postprocess, seed_file
 from tda.models.cnn import SmallCNN
 from tda.models.mlp import MLP
-from tda.runs import further_training_key
+from tda.models.structure import sparse_rows
+from tda.problem import AttributionProblem
 
 F64 = torch.float64
 OPTIMIZERS = {
@@ -248,17 +248,21 @@ def _problem(ft_overrides, n_left_out=6):
                                        "trainer.progress_bar=false", *ft_overrides])
     x, y, xt, yt = data(n=30)
     problem = AttributionProblem(model=mlp(6), task="classification", x_train=x, y_train=y, x_test=xt, y_test=yt,
-                                 left_out_indices=torch.arange(n_left_out) * 5, test_indices=torch.arange(len(xt)),
-                                 further_training=cfg.further_training, further_optimizer=cfg.further_optimizer)
+                                 left_out_indices=torch.arange(n_left_out) * 5, test_indices=torch.arange(len(xt)))
     return cfg, problem
+
+
+def _job(cfg) -> FurtherTraining:
+    """The further-training job of a composed config."""
+    return FurtherTraining(cfg.further_training, cfg.further_optimizer, trainer=cfg.trainer)
 
 
 @pytest.mark.slow
 def test_gold_standard_under_lightning_equals_reference_engine(tmp_path):
     cfg, problem = _problem(["further_optimizer=adam", "further_optimizer.lr=0.01"])
-    FurtherTraining().run(problem, tmp_path / "stacked", trainer=cfg.trainer)
+    _job(cfg).run(problem, tmp_path / "stacked")
     cfg2, problem2 = _problem(["further_optimizer=adam", "further_optimizer.lr=0.01", "further_training.engine=reference"])
-    FurtherTraining().run(problem2, tmp_path / "ref", trainer=cfg2.trainer)
+    _job(cfg2).run(problem2, tmp_path / "ref")
     a, b = load_gold_standard(tmp_path / "stacked"), load_gold_standard(tmp_path / "ref")
     assert a.diff.shape == (2, 5, 6, 3) and a.seeds == [0, 1, 2]
     assert float(a.diff.abs().max()) > 1e-6
@@ -283,14 +287,14 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
 
     monkeypatch.setattr(GT, "step", crashing_step)
     with pytest.raises(RuntimeError, match="node lost"):
-        FurtherTraining().run(problem, tmp_path, trainer=cfg.trainer)
+        _job(cfg).run(problem, tmp_path)
     assert seed_file(tmp_path, 0).is_file() and not seed_file(tmp_path, 1).is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temporary file left behind
     with pytest.raises(FileNotFoundError, match="missing seed 1; seed 2"):
         load_gold_standard(tmp_path)
     assert load_gold_standard(tmp_path, require_all=False).seeds == [0]
     first = load_tensors(seed_file(tmp_path, 0))["diff"]
-    FurtherTraining().run(problem, tmp_path, trainer=cfg.trainer)
+    _job(cfg).run(problem, tmp_path)
     assert seeds_started == [0, 1, 1, 2]  # seed 0 was not recomputed
     assert torch.equal(load_tensors(seed_file(tmp_path, 0))["diff"], first)
     assert load_gold_standard(tmp_path).seeds == [0, 1, 2]
@@ -299,14 +303,14 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_shards_merge_to_the_unsharded_gold_standard(tmp_path):
     cfg, problem = _problem([])
-    FurtherTraining().run(problem, tmp_path / "whole", trainer=cfg.trainer)
+    _job(cfg).run(problem, tmp_path / "whole")
     keys = set()
     for shard_seeds, index in (([0, 2], 0), ([0, 2], 1), ([0, 2], 2), ([1], 0), ([1], 1), ([1], 2)):
         cfg_s, problem_s = _problem([f"further_training.shard_seeds=[{','.join(map(str, shard_seeds))}]",
                                      f"further_training.left_out_shard.index={index}", "further_training.left_out_shard.count=3",
                                      "further_training.max_runs_per_group=2"])
         keys.add(further_training_key(cfg_s))
-        FurtherTraining().run(problem_s, tmp_path / "sharded", trainer=cfg_s.trainer)
+        _job(cfg_s).run(problem_s, tmp_path / "sharded")
     assert keys == {further_training_key(cfg)}
     assert (tmp_path / "sharded" / "seed_00001.part_03_of_03.safetensors").is_file()
     whole, merged = load_gold_standard(tmp_path / "whole"), load_gold_standard(tmp_path / "sharded")
@@ -328,7 +332,7 @@ def test_diverged_runs_are_named_and_never_written(tmp_path):
     problem.x_train[10] = 1e200  # left-out instance 10 (left_out_indices = 0, 5, 10, ...)
     with pytest.raises(FloatingPointError, match=r"seed 0: the full-data run and the runs leaving out training "
                                                  r"instances \[0, 5, .*\]\. Nothing was written") as err:
-        FurtherTraining().run(problem, tmp_path, trainer=cfg.trainer)
+        _job(cfg).run(problem, tmp_path)
     named = str(err.value).split("[")[1].split("]")[0].split(", ")
     assert "10" not in named  # the run without the offending row stayed finite
     assert not seed_file(tmp_path, 0).is_file()
@@ -360,7 +364,7 @@ def test_batchnorm_momentum_zero_freezes_running_statistics(tmp_path):
                          "frozen_ref": ["further_training.batchnorm_momentum=0", "further_training.engine=reference"]}.items():
         cfg, problem = _problem(["further_optimizer.lr=0.1", *extra])
         problem.model = bn_model
-        FurtherTraining().run(problem, tmp_path / label, trainer=cfg.trainer)
+        _job(cfg).run(problem, tmp_path / label)
         out[label] = load_gold_standard(tmp_path / label).diff
         out[label + "_key"] = further_training_key(cfg)
     assert all(torch.equal(v, bn_model.state_dict()[k]) for k, v in before.items())
@@ -372,7 +376,7 @@ def test_batchnorm_momentum_zero_freezes_running_statistics(tmp_path):
 def test_batchnorm_momentum_null_keeps_existing_gold_keys():
     """A gold standard computed before the setting existed keeps its directory name."""
     from tda.config import config_hash, node_name, to_container
-    from tda.further_training import EXECUTION_KEYS
+    from tda.further_training.store import EXECUTION_KEYS
 
     cfg = compose_config("attribute", [])
     old_style = {k: v for k, v in to_container(cfg.further_training).items()
@@ -383,16 +387,16 @@ def test_batchnorm_momentum_null_keeps_existing_gold_keys():
 def test_batchnorm_momentum_errors(tmp_path):
     cfg, problem = _problem(["further_training.batchnorm_momentum=0"])
     with pytest.raises(ValueError, match="no batch-norm layers; leave it null"):
-        FurtherTraining().run(problem, tmp_path / "mlp", trainer=cfg.trainer)
+        _job(cfg).run(problem, tmp_path / "mlp")
     cfg, problem = _problem(["further_training.batchnorm_momentum=1.5"])
     with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
-        FurtherTraining().run(problem, tmp_path / "bad", trainer=cfg.trainer)
+        _job(cfg).run(problem, tmp_path / "bad")
 
 
 def test_checkpoint_interval_longer_than_training_is_a_clear_error(tmp_path):
     cfg, problem = _problem(["further_training.checkpoint_every_steps=100"])  # 2 epochs of 4 steps
     with pytest.raises(ValueError, match="checkpoint_every_steps=100 exceeds the 8 steps"):
-        FurtherTraining().run(problem, tmp_path / "g", trainer=cfg.trainer)
+        _job(cfg).run(problem, tmp_path / "g")
 
 
 def test_vmap_auto_follows_the_trainer_device():

@@ -42,13 +42,10 @@ def onehot_data(n, groups=(5, 7, 4, 6), seed=0, dtype=torch.float64):
     return x, y
 
 
-def make_problem(model, x, y, x_test, y_test, left_out, task="classification", budget=2048.0,
-                 batch_size=8, eps=1e-8):
-    from omegaconf import OmegaConf
+def make_problem(model, x, y, x_test, y_test, left_out, task="classification", budget=2048.0):
     return AttributionProblem(model=model, task=task, x_train=x, y_train=y, x_test=x_test, y_test=y_test,
                               left_out_indices=torch.as_tensor(left_out), test_indices=torch.arange(len(x_test)),
-                              further_training=OmegaConf.create({"batch_size": batch_size}),
-                              further_optimizer=OmegaConf.create({"eps": eps}), memory_budget_mb=budget)
+                              memory_budget_mb=budget)
 
 
 def mlp_problem(n=60, task="classification", trainable="all", seed=0, budget=2048.0):
@@ -295,7 +292,6 @@ def test_adam_second_moment_is_exact_over_all_batches():
 def test_grad_dot_adam_equals_explicit_reference(which):
     p = mlp_problem() if which == "mlp" else cnn_problem()
     eps, bs = 1e-3, 8
-    p.further_optimizer.eps, p.further_training.batch_size = eps, bs
     g_tr = ref_grads(p.model, p.x_train, p.y_train)
     n = len(g_tr)
     mean = g_tr.mean(0)
@@ -304,20 +300,21 @@ def test_grad_dot_adam_equals_explicit_reference(which):
     gt, gl = ref_grads(p.model, p.x_test, p.y_test), ref_grads(p.model, p.x_left_out, p.y_left_out)
     ref = torch.tensor([[float((gt[a] * d) @ gl[b]) for b in range(len(gl))] for a in range(len(gt))],
                        dtype=torch.float64)
-    torch.testing.assert_close(GradDotAdam(max_train_rows_per_chunk=7).scores(p), ref, rtol=1e-8, atol=1e-10)
-    huge = GradDotAdam(eps=1e6).scores(p) * 1e6  # ε ≫ √v: Grad-Dot
+    ours = GradDotAdam(eps=eps, batch_size=bs, max_train_rows_per_chunk=7).scores(p)
+    torch.testing.assert_close(ours, ref, rtol=1e-8, atol=1e-10)
+    huge = GradDotAdam(eps=1e6, batch_size=bs).scores(p) * 1e6  # ε ≫ √v: Grad-Dot
     torch.testing.assert_close(huge, GradDot().scores(p).double(), rtol=1e-4, atol=1e-10)
 
 
 def test_grad_dot_adam_needs_eps():
     p = mlp_problem()
-    p.further_optimizer = None
     with pytest.raises(ValueError, match="method.eps"):
-        GradDotAdam().scores(p)
+        GradDotAdam(batch_size=8).scores(p)
 
 
 # ------------------------------------------------------------------------------ orientation
-@pytest.mark.parametrize("method", [GradDot(), GradCos(), DataInf(), TRAK(proj_dim=64), GradDotAdam()])
+@pytest.mark.parametrize("method", [GradDot(), GradCos(), DataInf(), TRAK(proj_dim=64),
+                                    GradDotAdam(eps=1e-8, batch_size=8)])
 def test_self_attribution_is_helpful(method):
     """A training instance attributed for itself as the test instance must be helpful
     (positive), the gold standard's sign: removing it raises its own loss."""

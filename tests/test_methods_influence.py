@@ -17,9 +17,11 @@ from tda.methods.arnoldi import Arnoldi, arnoldi_eigs
 from tda.problem import AttributionProblem
 from tda.methods.cg import CG, block_cg
 from tda.methods.gradients import per_example_grads
-from tda.methods.hessian import CurvatureOperator, ParamSpace, base_damping, mean_grad
+from tda.methods.curvature import CurvatureOperator, mean_grad
+from tda.methods.damping import base_damping
 from tda.methods.if_corrected import IFCorrected
 from tda.methods.kfac import EKFAC, KFAC, compute_factors, find_layers
+from tda.methods.layout import ParamLayout, trainable_params
 from tda.methods.lissa import LiSSA, LiSSAH
 from tda.models.base import per_example_loss
 from tda.models.mlp import MLP
@@ -58,18 +60,19 @@ def mlp_problem():
 
 
 def _explicit(problem, curvature):
-    """Dense curvature of the mean loss by plain autograd, independent of hessian.py."""
+    """Dense curvature of the mean loss by plain autograd, independent of curvature.py."""
     model = problem.model
-    space = ParamSpace(model)
+    space = ParamLayout.of(model)
+    theta = space.flatten(trainable_params(model))
 
     def out_fn(flat):
-        return functional_call(model, space.unflat(flat), (problem.x_train,))
+        return functional_call(model, space.unflatten(flat), (problem.x_train,))
 
     if curvature == "hessian":
         return torch.autograd.functional.hessian(
-            lambda f: per_example_loss(out_fn(f), problem.y_train, problem.task).mean(), space.flat(), vectorize=True)
-    J = torch.autograd.functional.jacobian(out_fn, space.flat(), vectorize=True)  # [n, C, P]
-    out = out_fn(space.flat())
+            lambda f: per_example_loss(out_fn(f), problem.y_train, problem.task).mean(), theta, vectorize=True)
+    J = torch.autograd.functional.jacobian(out_fn, theta, vectorize=True)  # [n, C, P]
+    out = out_fn(theta)
     if problem.task == "classification":
         p = out.softmax(-1)
         lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
@@ -325,7 +328,7 @@ def test_arnoldi_full_rank_is_exact_and_truncation_within_bound(mlp_problem):
     s = Arnoldi(damping_multiple=1.0, n_iters=43, top_k=43).scores(q)
     assert _rel(s, ref_q) < 1e-8
     p = mlp_problem
-    n_params = ParamSpace(p.model).n_params
+    n_params = ParamLayout.of(p.model).n_params
     ref, C, lam = _reference(p, "gn", 1.0)
     # truncated: error ≤ ‖P⊥g_test‖‖P⊥g_j‖/(λn) per score (the module's stated bound)
     k = 20
@@ -384,7 +387,7 @@ def test_ekfac_eigenvalues_are_exact_diagonal_in_kronecker_basis(mlp_problem, re
     # a budget of a few bytes forms the convolutions' per-example matrices one row at a time
     budget = 1e-6 if arch == "cnn" else None
     f = compute_factors(p.model, p.x_train, p.y_train, p.task, "ekfac", batch_size=17, memory_budget_mb=budget)
-    space = ParamSpace(p.model)
+    space = ParamLayout.of(p.model)
     layers, others = find_layers(p.model, space)
     assert len(layers) == (2 if arch == "mlp" else 3)
     for layer in layers:
@@ -395,11 +398,10 @@ def test_ekfac_eigenvalues_are_exact_diagonal_in_kronecker_basis(mlp_problem, re
         Q = torch.kron(f[f"{layer.name}.QS"], f[f"{layer.name}.QA"])
         diag = torch.diagonal(Q.T @ Gl @ Q).reshape(layer.d_out, layer.d_in)
         assert torch.allclose(diag, f[f"{layer.name}.lam"], atol=1e-12, rtol=1e-9)
-    offs = space.offsets()
+    offs = space.slices()
     assert (others == ["1.weight", "1.bias"]) if arch == "cnn" else others == []
     for k in others:
-        a, b = offs[k]
-        assert torch.allclose(f[f"diag.{k}"], torch.diagonal(G)[a:b], atol=1e-12, rtol=1e-9)
+        assert torch.allclose(f[f"diag.{k}"], torch.diagonal(G)[offs[k]], atol=1e-12, rtol=1e-9)
     # K-FAC's A factor of the first MLP layer is the mean of [x, 1][x, 1]ᵀ
     if arch == "mlp":
         a = torch.cat([p.x_train, torch.ones(len(p.x_train), 1, dtype=D)], 1)
@@ -413,7 +415,7 @@ def test_kfac_input_factor_of_one_hot_rows(relu_problem):
     a = torch.cat([p.x_train, torch.ones(len(p.x_train), 1, dtype=D)], 1)
     assert should_use_sparse(a, "auto")
     f = compute_factors(p.model, p.x_train, p.y_train, p.task, "kfac", batch_size=50)
-    name = find_layers(p.model, ParamSpace(p.model))[0][0].name
+    name = find_layers(p.model, ParamLayout.of(p.model))[0][0].name
     QA, eA = f[f"{name}.QA"], f[f"{name}.eA"]
     assert torch.allclose(QA @ torch.diag(eA) @ QA.T, a.T @ a / len(a), atol=1e-12)
 
@@ -437,7 +439,7 @@ def test_kfac_scores_solve_their_own_dense_approximation(cls, arch):
     p = AttributionProblem(model=model, task="classification", x_train=x, y_train=y, x_test=x[:3] + 0.1,
                            y_test=y[:3], left_out_indices=torch.arange(0, 30, 3), test_indices=torch.arange(3))
     f = compute_factors(model, x, y, "classification", cls.kind)
-    space = ParamSpace(model)
+    space = ParamLayout.of(model)
     layers, others = find_layers(model, space)
     Gt = torch.zeros(space.n_params, space.n_params, dtype=D)
     for layer in layers:
@@ -448,9 +450,9 @@ def test_kfac_scores_solve_their_own_dense_approximation(cls, arch):
         lam = f[f"{layer.name}.lam"] if cls is EKFAC else torch.outer(f[f"{layer.name}.eS"], f[f"{layer.name}.eA"])
         idx = W.flatten()
         Gt[idx[:, None], idx[None, :]] = Q @ torch.diag(lam.flatten()) @ Q.T
-    offs = space.offsets()
+    offs = space.slices()
     for k in others:
-        a, b = offs[k]
+        a, b = offs[k].start, offs[k].stop
         Gt[range(a, b), range(a, b)] = f[f"diag.{k}"]
     g_all = per_example_grads(model, x, y, "classification")
     damp = 3.0 * float(g_all.pow(2).mean())
@@ -482,12 +484,13 @@ def test_if_corrected_is_derivative_of_damped_quadratic_minimiser(mlp_problem, c
     _, C, lam = _reference(p, curvature, 10.0)
     m = IFCorrected(curvature=curvature, damping_multiple=10.0, tol=1e-12, maxiter=500)
     s = m.scores(p)
-    space = ParamSpace(p.model)
+    space = ParamLayout.of(p.model)
+    theta = space.flatten(trainable_params(p.model))
 
     def loss_of(flat, x, y):
-        return per_example_loss(functional_call(p.model, space.unflat(flat), (x,)), y, p.task).mean()
+        return per_example_loss(functional_call(p.model, space.unflatten(flat), (x,)), y, p.task).mean()
 
-    gbar = torch.autograd.functional.jacobian(lambda f: loss_of(f, p.x_train, p.y_train), space.flat())
+    gbar = torch.autograd.functional.jacobian(lambda f: loss_of(f, p.x_train, p.y_train), theta)
     g_test = per_example_grads(p.model, p.x_test, p.y_test, p.task)
     K = C + lam * torch.eye(len(C), dtype=D)
     eps = 1e-5
@@ -496,7 +499,7 @@ def test_if_corrected_is_derivative_of_damped_quadratic_minimiser(mlp_problem, c
         sub = AttributionProblem(**{**p.__dict__, "x_train": p.x_train[j:j + 1], "y_train": p.y_train[j:j + 1]})
         Cj = _explicit(sub, curvature)
         gj = torch.autograd.functional.jacobian(lambda f: loss_of(f, p.x_train[j:j + 1], p.y_train[j:j + 1]),
-                                                space.flat())
+                                                theta)
         delta = lambda e: -torch.linalg.solve(K - e * Cj, gbar - e * gj)
         expected[:, col] = g_test @ (delta(eps) - delta(-eps)) / (2 * eps) / p.n_train
     assert _rel(s, expected) < 1e-6
@@ -601,11 +604,11 @@ def test_mean_grad_is_gradient_of_mean_loss(mlp_problem):
 @pytest.mark.baselines
 @pytest.mark.parametrize("cls,strategy", [(EKFAC, "ekfac"), (KFAC, "kfac")])
 def test_kfac_agrees_with_kronfluence(cls, strategy):
-    """kronfluence (`tda.peers`) at the same absolute damping. Its factors sample one label per
+    """kronfluence (`tests/helpers/peers.py`) at the same absolute damping. Its factors sample one label per
     example (the true Fisher), whose expectation is the Gauss–Newton ours compute exactly, so the
     agreement is close to, not exactly, 1."""
     pytest.importorskip("kronfluence")
-    from tda.peers import kronfluence_scores
+    from helpers.peers import kronfluence_scores
 
     torch.manual_seed(0)
     x = torch.randn(3000, 6)

@@ -7,6 +7,7 @@ import torch
 
 from conftest import compose_config
 from tda.artifacts import load_json, load_tensors
+from tda.further_training.store import further_training_key
 from tda.stages import attribute, evaluate, train
 
 
@@ -19,7 +20,8 @@ def test_every_stage_in_process(tiny):
     assert len(sel["left_out_indices"]) == 8 and len(sel["test_indices"]) == 6
     for method in ("further_training", "grad_dot", "grad_cos"):
         attribute(compose_config("attribute", tiny + [f"method={method}"]))
-    gold = load_tensors(run.gold_dir(compose_config("attribute", tiny)) / "seed_00000.safetensors")
+    gold_dir = run.gold_dir(further_training_key(compose_config("attribute", tiny)))
+    gold = load_tensors(gold_dir / "seed_00000.safetensors")
     assert gold["diff"].shape == (2, 6, 8) and gold["diff"].dtype == torch.float64
     out = evaluate(compose_config("evaluate", tiny))
     for f in ("similarity.csv", "similarity.png", "report.md"):
@@ -54,6 +56,6 @@ def test_same_config_same_numbers(tiny, tmp_path, monkeypatch):
         attribute(compose_config("attribute", tiny + ["method=further_training"]))
         cfg = compose_config("attribute", tiny + ["method=grad_dot"])
         scores.append((load_tensors(run.method_dir(cfg) / "scores.safetensors")["scores"],
-                       load_tensors(run.gold_dir(cfg) / "seed_00001.safetensors")["diff"]))
+                       load_tensors(run.gold_dir(further_training_key(cfg)) / "seed_00001.safetensors")["diff"]))
     assert torch.equal(scores[0][0], scores[1][0])
     assert torch.equal(scores[0][1], scores[1][1])

@@ -24,7 +24,7 @@ import torch
 import safetensors.torch
 from conftest import ROOT, compose_config
 from tda.artifacts import IntegrityError, load_json, load_tensors, load_tensors_with_metadata, save_json, save_tensors
-from tda.further_training.gold_standard import load_gold_standard, seed_file
+from tda.further_training.store import further_training_key, load_gold_standard, seed_file
 from tda.provenance import ProvenanceError, code_version
 from tda.runs import RunDir
 from tda.stages import attribute, evaluate, train
@@ -159,7 +159,7 @@ def test_sigkill_each_stage_and_rerun_gives_identical_numbers(tiny, tmp_path, mo
     assert ref_model.keys() == model.keys() and all(torch.equal(ref_model[k], model[k]) for k in model)
 
     # further training: killed after its first seed completed (plus a random moment), re-run
-    gold_dir = run.gold_dir(cfg)
+    gold_dir = run.gold_dir(further_training_key(cfg))
     proc = _start("attribute.py", overrides + ["method=further_training"], log)
     _wait_for(lambda: seed_file(gold_dir, 0).is_file(), proc)
     delay = RNG.uniform(0.0, 0.3)
@@ -197,14 +197,14 @@ def test_sharded_gold_standard_through_submitit_equals_unsharded(tiny, tmp_path,
 
     overrides = list(tiny)  # 2 seeds
     cfg = compose_config("attribute", overrides + ["method=further_training"])
-    ref = load_gold_standard(pipeline.gold_dir(cfg))
+    ref = load_gold_standard(pipeline.gold_dir(further_training_key(cfg)))
     shutil.rmtree(pipeline.path / "gold")
     log = tmp_path / "log.txt"
     # two jobs, each one half of the left-out instances, through the launcher a cluster uses
     _finish(_start("attribute.py", ["-m", "hydra/launcher=submitit_local", *overrides, "method=further_training",
                                     "further_training.left_out_shard.count=2",
                                     "further_training.left_out_shard.index=0,1"], log), log)
-    gold_dir = pipeline.gold_dir(cfg)
+    gold_dir = pipeline.gold_dir(further_training_key(cfg))
     assert sorted(p.name for p in gold_dir.glob("seed_*")) == [
         f"seed_0000{s}.part_0{i}_of_02.safetensors" for s in (0, 1) for i in (1, 2)]
     gold = load_gold_standard(gold_dir)  # the merge
@@ -230,7 +230,7 @@ def test_seed_shards_fill_one_directory_and_equal_unsharded(tiny, pipeline):
     import shutil
 
     overrides = list(tiny)  # 2 seeds
-    ref = load_gold_standard(pipeline.gold_dir(compose_config("attribute", overrides)))
+    ref = load_gold_standard(pipeline.gold_dir(further_training_key(compose_config("attribute", overrides))))
     shutil.rmtree(pipeline.path / "gold")
     for shard in ("[1]", "[0]"):
         gold_dir = attribute(compose_config("attribute", overrides + ["method=further_training",
@@ -241,7 +241,7 @@ def test_seed_shards_fill_one_directory_and_equal_unsharded(tiny, pipeline):
 
 
 def test_shard_settings_are_checked_before_work(tiny, pipeline):
-    from tda.validation import ConfigError
+    from tda.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"shard_seeds contains \[7\], outside the seeds 0..1"):
         attribute(compose_config("attribute", tiny + ["method=further_training", "further_training.shard_seeds=[0,7]"]))
@@ -257,12 +257,12 @@ def test_diverging_further_training_is_reported_with_seed_and_instances(tiny, pi
     cfg = compose_config("attribute", tiny + ["method=further_training", "further_optimizer.lr=1e12"])
     with pytest.raises(FloatingPointError, match=r"diverged .* for seed 0: .*(full-data run|leaving out training instances \[)"):
         attribute(cfg)
-    gold_dir = RunDir.from_config(cfg).gold_dir(cfg)
+    gold_dir = RunDir.from_config(cfg).gold_dir(further_training_key(cfg))
     assert not list(gold_dir.glob("seed_*.safetensors"))  # nothing written, so nothing averaged in
 
 
 def test_non_finite_seed_file_is_never_averaged_in(tiny, pipeline):
-    gold_dir = pipeline.gold_dir(compose_config("attribute", tiny))
+    gold_dir = pipeline.gold_dir(further_training_key(compose_config("attribute", tiny)))
     t, header, _ = load_tensors_with_metadata(seed_file(gold_dir, 1))
     t["diff"][-1, 2, 3] = float("nan")  # a run that diverged in its last epoch
     with pytest.raises(FloatingPointError, match=r"refusing to write .*non-finite values \(NaN/inf\) in diff \(1 of"):
@@ -302,7 +302,7 @@ def test_cached_scores_for_other_instances_are_refused(tiny, pipeline):
 
 
 def test_gold_standard_from_other_settings_is_refused(tiny, pipeline):
-    gold_dir = pipeline.gold_dir(compose_config("attribute", tiny))
+    gold_dir = pipeline.gold_dir(further_training_key(compose_config("attribute", tiny)))
     meta = json.loads((gold_dir / "meta.json").read_text())
     meta["further_optimizer"]["lr"] = 0.5  # e.g. a directory copied from another experiment
     save_json(gold_dir / "meta.json", meta)

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import ROOT, compose_config
 from tda.config import to_container
-from tda.further_training.gold_standard import load_gold_standard
+from tda.further_training.store import further_training_key, load_gold_standard
 from tda.stages import attribute, evaluate, train
 from tda.tracking import init_wandb, offline_runs, read_offline_run
 
@@ -116,7 +116,7 @@ def test_evaluate_logs_exactly_what_it_writes(tiny, isolated_env):
     assert by_name["grad_dot"]["summary"]["seconds"] > 0 and "peak_mb" in by_name["grad_dot"]["summary"]
     assert "method:grad_dot" in by_name["grad_dot"]["run"]["tags"]
     ft = by_name["further_training"]
-    gold = load_gold_standard(run.gold_dir(cfg))
+    gold = load_gold_standard(run.gold_dir(further_training_key(cfg)))
     progress = [r for r in ft["history"] if "gold/attribution_norm_centered" in r]
     assert [r["epoch"] for r in progress] == gold.checkpoint_axis()[1]
     norms = gold.attribution(center=True).norm(dim=-1).mean(-1)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, Literal
 
 import datasets
@@ -140,7 +140,8 @@ def subsample(ds: datasets.Dataset, max_rows: int | None, seed: int) -> datasets
 
 def data_root(dataset_dir: str, root: str | None = None) -> Path | None:
     """Where a local copy of a dataset lives: the `dataset.root=` override if given, else
-    `$TDA_DATA_DIR/<dataset_dir>` if that folder exists, else None (download from upstream)."""
+    `$TDA_DATA_DIR/<dataset_dir>` if that folder exists, else None (download from upstream).
+    A `TDA_DATA_DIR` that does not exist is an error, never silently a download."""
     if root:
         path = Path(root).expanduser()
         if not path.exists():
@@ -148,6 +149,10 @@ def data_root(dataset_dir: str, root: str | None = None) -> Path | None:
         return path
     env = os.environ.get("TDA_DATA_DIR")
     if env:
+        if not Path(env).expanduser().is_dir():
+            raise FileNotFoundError(f"TDA_DATA_DIR={env} does not exist (or is not a folder); point it at the folder "
+                                    f"that holds the local copies (<TDA_DATA_DIR>/{dataset_dir}/...), or unset it to "
+                                    f"download from upstream")
         path = Path(env).expanduser() / dataset_dir
         if path.exists():
             return path

@@ -1,4 +1,4 @@
-"""Folktables ACSIncome (SPEC §5): the paper's main tabular dataset.
+"""Folktables ACSIncome (docs/method.md §5): the paper's main tabular dataset.
 
 Source: the `folktables` package. Online it downloads the raw PUMS person file and the PUMS
 data dictionary from census.gov; offline it reads a local folder laid out as folktables
@@ -25,10 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from folktables import ACSDataSource, ACSIncome, generate_categories
+from folktables.load_acs import _STATE_CODES
 
 from tda.data.base import DataBundle, data_root
-from tda.env import offline
 from tda.data.tabular import split_standardise
+from tda.env import offline
 
 NUMERIC = ("AGEP", "WKHP")  # the only standardised columns in the paper
 
@@ -37,8 +39,6 @@ def folktables_income(state: str = "MA", year: int = 2018, horizon: str = "1-Yea
                       download_dir: str = "~/.cache/tda/folktables", test_size: float = 0.25, split_seed: int = 0,
                       max_train: int | None = None, max_test: int | None = None,
                       subsample_seed: int = 0) -> DataBundle:
-    from folktables import ACSDataSource, ACSIncome, generate_categories
-
     local = data_root("folktables", root)
     base = Path(local if local is not None else Path(download_dir).expanduser())
     year_dir = base / str(year) / horizon
@@ -70,8 +70,6 @@ def folktables_income(state: str = "MA", year: int = 2018, horizon: str = "1-Yea
 
 
 def _state_code(state: str) -> str:
-    from folktables.load_acs import _STATE_CODES
-
     if state not in _STATE_CODES:
         raise ValueError(f"dataset.state={state!r} is not a US state code folktables knows (e.g. MA, CA)")
     return _STATE_CODES[state]

@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from tda.config import ConfigError
 from tda.data.base import DataBundle, subsample
-
 
 MISSING = "__missing__"  # key of a code list's label for a missing value
 
@@ -67,6 +67,9 @@ def split_standardise(features: pd.DataFrame, labels: np.ndarray, standardise: S
     """Split, standardise `standardise` columns with training statistics, build the bundle.
     x [n, n_features] float32 (model input); raw [n, n_features] (unscaled, for reports)."""
     x = features.to_numpy(np.float64)
+    if not len(x):  # train_test_split's own message would not say which file to check
+        raise ConfigError(f"dataset {name}: its data has no rows (after its filters). Check the data file it reads "
+                          f"(dataset.root=... or TDA_DATA_DIR) and replace it with a complete copy")
     idx = np.arange(len(x))
     tr, te = train_test_split(idx, test_size=test_size, random_state=split_seed)
     cols = [features.columns.get_loc(c) for c in standardise]

@@ -1,1 +1,1 @@
-"""The evaluate stage's analyses (SPEC §4)."""
+"""The evaluate stage's analyses (docs/method.md §4)."""

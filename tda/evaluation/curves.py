@@ -1,4 +1,4 @@
-"""The analyses of SPEC §4 as tidy DataFrames (one row per number), so that the same rows
+"""The analyses of docs/method.md §4 as tidy DataFrames (one row per number), so that the same rows
 go to CSV, to the figures and to W&B.
 
 Shapes at the boundaries: method scores are [n_test, n_left_out]; a gold-standard
@@ -14,8 +14,9 @@ from typing import Callable
 import pandas as pd
 import torch
 
+from tda.config import ConfigError
 from tda.evaluation.metrics import METRICS, mean_and_se
-from tda.further_training.gold_standard import GoldStandard
+from tda.further_training.store import GoldStandard
 
 CURVE_COLUMNS = ["method", "metric", "centered", "checkpoint", "x", "x_name", "mean", "se", "n", "n_skipped"]
 DEFAULT_WINDOWS = (1, 2, 5, 10, 20, 50, 100)
@@ -61,7 +62,7 @@ def similarity_curves(gold: GoldStandard, scores: dict[str, torch.Tensor],
                       centering: tuple[bool, ...] = (True, False)) -> pd.DataFrame:
     """One row per (method, metric, centring, checkpoint): mean and SE over test instances of
     the per-test-instance similarity. Method scores are never centred, only the gold
-    standard (SPEC §2). Undefined values (constant vectors) are skipped and counted."""
+    standard (docs/method.md §2). Undefined values (constant vectors) are skipped and counted."""
     x_name, xs = gold.checkpoint_axis()
     rows = []
     for centered in centering:
@@ -74,7 +75,7 @@ def similarity_curves(gold: GoldStandard, scores: dict[str, torch.Tensor],
 # ------------------------------------------------------------------ seeds averaged
 def seed_windows(n_seeds: int, ks: tuple[int, ...] | list[int] = DEFAULT_WINDOWS) -> dict[int, list[list[int]]]:
     """Non-overlapping windows of K consecutive seed positions, for every K that fits at
-    least once (SPEC §4); leftover seeds that do not fill a window are not used."""
+    least once (docs/method.md §4); leftover seeds that do not fill a window are not used."""
     return {int(k): [list(range(i * k, (i + 1) * k)) for i in range(n_seeds // k)]
             for k in sorted(set(int(k) for k in ks)) if 0 < k <= n_seeds}
 
@@ -137,7 +138,7 @@ def split_half_reliability(attribution: Callable[[bool, list[int]], torch.Tensor
 # ------------------------------------------------------------------ sorted scores
 def sorted_profile(s: torch.Tensor) -> torch.Tensor:
     """[n_test, n_left_out] -> [n_left_out]: each test instance's scores sorted in
-    descending order, averaged over test instances, L2-normalised (SPEC §4)."""
+    descending order, averaged over test instances, L2-normalised (docs/method.md §4)."""
     prof = s.double().sort(dim=-1, descending=True).values.mean(0)
     norm = prof.norm()
     return prof / norm if norm > 0 else prof
@@ -169,11 +170,11 @@ def resolve_checkpoints(requested, n_checkpoints: int) -> list[int]:
     for c in requested:
         t = named.get(c, c) if isinstance(c, str) else int(c)
         if not isinstance(t, int):
-            raise ValueError(f"evaluate checkpoint {c!r} is neither an integer nor one of {sorted(named)}")
+            raise ConfigError(f"evaluate checkpoint {c!r} is neither an integer nor one of {sorted(named)}")
         if t < 0:
             t += n_checkpoints
         if not 0 <= t < n_checkpoints:
-            raise ValueError(f"evaluate checkpoint {c} is out of range: the gold standard has {n_checkpoints} checkpoints")
+            raise ConfigError(f"evaluate checkpoint {c} is out of range: the gold standard has {n_checkpoints} checkpoints")
         if t not in out:
             out.append(t)
     return out
@@ -237,3 +238,28 @@ def top_k_overlap(target: torch.Tensor, s: torch.Tensor, k: int) -> tuple[float,
         return float(sum(len(set(x.tolist()) & set(y.tolist())) for x, y in zip(a, b)) / (k * len(a)))
     return ov(True), ov(False)
 
+
+# ------------------------------------------------------------------ summary
+def summary_table(curves: pd.DataFrame, records: dict, overlap: dict[str, tuple[float, float]] | None = None,
+                  by: tuple[str, ...] = ("method",)) -> pd.DataFrame:
+    """Per method (and centring) of the `similarity_curves` rows: peak cosine and where it is,
+    cosine and Spearman at the first and last checkpoints, Spearman values skipped as
+    undefined, and the method's wall time and memory from its record (`records`: keyed by
+    method label, or by (experiment, method label) when `by` = ("experiment", "method"));
+    with `overlap`, each method's mean top-k overlap with the gold standard."""
+    rows = []
+    for keys, g in curves.groupby([*by, "centered"], sort=True):
+        keys = dict(zip([*by, "centered"], keys))
+        cos = g[g.metric == "cosine"].sort_values("checkpoint")
+        sp = g[g.metric == "spearman"].sort_values("checkpoint")
+        peak = cos.loc[cos["mean"].idxmax()] if cos["mean"].notna().any() else cos.iloc[0]
+        rec = records.get(keys["method"], {}) if by == ("method",) else records.get((keys[by[0]], keys["method"]), {})
+        row = keys | {"peak_cosine": peak["mean"], "peak_checkpoint": int(peak["checkpoint"]), "peak_x": peak["x"],
+                      "cosine_first": cos["mean"].iloc[0], "cosine_last": cos["mean"].iloc[-1],
+                      "spearman_first": sp["mean"].iloc[0], "spearman_last": sp["mean"].iloc[-1],
+                      "spearman_skipped": int(sp.n_skipped.sum()),
+                      "seconds": rec.get("seconds", math.nan), "peak_mb": rec.get("peak_mb", math.nan)}
+        if overlap is not None and keys["method"] in overlap:
+            row["top_k_helpful_overlap"], row["top_k_harmful_overlap"] = overlap[keys["method"]]
+        rows.append(row)
+    return pd.DataFrame(rows)

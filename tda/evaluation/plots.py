@@ -14,16 +14,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-
-def _label(centered) -> str:
-    return "centred" if centered else "not centred"
+from tda.evaluation.markdown import centring  # noqa: E402
 
 
 def _save(fig, path: Path, title: str = "") -> Path:
     """Write `fig` to `path` through a temporary file in the same directory and a rename, so
     `path` is never a truncated image (the evaluate stage also writes into a staging directory
-    that is swapped in as a whole: tda.evaluation.output_set). Closes `fig` either way."""
+    that is swapped in as a whole: tda.evaluation.output_set). The saved image is cropped to
+    its content, legends placed outside the axes included. Closes `fig` either way."""
     # named like tda.artifacts' temporary files, so its clean-up recognises a killed writer's
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
@@ -31,7 +32,7 @@ def _save(fig, path: Path, title: str = "") -> Path:
             fig.suptitle(title, fontsize=10)
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png", bbox_inches="tight")
         os.replace(tmp, path)
     finally:
         plt.close(fig)
@@ -52,17 +53,27 @@ def _colour_axes(axes, n_lines: int) -> None:
         ax.set_prop_cycle(color=_palette(n_lines))
 
 
+def _legend_right(fig, handles: list, labels: list[str], handlelength: float = 2.0):
+    """One legend for the whole grid, right of it (outside every axes, so it hides no curve);
+    `_save` crops the image to include it."""
+    return fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8,
+                      handlelength=handlelength, frameon=False)
+
+
 def plot_curves(curves: pd.DataFrame, path: Path, title: str = "", reliability: pd.DataFrame | None = None,
                 series: str = "method", style_by: str | None = None) -> Path:
-    """A grid: rows = centring on/off, columns = metric; one line per `series` value with a
-    ±1 SE band; the gold standard's split-half reliability as a dashed black ceiling.
-    With `style_by` (comparisons), colour = method and line style = that column's value;
+    """A grid: rows = centring on/off, columns = metric, x = further-training checkpoint (whole
+    epochs or steps); one line per `series` value with a ±1 SE band; the gold standard's
+    split-half reliability as a dashed black ceiling. With `style_by` (comparisons), colour =
+    method and line style = that column's value, and the legend explains the two separately;
     rows whose method is `gold_split_half` are drawn black."""
     colors, styles = {}, {}
     if style_by is not None:
         methods = [m for m in dict.fromkeys(sorted(curves.method)) if m != "gold_split_half"]
         cycle = _palette(len(methods))
-        colors = {m: cycle[i % len(cycle)] for i, m in enumerate(methods)} | {"gold_split_half": "k"}
+        colors = {m: cycle[i % len(cycle)] for i, m in enumerate(methods)}
+        if "gold_split_half" in set(curves.method):
+            colors["gold_split_half"] = "k"
         styles = {v: STYLES[i % len(STYLES)] for i, v in enumerate(dict.fromkeys(curves[style_by]))}
     centerings = sorted(curves.centered.unique(), reverse=True)
     metrics = list(dict.fromkeys(curves.metric))
@@ -87,12 +98,32 @@ def plot_curves(curves: pd.DataFrame, path: Path, title: str = "", reliability: 
                     ax.plot(rel.x, rel["mean"], "k--", lw=1.2,
                             label=f"gold split-half ({int(rel.seeds_per_half.iloc[0])} vs {int(rel.seeds_per_half.iloc[0])} seeds)")
             ax.set_xlabel(f"further-training {sub.x_name.iloc[0] if len(sub) else 'checkpoint'}")
-            ax.set_ylabel(f"{metric} ({_label(centered)})")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs and steps are whole numbers
+            ax.set_ylabel(f"{metric} ({centring(centered)})")
             ax.grid(alpha=0.3)
             ax.axhline(0, color="k", lw=0.5)
-            if r == 0 and c == 0:
-                ax.legend(fontsize=7)
+    if style_by is None:
+        _legend_right(fig, *axes[0][0].get_legend_handles_labels())
+    else:
+        _style_legend(fig, colors, styles, style_by)
     return _save(fig, path, title)
+
+
+def _style_legend(fig, colors: dict, styles: dict, style_by: str) -> None:
+    """The legend of a comparison: one section for the colours (methods, the gold standard's
+    split-half reliability in black) and one for the line styles, with handles long enough to
+    tell the styles apart."""
+    def header(text):
+        return Line2D([], [], linestyle="none"), text
+    rows = [header("colour: method")]
+    rows += [(Line2D([], [], color=c, marker="o", ms=3), "gold split-half (ceiling)" if m == "gold_split_half" else m)
+             for m, c in colors.items()]
+    rows += [header(""), header(f"line style: {style_by}")]
+    rows += [(Line2D([], [], color="0.3", linestyle=ls, lw=1.5), str(v)) for v, ls in styles.items()]
+    legend = _legend_right(fig, [h for h, _ in rows], [t for _, t in rows], handlelength=4.5)
+    for text, (_, label) in zip(legend.get_texts(), rows):
+        if label.startswith(("colour:", "line style:")):
+            text.set_fontweight("bold")
 
 
 def plot_seed_windows(peaks: pd.DataFrame, path: Path, title: str = "") -> Path:
@@ -113,16 +144,15 @@ def plot_seed_windows(peaks: pd.DataFrame, path: Path, title: str = "") -> Path:
             ks = sorted(sub.n_seeds_averaged.unique())
             ax.set_xticks(ks, [str(k) for k in ks])
             ax.set_xlabel("seeds averaged in the gold standard (K)")
-            ax.set_ylabel(f"peak {metric} ({_label(centered)})")
+            ax.set_ylabel(f"peak {metric} ({centring(centered)})")
             ax.grid(alpha=0.3)
-            if r == 0 and c == 0:
-                ax.legend(fontsize=7)
+    _legend_right(fig, *axes[0][0].get_legend_handles_labels())
     return _save(fig, path, title)
 
 
-def plot_sorted_scores(sorted_df: pd.DataFrame, path: Path, title: str = "") -> Path:
+def plot_sorted_scores(sorted_df: pd.DataFrame, path: Path, title: str = "", x_name: str = "epoch") -> Path:
     """Sorted, averaged, L2-normalised scores: gold standard at each chosen checkpoint
-    (columns; rows = centring) against every method."""
+    (columns, at further-training `x_name` x; rows = centring) against every method."""
     gold = sorted_df[sorted_df.source == "gold standard"]
     methods = sorted_df[sorted_df.source != "gold standard"]
     centerings = sorted(gold.centered.unique(), reverse=True)
@@ -135,18 +165,18 @@ def plot_sorted_scores(sorted_df: pd.DataFrame, path: Path, title: str = "") -> 
             ax.plot(g["rank"], g.value, "k-", lw=2, label="gold standard")
             for name, m in methods.groupby("source", sort=True):
                 ax.plot(m["rank"], m.value, lw=1, label=name)
-            ax.set_title(f"checkpoint x={g.x.iloc[0]:g} ({_label(centered)})", fontsize=9)
+            ax.set_title(f"gold standard at {x_name} {g.x.iloc[0]:g} ({centring(centered)})", fontsize=9)
             ax.set_xlabel("rank of left-out instance")
             ax.set_ylabel("normalised score")
             ax.axhline(0, color="k", lw=0.5)
             ax.grid(alpha=0.3)
-            if r == 0 and c == 0:
-                ax.legend(fontsize=7)
+    _legend_right(fig, *axes[0][0].get_legend_handles_labels())
     return _save(fig, path, title)
 
 
 def plot_agreement(agreement: pd.DataFrame, methods: list[str], path: Path, title: str = "") -> Path:
-    """Heatmaps of the mean method-vs-method cosine and Spearman."""
+    """Heatmaps of the mean method-vs-method cosine and Spearman, each cell's number in white
+    on dark colours and black on light ones."""
     metrics = list(dict.fromkeys(agreement.metric))
     fig, axes = plt.subplots(1, len(metrics), figsize=(1.2 * len(methods) * len(metrics) + 3, 1.0 * len(methods) + 2),
                              squeeze=False)
@@ -161,10 +191,17 @@ def plot_agreement(agreement: pd.DataFrame, methods: list[str], path: Path, titl
         ax.set_yticks(range(len(methods)), methods, fontsize=8)
         for i in range(len(methods)):
             for j in range(len(methods)):
-                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=8)
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                        color=_text_colour(im.cmap(im.norm(m[i, j]))))
         ax.set_title(f"mean {metric} between methods", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046)
     return _save(fig, path, title)
+
+
+def _text_colour(rgba) -> str:
+    """White on a dark background, black on a light one (perceived luminance, ITU-R BT.601)."""
+    r, g, b = rgba[:3]
+    return "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black"
 
 
 def plot_image_examples(test_image, helpful: list, harmful: list, path: Path, title: str = "") -> Path:

@@ -1,17 +1,13 @@
-"""The further-training gold standard (SPEC §2)."""
+"""The further-training gold standard (docs/method.md §2), its own stage (tda.stages.further_train).
 
-from tda.config import to_container
-
-# `further_training` settings that choose how or which part of the gold standard a job
-# computes, not what it is: they are left out of the gold standard's directory key
-# (tda.runs.further_training_key), so every shard and every engine writes into one directory.
-EXECUTION_KEYS = ("engine", "max_runs_per_group", "sparse_input", "vmap", "shard_seeds", "left_out_shard", "progress_bar")
-# settings added after gold standards had been computed: at null they are left out of the key,
-# so that existing gold-standard directories keep their names
-NULL_IS_DEFAULT_KEYS = ("batchnorm_momentum",)
-
-
-def gold_settings(ft) -> dict:
-    """The settings that define the gold standard (what its directory key hashes)."""
-    return {k: v for k, v in to_container(ft).items()
-            if k not in EXECUTION_KEYS and not (k in NULL_IS_DEFAULT_KEYS and v is None)}
+- :mod:`~tda.further_training.store`: the gold standard on disk — its key, seed files,
+  identity checks, and reading / merging it back (:func:`load_gold_standard`, GoldStandard).
+  The only module the rest of tda uses to find or read a gold standard.
+- :mod:`~tda.further_training.gold_standard`: the job that writes it (FurtherTraining: groups
+  of runs, engines, per-seed locks and files).
+- :mod:`~tda.further_training.engine`, :mod:`~tda.further_training.stacked`,
+  :mod:`~tda.further_training.optim`: the stacked engine (all runs of a seed as one model);
+  :mod:`~tda.further_training.reference`: the plain one-run-at-a-time loop it must equal.
+- :mod:`~tda.further_training.progress`: one progress bar per job, Lightning's per-group output silenced.
+- :mod:`~tda.further_training.settings`: the `further_training` settings, their defaults and checks.
+"""

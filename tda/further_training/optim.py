@@ -27,7 +27,8 @@ def optimizer_spec(node: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     kind = target.rsplit(".", 1)[-1]
     if kind not in SUPPORTED:
         raise ValueError(f"further_optimizer._target_={target!r}: the stacked further-training engine implements "
-                         f"torch.optim.{{{', '.join(SUPPORTED)}}}; use one of conf/further_optimizer/{{sgd,adam,adamw}}.yaml "
+                         f"torch.optim.{{{', '.join(SUPPORTED)}}}; use one of "
+                         f"conf/further_optimizer/{{sgd,adam,adamw}}.yaml "
                          f"or further_training.engine=reference for other optimizers")
     hp = {k: v for k, v in node.items() if k not in ("_target_", "_partial_", "name")}
     for flag in ("maximize", "amsgrad", "capturable", "differentiable"):

@@ -1,4 +1,4 @@
-"""Further training, one run at a time: the plain, obviously-correct formulation of SPEC §2.
+"""Further training, one run at a time: the plain, obviously-correct formulation of docs/method.md §2
 
 This is the reference the stacked engine is tested against (tests/test_further_training.py)
 and benchmarked against (benchmarks/further_training.py); `further_training.engine=reference`

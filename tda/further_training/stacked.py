@@ -74,16 +74,16 @@ class FuncStacked(StackedModel):
         self.buffers = [_stack(b, R) for _, b in self.module.named_buffers()]
 
         def loss(p, b, xb, yb, wb):
-            out = torch.func.functional_call(self.module, {**dict(zip(self.names, p)), **dict(zip(self.buffer_names, b)),
-                                                           **self.frozen}, (xb,))
+            state = {**dict(zip(self.names, p)), **dict(zip(self.buffer_names, b)), **self.frozen}
+            out = torch.func.functional_call(self.module, state, (xb,))
             return (per_example_loss(out, yb, task) * wb).sum()
 
         self._grad = torch.func.vmap(torch.func.grad(loss), in_dims=(0, 0, 0, 0, 0), randomness="same")
         self._grad_one = torch.func.grad(loss)
 
         def forward_eval(p, b, xb):
-            return torch.func.functional_call(self.module, {**dict(zip(self.names, p)), **dict(zip(self.buffer_names, b)),
-                                                            **self.frozen}, (xb,))
+            state = {**dict(zip(self.names, p)), **dict(zip(self.buffer_names, b)), **self.frozen}
+            return torch.func.functional_call(self.module, state, (xb,))
 
         self._eval = torch.func.vmap(forward_eval, in_dims=(0, 0, None))
 
@@ -294,7 +294,8 @@ def build_stacked(module: nn.Module, R: int, x: torch.Tensor, y: torch.Tensor, t
     """The MLP fast path where it applies, torch.func otherwise."""
     if fast_path and mlp_layers(module) is not None:
         return MLPStacked(module, R, x, y, task, sparse_input=sparse_input)
-    # the Trainer's accelerator names the device the runs will train on (Lightning's "auto" picks a GPU when there is one)
+    # the Trainer's accelerator names the device the runs will train on (Lightning's "auto" picks a GPU when
+    # there is one)
     if device is None:
         device = x.device
     elif device in ("auto", "gpu"):

@@ -22,10 +22,12 @@ import logging
 
 import torch
 
-from tda.methods.base import Method
+from tda.methods.checks import positive_int
+from tda.methods.curvature import Matvec
+from tda.methods.influence import InfluenceMethod
+from tda.methods.layout import ParamLayout
+from tda.methods.progress import Progress
 from tda.problem import AttributionProblem
-from tda.methods.checks import check_curvature, check_dtype, non_negative, positive_int
-from tda.methods.hessian import InfluenceMethod, Matvec, ParamSpace
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,10 @@ def arnoldi_eigs(matvec: Matvec, n: int, n_iters: int, top_k: int, generator: to
     v = torch.randn(n, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
     Q[:, 0] = v / v.norm()
     m = n_iters
+    progress = Progress()
     for j in range(n_iters):
+        if progress.due():
+            log.info("arnoldi: step %d of %d", j, n_iters)
         w = matvec(Q[:, j:j + 1]).squeeze(1)
         # two passes of Gram–Schmidt: one loses orthogonality in float32
         for _ in range(2):
@@ -60,15 +65,14 @@ def arnoldi_eigs(matvec: Matvec, n: int, n_iters: int, top_k: int, generator: to
     return mu[order], U
 
 
-class Arnoldi(InfluenceMethod, Method):
-    name = "arnoldi"
+class Arnoldi(InfluenceMethod):
+    """IF score from the `top_k` Ritz pairs of `n_iters` Arnoldi steps (seeded by `seed`);
+    `complement`: add (I − UUᵀ)/λ for the directions outside them. [n_test, n_left_out]."""
 
     def __init__(self, curvature: str = "gn", damping_multiple: float = 100.0, n_iters: int = 200,
                  top_k: int = 100, complement: bool = False, seed: int = 0, batch_size: int = 1024,
                  chunk_size: int = 256, dtype: str | None = None):
-        Method.__init__(self)
-        self.curvature = check_curvature(curvature)
-        self.damping_multiple = non_negative("damping_multiple", damping_multiple, "λ = damping_multiple × λ₀", 100.0)
+        super().__init__(damping_multiple, dtype, batch_size, chunk_size, curvature)
         self.n_iters = positive_int("n_iters", n_iters, "Arnoldi steps", 200)
         self.top_k = positive_int("top_k", top_k, "eigenpairs to keep", min(100, self.n_iters))
         if self.top_k > self.n_iters:
@@ -78,19 +82,16 @@ class Arnoldi(InfluenceMethod, Method):
             raise ValueError("method.complement=true divides the directions outside the top-k by λ, so "
                              f"method.damping_multiple={damping_multiple} (λ = 0) is not allowed with it; e.g. "
                              "method.damping_multiple=100 or method.complement=false")
-        self.batch_size = positive_int("batch_size", batch_size, "training rows per curvature-product batch", 1024)
-        self.chunk_size = positive_int("chunk_size", chunk_size, "rows per per-example-gradient chunk", 256)
-        check_dtype(dtype)
-        self.complement, self.seed, self.dtype = complement, seed, dtype
+        self.complement, self.seed = complement, seed
 
     def scores(self, problem: AttributionProblem) -> torch.Tensor:
-        n_params = ParamSpace(problem.model).n_params
+        n_params = ParamLayout.of(problem.model).n_params
         if self.top_k > n_params:  # before any gradient: C has only n_params eigenpairs
             raise ValueError(f"method.top_k={self.top_k} exceeds the {n_params} trainable parameters of the model, "
                              f"the most eigenpairs its curvature has; e.g. method.top_k={min(n_params, 100)} "
                              f"(and method.n_iters ≥ top_k)")
-        model, dtype, g_test, g_lo, lam = self._setup(problem, self.dtype, self.chunk_size, self.damping_multiple)
-        op = self._operator(problem, model, dtype)
+        model, dtype, g_test, g_lo, lam = self._prepare(problem)
+        op = self._curvature_operator(problem, model, dtype)
         gen = torch.Generator().manual_seed(int(self.seed))
         mu, U = arnoldi_eigs(op.matvec, op.n_params, self.n_iters, self.top_k, gen, dtype, op.device)
         if (mu + lam <= 0).any():

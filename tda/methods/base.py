@@ -20,8 +20,6 @@ class Method:
     worth recording with the scores (damping values, iterations, ...) goes into
     `self.record`."""
 
-    name: str = "method"
-
     def __init__(self) -> None:
         self.record: dict[str, Any] = {}
 

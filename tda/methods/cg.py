@@ -1,4 +1,4 @@
-"""Influence functions by conjugate gradients (SPEC §3, "CG"): (C + λI) X = B for a block of
+"""Influence functions by conjugate gradients (docs/method.md §3.4, "CG"): (C + λI) X = B for a block of
 right-hand sides at once, C the Gauss–Newton (the authors' runs) or the true Hessian.
 
 Block CG (O'Leary 1980) in its breakdown-free form (Ji & Li 2017): the columns share one
@@ -26,10 +26,11 @@ import logging
 
 import torch
 
-from tda.methods.base import Method
+from tda.methods.checks import non_negative, positive_int
+from tda.methods.curvature import Matvec
+from tda.methods.influence import InfluenceMethod, scores_from_solution, solve_side
+from tda.methods.progress import Progress
 from tda.problem import AttributionProblem
-from tda.methods.checks import check_curvature, check_dtype, non_negative, positive_int
-from tda.methods.hessian import InfluenceMethod, Matvec, scores_from_solution
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,9 @@ def block_cg(matvec: Matvec, B: torch.Tensor, damping: float, tol: float = 1e-6,
     The recurrence runs in float64 whatever B's dtype: in float32 the block's directions lose
     their conjugacy and columns can stall short of the tolerance (seen once, in a run not kept
     in the repository, on 3,000 rows of the Folktables-sized MLP at 1·λ₀, tol 1e-5: 3 of 100
-    columns stuck at 4e-5 after 60 iterations; in float64 all 100 converged within 21). Memory: the active columns' solution and
-    residual, the directions P and (C+λI)P, in float64, and the result in B's dtype."""
+    columns stuck at 4e-5 after 60 iterations; in float64 all 100 converged within 21).
+    Memory: the active columns' solution and residual, the directions P and (C+λI)P, in
+    float64, and the result in B's dtype."""
     n, k = B.shape
     dtype = B.dtype
     if dtype != torch.float64:
@@ -83,9 +85,13 @@ def block_cg(matvec: Matvec, B: torch.Tensor, damping: float, tol: float = 1e-6,
     Xa, Ra = torch.zeros(n, len(cols), dtype=torch.float64, device=B.device), B[:, cols].double()
     P = orthonormal_basis(Ra)
     widths = []
-    for _ in range(maxiter):
+    progress = Progress()
+    for it in range(maxiter):
         if len(cols) == 0 or P.shape[1] == 0:
             break
+        if progress.due():
+            log.info("cg: iteration %d of at most %d: %d of %d columns converged, max relative residual %.2e",
+                     it, maxiter, int((rel <= tol).sum()), k, float(rel[cols].max()))
         Q = matvec(P)
         Q.add_(P, alpha=damping)  # [n, r]
         widths.append(P.shape[1])
@@ -121,36 +127,32 @@ def block_cg(matvec: Matvec, B: torch.Tensor, damping: float, tol: float = 1e-6,
     return X, info
 
 
-class CG(InfluenceMethod, Method):
+class CG(InfluenceMethod):
     """IF score g_testᵀ (C + λI)⁻¹ g_j / n by block CG; λ = damping_multiple × λ₀.
+    `tol`: relative residual at which a column stops; `maxiter`: iterations at most;
     `block: false` solves one column at a time (the slow reference of the benchmark)."""
-
-    name = "cg"
 
     def __init__(self, curvature: str = "gn", damping_multiple: float = 100.0, tol: float = 1e-6,
                  maxiter: int = 200, batch_size: int = 1024, chunk_size: int = 256, dtype: str | None = None,
                  block: bool = True):
-        Method.__init__(self)
-        check_curvature(curvature)
-        self.curvature = curvature
-        self.damping_multiple = non_negative("damping_multiple", damping_multiple, "λ = damping_multiple × λ₀", 100.0)
+        super().__init__(damping_multiple, dtype, batch_size, chunk_size, curvature)
         self.tol = non_negative("tol", tol, "relative residual at which a column stops", 1e-6)
         self.maxiter = positive_int("maxiter", maxiter, "iterations", 100)
-        self.batch_size = positive_int("batch_size", batch_size, "training rows per curvature-product batch", 1024)
-        self.chunk_size = positive_int("chunk_size", chunk_size, "rows per per-example-gradient chunk", 256)
-        check_dtype(dtype)
-        self.dtype, self.block = dtype, block
+        self.block = block
 
     def scores(self, problem: AttributionProblem) -> torch.Tensor:
-        model, dtype, g_test, g_lo, lam = self._setup(problem, self.dtype, self.chunk_size, self.damping_multiple)
-        op = self._operator(problem, model, dtype)
-        solve, other, transposed = self.solve_side(g_test, g_lo)
+        model, dtype, g_test, g_lo, lam = self._prepare(problem)
+        op = self._curvature_operator(problem, model, dtype)
+        solve, other, transposed = solve_side(g_test, g_lo)
         B = solve.T.contiguous()
         if self.block:
             X, info = block_cg(op.matvec, B, lam, self.tol, self.maxiter)
         else:
             cols, infos = [], []
+            progress = Progress()
             for c in range(B.shape[1]):
+                if progress.due():
+                    log.info("cg: column %d of %d, one at a time", c, B.shape[1])
                 x, inf = block_cg(op.matvec, B[:, c:c + 1], lam, self.tol, self.maxiter)
                 cols.append(x)
                 infos.append(inf)
@@ -175,6 +177,7 @@ class CG(InfluenceMethod, Method):
                         "raise method.maxiter or method.damping_multiple",
                         info["n_columns"] - info["converged"], info["n_columns"], self.tol, self.maxiter,
                         max(info["relative_residual"]))
-        self.record.update({"cg": info, "curvature": self.curvature, "solved_side": "left_out" if transposed else "test",
+        self.record.update({"cg": info, "curvature": self.curvature,
+                            "solved_side": "left_out" if transposed else "test",
                             "curvature_products": op.n_matvecs, "columns_per_product": op.max_columns})
         return scores_from_solution(X, other.to(X.dtype), problem.n_train, transposed).to(torch.float64)

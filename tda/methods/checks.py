@@ -1,13 +1,12 @@
 """Constructor checks of method settings: a degenerate value (zero iterations, an empty or
 negative batch, negative damping, ...) is refused when the method is built — before any
-gradient is computed — with one message naming the setting and a valid value."""
+gradient is computed — with one message naming the setting and a valid value. The choices
+of the influence-function methods (curvature, dtype) are checked in :mod:`tda.methods.influence`."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
-
-from tda.methods.hessian import CURVATURES, DTYPES
 
 
 def _number(value: Any) -> float | None:
@@ -52,17 +51,9 @@ def non_negative(key: str, value: Any, what: str, example: float) -> float:
     return v
 
 
-def check_curvature(curvature: Any, example: str = "gn") -> str:
-    """`curvature` if it is one of tda.methods.hessian.CURVATURES, else ValueError."""
-    if curvature not in CURVATURES:
-        raise ValueError(f"method.curvature={curvature!r} is not one of {', '.join(CURVATURES)}; "
-                         f"e.g. method.curvature={example}")
-    return curvature
-
-
-def check_dtype(dtype: Any) -> str | None:
-    """`dtype` if it names a solver dtype (float32, float64, null: the model's own), else ValueError."""
-    if dtype not in DTYPES:
-        raise ValueError(f"method.dtype={dtype!r} is not one of float32, float64, null (the model's own); "
-                         f"e.g. method.dtype=float64")
-    return dtype
+def check_factored(factored: Any) -> str | bool:
+    """`factored` if it is auto, true or false (per-example gradients from linear-layer factors:
+    when possible, always, never), else ValueError."""
+    if factored not in ("auto", True, False):
+        raise ValueError(f"method.factored={factored!r} must be auto, true or false")
+    return factored

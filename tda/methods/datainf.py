@@ -1,4 +1,4 @@
-"""DataInf (Kwon et al. 2024; SPEC §3), vectorised.
+"""DataInf (Kwon et al. 2024; docs/method.md §3.6), vectorised.
 
 Per trainable parameter tensor l, DataInf replaces the inverse of the damped empirical
 Fisher block, ((1/n) Σ_i g_{i,l} g_{i,l}ᵀ + λ_l I)⁻¹, by the average of the rank-one
@@ -22,20 +22,17 @@ from __future__ import annotations
 import torch
 
 from tda.methods.base import Method
+from tda.methods.checks import check_factored, optional_positive_int, positive_int
+from tda.methods.gradients import compute_grads, iter_grad_chunks, loss_target, tensor_kernels, tensor_sq_norms
+from tda.methods.layout import ParamLayout
 from tda.problem import AttributionProblem
-from tda.methods.checks import optional_positive_int, positive_int
-from tda.methods.grad_dot import check_factored
-from tda.methods.gradients import (ParamLayout, compute_grads, iter_grad_chunks, loss_target, tensor_kernels,
-                                   tensor_sq_norms)
 
 
 class DataInf(Method):
     """`c`: λ_l = mean_i mean(g_{i,l}²) / c. `damping`: a fixed λ for every block instead
-    (as dattri's `regularization`). `blocks`: "tensor" (SPEC: one block per parameter tensor)
+    (as dattri's `regularization`). `blocks`: "tensor" (the paper's: one block per parameter tensor)
     or "module" (weight and bias of a layer together, as dattri groups them). Scores
     [n_test, n_left_out]."""
-
-    name = "datainf"
 
     def __init__(self, c: float = 10.0, damping: float | None = None, factored: str | bool = "auto",
                  chunk_size: int = 256, max_train_rows_per_chunk: int | None = None, blocks: str = "tensor"):

@@ -1,4 +1,4 @@
-"""Grad-Dot and Grad-Cos (SPEC §3): gᵀgⱼ and its cosine-normalised variant, exact (no
+"""Grad-Dot and Grad-Cos (docs/method.md §3.1): gᵀgⱼ and its cosine-normalised variant, exact (no
 projection). Only the evaluated test instances and the left-out instances need gradients;
 for models whose trainable parameters are all linear layers the inner products are formed
 from the factors (activations · output gradients) without materialising any gradient."""
@@ -8,23 +8,15 @@ from __future__ import annotations
 import torch
 
 from tda.methods.base import Method
-from tda.problem import AttributionProblem
-from tda.methods.checks import positive_int
+from tda.methods.checks import check_factored, positive_int
 from tda.methods.gradients import compute_grads, loss_target, tensor_kernels, tensor_sq_norms
-
-
-def check_factored(factored) -> str | bool:
-    if factored not in ("auto", True, False):
-        raise ValueError(f"method.factored={factored!r} must be auto, true or false")
-    return factored
+from tda.problem import AttributionProblem
 
 
 class GradDot(Method):
     """score(z, j) = ∇loss(z)ᵀ∇loss(z_j) [n_test, n_left_out]: the first-order (one SGD step)
     change of z's loss when z_j is removed, up to the positive factor lr/n — positive =
     removing j raises z's loss = helpful, as the gold standard."""
-
-    name = "grad_dot"
 
     def __init__(self, chunk_size: int = 256, normalize: bool = False, factored: str | bool = "auto"):
         super().__init__()
@@ -48,8 +40,6 @@ class GradDot(Method):
 
 class GradCos(GradDot):
     """gᵀgⱼ / (‖g‖‖gⱼ‖) [n_test, n_left_out]."""
-
-    name = "grad_cos"
 
     def __init__(self, chunk_size: int = 256, factored: str | bool = "auto"):
         super().__init__(chunk_size=chunk_size, normalize=True, factored=factored)

@@ -1,4 +1,4 @@
-"""Grad-Dot for Adam further training (beyond the paper; SPEC §3 "natural extensions").
+"""Grad-Dot for Adam further training (beyond the paper; docs/method.md §3.8 "natural extensions").
 
 Derivation. Further training restarts Adam from θᶠ with fresh state (m_0 = v_0 = 0). At
 step t with minibatch gradient g_t = (1/|b_t|) Σ_{i∈b_t} ∇loss(z_i, θ_{t−1}):
@@ -42,10 +42,10 @@ from __future__ import annotations
 import torch
 
 from tda.methods.base import Method
+from tda.methods.checks import check_factored, non_negative, optional_positive_int, positive_int
+from tda.methods.gradients import compute_grads, iter_grad_chunks, loss_target, tensor_moments
+from tda.methods.layout import ParamLayout
 from tda.problem import AttributionProblem
-from tda.methods.checks import non_negative, optional_positive_int, positive_int
-from tda.methods.grad_dot import check_factored
-from tda.methods.gradients import ParamLayout, compute_grads, iter_grad_chunks, loss_target, tensor_moments
 
 
 def adam_second_moment(sum_g: torch.Tensor, sum_g2: torch.Tensor, n: int, batch_size: int) -> torch.Tensor:
@@ -61,9 +61,9 @@ def adam_second_moment(sum_g: torch.Tensor, sum_g2: torch.Tensor, n: int, batch_
 
 class GradDotAdam(Method):
     """score(z, j) = ∇loss(z)ᵀ diag(1/(√v + ε)) ∇loss(z_j) [n_test, n_left_out]; see the module
-    docstring. `eps` / `batch_size`: null takes them from the further-training config."""
-
-    name = "grad_dot_adam"
+    docstring. `eps` / `batch_size`: Adam's ε and the batch size of further training, which
+    conf/method/grad_dot_adam.yaml reads from `further_optimizer.eps` and
+    `further_training.batch_size`; null (no Adam further optimizer) is refused when scoring."""
 
     def __init__(self, eps: float | None = None, batch_size: int | None = None, factored: str | bool = "auto",
                  chunk_size: int = 256, max_train_rows_per_chunk: int | None = None):
@@ -77,28 +77,21 @@ class GradDotAdam(Method):
         self.max_rows = optional_positive_int("max_train_rows_per_chunk", max_train_rows_per_chunk,
                                               "training rows per chunk", 1024)
 
-    def settings(self, problem: AttributionProblem) -> tuple[float, int]:
-        eps = self.eps
+    def settings(self) -> tuple[float, int]:
+        eps, bs = self.eps, self.batch_size
         if eps is None:
-            opt = problem.further_optimizer
-            eps = opt.get("eps") if opt is not None else None
-            if eps is None:
-                raise ValueError("method=grad_dot_adam needs Adam's ε: set method.eps, or use "
-                                 "further_optimizer=adam (its eps is read from there)")
-        bs = self.batch_size
+            raise ValueError("method=grad_dot_adam needs Adam's ε: set method.eps, or use "
+                             "further_optimizer=adam (its eps is read from there)")
         if bs is None:
-            ft = problem.further_training
-            bs = ft.get("batch_size") if ft is not None else None
-            if bs is None:
-                raise ValueError("method=grad_dot_adam needs the further-training batch size: set "
-                                 "method.batch_size or further_training.batch_size")
+            raise ValueError("method=grad_dot_adam needs the further-training batch size: set "
+                             "method.batch_size or further_training.batch_size")
         if float(eps) < 0 or int(bs) <= 0:
             raise ValueError(f"method=grad_dot_adam: eps={eps} must be >= 0 and batch_size={bs} positive")
         return float(eps), int(bs)
 
     def preconditioner(self, problem: AttributionProblem) -> dict[str, torch.Tensor]:
         """Per trainable tensor, 1/(√v + ε) flattened [size_l], float64."""
-        eps, bs = self.settings(problem)
+        eps, bs = self.settings()
         model, target = problem.model, loss_target(problem.task)
         layout = ParamLayout.of(model)
         dev = next(model.parameters()).device

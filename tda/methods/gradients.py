@@ -23,10 +23,10 @@ Both expose per-parameter-tensor blocks (`tensor_names`, :func:`tensor_kernels`,
 training set in chunks sized by a memory budget.
 
 Public helpers (also used by the influence-function methods):
-  trainable_params, ParamLayout, per_example_grads, per_example_target_grads,
-  loss_target, margin_target, chunk_rows, compute_grads, iter_grad_chunks,
-  DenseGrads, FactoredGrads, linear_factors, factorable_linears, tensor_kernels,
-  tensor_sq_norms, flat_grads.
+  per_example_grads, per_example_target_grads, loss_target, margin_target, chunk_rows,
+  compute_grads, iter_grad_chunks, DenseGrads, FactoredGrads, linear_factors,
+  factorable_linears, tensor_kernels, tensor_sq_norms, tensor_moments. The flat layout of
+  the gradients is :class:`tda.methods.layout.ParamLayout`.
 """
 
 from __future__ import annotations
@@ -39,18 +39,15 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from tda.methods.layout import ParamLayout, frozen_state, trainable_params
 from tda.models.base import per_example_loss
 
 # A "target" maps (model output [n, ...], labels [n]) to one scalar per example [n].
 Target = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def trainable_params(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
-
-
 def loss_target(task: str) -> Target:
-    """The training loss g(z, θ) of SPEC §2, per example."""
+    """The training loss g(z, θ) of docs/method.md §2, per example."""
     return lambda out, y: per_example_loss(out, y, task)
 
 
@@ -70,37 +67,6 @@ def margin_target(task: str) -> Target:
     return margin
 
 
-@dataclass(frozen=True)
-class ParamLayout:
-    """Where each trainable tensor lives in a flattened gradient vector."""
-
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-
-    @classmethod
-    def of(cls, model: nn.Module) -> ParamLayout:
-        p = trainable_params(model)
-        if not p:
-            raise ValueError("the model has no trainable parameters (requires_grad=False everywhere); "
-                             "check model.trainable")
-        return cls(tuple(p), tuple(tuple(v.shape) for v in p.values()))
-
-    @property
-    def sizes(self) -> list[int]:
-        return [int(torch.Size(s).numel()) for s in self.shapes]
-
-    @property
-    def n_params(self) -> int:
-        return sum(self.sizes)
-
-    def slices(self) -> dict[str, slice]:
-        out, o = {}, 0
-        for name, size in zip(self.names, self.sizes):
-            out[name] = slice(o, o + size)
-            o += size
-        return out
-
-
 # ----------------------------------------------------------------------------- dense (torch.func)
 def per_example_target_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: Target,
                              chunk_size: int = 256) -> torch.Tensor:
@@ -108,11 +74,10 @@ def per_example_target_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     in `named_parameters` order), computed with vmap(grad) in chunks of `chunk_size` rows."""
     model.eval()
     params = trainable_params(model)
-    buffers = {k: v.detach() for k, v in model.named_buffers()}
-    frozen = {k: v.detach() for k, v in model.named_parameters() if not v.requires_grad}
+    const = frozen_state(model)
 
     def target_one(p, xi, yi):
-        out = functional_call(model, (p, frozen, buffers), (xi.unsqueeze(0),))
+        out = functional_call(model, (p, const), (xi.unsqueeze(0),))
         return target(out, yi.unsqueeze(0)).squeeze(0)
 
     g = vmap(grad(target_one), in_dims=(None, 0, 0))
@@ -411,7 +376,3 @@ def iter_grad_chunks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target:
         yield sl, compute_grads(model, x[sl], y[sl], target, factored if use_factored else False,
                                 chunk_size=min(rows, 256))
 
-
-def flat_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, factored: str | bool = "auto") -> torch.Tensor:
-    """[n, n_params] loss gradients, computed through the factored path when possible."""
-    return compute_grads(model, x, y, loss_target(task), factored).dense()

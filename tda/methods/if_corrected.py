@@ -1,4 +1,4 @@
-"""The influence function with the correction term of the paper's Proposition 1 (SPEC §3),
+"""The influence function with the correction term of the paper's Proposition 1 (docs/method.md §3.8),
 for a final model θᶠ that is not a minimum of the training loss.
 
 Derivation. Model further training from θᶠ by the damped quadratic model of the mean
@@ -22,7 +22,7 @@ changes by g_testᵀ (δ(1/n) − δ(0)), so
     score(z, j) = g_testᵀ K⁻¹ (g_j + C_j Δθ(D)) / n,
 
 the plain IF plus Proposition 1's term K⁻¹ ∇²loss(z_j) Δθ(D). At a minimum (ḡ = 0,
-λ = 0) the term vanishes. As in the plain IF, g_test is taken at θᶠ (SPEC §3's form).
+λ = 0) the term vanishes. As in the plain IF, g_test is taken at θᶠ (the form of docs/method.md §3.8).
 
 Computation: one block-CG solve for [g_test columns | ḡ] (the same operator), one
 per-example curvature product C_j Δθ(D) for each left-out j, and dot products.
@@ -32,17 +32,18 @@ from __future__ import annotations
 
 import torch
 
-from tda.problem import AttributionProblem
 from tda.methods.cg import CG, block_cg
-from tda.methods.hessian import mean_grad
+from tda.methods.curvature import mean_grad
+from tda.problem import AttributionProblem
 
 
 class IFCorrected(CG):
-    name = "if_corrected"
+    """The IF score plus Proposition 1's correction [n_test, n_left_out], CG's settings (the
+    test side is always the one solved, with ḡ as one more column; `block` is not used)."""
 
     def scores(self, problem: AttributionProblem) -> torch.Tensor:
-        model, dtype, g_test, g_lo, lam = self._setup(problem, self.dtype, self.chunk_size, self.damping_multiple)
-        op = self._operator(problem, model, dtype)
+        model, dtype, g_test, g_lo, lam = self._prepare(problem)
+        op = self._curvature_operator(problem, model, dtype)
         gbar = mean_grad(model, problem.x_train, problem.y_train, problem.task, self.batch_size, dtype)
         B = torch.cat([g_test.T, gbar[:, None]], dim=1).to(op.device, dtype)
         X, info = block_cg(op.matvec, B, lam, self.tol, self.maxiter)
@@ -53,7 +54,7 @@ class IFCorrected(CG):
         c_delta = op.per_example_matvec(problem.x_left_out, problem.y_left_out, delta)  # [n_left_out, n_params]
         plain = s_test.T @ g_lo.to(dtype).T / problem.n_train
         correction = s_test.T @ c_delta.T / problem.n_train
+        ratio = float(correction.norm() / plain.norm().clamp_min(1e-300))
         self.record.update({"cg": info, "curvature": self.curvature, "displacement_norm": float(delta.norm()),
-                            "mean_grad_norm": float(gbar.norm()),
-                            "correction_to_plain_norm_ratio": float(correction.norm() / plain.norm().clamp_min(1e-300))})
+                            "mean_grad_norm": float(gbar.norm()), "correction_to_plain_norm_ratio": ratio})
         return (plain + correction).to(torch.float64)

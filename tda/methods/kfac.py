@@ -1,4 +1,4 @@
-"""K-FAC and EK-FAC influence functions (SPEC §3; Grosse et al. 2023, "Studying Large Language
+"""K-FAC and EK-FAC influence functions (docs/method.md §3.5; Grosse et al. 2023, "Studying Large Language
 Model Generalization with Influence Functions").
 
 The Gauss–Newton G = 1/n Σᵢ Σ_c (Jᵢᵀu_ic)(Jᵢᵀu_ic)ᵀ (u_ic the columns of Λᵢ^{1/2}, see
@@ -34,26 +34,29 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from tda.artifacts import load_tensors, save_tensors
-from tda.models.structure import should_use_sparse
-from tda.methods.base import Method
-from tda.problem import AttributionProblem
-from tda.methods.checks import check_dtype, non_negative, positive_int
+from tda.methods.damping import model_fingerprint
 from tda.methods.gradients import FactoredGrads, NotFactorable, compute_grads, loss_target
-from tda.methods.hessian import InfluenceMethod, ParamSpace, model_fingerprint, output_hessian_sqrt
+from tda.methods.influence import InfluenceMethod, solve_side
+from tda.methods.layout import ParamLayout, frozen_state, trainable_params
+from tda.methods.output_hessian import output_hessian_sqrt
+from tda.methods.progress import Progress
+from tda.models.structure import should_use_sparse
+from tda.problem import AttributionProblem
 
 log = logging.getLogger(__name__)
 
 
 class Layer:
-    """A supported layer: its weight (+ bias) as one matrix [d_out, d_in'] in the flat space."""
+    """A supported layer: its weight (+ bias) as one matrix [d_out, d_in'] in the flat space;
+    `w_range` / `b_range`: the (start, stop) of the weight / bias there."""
 
-    def __init__(self, name: str, module: nn.Module, offsets: dict[str, tuple[int, int]]):
+    def __init__(self, name: str, module: nn.Module, slices: dict[str, slice]):
         self.name, self.module = name, module
         prefix = f"{name}." if name else ""
         self.w = prefix + "weight"
         self.b = prefix + "bias" if module.bias is not None and module.bias.requires_grad else None
-        self.w_range = offsets[self.w]
-        self.b_range = offsets[self.b] if self.b else None
+        self.w_range = (slices[self.w].start, slices[self.w].stop)
+        self.b_range = (slices[self.b].start, slices[self.b].stop) if self.b else None
         self.d_out = module.weight.shape[0]
         self.d_in = module.weight[0].numel() + (1 if self.b else 0)
 
@@ -88,17 +91,17 @@ class Layer:
             out[:, self.b_range[0]:self.b_range[1]] = M[:, :, -1]
 
 
-def find_layers(model: nn.Module, space: ParamSpace) -> tuple[list[Layer], list[str]]:
+def find_layers(model: nn.Module, layout: ParamLayout) -> tuple[list[Layer], list[str]]:
     """(supported layers, names of trainable parameters left to the diagonal)."""
-    offsets = space.offsets()
+    slices = layout.slices()
     layers = []
     for name, m in model.named_modules():
         ok = isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
                                           and not isinstance(m.padding, str))
         if ok and m.weight.requires_grad:
-            layers.append(Layer(name, m, offsets))
+            layers.append(Layer(name, m, slices))
     covered = {p for layer in layers for p in (layer.w, layer.b) if p}
-    return layers, [k for k in space.names if k not in covered]
+    return layers, [k for k in layout.names if k not in covered]
 
 
 def compute_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, kind: str,
@@ -108,16 +111,18 @@ def compute_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: st
     bounds EK-FAC's per-example gradient matrices for layers applied at several positions
     (convolutions, sequences), which are formed for a few rows of a batch at a time."""
     model.eval()
-    space = ParamSpace(model)
-    layers, others = find_layers(model, space)
+    layers, others = find_layers(model, ParamLayout.of(model))
     dev = next(model.parameters()).device
-    A = {l.name: torch.zeros(l.d_in, l.d_in, dtype=torch.float64, device=dev) for l in layers}
-    S = {l.name: torch.zeros(l.d_out, l.d_out, dtype=torch.float64, device=dev) for l in layers}
+    A = {layer.name: torch.zeros(layer.d_in, layer.d_in, dtype=torch.float64, device=dev) for layer in layers}
+    S = {layer.name: torch.zeros(layer.d_out, layer.d_out, dtype=torch.float64, device=dev) for layer in layers}
     n = len(x)
 
-    def passes(fn):
+    def passes(fn, what: str):
         """Run fn(layer, a [b,T,d_in'], δ [b,C,T,d_out]) on every batch."""
+        progress = Progress()
         for i in range(0, n, batch_size):
+            if progress.due():
+                log.info("%s: %s, row %d of %d", kind, what, i, n)
             xb = x[i:i + batch_size].to(dev)
             inputs, outputs = {}, {}
 
@@ -126,7 +131,7 @@ def compute_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: st
                     inputs[name], outputs[name] = inp[0].detach(), out
                 return hook
 
-            hooks = [l.module.register_forward_hook(keep(l.name)) for l in layers]
+            hooks = [layer.module.register_forward_hook(keep(layer.name)) for layer in layers]
             try:
                 with torch.enable_grad():
                     out = model(xb)
@@ -134,64 +139,66 @@ def compute_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: st
                 for h in hooks:
                     h.remove()
             U = output_hessian_sqrt(out.detach(), task)  # [b, C, ...]
-            outs = [outputs[l.name] for l in layers]
-            deltas = {l.name: [] for l in layers}
+            outs = [outputs[layer.name] for layer in layers]
+            deltas = {layer.name: [] for layer in layers}
             for c in range(U.shape[1]):
                 gs = torch.autograd.grad(out, outs, grad_outputs=U[:, c].reshape(out.shape), retain_graph=True)
-                for l, g in zip(layers, gs):
-                    deltas[l.name].append(l.out_grads(g))
-            for l in layers:
-                fn(l, l.patches(inputs[l.name]), torch.stack(deltas[l.name], dim=1))
+                for layer, g in zip(layers, gs):
+                    deltas[layer.name].append(layer.out_grads(g))
+            for layer in layers:
+                fn(layer, layer.patches(inputs[layer.name]), torch.stack(deltas[layer.name], dim=1))
 
-    def accumulate(l, a, d):
+    def accumulate(layer, a, d):
         # each batch's products in the model's dtype (float32 GEMMs are the faster kind on CPU),
         # summed over batches in float64
         if a.shape[1] == 1 and should_use_sparse(a[:, 0], "auto"):
             # one-hot rows (Folktables: 11 non-zeros of 792 with the bias column): aᵀa costs its
             # non-zeros, not d_in² per row
-            A[l.name] += (a[:, 0].T.to_sparse() @ a[:, 0]).double()
+            A[layer.name] += (a[:, 0].T.to_sparse() @ a[:, 0]).double()
         else:
-            A[l.name] += torch.einsum("bti,btj->ij", a, a).double() / a.shape[1]
-        S[l.name] += torch.einsum("bcti,bctj->ij", d, d).double()
+            A[layer.name] += torch.einsum("bti,btj->ij", a, a).double() / a.shape[1]
+        S[layer.name] += torch.einsum("bcti,bctj->ij", d, d).double()
 
-    passes(accumulate)
+    passes(accumulate, "factor pass")
     out: dict[str, torch.Tensor] = {}
-    for l in layers:
-        eA, QA = torch.linalg.eigh(A[l.name] / n)
-        eS, QS = torch.linalg.eigh(S[l.name] / n)
-        out.update({f"{l.name}.QA": QA, f"{l.name}.QS": QS, f"{l.name}.eA": eA, f"{l.name}.eS": eS})
+    for layer in layers:
+        eA, QA = torch.linalg.eigh(A[layer.name] / n)
+        eS, QS = torch.linalg.eigh(S[layer.name] / n)
+        out.update({f"{layer.name}.QA": QA, f"{layer.name}.QS": QS, f"{layer.name}.eA": eA, f"{layer.name}.eS": eS})
     if kind == "ekfac":
-        lam = {l.name: torch.zeros(l.d_out, l.d_in, dtype=torch.float64, device=dev) for l in layers}
+        lam = {layer.name: torch.zeros(layer.d_out, layer.d_in, dtype=torch.float64, device=dev) for layer in layers}
 
-        def correct(l, a, d):
-            QA, QS = out[f"{l.name}.QA"], out[f"{l.name}.QS"]
+        def correct(layer, a, d):
+            QA, QS = out[f"{layer.name}.QA"], out[f"{layer.name}.QS"]
             a64, d64 = a.double(), d.double()
             if a.shape[1] == 1:  # M = δ aᵀ: the rotated square is an outer product of squares
                 a1 = a64[:, 0].to_sparse() if should_use_sparse(a64[:, 0], "auto") else a64[:, 0]
                 ar, dr = (a1 @ QA) ** 2, (d64[:, :, 0] @ QS) ** 2  # [b, d_in'], [b, C, d_out]
-                lam[l.name] += torch.einsum("bco,bi->oi", dr, ar)
+                lam[layer.name] += torch.einsum("bco,bi->oi", dr, ar)
             else:
                 # M is [rows, C, d_out, d_in'] float64 and its rotation holds two more of its size
                 # (~14 GB for 512 rows of a MiniLM feed-forward layer): rows in chunks within the budget
-                per_row = 3 * d.shape[1] * l.d_out * a.shape[-1] * 8
+                per_row = 3 * d.shape[1] * layer.d_out * a.shape[-1] * 8
                 rows = len(a) if memory_budget_mb is None else max(1, int(memory_budget_mb * 2**20 // per_row))
                 for r in range(0, len(a), rows):
                     M = torch.einsum("bcto,bti->bcoi", d64[r:r + rows], a64[r:r + rows])
-                    lam[l.name] += ((QS.T @ M @ QA) ** 2).sum((0, 1))
+                    lam[layer.name] += ((QS.T @ M @ QA) ** 2).sum((0, 1))
 
-        passes(correct)
-        for l in layers:
-            out[f"{l.name}.lam"] = lam[l.name] / n
+        passes(correct, "eigenvalue correction pass")
+        for layer in layers:
+            out[f"{layer.name}.lam"] = lam[layer.name] / n
     if others:
-        out.update(diagonal_gn(model, space, others, x, task, batch_size))
+        out.update(diagonal_gn(model, others, x, task, batch_size))
     return out
 
 
-def diagonal_gn(model: nn.Module, space: ParamSpace, names: list[str], x: torch.Tensor, task: str,
+def diagonal_gn(model: nn.Module, names: list[str], x: torch.Tensor, task: str,
                 batch_size: int) -> dict[str, torch.Tensor]:
-    """Exact diagonal of the Gauss–Newton for the parameters `names`: 1/n Σᵢ Σ_c (Jᵢᵀu_ic)²."""
-    sub = {k: space.params[k] for k in names}
-    const = {**{k: v for k, v in space.params.items() if k not in sub}, **space.frozen, **space.buffers}
+    """Exact diagonal of the Gauss–Newton for the trainable parameters `names`: 1/n Σᵢ Σ_c (Jᵢᵀu_ic)²,
+    each flattened [size]."""
+    params = trainable_params(model)
+    sub = {k: params[k] for k in names}
+    const = {**{k: v for k, v in params.items() if k not in sub}, **frozen_state(model)}
     total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in sub.items()}
     dev = next(iter(sub.values())).device
 
@@ -233,23 +240,29 @@ def load_or_compute_factors(problem: AttributionProblem, model: nn.Module, kind:
     return factors
 
 
+def kronecker_eigenvalues(factors: dict[str, torch.Tensor], layer: Layer, kind: str) -> torch.Tensor:
+    """The layer's eigenvalues of G̃ in its Kronecker eigenbasis [d_out, d_in']: EK-FAC's
+    corrected ones, or K-FAC's products e_S e_Aᵀ."""
+    if kind == "ekfac":
+        return factors[f"{layer.name}.lam"]
+    return torch.outer(factors[f"{layer.name}.eS"], factors[f"{layer.name}.eA"])
+
+
 def inverse_apply(model: nn.Module, factors: dict[str, torch.Tensor], kind: str, V: torch.Tensor,
                   damping: float) -> torch.Tensor:
     """(G̃ + λI)⁻¹ applied to the rows of V [k, n_params] (block-diagonal K-FAC / EK-FAC)."""
-    space = ParamSpace(model)
-    layers, others = find_layers(model, space)
+    layout = ParamLayout.of(model)
+    layers, others = find_layers(model, layout)
     out = torch.empty_like(V)
     V64 = V.double()
-    for l in layers:
-        QA, QS = factors[f"{l.name}.QA"], factors[f"{l.name}.QS"]
-        lam = factors[f"{l.name}.lam"] if kind == "ekfac" else torch.outer(factors[f"{l.name}.eS"],
-                                                                           factors[f"{l.name}.eA"])
-        R = QS.T @ l.to_matrix(V64) @ QA
-        l.from_matrix((QS @ (R / (lam + damping)) @ QA.T).to(V.dtype), out)
-    offs = space.offsets()
+    for layer in layers:
+        QA, QS = factors[f"{layer.name}.QA"], factors[f"{layer.name}.QS"]
+        lam = kronecker_eigenvalues(factors, layer, kind)
+        R = QS.T @ layer.to_matrix(V64) @ QA
+        layer.from_matrix((QS @ (R / (lam + damping)) @ QA.T).to(V.dtype), out)
+    slices = layout.slices()
     for k in others:
-        a, b = offs[k]
-        out[:, a:b] = (V64[:, a:b] / (factors[f"diag.{k}"] + damping)).to(V.dtype)
+        out[:, slices[k]] = (V64[:, slices[k]] / (factors[f"diag.{k}"] + damping)).to(V.dtype)
     return out
 
 
@@ -263,24 +276,23 @@ def factored_scores(layers: list[Layer], factors: dict[str, torch.Tensor], kind:
     by_weight = lambda g: {lf.weight: lf for lf in g.layers}  # noqa: E731
     tests, lefts = by_weight(g_test), by_weight(g_lo)
     total = torch.zeros(len(g_test), len(g_lo), dtype=torch.float64, device=factors[f"{layers[0].name}.QA"].device)
-    for l in layers:
-        QA, QS = factors[f"{l.name}.QA"], factors[f"{l.name}.QS"]
-        lam = factors[f"{l.name}.lam"] if kind == "ekfac" else torch.outer(factors[f"{l.name}.eS"], factors[f"{l.name}.eA"])
-        W = 1.0 / (lam + damping)  # [d_out, d_in']
+    for layer in layers:
+        QA, QS = factors[f"{layer.name}.QA"], factors[f"{layer.name}.QS"]
+        W = 1.0 / (kronecker_eigenvalues(factors, layer, kind) + damping)  # [d_out, d_in']
 
         def rotate(lf):
             a = lf.A.to_dense() if lf.A.layout != torch.strided else lf.A
             a = a.double()
-            if l.b:
+            if layer.b:
                 a = torch.cat([a, a.new_ones(len(a), 1)], dim=1)
             return lf.B.double() @ QS, a @ QA  # [n, d_out], [n, d_in']
 
-        bt, at = rotate(tests[l.w])
-        bj, aj = rotate(lefts[l.w])
+        bt, at = rotate(tests[layer.w])
+        bj, aj = rotate(lefts[layer.w])
         rows = max(1, int(scratch_mb * 2**20 // (8 * W.numel())))
         for r in range(0, len(bt), rows):
             X = bt[r:r + rows, :, None] * W * at[r:r + rows, None, :]  # [t, d_out, d_in']
-            Y = (X.reshape(-1, X.shape[-1]) @ aj.T).reshape(len(X), l.d_out, len(aj))  # [t, d_out, j]
+            Y = (X.reshape(-1, X.shape[-1]) @ aj.T).reshape(len(X), layer.d_out, len(aj))  # [t, d_out, j]
             total[r:r + rows] += (Y * bj.T).sum(1)
     return total
 
@@ -288,7 +300,7 @@ def factored_scores(layers: list[Layer], factors: dict[str, torch.Tensor], kind:
 def _factored_grads(problem: AttributionProblem, model: nn.Module, layers: list[Layer], others: list[str]):
     """(test, left-out) FactoredGrads when every trainable parameter is a weight or bias of a
     linear layer applied once per example; else None (the dense path)."""
-    if others or any(not isinstance(l.module, nn.Linear) for l in layers):
+    if others or any(not isinstance(layer.module, nn.Linear) for layer in layers):
         return None
     target = loss_target(problem.task)
     try:
@@ -298,34 +310,31 @@ def _factored_grads(problem: AttributionProblem, model: nn.Module, layers: list[
         return None
 
 
-class EKFAC(InfluenceMethod, Method):
-    """IF score with the EK-FAC (or K-FAC, `kind: kfac`) approximation of (G + λI)⁻¹."""
+class EKFAC(InfluenceMethod):
+    """IF score with the EK-FAC (or K-FAC, `kind: kfac`) approximation of (G + λI)⁻¹, G the
+    Gauss–Newton; `batch_size`: training rows per factor batch. `dtype` null takes the factored
+    path for linear layers (scores from per-example factors, no gradient formed)."""
 
-    name = "ekfac"
     kind = "ekfac"
 
     def __init__(self, damping_multiple: float = 100.0, batch_size: int = 512, chunk_size: int = 256,
                  dtype: str | None = None):
-        Method.__init__(self)
-        self.damping_multiple = non_negative("damping_multiple", damping_multiple, "λ = damping_multiple × λ₀", 100.0)
-        self.batch_size = positive_int("batch_size", batch_size, "training rows per factor batch", 512)
-        self.chunk_size = positive_int("chunk_size", chunk_size, "rows per per-example-gradient chunk", 256)
-        check_dtype(dtype)
-        self.dtype = dtype
+        super().__init__(damping_multiple, dtype, batch_size, chunk_size,
+                         batch_size_means="training rows per factor batch", batch_size_example=512)
 
     def scores(self, problem: AttributionProblem) -> torch.Tensor:
         model = problem.model.to(problem.device)
         model.eval()
-        layers, others = find_layers(model, ParamSpace(model))
+        layers, others = find_layers(model, ParamLayout.of(model))
         self.record.update({"kind": self.kind, "diagonal_params": others})
         if self.dtype is None and (grads := _factored_grads(problem, model, layers, others)) is not None:
-            lam = self._damping(problem, model, self.chunk_size, self.damping_multiple)
+            lam = self._damping(problem, model)
             factors = load_or_compute_factors(problem, model, self.kind, self.batch_size, self.record)
             self.record["factored_scores"] = True
             return factored_scores(layers, factors, self.kind, *grads, lam) / problem.n_train
-        model, dtype, g_test, g_lo, lam = self._setup(problem, self.dtype, self.chunk_size, self.damping_multiple)
+        model, _, g_test, g_lo, lam = self._prepare(problem)
         factors = load_or_compute_factors(problem, model, self.kind, self.batch_size, self.record)
-        solve, other, transposed = self.solve_side(g_test, g_lo)
+        solve, other, transposed = solve_side(g_test, g_lo)
         X = inverse_apply(model, factors, self.kind, solve.double(), lam)  # [k, n_params]
         s = other.double() @ X.T / problem.n_train  # [m, k]
         self.record["factored_scores"] = False
@@ -333,5 +342,6 @@ class EKFAC(InfluenceMethod, Method):
 
 
 class KFAC(EKFAC):
-    name = "kfac"
+    """K-FAC: EK-FAC's factors without the eigenvalue correction (eigenvalues e_S e_Aᵀ)."""
+
     kind = "kfac"

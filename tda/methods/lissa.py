@@ -1,10 +1,11 @@
-"""LiSSA and LiSSA-H (SPEC §3): the stochastic Neumann recursion
+"""LiSSA and LiSSA-H (docs/method.md §3.4): the stochastic Neumann recursion
 
     h₀ = g,   h_t = g + h_{t−1} − (C_b + λI) h_{t−1} / s,   result h_depth / s
 
-over `depth` mini-batches b drawn with replacement (`batch_size` ≥ n: the whole set), averaged over `repeat` runs; C_b is the
-Gauss–Newton (`lissa`) or the true Hessian (`lissa_h`) of the mean loss over batch b. All
-evaluated test instances run as one block of columns, so each step is one batched product.
+over `depth` mini-batches b drawn with replacement (`batch_size` ≥ n: the whole set), averaged
+over `repeat` runs; C_b is the Gauss–Newton (`lissa`) or the true Hessian (`lissa_h`) of the
+mean loss over batch b. All evaluated test instances run as one block of columns, so each
+step is one batched product.
 
 Definiteness. The recursion is a Neumann series for (C + λI)⁻¹, which exists as its limit
 only if K = C + λI (the full-data curvature) is positive definite: along an eigenvector with
@@ -24,7 +25,7 @@ Divergence of a run. If every batch curvature C_b is positive semi-definite and 
 below 2s − λ, each step contracts by (1 − λ/s) and ‖h_t‖ ≤ s‖g‖/λ for all t. A column whose
 norm exceeds `divergence_factor` × s‖g‖/λ (or turns non-finite) is therefore outside the
 converging regime (for the indefinite true Hessian the factor leaves room for the extra
-growth that negative batch curvature allows). `scale: auto` runs s over `scales` (SPEC's
+growth that negative batch curvature allows). `scale: auto` runs s over `scales` (the authors'
 list) from the smallest, stopping each attempt at the first sign of divergence, and keeps
 the first s under which no column of any repeat diverged; if none qualifies the method
 raises instead of returning a diverged result.
@@ -37,15 +38,16 @@ from collections.abc import Callable
 
 import torch
 
-from tda.methods.base import Method
-from tda.problem import AttributionProblem
-from tda.methods.checks import check_curvature, check_dtype, non_negative, positive, positive_int
-from tda.methods.hessian import CurvatureOperator, InfluenceMethod, scores_from_solution
+from tda.methods.checks import positive, positive_int
+from tda.methods.curvature import CurvatureOperator
+from tda.methods.influence import InfluenceMethod, scores_from_solution, solve_side
+from tda.methods.progress import Progress
 from tda.methods.spectrum import definiteness_tolerance, lanczos_extremes, span_ritz_min
+from tda.problem import AttributionProblem
 
 log = logging.getLogger(__name__)
 
-SPEC_SCALES = (10, 20, 50, 100, 150, 200, 250, 300, 400, 500)
+AUTHORS_SCALES = (10, 20, 50, 100, 150, 200, 250, 300, 400, 500)
 
 
 class Diverged(RuntimeError):
@@ -63,6 +65,7 @@ def lissa_solve(op: CurvatureOperator, G: torch.Tensor, damping: float, scale: f
     gnorm = G.norm(dim=0)
     bound = divergence_factor * scale * gnorm / damping if damping > 0 else torch.full_like(gnorm, float("inf"))
     total = torch.zeros_like(G)
+    progress = Progress()
     for r in range(repeat):
         h = G.clone()
         for t in range(1, depth + 1):
@@ -74,6 +77,8 @@ def lissa_solve(op: CurvatureOperator, G: torch.Tensor, damping: float, scale: f
             step = G - Ch / scale - h * (damping / scale) if on_final is not None and t == depth else None
             h.mul_(1 - damping / scale).add_(G).add_(Ch, alpha=-1 / scale)  # G + h − (C_b + λI)h/s, in place
             if t % check_every == 0 or t == depth:
+                if progress.due():
+                    log.info("lissa: scale %g, repeat %d of %d, step %d of %d", scale, r + 1, repeat, t, depth)
                 norms = h.norm(dim=0)
                 bad = ~torch.isfinite(norms) | (norms > bound)
                 if bad.any():
@@ -86,21 +91,20 @@ def lissa_solve(op: CurvatureOperator, G: torch.Tensor, damping: float, scale: f
     return total / repeat
 
 
-class LiSSA(InfluenceMethod, Method):
+class LiSSA(InfluenceMethod):
     """IF score with (C + λI)⁻¹ g_test from the LiSSA recursion; λ = damping_multiple × λ₀.
     `scale` is a number or `auto` (see the module docstring); `lanczos_steps` full-data
-    products estimate the smallest eigenvalue of C + λI before the recursion runs."""
+    products estimate the smallest eigenvalue of C + λI before the recursion runs. `curvature`
+    null: the class's own (gn for LiSSA, hessian for LiSSA-H)."""
 
-    name = "lissa"
-    default_curvature = "gn"
+    name = "lissa"  # in its messages
 
     def __init__(self, damping_multiple: float = 100.0, depth: int = 5000, repeat: int = 1,
-                 scale: float | str = "auto", scales: list[float] | tuple[float, ...] = SPEC_SCALES,
+                 scale: float | str = "auto", scales: list[float] | tuple[float, ...] = AUTHORS_SCALES,
                  batch_size: int = 128, curvature: str | None = None, divergence_factor: float = 10.0,
                  seed: int = 0, chunk_size: int = 256, dtype: str | None = None, lanczos_steps: int = 20):
-        Method.__init__(self)
-        self.damping_multiple = non_negative("damping_multiple", damping_multiple, "λ = damping_multiple × λ₀",
-                                             100.0)
+        super().__init__(damping_multiple, dtype, batch_size, chunk_size, curvature or self.default_curvature,
+                         batch_size_means="training rows per recursion step", batch_size_example=128)
         self.depth = positive_int("depth", depth, "recursion steps", 5000)
         self.repeat = positive_int("repeat", repeat, "recursion runs to average", 1)
         if scale != "auto":
@@ -113,19 +117,14 @@ class LiSSA(InfluenceMethod, Method):
                 raise ValueError(f"method.scales={list(scales)} contains {v}; every scale must be a positive number, "
                                  f"e.g. method.scales=[10,100,500]")
         self.scale, self.scales = scale, sorted(float(s) for s in scales)
-        self.batch_size = positive_int("batch_size", batch_size, "training rows per recursion step", 128)
-        self.curvature = check_curvature(curvature or self.default_curvature, self.default_curvature)
         self.divergence_factor = positive("divergence_factor", divergence_factor,
                                           "a run diverged once ‖h‖ > factor · s‖g‖/λ", 10.0)
         self.seed = seed
-        self.chunk_size = positive_int("chunk_size", chunk_size, "rows per per-example-gradient chunk", 256)
-        check_dtype(dtype)
-        self.dtype = dtype
         self.lanczos_steps = positive_int("lanczos_steps", lanczos_steps, "Lanczos steps", 20)
 
     def scores(self, problem: AttributionProblem) -> torch.Tensor:
-        model, dtype, g_test, g_lo, lam = self._setup(problem, self.dtype, self.chunk_size, self.damping_multiple)
-        op = self._operator(problem, model, dtype)
+        model, dtype, g_test, g_lo, lam = self._prepare(problem)
+        op = self._curvature_operator(problem, model, dtype)
 
         def K(V: torch.Tensor) -> torch.Tensor:  # (C + λI) V over the whole training set
             return op.matvec(V).add_(V.to(op.dtype), alpha=lam)
@@ -140,7 +139,7 @@ class LiSSA(InfluenceMethod, Method):
         if est["min"] <= tol:
             self._refuse(est["min"], lam, tol, f"{est['steps']} Lanczos steps on the full-data operator")
 
-        solve, other, transposed = self.solve_side(g_test, g_lo)
+        solve, other, transposed = solve_side(g_test, g_lo)
         G = solve.T.contiguous()
         k = G.shape[1]
         candidates = self.scales if self.scale == "auto" else [float(self.scale)]
@@ -202,7 +201,7 @@ def _bad_scale(v) -> bool:
 
 
 class LiSSAH(LiSSA):
-    """LiSSA with the true Hessian (SPEC §3, LiSSA-H)."""
+    """LiSSA with the true Hessian (docs/method.md §3.4, LiSSA-H)."""
 
     name = "lissa_h"
     default_curvature = "hessian"

@@ -1,5 +1,5 @@
 """Curvature products of Linear/ReLU stacks (the paper's MLP) written out by hand, for a block
-of k vectors at once: the fast path of :class:`tda.methods.hessian.CurvatureOperator`.
+of k vectors at once: the fast path of :class:`tda.methods.curvature.CurvatureOperator`.
 
 The generic path vmaps `torch.func` transforms over the k columns. Here each layer's work is
 one matrix product shared by all columns — the layer input a [m, d_in] times the k weight
@@ -26,29 +26,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tda.methods.output_hessian import apply_output_hessian, output_grad
 from tda.models.structure import mlp_layers, should_use_sparse
-from tda.methods.hessian import apply_output_hessian
 
 
 class MLPCurvature:
     """Block products of the Gauss–Newton or Hessian of a Linear/ReLU stack's summed loss.
-    `offsets[name] = (start, end)` places each parameter in the flat vector."""
+    `slices[name]` places each parameter in the flat vector (:meth:`ParamLayout.slices`)."""
 
-    def __init__(self, layers: list[nn.Module], names: dict[int, str], offsets: dict[str, tuple[int, int]],
+    def __init__(self, layers: list[nn.Module], names: dict[int, str], slices: dict[str, slice],
                  task: str, curvature: str, dtype: torch.dtype, device: torch.device):
         self.task, self.curvature = task, curvature
         self.ops: list[tuple] = []  # ("linear", W [out, in], b or None, W slice, b slice) / ("relu",)
         for m in layers:
             if isinstance(m, nn.Linear):
                 b = None if m.bias is None else m.bias.detach().to(device, dtype)
-                self.ops.append(("linear", m.weight.detach().to(device, dtype), b, offsets[names[id(m.weight)]],
-                                 None if m.bias is None else offsets[names[id(m.bias)]]))
+                self.ops.append(("linear", m.weight.detach().to(device, dtype), b, slices[names[id(m.weight)]],
+                                 None if m.bias is None else slices[names[id(m.bias)]]))
             elif isinstance(m, nn.ReLU):
                 self.ops.append(("relu",))
         self._states: dict = {}
 
     @classmethod
-    def of(cls, model: nn.Module, offsets: dict[str, tuple[int, int]], task: str, curvature: str,
+    def of(cls, model: nn.Module, slices: dict[str, slice], task: str, curvature: str,
            dtype: torch.dtype, device: torch.device) -> "MLPCurvature | None":
         """The fast path for `model`, or None where it does not apply (not a Linear/ReLU stack,
         partly frozen, or other trainable parameters than its layers')."""
@@ -59,7 +59,7 @@ class MLPCurvature:
         covered = {id(p) for m in layers if isinstance(m, nn.Linear) for p in m.parameters()}
         if covered != set(by_id):
             return None
-        return cls(layers, by_id, offsets, task, curvature, dtype, device)
+        return cls(layers, by_id, slices, task, curvature, dtype, device)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict:
         """What the products reuse: each linear layer's input (sparse for a sparse first
@@ -73,7 +73,7 @@ class MLPCurvature:
             else:
                 masks.append((h > 0).to(h.dtype))  # in the tangents' dtype: an in-place multiply, no cast
                 h = torch.relu(h)
-        g = self._output_grad(h, y) if self.curvature == "hessian" else None
+        g = output_grad(h, y, self.task) if self.curvature == "hessian" else None
         return {"inputs": inputs, "masks": masks, "out": h, "grad_out": g, "m": len(x)}
 
     def batch_sum(self, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor, key=None) -> torch.Tensor:
@@ -98,13 +98,13 @@ class MLPCurvature:
                 _, W, _, ws, bs = op
                 d_out, d_in = W.shape
                 tangents.append(t)
-                dW = V[ws[0]:ws[1]].reshape(d_out, d_in, k)
+                dW = V[ws].reshape(d_out, d_in, k)
                 z = inputs[li] @ dW.permute(1, 2, 0).reshape(d_in, k * d_out)  # [m, k·d_out]
                 if t is not None:
                     z.view(m * k, d_out).addmm_(t.view(m * k, d_in), W.T)
                 z = z.view(m, k, d_out)
                 if bs is not None:
-                    z.add_(V[bs[0]:bs[1]].T)
+                    z.add_(V[bs].T)
                 t, li = z, li + 1
             else:
                 t, ri = t.mul_(masks[ri].unsqueeze(1)), ri + 1  # (a pre-activation tangent is not kept)
@@ -125,20 +125,14 @@ class MLPCurvature:
             gW = (inputs[li].T @ Rg.view(m, k * d_out)).view(d_in, k, d_out).permute(2, 0, 1)
             if hessian and tangents[li] is not None:
                 gW = gW + (g.T @ tangents[li].view(m, k * d_in)).view(d_out, k, d_in).permute(0, 2, 1)
-            result[ws[0]:ws[1]].view(d_out, d_in, k).copy_(gW)
+            result[ws].view(d_out, d_in, k).copy_(gW)
             if bs is not None:
-                result[bs[0]:bs[1]] = Rg.sum(0).T
+                result[bs] = Rg.sum(0).T
             if li > 0:
                 Rg_in = (Rg.view(m * k, d_out) @ W).view(m, k, d_in)
                 if hessian:
-                    dW = V[ws[0]:ws[1]].reshape(d_out, d_in * k)
+                    dW = V[ws].reshape(d_out, d_in * k)
                     Rg_in.add_((g @ dW).view(m, d_in, k).transpose(1, 2))
                     g = g @ W
                 Rg = Rg_in
         return result
-
-    def _output_grad(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """∂ loss / ∂ output per row, [m, C]."""
-        if self.task == "classification":
-            return torch.softmax(out, -1) - torch.nn.functional.one_hot(y, out.shape[-1]).to(out.dtype)
-        return 2 * (out.reshape(y.shape) - y).reshape(out.shape)

@@ -12,9 +12,9 @@ to pass any norm bound. Two estimates catch this:
   small negative eigenvalue).
 - :func:`span_ritz_min`: the smallest Ritz value of K on the span of given vectors, e.g. the
   final iterates and increments of the recursion. The increments h_t − h_{t−1} =
-  (I − K/s)^t g (over the whole set; mini-batches add noise) are power iterations, so after a diverging run they point along the
-  eigenvectors that grow and their Rayleigh quotient is ≤ 0 — again a proof, never a false
-  alarm for a positive definite K.
+  (I − K/s)^t g (over the whole set; mini-batches add noise) are power iterations, so after a
+  diverging run they point along the eigenvectors that grow and their Rayleigh quotient is
+  ≤ 0 — again a proof, never a false alarm for a positive definite K.
 
 "≤ 0" is taken with the tolerance :func:`definiteness_tolerance`: eigenvalues closer to 0 than
 the operator's own rounding (`NUMERICAL_ZERO` × the machine epsilon of its dtype × the largest
@@ -41,7 +41,8 @@ def lanczos_extremes(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, ste
                      generator: torch.Generator, dtype: torch.dtype, device: torch.device | None = None) -> dict:
     """Smallest and largest Ritz values of the symmetric operator `matvec` ([n, 1] -> [n, 1] in
     `dtype`) after at most `steps` Lanczos steps (fewer if the Krylov space becomes invariant:
-    then the Ritz values are exact eigenvalues). The basis is kept and reorthogonalised in float64 ([n, steps + 1] memory).
+    then the Ritz values are exact eigenvalues). The basis is kept and reorthogonalised in
+    float64 ([n, steps + 1] memory).
     Returns {"min", "max" (floats), "steps" (products used), "exact" (invariant subspace found)}."""
     steps = max(1, min(int(steps), n))
     Q = torch.zeros(n, steps + 1, dtype=torch.float64, device=device)

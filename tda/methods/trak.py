@@ -1,4 +1,4 @@
-"""TRAK with one model (Park et al. 2023; SPEC §3): FiMO has a single final model, so no
+"""TRAK with one model (Park et al. 2023; docs/method.md §3.7): FiMO has a single final model, so no
 ensemble.
 
 Features are random projections of per-example gradients of the output function f (the
@@ -22,16 +22,19 @@ from the non-zero inputs only: φ_i = Σ_{o,d} b_io a_id P[(o, d), :].
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 
 import torch
 
 from tda.methods.base import Method
+from tda.methods.checks import check_factored, optional_positive_int, positive_int
+from tda.methods.gradients import DenseGrads, FactoredGrads, compute_grads, iter_grad_chunks, margin_target
+from tda.methods.layout import ParamLayout
+from tda.methods.progress import Progress
 from tda.problem import AttributionProblem
-from tda.methods.checks import optional_positive_int, positive_int
-from tda.methods.grad_dot import check_factored
-from tda.methods.gradients import (DenseGrads, FactoredGrads, ParamLayout, compute_grads, iter_grad_chunks,
-                                   margin_target)
+
+log = logging.getLogger(__name__)
 
 BLOCK_COLUMNS = 128
 SPARSE_DENSITY = 0.25  # inputs at most this dense are projected through their non-zeros
@@ -134,8 +137,6 @@ class TRAK(Method):
     """`proj_dim`: k (null: no projection, the exact Gauss–Newton kernel in parameter space —
     only for small models). `damping`: λ added to ΦᵀΦ. Scores [n_test, n_left_out]."""
 
-    name = "trak"
-
     def __init__(self, proj_dim: int | None = 2048, seed: int = 0, damping: float = 0.0,
                  factored: str | bool = "auto", chunk_size: int = 256, max_train_rows_per_chunk: int | None = None):
         super().__init__()
@@ -171,9 +172,11 @@ class TRAK(Method):
         phi = torch.zeros(problem.n_train, k, dtype=dtype, device=dev)
         phi_test, phi_lo = (torch.zeros(len(g_test), k, dtype=dtype, device=dev),
                             torch.zeros(len(g_lo), k, dtype=dtype, device=dev))
-        for cb in col_blocks:
+        progress = Progress()
+        for b, cb in enumerate(col_blocks):
             if self.proj_dim is None:
-                P = {name: torch.eye(layout.n_params, dtype=dtype, device=dev)[sl, cb] for name, sl in layout.slices().items()}
+                P = {name: torch.eye(layout.n_params, dtype=dtype, device=dev)[sl, cb]
+                     for name, sl in layout.slices().items()}
             else:
                 P = {name: v.to(dev, dtype) for name, v in projection_matrix(layout, k, self.seed, cb).items()}
             cache: dict = {}
@@ -181,6 +184,9 @@ class TRAK(Method):
             row_budget = max(budget / 4 - cols * p_bytes_per_col / 2**20, budget / 16)
             for rows, g in iter_grad_chunks(model, problem.x_train, problem.y_train, target, row_budget,
                                             self.factored, self.max_rows):
+                if progress.due():
+                    log.info("trak: projection column block %d of %d, training row %d of %d", b + 1, len(col_blocks),
+                             rows.start, problem.n_train)
                 phi[rows, cb] = project(g, P, cache=cache)
         return phi, phi_test, phi_lo
 

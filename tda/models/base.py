@@ -26,9 +26,22 @@ class TDAModel(nn.Module):
     trainable_k: int = 1
     # What inputs the model can take: DataBundle.modality values, and the number of
     # per-instance input dimensions if fixed (3 for images [C, H, W]). Checked against the
-    # data before the model is built (tda.validation.validate_data).
+    # data before the model is built (:meth:`input_problem`).
     modalities: tuple[str, ...] = ("tabular", "image", "text")
     input_dims: int | None = None
+
+    @classmethod
+    def input_problem(cls, model: str, dataset: str, modality: str, input_shape: list[int] | None) -> str | None:
+        """Why this model cannot take a dataset's inputs (`modality`, per-instance `input_shape`;
+        None when the data is empty), or None when it can; `model` / `dataset` name them."""
+        if modality in cls.modalities and (cls.input_dims is None or input_shape is None
+                                           or len(input_shape) == cls.input_dims):
+            return None
+        kinds = {"image": "image inputs [C, H, W]", "text": "token ids [L]", "tabular": "feature vectors"}
+        options = {"image": "model=small_cnn or model=resnet9", "text": "model=text_classifier", "tabular": "model=mlp"}
+        return (f"model={model} needs {' or '.join(kinds[m] for m in cls.modalities)}, but dataset {dataset} is "
+                f"{modality} data with inputs of shape {input_shape}; use {options.get(modality, 'another model')} "
+                f"for it, or a {'/'.join(cls.modalities)} dataset")
 
     def split(self) -> tuple[nn.Module | None, nn.Module]:
         """(frozen feature extractor or None, trainable module); composing them is `forward`."""
@@ -75,7 +88,7 @@ def check_trainable(trainable: str, allowed: tuple[str, ...] = ("all", "head", "
 
 def per_example_loss(output: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
     """Loss of each example, shape [n]: cross-entropy (classification, output [n, C]) or
-    squared error (regression, output [n, 1] or [n]). This is g(z, θ) of SPEC §2."""
+    squared error (regression, output [n, 1] or [n]). This is g(z, θ) of docs/method.md §2"""
     if task == "classification":
         return F.cross_entropy(output, y, reduction="none")
     if task == "regression":

@@ -1,4 +1,4 @@
-"""The paper's MLP (SPEC §5): in -> 128 -> 128 -> out, ReLU.
+"""The paper's MLP (docs/method.md §5): in -> 128 -> 128 -> out, ReLU.
 
 Head: `n_outputs` comes from the data: classification -> one logit per class (cross-entropy);
 regression -> one output (the paper's Concrete / Energy MLP; squared error, see

@@ -6,14 +6,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tda.models.mlp import MLP
+
 
 def mlp_layers(module: nn.Module) -> list[nn.Module] | None:
     """The leaf modules of a Linear/ReLU stack in forward order, or None if `module` is not one.
 
     Accepts nn.Linear, nn.Sequential and tda.models.mlp.MLP (whose forward is head(body(x)))
     built from Linear, ReLU, Identity, zero-probability Dropout and a leading Flatten."""
-    from tda.models.mlp import MLP
-
     out: list[nn.Module] = []
 
     def walk(m: nn.Module) -> bool:

@@ -1,4 +1,4 @@
-"""The paper's text classifier (SPEC §5): a pretrained BERT-family encoder with a linear head on
+"""The paper's text classifier (docs/method.md §5): a pretrained BERT-family encoder with a linear head on
 the last layer's [CLS] vector (the pooler is not used).
 
 Encoders (`model.encoder`):
@@ -36,6 +36,7 @@ from torch import nn
 
 from tda.models.base import TDAModel, check_trainable, match_mode
 from tda.pretrained import load_encoder
+
 
 def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[n, L] 0/1 -> [n, 1, 1, L] additive attention mask (0 keep, very negative drop)."""

@@ -1,5 +1,5 @@
-"""Public peers run on an :class:`~tda.methods.base.AttributionProblem`, for the cross-checks
-in tests and benchmarks (the `baselines` extra; each peer is imported only when called).
+"""Public peers run on a :class:`tda.problem.AttributionProblem`, for the cross-checks in the
+tests and benchmarks (the `baselines` extra; each peer is imported only when called).
 
 kronfluence declares torchvision, a CUDA build on PyPI that this project keeps out, but never
 imports it: install it with `pip install --no-deps kronfluence`.
@@ -16,7 +16,8 @@ import torch.nn.functional as F  # noqa: N812
 from tda.problem import AttributionProblem
 
 
-def kronfluence_scores(problem: AttributionProblem, strategy: str, damping: float, batch_size: int = 512) -> torch.Tensor:
+def kronfluence_scores(problem: AttributionProblem, strategy: str, damping: float,
+                       batch_size: int = 512) -> torch.Tensor:
     """kronfluence's influence scores g_testᵀ (G̃ + λI)⁻¹ g_j / n [n_test, n_left_out], float64, for
     `strategy` ekfac | kfac at the absolute damping λ (classification). Its factors sample one
     label per example from the model (the true Fisher), whose expectation is the Gauss–Newton
@@ -46,8 +47,9 @@ def kronfluence_scores(problem: AttributionProblem, strategy: str, damping: floa
         analyzer = Analyzer("tda", model=model, task=task, cpu=True, disable_tqdm=True, output_dir=out)
         analyzer.fit_all_factors("factors", dataset=train, per_device_batch_size=batch_size,
                                  factor_args=FactorArguments(strategy=strategy), overwrite_output_dir=True)
-        analyzer.compute_pairwise_scores("scores", "factors", query_dataset=TensorDataset(problem.x_test, problem.y_test),
-                                         train_dataset=train, per_device_query_batch_size=len(problem.x_test),
+        query = TensorDataset(problem.x_test, problem.y_test)
+        analyzer.compute_pairwise_scores("scores", "factors", query_dataset=query, train_dataset=train,
+                                         per_device_query_batch_size=len(problem.x_test),
                                          per_device_train_batch_size=len(problem.left_out_indices),
                                          train_indices=problem.left_out_indices.tolist(),
                                          score_args=ScoreArguments(damping_factor=damping), overwrite_output_dir=True)

@@ -1,0 +1,121 @@
+"""The evaluate flow for one final model: load the gold standard and every method's scores,
+run every analysis of docs/method.md (Evaluation), write the results (CSV + PNG + a markdown
+report linking them) as one set, then log the same numbers to W&B.
+
+The files of one evaluation are written as one set (`output_set`): into a staging directory
+that is swapped into place only when every file is complete, so the output directory never
+mixes two evaluations and never holds a truncated file.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+
+from tda.artifacts import save_json, save_text
+from tda.evaluation import plots
+from tda.evaluation.curves import (DEFAULT_WINDOWS, method_agreement, resolve_checkpoints, seed_window_peaks,
+                                   similarity_curves, sorted_scores, split_half_reliability, summary_table)
+from tda.evaluation.examples import examples
+from tda.evaluation.loading import load_experiment
+from tda.evaluation.markdown import evaluation_report
+from tda.evaluation.output_set import output_set
+from tda.evaluation.progress import Steps
+from tda.evaluation.wandb_logging import log_to_wandb
+from tda.further_training.store import GoldStandard, further_training_key
+from tda.provenance import FinalModel
+from tda.runs import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_run(cfg: DictConfig, run: RunDir, final: FinalModel | None = None) -> Path:
+    """Evaluate every method of `run` against its gold standard; returns `eval/<key>/`, which
+    is replaced as one set (see `output_set`) and only then logged to W&B."""
+    key = further_training_key(cfg)  # the gold standard's, and so this evaluation's, directory name
+    steps = Steps("evaluate")
+    with steps.step("loading", f"the gold standard {key} and the method scores of {run.path.name}"):
+        gold, scores, records = load_experiment(cfg, run, key, final)
+    if not scores:
+        raise FileNotFoundError(f"no method scores for the final model in {run.path}; run e.g. "
+                                f"`python attribute.py method=grad_dot` with the same overrides first")
+    out_dir = run.eval_dir(key)
+    with output_set(out_dir) as staging:
+        tables, figures, x_name = _write_evaluation(cfg, run, gold, scores, records, key, staging, steps)
+    # W&B reads the files from their final place: the staging directory no longer exists
+    with steps.step("W&B"):
+        log_to_wandb(cfg, f"{run.path.name}/evaluate/{key}", tables, [out_dir / f.name for f in figures], x_name)
+    log.info("evaluation written to %s in %s", out_dir, steps.timings())
+    return out_dir
+
+
+def _write_evaluation(cfg: DictConfig, run: RunDir, gold: GoldStandard, scores: dict[str, torch.Tensor],
+                      records: dict[str, dict], key: str, out: Path, steps: Steps
+                      ) -> tuple[dict[str, pd.DataFrame], list[Path], str]:
+    """Run every analysis and write all of its files into `out` (a staging directory); returns
+    the tables, the figures written and the name of the checkpoint axis, for W&B. `scores`:
+    [n_test, n_left_out] per method label."""
+    ev = cfg.evaluate
+    centering = tuple(bool(c) for c in ev.centering)
+    x_name, xs = gold.checkpoint_axis()
+    n_seeds = len(gold.seeds)
+
+    def attribution(center: bool, seeds: list[int]) -> torch.Tensor:
+        return gold.attribution(center=center, seeds=seeds)
+
+    title = f"{run.path.name} vs further training ({key}, {n_seeds} seeds, {len(gold.meta['test_indices'])} test instances)"
+    tables: dict[str, pd.DataFrame] = {}
+    figures: list[Path] = []
+    size = (f"{len(scores)} methods, {len(gold.meta['test_indices'])} test x {len(gold.meta['left_out_indices'])} "
+            f"left-out instances, {gold.n_checkpoints} checkpoints, {n_seeds} seeds")
+    with steps.step("similarity curves", f"and the gold standard's split-half reliability; {size}"):
+        curves = similarity_curves(gold, scores, centering=centering)
+        reliability = split_half_reliability(attribution, n_seeds, x_name, xs, centering)
+        tables["similarity"], tables["reliability"] = curves, reliability
+        figures.append(plots.plot_curves(curves, out / "similarity.png", title=title, reliability=reliability))
+
+    ks = [int(k) for k in ev.get("seed_windows", DEFAULT_WINDOWS)]
+    with steps.step("seed windows", "peak similarity vs seeds averaged, K = " + ", ".join(str(k) for k in sorted(set(ks)) if 0 < k <= n_seeds)):
+        peaks = seed_window_peaks(attribution, n_seeds, scores, ks, centering)
+        tables["seed_windows"] = peaks
+        if len(peaks):
+            figures.append(plots.plot_seed_windows(peaks, out / "seed_windows.png",
+                                                   title=f"peak similarity vs seeds averaged — {title}"))
+
+    with steps.step("sorted scores and agreement", "method vs method"):
+        cps = resolve_checkpoints(list(ev.get("sorted_checkpoints", ["first", "last"])), gold.n_checkpoints)
+        srt = sorted_scores(gold, scores, cps, centering)
+        tables["sorted_scores"] = srt
+        figures.append(plots.plot_sorted_scores(srt, out / "sorted_scores.png", title=f"sorted scores — {title}",
+                                                x_name=x_name))
+        agreement = method_agreement(scores)
+        tables["agreement"] = agreement
+        if len(agreement):
+            figures.append(plots.plot_agreement(agreement, list(scores), out / "agreement.png", title="method vs method"))
+
+    ex_cfg = ev.get("examples") or {}
+    examples_md, overlap = "", {}
+    if int(ex_cfg.get("n_test", 0)) > 0 or ex_cfg.get("test_positions"):
+        with steps.step("examples"):
+            tables["examples"], examples_md, example_figs, overlap = examples(cfg, gold, scores, out)
+            figures += example_figs
+
+    with steps.step("writing", "tables, report.md"):
+        summary = summary_table(curves, records, overlap)
+        tables["summary"] = summary
+        for name, df in tables.items():
+            df.to_csv(out / f"{name}.csv", index=False)
+        if examples_md:
+            save_text(out / "examples.md", examples_md)
+        save_text(out / "report.md", evaluation_report(title, x_name, summary, reliability, peaks, agreement, figures,
+                                                       [f"{name}.csv" for name in tables], bool(examples_md)))
+        # what this evaluation was computed from, by content
+        save_json(out / "evaluated.json", {"run": str(run.path), "gold": str(run.gold_dir(key)), "seeds": gold.seeds,
+                                           "final_model": gold.meta["final_model"], "gold_files": gold.files,
+                                           "methods": {k: {"key": r.get("key"), "scores_sha256": r.get("scores_sha256")}
+                                                       for k, r in records.items()}})
+    return tables, figures, x_name

@@ -1,0 +1,111 @@
+"""The examples view: for chosen test instances, the gold standard's most helpful and most
+harmful left-out instances shown for people (tabular: feature names and values side by side;
+text: the sentences; images: a strip of pictures), with each method's rank of them and
+whether it agrees."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+
+from tda.config import ConfigError, build
+from tda.evaluation import plots
+from tda.evaluation.curves import resolve_checkpoints, top_instances, top_k_overlap
+from tda.evaluation.markdown import centring, md_escape, md_table
+from tda.further_training.store import GoldStandard
+
+
+def examples(cfg: DictConfig, gold: GoldStandard, scores: dict[str, torch.Tensor], out: Path
+             ) -> tuple[pd.DataFrame, str, list[Path], dict[str, tuple[float, float]]]:
+    """The chosen test instances' top-k tables (`evaluate.examples.*`), `examples.md`'s text,
+    the image figures written into `out`, and every method's mean top-k (helpful, harmful)
+    overlap with the gold standard over all test instances. `scores`: [n_test, n_left_out]."""
+    ex = cfg.evaluate.examples
+    n_test = len(gold.meta["test_indices"])
+    positions = [int(p) for p in (ex.get("test_positions") or range(min(int(ex.n_test), n_test)))]
+    bad = [p for p in positions if not 0 <= p < n_test]
+    if bad:
+        raise ConfigError(f"evaluate.examples.test_positions {bad} out of range: {n_test} test instances were evaluated")
+    k = int(ex.get("k", 3))
+    t = resolve_checkpoints([ex.get("checkpoint", "last")], gold.n_checkpoints)[0]
+    centered = bool(ex.get("centered", True))
+    target = gold.attribution(center=centered)[t]  # [n_test, n_left_out]
+    left_out, test_idx = gold.meta["left_out_indices"], gold.meta["test_indices"]
+    table = top_instances(target, scores, positions, left_out, test_idx, k)
+    overlap = {name: top_k_overlap(target, s, k) for name, s in scores.items()}
+    data = build(cfg.dataset)
+    x_name, xs = gold.checkpoint_axis()
+    lines = ["# Most helpful and harmful left-out instances", "",
+             f"Gold standard at {x_name} {xs[t]:g} ({centring(centered)}), top {k} of "
+             f"{len(left_out)} left-out instances. A method *agrees* on an instance when it also ranks it in its own "
+             f"top {k} (helpful) or bottom {k} (harmful). Mean top-{k} overlap with the gold standard over all "
+             f"{n_test} test instances (helpful / harmful): "
+             + ", ".join(f"{m} {h:.2f} / {b:.2f}" for m, (h, b) in overlap.items()), ""]
+    figs = []
+    for p in positions:
+        sub = table[table.test_position == p]
+        test_view = data.describe("test", test_idx[p])
+        lines += [f"## Test instance {test_idx[p]} (label {test_view.get('label')})", ""]
+        cols = ["kind", "rank", "train_index", "gold"] + [f"{m}:rank" for m in scores] + [f"{m}:agrees" for m in scores]
+        views = {int(j): data.describe("train", int(j)) for j in sub.train_index}
+        if data.modality == "text":
+            lines += [f"> {md_escape(str(test_view.get('text', '')))}", ""]
+            rows = [list(r[c] for c in cols) + [views[int(r.train_index)].get("label"),
+                                                 md_escape(str(views[int(r.train_index)].get("text", "")))]
+                    for _, r in sub.iterrows()]
+            lines += md_table(cols + ["label", "text"], rows)
+        else:
+            rows = [[r[c] for c in cols] + [views[int(r.train_index)].get("label")] for _, r in sub.iterrows()]
+            lines += md_table(cols + ["label"], rows)
+            if data.modality == "image":
+                fig = _image_strip(data, sub, views, test_idx[p], test_view, out)
+                figs.append(fig)
+                lines += ["", f"![examples of test {test_idx[p]}]({fig.name})"]
+            else:
+                lines += ["", "Features (missing = 0):", ""] + _feature_table(sub, views, test_view)
+        lines.append("")
+    return table, "\n".join(lines), figs, overlap
+
+
+def _image_strip(data, sub: pd.DataFrame, views: dict[int, dict], test_index: int, test_view: dict, out: Path) -> Path:
+    """`examples_test<i>.png`: the test image, then the helpful and the harmful left-out images."""
+    def picture(split: str, index: int, view: dict):
+        return _image(data, split, index, view)
+
+    def caption(r) -> str:
+        return f"#{int(r.train_index)} y={views[int(r.train_index)].get('label')} {r.gold:.2g}"
+
+    helpful, harmful = ([(picture("train", int(r.train_index), views[int(r.train_index)]), caption(r))
+                         for _, r in sub[sub.kind == kind].iterrows()] for kind in ("helpful", "harmful"))
+    return plots.plot_image_examples((picture("test", test_index, test_view), f"#{test_index} y={test_view.get('label')}"),
+                                     helpful, harmful, out / f"examples_test{test_index}.png")
+
+
+def _feature_table(sub: pd.DataFrame, views: dict[int, dict], test_view: dict) -> list[str]:
+    """Tabular data: features as rows, instances as columns, so names and values read side by side."""
+    order = [("test", test_view)] + [(f"{'+' if r.kind == 'helpful' else '−'}{int(r['rank'])} #{int(r.train_index)}",
+                                      views[int(r.train_index)]) for _, r in sub.iterrows()]
+    feats = [f for f in dict.fromkeys(k for _, v in order for k in v) if f != "label"]
+    return md_table(["feature"] + [n for n, _ in order], [[f] + [_fmt(v.get(f, "")) for _, v in order] for f in feats])
+
+
+def _image(data, split: str, index: int, view: dict):
+    """The instance's picture: the dataset's own view, else its tensor [C, H, W] scaled to [0, 1] as [H, W(, C)]."""
+    im = view.get("image")
+    if im is not None:
+        return im
+    x, _ = data.tensors(split)
+    arr = x[int(index)].float()
+    arr = arr.permute(1, 2, 0) if arr.ndim == 3 else arr  # [C, H, W] -> [H, W, C]
+    arr = arr.squeeze(-1) if arr.ndim == 3 and arr.shape[-1] == 1 else arr
+    lo, hi = float(arr.min()), float(arr.max())
+    return ((arr - lo) / (hi - lo if hi > lo else 1.0)).numpy()
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return md_escape(str(v))

@@ -1,0 +1,73 @@
+"""Loading what one evaluation compares: the gold standard of the current further-training
+settings and every method's scores for one final model, each verified and checked to belong
+to that final model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from tda.further_training.store import GoldStandard, expected_gold, load_gold_standard, seeds_of
+from tda.provenance import FinalModel, read_final_model
+from tda.runs import RunDir
+from tda.scores import SCORES, load_method_scores
+
+
+def load_experiment(cfg: DictConfig, run: RunDir, gold_key: str, final: FinalModel | None = None
+                    ) -> tuple[GoldStandard, dict[str, torch.Tensor], dict[str, dict]]:
+    """The gold standard of `cfg` and every method's scores [n_test, n_left_out] (float64) and
+    record for the final model of `run`, each verified and checked to be computed from that
+    final model (and, for the gold standard, with the settings, seeds and selection of `cfg`).
+    `gold_key`: the gold standard's key, `further_training_key(cfg)`, computed once by the caller."""
+    final = final if final is not None else read_final_model(run, cfg)
+    ft = cfg.further_training
+    gold = load_gold_standard(run.gold_dir(gold_key), expected_gold(final.identity, final.selection, ft,
+                                                                    cfg.further_optimizer), seeds_of(ft))
+    scores, records = load_all_method_scores(run, final.identity, gold)
+    return gold, scores, records
+
+
+def load_all_method_scores(run: RunDir, final_model: dict, gold: GoldStandard
+                           ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Scores [n_test, n_left_out] of every method computed for this final model. A method
+    whose scores belong to another final model, or are damaged, is refused with its fix.
+    Labels are the method name, or, when one method was run with several configs (e.g. a
+    damping sweep), the name plus the config values that differ: `cg(damping=0.1)`."""
+    shape = (len(gold.meta["test_indices"]), len(gold.meta["left_out_indices"]))
+    loaded: list[tuple[Path, torch.Tensor, dict]] = []
+    for d in sorted((run.path / "methods").glob("*/")):
+        if not (d / SCORES).is_file():
+            continue  # unfinished method: never read a partial result
+        loaded.append((d, *load_method_scores(d, final_model, shape)))
+    labels = _method_labels([r for _, _, r in loaded], [d.name for d, _, _ in loaded])
+    scores = {label: s.double() for (_, s, _), label in zip(loaded, labels)}
+    records = {label: r for (_, _, r), label in zip(loaded, labels)}
+    return scores, records
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as {dotted.key: value}."""
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def _method_labels(records: list[dict], dir_names: list[str]) -> list[str]:
+    """The method's name, or with several configs of one method the values that differ."""
+    labels = []
+    for rec, dname in zip(records, dir_names):
+        same = [r for r in records if r["method"] == rec["method"]]
+        if len(same) == 1:
+            labels.append(rec["method"])
+            continue
+        flats = [_flat(r.get("config", {})) for r in same]
+        keys = sorted({k for f in flats for k in f if len({repr(g.get(k)) for g in flats}) > 1})
+        mine = _flat(rec.get("config", {}))
+        labels.append(f"{rec['method']}({','.join(f'{k}={mine.get(k)}' for k in keys)})" if keys else dname)
+    return labels

@@ -1,0 +1,145 @@
+"""Rendering of `report.md`, the page a reader opens first: tables with column names that say
+what they are, a short glossary of the terms the paper would otherwise have to explain, and
+links to every figure and CSV. The CSVs keep their short column names; the glossary gives
+both."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+# ---------------------------------------------------------------------------------- markdown basics
+def md_escape(s: str) -> str:
+    """`s` safe inside a markdown table cell."""
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def md_table(cols: list[str], rows: list[list]) -> list[str]:
+    """A markdown table (as lines); floats to 4 significant digits."""
+    def cell(v):
+        if isinstance(v, (float, np.floating)):
+            return f"{v:.4g}"
+        return md_escape(str(v))
+    return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+
+
+def centring(centered) -> str:
+    """How the gold standard was compared: mean-centred over the left-out instances, or not."""
+    return "centred" if bool(centered) else "not centred"
+
+
+def _readable(df: pd.DataFrame, x_name: str) -> tuple[list[str], list[list]]:
+    """The table's column names as a reader says them and its `centered` values as words."""
+    cols = [_header(c, x_name) for c in df.columns]
+    rows = [[centring(v) if c == "centered" else v for c, v in zip(df.columns, r)] for r in df.values.tolist()]
+    return cols, rows
+
+
+def _header(col: str, x_name: str) -> str:
+    return {"centered": "gold standard", "peak_cosine": "peak cosine", "peak_checkpoint": "peak checkpoint",
+            "peak_x": f"peak {x_name}", "cosine_first": "cosine, first", "cosine_last": "cosine, last",
+            "spearman_first": "Spearman, first", "spearman_last": "Spearman, last",
+            "spearman_skipped": "Spearman undefined", "seconds": "method seconds", "peak_mb": "method peak MB",
+            "top_k_helpful_overlap": "top-k helpful overlap", "top_k_harmful_overlap": "top-k harmful overlap",
+            "method_a": "method A", "method_b": "method B", "se": "SE", "n": "test instances",
+            "n_skipped": "undefined", "ceiling_full": "projected to all seeds"}.get(col, col)
+
+
+# ---------------------------------------------------------------------------------- glossary
+def glossary(x_name: str, summary: pd.DataFrame, reliability: bool = True, seed_windows: bool = False) -> list[str]:
+    """What the report's terms mean, for a reader without the paper (only those it uses)."""
+    lines = [
+        "## Glossary", "",
+        "- **gold standard**: further training of the final model with a fresh optimizer, on all training data "
+        "and once without each left-out instance, for several seeds (batch orders). A left-out instance's "
+        "attribution for a test instance is the test loss without it minus the test loss with it, averaged over "
+        "the seeds; positive = the instance helps that test instance.",
+        "- **centred / not centred** (CSV column `centered` = True / False): whether the gold standard's "
+        "attributions are mean-centred over the left-out instances (per test instance, checkpoint and seed) "
+        "before the comparison, as in the paper's figures. Centring removes what all left-out instances share. "
+        "Method scores are never centred.",
+        "- **cosine / Spearman**: per test instance, the cosine similarity / Spearman rank correlation between the "
+        "gold standard's attributions and the method's scores over the left-out instances (1 = same direction / "
+        "same order, 0 = unrelated). Every table and curve shows the **mean over test instances**, with **SE** "
+        "its standard error.",
+        f"- **checkpoint**: the gold standard is measured after every further-training {x_name}; `checkpoint` "
+        f"counts them from 0 and `x` is the {x_name} itself.",
+        f"- **peak cosine** (`peak_cosine`): the highest mean cosine over the checkpoints, reached at **peak "
+        f"checkpoint** (`peak_checkpoint`), i.e. **peak {x_name}** (`peak_x`). With only the final model, no "
+        "further-training length is the right one, so methods are compared at their best checkpoint.",
+        "- **first / last** (`cosine_first`, `spearman_last`, ...): at the first and the last checkpoint.",
+        "- **Spearman undefined** (`spearman_skipped`): (test instance, checkpoint) pairs left out of the mean "
+        "because a vector is constant.",
+        "- **method seconds / peak MB** (`seconds`, `peak_mb`): the method's wall time and peak memory when it "
+        "computed its scores.",
+    ]
+    if "top_k_helpful_overlap" in summary.columns:
+        lines.append("- **top-k helpful / harmful overlap**: the mean over test instances of the fraction of the "
+                     "gold standard's k most helpful (harmful) left-out instances that the method also ranks in its "
+                     "own top (bottom) k; see `examples.md`.")
+    if reliability:
+        lines.append("- **split-half reliability** (gold split-half): the same similarity between two gold standards "
+                     "computed from disjoint halves of the seeds. It measures how reproducible the gold standard is, "
+                     "a ceiling on how well any method can agree with it. **projected to all seeds** "
+                     "(`ceiling_full`): its Spearman–Brown projection sqrt(2r / (1 + r)) to a gold standard of all "
+                     "the seeds.")
+    if seed_windows:
+        lines.append("- **seeds averaged (K)**: the gold standard recomputed from K seeds only, once per "
+                     "non-overlapping window of K seeds; the table shows the peak cosine averaged over the windows. "
+                     "A value still changing with K means more seeds would change the comparison.")
+    return lines + [""]
+
+
+# ---------------------------------------------------------------------------------- the reports
+def evaluation_report(title: str, x_name: str, summary: pd.DataFrame, reliability: pd.DataFrame, peaks: pd.DataFrame,
+                      agreement: pd.DataFrame, figures: list[Path], csvs: list[str], has_examples: bool) -> str:
+    """`report.md` of one evaluation: summary, gold-standard reliability, peak vs seeds averaged,
+    method vs method, glossary, and links to the figures, `examples.md` and the CSVs."""
+    lines = [f"# {title}", "", "## Summary", "",
+             "How well each method's scores agree with the gold standard (terms: see the glossary below).", ""]
+    lines += md_table(*_readable(summary, x_name))
+    lines.append("")
+    if len(reliability):
+        last = reliability[reliability.checkpoint == reliability.checkpoint.max()]
+        lines += ["## Gold standard reliability", "",
+                  f"Similarity between two disjoint halves of the seeds ({int(reliability.seeds_per_half.iloc[0])} each) "
+                  f"at the last checkpoint ({x_name} {last.x.iloc[0]:g}) — the dashed ceiling in `similarity.png`:", ""]
+        lines += md_table(*_readable(last[["metric", "centered", "mean", "se", "ceiling_full"]], x_name))
+        lines.append("")
+    if len(peaks):
+        cos = peaks[peaks.metric == "cosine"]
+        piv = cos.pivot_table(index=["method", "centered"], columns="n_seeds_averaged", values="peak_mean").reset_index()
+        lines += ["## Peak cosine vs seeds averaged", "",
+                  "Peak cosine over the checkpoints when the gold standard averages K seeds (mean over windows of K seeds):", ""]
+        cols = ["method", "gold standard"] + [f"K = {k}" for k in piv.columns[2:]]
+        lines += md_table(cols, [[r[0], centring(r[1]), *r[2:]] for r in piv.values.tolist()])
+        lines.append("")
+    if len(agreement):
+        lines += ["## Method vs method", "", "Mean similarity between two methods' scores over test instances:", ""]
+        lines += md_table(*_readable(agreement, x_name))
+        lines.append("")
+    lines += glossary(x_name, summary, reliability=len(reliability) > 0, seed_windows=len(peaks) > 0)
+    lines += ["## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figures] + [""]
+    if has_examples:
+        lines += ["Most helpful / harmful instances, rendered: [examples.md](examples.md)", ""]
+    lines += ["## Data", ""] + [f"- [{c}]({c})" for c in sorted(csvs)] + [""]
+    return "\n".join(lines)
+
+
+def compare_report(title: str, x_name: str, experiments: dict[str, list[str]], summary: pd.DataFrame,
+                   figure: Path, csvs: list[str]) -> str:
+    """`report.md` of a comparison: the experiments (override string -> run directories), the
+    summary per experiment and method, the glossary, the figure and the CSVs."""
+    lines = [f"# {title}", "",
+             "Experiments: each is the evaluate config composed from this run's overrides followed by the entry's "
+             "(as if appended to the command line):", ""]
+    lines += [f"- `{e}`: " + ", ".join(f"`{r}`" for r in runs) for e, runs in experiments.items()]
+    lines += ["", "## Summary", ""] + md_table(*_readable(summary, x_name)) + [""]
+    lines += glossary(x_name, summary)
+    lines += [f"![{figure.stem}]({figure.name})", "",
+              "Colour = method, line style = experiment; black = the experiment's gold split-half reliability.", "",
+              "Data: " + ", ".join(f"[{c}]({c})" for c in csvs), ""]
+    return "\n".join(lines)

@@ -1,0 +1,103 @@
+"""W&B logging of an evaluation: the same numbers as its CSVs, as native charts (history keys
+against the further-training checkpoint, so runs of a sweep overlay), line-series charts,
+tables, figures and summary scalars."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+
+from tda.tracking import finish, init_wandb
+
+
+def _centring(centered) -> str:
+    return "centered" if bool(centered) else "uncentered"
+
+
+def wandb_curve_rows(curves: pd.DataFrame, reliability: pd.DataFrame | None, x_name: str,
+                     series: tuple[str, ...] = ("method",)) -> list[dict[str, float]]:
+    """The history rows logged for the similarity curves: one row per checkpoint x with
+    `<metric>_<centered|uncentered>/<series...>` (mean) and `.../se` keys."""
+    by_x: dict[float, dict[str, float]] = {}
+    for _, r in curves.iterrows():
+        key = f"{r.metric}_{_centring(r.centered)}/" + "/".join(str(r[s]) for s in series)
+        row = by_x.setdefault(float(r.x), {x_name: float(r.x)})
+        row[key], row[key + "/se"] = float(r["mean"]), float(r.se)
+    if reliability is not None:
+        for _, r in reliability.iterrows():
+            key = f"{r.metric}_{_centring(r.centered)}/gold_split_half"
+            row = by_x.setdefault(float(r.x), {x_name: float(r.x)})
+            row[key], row[key + "/se"] = float(r["mean"]), float(r.se)
+    return [by_x[x] for x in sorted(by_x)]
+
+
+def wandb_summary(summary: pd.DataFrame, series: tuple[str, ...] = ("method",)) -> dict[str, float]:
+    """Every numeric cell of the summary table as `summary/<centring>/<series...>/<column>`."""
+    out = {}
+    for _, r in summary.iterrows():
+        base = f"summary/{_centring(r.centered)}/" + "/".join(str(r[s]) for s in series)
+        for col in summary.columns:
+            if col in (*series, "centered"):
+                continue
+            v = r[col]
+            if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
+                out[f"{base}/{col}"] = float(v)
+    return out
+
+
+def log_to_wandb(cfg: DictConfig, name: str, tables: dict[str, pd.DataFrame], figures: list[Path], x_name: str,
+                 series: tuple[str, ...] = ("method",)) -> None:
+    """Native charts (history keys against the further-training x, so runs of a sweep overlay),
+    one line_series chart per metric, every table, every figure and the summary scalars.
+    Nothing when the logger is off (`logger=none`)."""
+    wb = init_wandb(cfg, "evaluate", name)
+    if wb is None:
+        return
+    import wandb
+
+    try:
+        curves, reliability = tables["similarity"], tables.get("reliability")
+        rows = wandb_curve_rows(curves, reliability, x_name, series)
+        wb.define_metric(x_name, hidden=False)
+        for k in sorted({k for r in rows for k in r if k != x_name}):
+            wb.define_metric(k, step_metric=x_name)
+        peaks = tables.get("seed_windows")
+        peak_rows: dict[int, dict[str, float]] = {}
+        if peaks is not None and len(peaks):
+            wb.define_metric("seeds_averaged")
+            for _, r in peaks.iterrows():
+                key = f"peak_vs_seeds/{r.metric}_{_centring(r.centered)}/" + "/".join(str(r[s]) for s in series)
+                peak_rows.setdefault(int(r.n_seeds_averaged), {"seeds_averaged": int(r.n_seeds_averaged)})[key] = float(r.peak_mean)
+            for k in sorted({k for r in peak_rows.values() for k in r if k != "seeds_averaged"}):
+                wb.define_metric(k, step_metric="seeds_averaged")
+        for row in rows:
+            wb.log(row)
+        for k in sorted(peak_rows):
+            wb.log(peak_rows[k])
+        charts = {}
+        for (metric, centered), g in curves.groupby(["metric", "centered"], sort=True):
+            lines = {" / ".join(str(v) for v in (key if isinstance(key, tuple) else (key,))): s.sort_values("x")
+                     for key, s in g.groupby(list(series), sort=True)}
+            xs = sorted(g.x.unique().tolist())
+            ys = [[float(s.set_index("x")["mean"].get(x, math.nan)) for x in xs] for s in lines.values()]
+            charts[f"charts/{metric}_{_centring(centered)}"] = wandb.plot.line_series(
+                xs=xs, ys=ys, keys=list(lines), title=f"{metric} ({_centring(centered)}) vs further training", xname=x_name)
+        wb.log(charts)
+        wb.log({f"tables/{k}": wandb.Table(dataframe=_wandb_safe(df)) for k, df in tables.items() if len(df)})
+        wb.log({f"figures/{p.stem}": wandb.Image(str(p)) for p in figures})
+        wb.summary.update(wandb_summary(tables["summary"], series))
+    finally:
+        finish(wb)
+
+
+def _wandb_safe(df: pd.DataFrame) -> pd.DataFrame:
+    """W&B tables need one type per column: objects (None / mixed) become strings."""
+    df = df.copy()
+    for c in df.columns:
+        if df[c].dtype == object:
+            df[c] = df[c].map(lambda v: "" if v is None else str(v))
+    return df

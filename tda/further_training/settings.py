@@ -1,0 +1,92 @@
+"""The settings of the gold standard (the `further_training` section), their defaults and checks.
+
+What they mean is in docs/method.md (the protocol) and the README (Further training); which of
+them define the gold standard and which only say how or which part a job computes is in
+tda.further_training (EXECUTION_KEYS).
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+from typing import Literal
+
+from tda.sections import Checks, Section, setting
+
+Removal = Literal["drop", "downweight", "mask"]
+Engine = Literal["stacked", "reference"]
+REMOVAL_MODES: tuple[str, ...] = typing.get_args(Removal)
+ENGINES: tuple[str, ...] = typing.get_args(Engine)
+
+
+@dataclass
+class LeftOutShard(Section):
+    """`further_training.left_out_shard`: this job's contiguous block of the left-out instances."""
+
+    PATH = "further_training.left_out_shard"
+    index: int = setting(0, "which block, 0..count-1")
+    count: int = setting(1, "into how many blocks the left-out instances are split")
+
+    def check(self, c: Checks) -> None:
+        index, count = c.value("index"), c.value("count")
+        if count is not None and count < 1:
+            c.add(f"further_training.left_out_shard.count={count!r} must be a positive number of shards")
+        elif index is not None and count is not None and not 0 <= index < count:
+            c.add(f"further_training.left_out_shard.index={index!r} must be in 0..{count - 1} "
+                  f"(left_out_shard.count={count})")
+
+
+@dataclass
+class FurtherTrainingSettings(Section):
+    """`further_training`: the gold standard (docs/method.md) and how a job computes it."""
+
+    PATH = "further_training"
+    epochs: int = setting(3, "epochs of further training", "further-train for at least one epoch")
+    batch_size: int = setting(32, "batch size of further training")
+    n_seeds: int = setting(4, "seeds (batch orders) averaged",
+                           "the gold standard averages over seeds (the paper: 100; 10-20 capture most of the benefit)")
+    seed_offset: int = setting(0, "seeds are seed_offset .. seed_offset + n_seeds - 1")
+    removal: Removal = setting("drop", "how instance j is removed: drop | downweight | mask")
+    checkpoint_every_steps: int | None = setting(None, "a checkpoint every this many steps",
+                                                 "null puts a checkpoint after every epoch")
+    epsilon: float | None = setting(None, "downweight ε", "null uses 1/n")
+    clip_grad_norm: float | None = setting(None, "gradient norm clipping", "null disables clipping")
+    batchnorm_momentum: float | None = setting(None, "batch-norm momentum; 0 freezes the running statistics",
+                                               "null keeps the model's own momentum")
+    dtype: Literal["float32", "float64"] = setting("float64", "float64 resolves the tiny loss differences")
+    # how / which part a job computes (not part of the gold standard's directory key)
+    engine: Engine = setting("stacked", "stacked: all runs of a seed at once | reference: one run at a time")
+    max_runs_per_group: int | None = setting(None, "runs trained together",
+                                             "null trains as many runs at once as attribution.memory_budget_mb allows")
+    sparse_input: Literal["auto"] | bool = setting("auto", "one-hot first layer by gathering weight rows (MLP)")
+    vmap: Literal["auto"] | bool = setting("auto", "torch.func.vmap over runs (true) or a loop (false)")
+    progress_bar: bool = setting(True, "one bar over the job's seeds and groups (default: trainer.progress_bar)")
+    shard_seeds: list[int] | None = setting(None, "the seeds this job computes", "null computes every seed")
+    left_out_shard: LeftOutShard = setting(LeftOutShard(), "this job's block of the left-out instances")
+
+    def check(self, c: Checks) -> None:
+        for name in ("epochs", "batch_size", "n_seeds", "checkpoint_every_steps", "epsilon", "clip_grad_norm",
+                     "max_runs_per_group"):
+            c.positive(name)
+        c.non_negative("seed_offset")
+        c.within("batchnorm_momentum", 0, 1, " (0 freezes the running statistics)")
+        shard_seeds, n_seeds, offset = c.value("shard_seeds"), c.value("n_seeds"), c.value("seed_offset")
+        if shard_seeds is None:
+            return
+        if n_seeds is not None and offset is not None:
+            outside = sorted(set(shard_seeds) - set(range(offset, offset + n_seeds)))
+            if outside:
+                c.add(f"further_training.shard_seeds contains {outside}, outside the seeds {offset}.."
+                      f"{offset + n_seeds - 1} of this gold standard; raise further_training.n_seeds or drop them")
+        if len(set(shard_seeds)) != len(shard_seeds):
+            c.add(f"further_training.shard_seeds={list(shard_seeds)} lists a seed twice")
+        if not shard_seeds:
+            c.add("further_training.shard_seeds=[] computes nothing; use null for every seed")
+
+    def fit_problems(self, n_left_out: int) -> list[str]:
+        """The left-out shards against the number of left-out instances."""
+        count = self.left_out_shard.count
+        if n_left_out and count > n_left_out:
+            return [f"further_training.left_out_shard.count={count} splits the {n_left_out} left-out instances into "
+                    f"more shards than there are instances; use at most {n_left_out} shards"]
+        return []
