@@ -71,7 +71,8 @@ TRAINER_KEYS_OUTSIDE_RUN = frozenset({
     "accelerator", "devices", "strategy", "progress_bar", "attribution_device", "num_nodes", "fast_dev_run",
     "enable_progress_bar", "enable_model_summary", "log_every_n_steps", "default_root_dir", "profiler",
     "num_sanity_val_steps", "limit_val_batches", "check_val_every_n_epoch", "val_check_interval", "logger",
-    "callbacks", "barebones", "sync_batchnorm", "plugins", "use_distributed_sampler", "reload_dataloaders_every_n_epochs",
+    "callbacks", "barebones", "sync_batchnorm", "plugins", "use_distributed_sampler",
+    "reload_dataloaders_every_n_epochs",
 })
 
 
