@@ -37,11 +37,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tda.further_training.engine import GroupTrainer  # noqa: E402
-from tda.further_training.optim import optimizer_spec  # noqa: E402
-from tda.further_training.reference import epoch_permutations, further_train_run  # noqa: E402
-from tda.further_training.stacked import build_stacked  # noqa: E402
-from tda.models.mlp import MLP  # noqa: E402
+from tda.further_training.engine import GroupTrainer
+from tda.further_training.optim import optimizer_spec
+from tda.further_training.reference import epoch_permutations, further_train_run
+from tda.further_training.stacked import build_stacked
+from tda.models.mlp import MLP
 
 N_TRAIN, N_TEST, N_IN, BATCH, N_LEFT_OUT = 30_085, 100, 791, 128, 100
 BLOCKS = [9, 24, 5, 526, 196, 18, 2, 9]  # one-hot blocks; + 2 standardised columns = 791

@@ -1,6 +1,7 @@
 """The command line: each stage as a Hydra app, run by the console scripts `tda-train`,
-`tda-attribute`, `tda-evaluate` and by the top-level scripts `train.py`, `attribute.py`,
-`evaluate.py` alike (same configs, tda.resources.config_dir; same overrides, `-m` for sweeps).
+`tda-further-train`, `tda-attribute`, `tda-evaluate` and by the top-level scripts `train.py`,
+`attribute.py`, `evaluate.py` alike (same configs, tda.resources.config_dir; same overrides,
+`-m` for sweeps).
 
 Errors are reported as Hydra users expect: a user error (tda.exits.is_user_error: a bad value,
 a missing final model, a refused artifact, and Hydra's own config errors such as an unknown key
@@ -60,6 +61,12 @@ def train() -> None:
 def attribute() -> None:
     """`tda-attribute [overrides]`: a method's scores, or the gold standard (tda.stages.attribute)."""
     run_stage("attribute")
+
+
+def further_train() -> None:
+    """`tda-further-train [overrides]`: the further-training gold standard (tda.stages.further_train);
+    the same as `attribute.py method=further_training`."""
+    run_stage("further_train")
 
 
 def evaluate() -> None:

@@ -18,6 +18,17 @@ class UserError(Exception):
     and exit 2. ConfigError, IntegrityError and ProvenanceError are UserErrors."""
 
 
+class RefusedError(UserError, ValueError):
+    """A computation that would return a wrong number (an operator that is not positive
+    definite, a recursion that diverges, a degenerate setting) and refuses instead; the message
+    names the cause and the setting that fixes it."""
+
+
+class DivergedError(UserError, FloatingPointError):
+    """A training run whose loss left the finite, sane range (too large a learning rate, no
+    clipping); nothing of it was written."""
+
+
 def is_user_error(err: BaseException) -> bool:
     """A UserError, a missing file (every FileNotFoundError tda raises names the file and the
     fix) or one of Hydra's own config errors (an unknown key, group option or override syntax);

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import torch
 
-from tda.artifacts import load_json, load_tensors_with_metadata, require_finite, save_json, save_tensors, tensor_checksum
+from tda.artifacts import (
+    load_json,
+    load_tensors_with_metadata,
+    require_finite,
+    save_json,
+    save_tensors,
+    tensor_checksum,
+)
 from tda.provenance import ProvenanceError, require_match
 
 SCORES, RECORD = "scores.safetensors", "record.json"

@@ -11,29 +11,51 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tda.artifacts import (IntegrityError, load_tensors_with_metadata, remove_stale_temp_files, require_finite,
-                           save_json, save_tensors, save_text, tensor_checksum)
-from tda.further_training.gold_standard import FurtherTraining
-from tda.further_training.store import (expected_gold, further_training_key, gold_status, is_sharded, job_files,
-                                        load_gold_standard, seeds_of)
-from tda.scores import load_method_scores, save_method_scores
+from tda.artifacts import (
+    IntegrityError,
+    load_tensors_with_metadata,
+    remove_stale_temp_files,
+    require_finite,
+    save_json,
+    save_tensors,
+    save_text,
+    tensor_checksum,
+)
 from tda.config import ConfigError, build, import_target, node_name, to_container
 from tda.data.base import DataBundle
 from tda.data.errors import data_problems, loading_errors
+from tda.further_training.gold_standard import FurtherTraining
 from tda.further_training.settings import FurtherTrainingSettings
+from tda.further_training.store import (
+    expected_gold,
+    further_training_key,
+    gold_status,
+    is_sharded,
+    job_files,
+    load_gold_standard,
+    seeds_of,
+)
+from tda.interrupt import file_states
 from tda.memory import PeakMemory
 from tda.methods.base import Method
-from tda.problem import AttributionProblem
 from tda.models.base import TDAModel, compute_features
-from tda.runs import RUN_KEYS, RunDir, method_key, run_key
-from tda.selection import SelectionSettings, choose_indices, first_indices, validate_indices, validate_selection
 from tda.preflight import check_config
-from tda.interrupt import file_states
+from tda.problem import AttributionProblem
+from tda.provenance import (
+    FinalModel,
+    ProvenanceError,
+    identity,
+    read_final_model,
+    require_match,
+    selection_fingerprint,
+    stamp,
+    supersede_dependents,
+)
+from tda.runs import RUN_KEYS, RunDir, method_key, run_key
+from tda.scores import load_method_scores, save_method_scores
+from tda.selection import SelectionSettings, choose_indices, first_indices, validate_indices, validate_selection
 from tda.tracking import finish, init_wandb, log_gold_progress, mark_cached
-from tda.provenance import (FinalModel, ProvenanceError, identity, read_final_model, require_match,
-                            selection_fingerprint, stamp, supersede_dependents)
-from tda.training import (FinalModelModule, TrainerSettings, TrainSettings, evaluate_model, final_trainer,
-                          loaders)
+from tda.training import FinalModelModule, TrainerSettings, TrainSettings, evaluate_model, final_trainer, loaders
 
 log = logging.getLogger(__name__)
 

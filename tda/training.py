@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from tda.config import ConfigError, to_container
+from tda.exits import DivergedError
 from tda.models.base import TDAModel, per_example_loss
 from tda.sections import Checks, Section, setting, unknown_key
 
@@ -179,7 +180,7 @@ class FinalModelModule(L.LightningModule):
         loss = self._step(batch, "train")
         if not bool(torch.isfinite(loss)):
             # raised here, it propagates out of trainer.fit: no final model is written
-            raise FloatingPointError(
+            raise DivergedError(
                 f"final training diverged: the training loss is {float(loss.detach())} at epoch {self.current_epoch}, "
                 f"step {self.global_step} (batch {batch_idx} of the epoch); nothing was written. Lower optimizer.lr "
                 f"or set train.gradient_clip_val (e.g. 1.0), then re-run train.py")
@@ -189,7 +190,7 @@ class FinalModelModule(L.LightningModule):
         """The last optimizer step can still overflow after the last loss was checked."""
         bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
         if bad:
-            raise FloatingPointError(
+            raise DivergedError(
                 f"final training diverged: after the last step the weights {bad[:5]} hold NaN/inf; nothing was "
                 f"written. Lower optimizer.lr or set train.gradient_clip_val (e.g. 1.0), then re-run train.py")
 

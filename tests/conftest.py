@@ -1,18 +1,19 @@
 """Shared test fixtures: every cache (W&B, Hugging Face, matplotlib) and every run directory
-lives in a temporary directory; configs are composed exactly as the entry points do."""
+lives in a temporary directory; the tiny settings for in-process runs; cached tiny runs that a test
+copies into its own runs folder. Shared helpers are in tests/helpers/ (imported as `helpers.<module>`)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from helpers.config import SHARED_DATA, TINY, compose_config
+from helpers.runs import BASE, LR
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
-SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
+from tda.runs import RunDir
+from tda.stages import attribute, train
 
 
 @pytest.fixture(autouse=True)
@@ -34,25 +35,56 @@ def isolated_env(tmp_path, monkeypatch):
     return tmp_path
 
 
-def compose_config(config_name: str = "train", overrides: list[str] | None = None) -> DictConfig:
-    """The config an entry point would see for these overrides."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=config_name, overrides=list(overrides or []))
-
-
-# Small, fast settings for in-process runs of every stage.
-TINY = [
-    "dataset.max_train=96", "dataset.max_test=40", "train.epochs=3", "train.batch_size=16",
-    "selection.n_left_out=8", "selection.n_test=6", "further_training.epochs=2",
-    "further_training.batch_size=16", "further_training.n_seeds=2", "trainer.progress_bar=false",
-    "logger=none",
-]
-
-
 @pytest.fixture
 def tiny():
     return list(TINY)
 
 
-def requires_shared_data(sub: str):
-    return pytest.mark.skipif(not (SHARED_DATA / sub).exists(), reason=f"../shared/data/{sub} not present")
+# ------------------------------------------------------------------ cached tiny runs
+# Each is computed once per session; a test gets a copy in its own TDA_RUNS_DIR to damage at will.
+@pytest.fixture(scope="session")
+def _pipeline_cache(tmp_path_factory):
+    """One TINY final model with its 2-seed gold standard and Grad-Dot scores, computed once."""
+    root = tmp_path_factory.mktemp("pipeline")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TDA_RUNS_DIR", str(root))
+        train(compose_config("train", TINY))
+        attribute(compose_config("attribute", TINY + ["method=further_training"]))
+        attribute(compose_config("attribute", TINY + ["method=grad_dot"]))
+    return root
+
+
+@pytest.fixture
+def pipeline(_pipeline_cache, tiny):
+    """A copy of the cached run in this test's TDA_RUNS_DIR; returns its RunDir."""
+    dest = Path(os.environ["TDA_RUNS_DIR"])
+    shutil.copytree(_pipeline_cache, dest, dirs_exist_ok=True)
+    return RunDir.from_config(compose_config("train", tiny))
+
+
+@pytest.fixture(scope="session")
+def _runs_cache(tmp_path_factory):
+    """One tiny final model (helpers.runs.BASE) with its 3-seed gold standard (whole, and with
+    another lr in two parts) and Grad-Dot scores, and a second final model (OTHER: train.epochs=4)
+    with the same, computed once."""
+    root = tmp_path_factory.mktemp("faults")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TDA_RUNS_DIR", str(root))
+        for extra in ([], ["train.epochs=4"]):
+            o = BASE + extra
+            train(compose_config("train", o))
+            for method in ("further_training", "grad_dot"):
+                attribute(compose_config("attribute", o + [f"method={method}"]))
+        for index in (0, 1):  # the same gold standard in two parts, with another lr (another key)
+            attribute(compose_config("attribute", BASE + ["method=further_training", *LR,
+                                                          f"further_training.left_out_shard.index={index}",
+                                                          "further_training.left_out_shard.count=2"]))
+    return root
+
+
+@pytest.fixture
+def runs(_runs_cache):
+    """A copy of the cached runs in this test's TDA_RUNS_DIR; returns that folder."""
+    dest = Path(os.environ["TDA_RUNS_DIR"])
+    shutil.copytree(_runs_cache, dest, dirs_exist_ok=True)
+    return dest

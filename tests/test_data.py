@@ -1,69 +1,33 @@
-"""Issue 6: the paper's datasets, online / offline loading, preprocessing and subsampling."""
+"""Datasets (tda.data): the paper's datasets (Folktables ACSIncome, the ACS excerpt, CIFAR-10,
+SST-2), online / offline loading, preprocessing and subsampling; data that cannot be loaded (empty
+files, downloads while offline, a TDA_DATA_DIR that does not exist) and loaded data no model can be
+trained on (NaN/inf inputs, bad labels) are refused with one message naming the problem and the fix."""
 
 from __future__ import annotations
 
+import shutil
 
+import datasets
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers.config import SHARED_DATA, compose_config, requires_shared_data
+from helpers.data import CODES, FEATURES, write_dictionary, write_pums
+from helpers.runs import no_run_dir
 from hydra.errors import InstantiationException
+from omegaconf import open_dict
 
-from conftest import SHARED_DATA, compose_config, requires_shared_data
-from tda.config import build
+from tda.config import ConfigError, build
+from tda.data.errors import loading_errors
+from tda.runs import RunDir
+from tda.stages import train
 
 # hydra's instantiate wraps a loader's FileNotFoundError; its message is kept verbatim
 LOAD_ERRORS = (FileNotFoundError, InstantiationException)
 
-# ------------------------------------------------------------------ a tiny PUMS file + dictionary
-FEATURES = ["AGEP", "COW", "SCHL", "MAR", "OCCP", "POBP", "RELP", "WKHP", "SEX", "RAC1P"]
-CODES = {  # code -> label, as in the census PUMS data dictionary (a subset)
-    "COW": {"1": "Employee of a private for-profit company", "2": "Employee of a private not-for-profit",
-            "3": "Local government employee"},
-    "SCHL": {"16": "Regular high school diploma", "21": "Bachelor's degree", "22": "Master's degree"},
-    "MAR": {"1": "Married", "5": "Never married or under 15 years old"},
-    "OCCP": {"0010": "MGR-Chief Executives And Legislators", "1010": "CMM-Computer Programmers",
-             "3255": "MED-Registered Nurses"},
-    "POBP": {"025": "Massachusetts/MA", "036": "New York/NY", "210": "China"},
-    "RELP": {"00": "Reference person", "01": "Husband/wife", "02": "Biological son or daughter"},
-    "SEX": {"1": "Male", "2": "Female"},
-    "RAC1P": {"1": "White alone", "2": "Black or African American alone", "6": "Asian alone"},
-}
 
-
-def write_dictionary(path):
-    """The PUMS data dictionary CSV layout folktables reads (NAME / VAL rows, 7 columns)."""
-    rows = ["NAME,RT,C,1,Record Type", "VAL,RT,C,1,P,P,Person Record"]
-    for var in ("AGEP", "WKHP", "PINCP", "PWGTP"):
-        rows += [f"NAME,{var},N,5,{var}", f"VAL,{var},N,5,0,99999,{var} value"]
-    for var, codes in CODES.items():
-        rows.append(f"NAME,{var},C,4,{var}")
-        if var == "COW":
-            rows.append(f"VAL,{var},C,1,b,b,N/A (not a worker)")
-        rows += [f'VAL,{var},C,4,{code},{code},"{label}"' for code, label in codes.items()]
-    path.write_text("\n".join(rows) + "\n")
-
-
-def write_pums(path, n=120, seed=0) -> pd.DataFrame:
-    """A PUMS-format person file whose rows hit every ACSIncome filter boundary."""
-    rng = np.random.default_rng(seed)
-    df = pd.DataFrame({"RT": "P", "SERIALNO": [f"2018GQ{i:07d}" for i in range(n)], "ST": 25})
-    for var, codes in CODES.items():
-        df[var] = rng.choice([int(c) for c in codes], size=n)
-    df["AGEP"] = rng.integers(14, 80, size=n)
-    df["WKHP"] = rng.integers(0, 60, size=n)
-    df["PINCP"] = rng.choice([-500, 0, 100, 101, 20000, 50000, 50001, 90000], size=n).astype(float)
-    df["PWGTP"] = rng.integers(0, 4, size=n)
-    df.loc[:9, "AGEP"] = [16, 17, 16, 17, 30, 30, 30, 30, 40, 40]   # boundary rows
-    df.loc[:9, "WKHP"] = [20, 20, 20, 20, 0, 1, 20, 20, 20, 20]
-    df.loc[:9, "PINCP"] = [60000, 60000, 60000, 60000, 60000, 60000, 100, 101, 50000, 50001]
-    df.loc[:9, "PWGTP"] = [1, 1, 1, 1, 1, 1, 1, 1, 0, 1]
-    df["COW"] = df["COW"].astype("Int64")
-    df.loc[rng.random(n) < 0.1, "COW"] = pd.NA  # blank = N/A in PUMS files
-    df.to_csv(path, index=False)
-    return df
-
-
+# ------------------------------------------------------------------ Folktables, on a test-written PUMS file
 @pytest.fixture
 def pums_root(tmp_path):
     root = tmp_path / "pums"
@@ -232,3 +196,104 @@ def test_sst2_tokenised_by_the_models_tokenizer():
         assert x[i, :len(ids)].tolist() == ids and bool((x[i, len(ids):] == tok.pad_token_id).all())
         assert data.describe("test", i)["text"] == val.sentence[i]
     assert x.shape[1] == data.info["padded_length"] <= 128
+
+
+# ------------------------------------------------------------------ data that cannot be loaded
+@pytest.mark.skipif(not (SHARED_DATA / "acs_ma2018" / "data_dictionary.json").is_file(), reason="no ACS excerpt")
+@pytest.mark.parametrize("content", ["", "AGEP,PINCP,PWGTP,EDU,MSP,INDP,SEX,RAC1P\n"], ids=["empty", "header-only"])
+def test_empty_data_file(tiny, tmp_path, content):
+    root = tmp_path / "acs"
+    root.mkdir()
+    (root / "ma2018.csv").write_text(content)
+    shutil.copy(SHARED_DATA / "acs_ma2018" / "data_dictionary.json", root / "data_dictionary.json")
+    cfg = compose_config("train", tiny)
+    with open_dict(cfg):
+        cfg.dataset = {"_target_": "tda.data.acs.acs_ma2018", "name": "acs_ma2018", "root": str(root),
+                       "max_train": 96, "max_test": 40}
+    with pytest.raises(ConfigError, match="acs_ma2018.*(is empty|no training rows|no rows)"):
+        train(cfg)
+    assert no_run_dir(cfg)
+
+
+def test_dataset_that_needs_a_download_while_offline(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("TDA_OFFLINE", "1")
+    (tmp_path / "no_data_here").mkdir()  # a data folder without this dataset
+    monkeypatch.setenv("TDA_DATA_DIR", str(tmp_path / "no_data_here"))
+    cfg = compose_config("train", tiny)
+    with open_dict(cfg):
+        cfg.dataset = {"_target_": "tda.data.folktables.folktables_income", "name": "folktables",
+                       "download_dir": str(tmp_path / "dl"), "max_train": 96, "max_test": 40}
+    with pytest.raises(FileNotFoundError, match="offline.*dataset.root="):
+        train(cfg)
+    assert no_run_dir(cfg)
+
+
+def test_hub_download_while_offline_gets_the_fix(tmp_path, monkeypatch):
+    """A raw Hugging Face failure in offline mode becomes a message with the fix."""
+    import datasets
+    import huggingface_hub
+
+    # both libraries read the offline variables when first imported (before the fixture set them)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cfg = compose_config("train", ["dataset=breast_cancer"])
+    with pytest.raises(ConfigError, match="needs a download, but offline mode is on.*dataset.root"):
+        with loading_errors(cfg.dataset.name):
+            datasets.load_dataset("uoft-cs/cifar10", cache_dir=str(tmp_path / "cache"))
+
+
+def test_data_dir_that_does_not_exist_is_refused_not_downloaded(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("TDA_DATA_DIR", str(tmp_path / "typo"))
+    cfg = compose_config("train", tiny + ["dataset=acs_ma2018"])
+    with pytest.raises(FileNotFoundError, match=r"TDA_DATA_DIR=.*typo does not exist .*unset it to download"):
+        train(cfg)
+    assert not RunDir.from_config(cfg).path.exists()
+
+
+# ------------------------------------------------------------------ NaN / inf / bad labels in the data
+def _damaged_cfg(tiny, **kwargs):
+    cfg = compose_config("train", tiny)
+    with open_dict(cfg):
+        cfg.dataset = {"_target_": "helpers.data.damaged_breast_cancer", "name": "damaged", **kwargs}
+    return cfg
+
+
+def test_nan_input_column_is_refused_at_load_naming_split_feature_and_rows(tiny):
+    cfg = _damaged_cfg(tiny, split="train", column=1, rows=3)
+    with pytest.raises(ConfigError, match=r"(?s)dataset damaged holds values no model can be trained on:.*"
+                                          r"train split: feature 'mean texture' \(column 1\) holds NaN/inf in 3 of "
+                                          r"96 rows.*impute the missing values"):
+        train(cfg)
+    assert no_run_dir(cfg)  # refused before anything was trained or written
+
+
+def test_inf_in_a_test_column_is_refused(tiny):
+    cfg = _damaged_cfg(tiny, split="test", column=29, rows=1, value=float("inf"))
+    with pytest.raises(ConfigError, match=r"test split: feature 'worst fractal dimension' \(column 29\) holds NaN/inf "
+                                          r"in 1 of 40 rows"):
+        train(cfg)
+    assert no_run_dir(cfg)
+
+
+def test_image_without_feature_names_is_named_by_flat_column():
+    from tda.data.sklearn_data import digits
+
+    data = digits(max_train=20, max_test=10)
+    x = np.asarray(data.train["x"], dtype=np.float32)
+    x[4, 0, 2, 3] = np.nan  # [C, H, W] = [1, 8, 8]: flat column 2 * 8 + 3 = 19
+    data.train = datasets.Dataset.from_dict({"x": x, "y": data.train["y"]})
+    assert data.value_problems() == ["train split: column 19 of the flattened input holds NaN/inf in 1 of 20 rows"]
+
+
+@pytest.mark.parametrize("kwargs, expect", [
+    ({"label": 2.0, "rows": 4}, r"train split: 4 of 96 class labels \(y\) are outside 0..1 \(the 2 classes\), e.g. 2"),
+    ({"label": -1.0, "rows": 1}, r"train split: 1 of 96 class labels \(y\) are outside 0..1"),
+    ({"label": 0.5, "rows": 2}, r"train split: 2 of 96 class labels \(y\) are not whole numbers"),
+    ({"label": float("nan"), "rows": 2, "regression": True}, r"train split: 2 of 96 labels \(y\) are NaN/inf"),
+], ids=["class-2-of-binary", "class-minus-1", "fractional-class", "nan-regression-target"])
+def test_bad_labels_are_refused_at_load(tiny, kwargs, expect):
+    cfg = _damaged_cfg(tiny, split="train", **kwargs)
+    with pytest.raises(ConfigError, match=expect):
+        train(cfg)
+    assert no_run_dir(cfg)

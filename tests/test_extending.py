@@ -9,7 +9,7 @@ import csv
 import textwrap
 import tomllib
 
-from conftest import ROOT, compose_config
+from helpers.config import ROOT, compose_config
 
 from tda.stages import attribute, evaluate, train
 

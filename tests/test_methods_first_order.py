@@ -1,4 +1,4 @@
-"""Issue 4: per-example gradients (materialised and factored), Grad-Dot, Grad-Cos, DataInf,
+"""First-order methods: per-example gradients (materialised and factored), Grad-Dot, Grad-Cos, DataInf,
 TRAK and Adam-preconditioned Grad-Dot, each against a slow explicit reference written here
 (one autograd call per instance, explicit vectors, Python loops), plus the first-order limit
 of the gold standard and optional cross-checks against dattri / traker."""
@@ -9,22 +9,32 @@ import itertools
 
 import pytest
 import torch
+from helpers.config import compose_config
 from torch import nn
 
-from conftest import compose_config
 from tda.artifacts import load_json, load_tensors
 from tda.further_training.reference import further_train_run
-from tda.problem import AttributionProblem
 from tda.methods.datainf import DataInf
 from tda.methods.grad_dot import GradCos, GradDot
 from tda.methods.grad_dot_adam import GradDotAdam, adam_second_moment
-from tda.methods.gradients import (DenseGrads, ParamLayout, compute_grads, iter_grad_chunks,
-                                   linear_factors, loss_target, margin_target, per_example_grads,
-                                   tensor_kernels, tensor_moments, tensor_sq_norms)
+from tda.methods.gradients import (
+    DenseGrads,
+    ParamLayout,
+    compute_grads,
+    iter_grad_chunks,
+    linear_factors,
+    loss_target,
+    margin_target,
+    per_example_grads,
+    tensor_kernels,
+    tensor_moments,
+    tensor_sq_norms,
+)
 from tda.methods.trak import TRAK, projection_matrix
 from tda.models.base import per_example_loss
 from tda.models.cnn import SmallCNN
 from tda.models.mlp import MLP
+from tda.problem import AttributionProblem
 from tda.stages import attribute, train
 
 torch.set_default_dtype(torch.float32)
@@ -38,7 +48,8 @@ def onehot_data(n, groups=(5, 7, 4, 6), seed=0, dtype=torch.float64):
     for k in groups:
         cols.append(torch.nn.functional.one_hot(torch.randint(0, k, (n,), generator=g), k))
     x = torch.cat(cols, dim=1).to(dtype)
-    y = (x @ torch.randn(x.shape[1], generator=g, dtype=dtype) + 0.5 * torch.randn(n, generator=g, dtype=dtype) > 0).long()
+    noise = 0.5 * torch.randn(n, generator=g, dtype=dtype)
+    y = (x @ torch.randn(x.shape[1], generator=g, dtype=dtype) + noise > 0).long()
     return x, y
 
 
@@ -116,8 +127,8 @@ def test_factored_gradients_equal_materialised(trainable, task):
     torch.testing.assert_close(per_example_grads(p.model, p.x_train, p.y_train, task), ref, rtol=1e-10, atol=1e-12)
     dense = DenseGrads(ref, ParamLayout.of(p.model))
     fac_t = linear_factors(p.model, p.x_test, p.y_test, loss_target(task))
-    for a, b in [(tensor_kernels(fac_t, fac), tensor_kernels(DenseGrads(ref_grads(p.model, p.x_test, p.y_test, task=task),
-                                                                        dense.layout), dense)),
+    dense_t = DenseGrads(ref_grads(p.model, p.x_test, p.y_test, task=task), dense.layout)
+    for a, b in [(tensor_kernels(fac_t, fac), tensor_kernels(dense_t, dense)),
                  (tensor_sq_norms(fac), tensor_sq_norms(dense))]:
         assert a.keys() == b.keys()
         for k in a:
@@ -176,7 +187,8 @@ def test_grad_dot_is_first_order_limit_of_further_training(removal):
     kw = dict(optimizer=lambda ps: torch.optim.SGD(ps, lr=lr), x=p.x_train, y=p.y_train, x_test=p.x_test,
               y_test=p.y_test, task=p.task, n_epochs=1, seed=0, batch_size=n, removal=removal)
     full = further_train_run(p.model, left_out=None, **kw)
-    diff = torch.stack([further_train_run(p.model, left_out=int(j), **kw) for j in p.left_out_indices], -1)[0] - full[0][:, None]
+    left_out = torch.stack([further_train_run(p.model, left_out=int(j), **kw) for j in p.left_out_indices], -1)
+    diff = left_out[0] - full[0][:, None]
     s = GradDot().scores(p).double()
     if removal == "mask":
         diff, s = diff - diff.mean(1, keepdim=True), s - s.mean(1, keepdim=True)
@@ -243,7 +255,7 @@ def ref_trak(p, proj_dim, seed, damping):
     else:
         blocks = projection_matrix(layout, proj_dim, seed)
         P = torch.cat([blocks[k] for k in layout.names]).double()
-    f = lambda x, y: ref_grads(p.model, x, y, margin) @ P  # noqa: E731
+    f = lambda x, y: ref_grads(p.model, x, y, margin) @ P
     phi, phi_t, phi_j = f(p.x_train, p.y_train), f(p.x_test, p.y_test), f(p.x_left_out, p.y_left_out)
     K = phi.T @ phi + damping * torch.eye(phi.shape[1], dtype=torch.float64)
     Kinv = torch.linalg.pinv(K, hermitian=True)
@@ -337,8 +349,8 @@ def test_every_first_order_method_through_the_pipeline(tiny):
         assert rec["seconds"] > 0 and "peak_mb" in rec
         s = load_tensors(out / "scores.safetensors")["scores"]
         assert s.shape == (6, 8) and torch.isfinite(s).all()
-    rec = load_json(run.method_dir(compose_config("attribute", tiny + ["method=grad_dot_adam", "further_optimizer=adam"]))
-                    / "record.json")
+    adam = compose_config("attribute", tiny + ["method=grad_dot_adam", "further_optimizer=adam"])
+    rec = load_json(run.method_dir(adam) / "record.json")
     assert rec["config"]["eps"] == 1e-8 and rec["config"]["batch_size"] == 16
 
 
@@ -354,12 +366,12 @@ def test_grad_dot_and_datainf_agree_with_dattri():
 
     p = mlp_problem()
     model = p.model.float()
-    xs = lambda x, y: DataLoader(TensorDataset(x.float(), y), batch_size=16, shuffle=False)  # noqa: E731
+    xs = lambda x, y: DataLoader(TensorDataset(x.float(), y), batch_size=16, shuffle=False)
 
     def loss(params, data):
         xb, yb = data
-        return nn.functional.cross_entropy(torch.func.functional_call(model, params, xb.unsqueeze(0) if xb.dim() == 1 else xb),
-                                           yb.view(-1))
+        xb = xb.unsqueeze(0) if xb.dim() == 1 else xb
+        return nn.functional.cross_entropy(torch.func.functional_call(model, params, xb), yb.view(-1))
 
     task = AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
     tr = TracInAttributor(task=task, weight_list=torch.ones(1), normalized_grad=False)
@@ -400,8 +412,8 @@ def test_trak_agrees_with_traker_given_the_same_projection(tmp_path):
         def project(self, grads, model_id):
             return (vectorize(grads, device="cpu") if isinstance(grads, dict) else grads) @ P
 
-    tr = TRAKer(model=model, task="image_classification", train_set_size=q.n_train, save_dir=str(tmp_path), device="cpu",
-                projector=Ours(), proj_dim=k, use_half_precision=False)
+    tr = TRAKer(model=model, task="image_classification", train_set_size=q.n_train, save_dir=str(tmp_path),
+                device="cpu", projector=Ours(), proj_dim=k, use_half_precision=False)
     tr.load_checkpoint(model.state_dict(), model_id=0)
     tr.featurize(batch=(q.x_train, q.y_train), num_samples=q.n_train)
     tr.finalize_features()

@@ -1,4 +1,4 @@
-"""Issue 5: influence-function methods (CG, LiSSA, LiSSA-H, Arnoldi, K-FAC, EK-FAC,
+"""Influence-function methods (CG, LiSSA, LiSSA-H, Arnoldi, K-FAC, EK-FAC,
 if_corrected) against explicit matrices on models of a few hundred parameters, and the IF
 against exact leave-one-out retraining of L2-regularised logistic regression."""
 
@@ -7,24 +7,24 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.config import compose_config
 from torch import nn
 from torch.func import functional_call
 
-from conftest import compose_config
 from tda.artifacts import load_json
-from tda.models.structure import should_use_sparse
 from tda.methods.arnoldi import Arnoldi, arnoldi_eigs
-from tda.problem import AttributionProblem
 from tda.methods.cg import CG, block_cg
-from tda.methods.gradients import per_example_grads
 from tda.methods.curvature import CurvatureOperator, mean_grad
 from tda.methods.damping import base_damping
+from tda.methods.gradients import per_example_grads
 from tda.methods.if_corrected import IFCorrected
 from tda.methods.kfac import EKFAC, KFAC, compute_factors, find_layers
 from tda.methods.layout import ParamLayout, trainable_params
 from tda.methods.lissa import LiSSA, LiSSAH
 from tda.models.base import per_example_loss
 from tda.models.mlp import MLP
+from tda.models.structure import should_use_sparse
+from tda.problem import AttributionProblem
 
 D = torch.float64
 
@@ -338,7 +338,10 @@ def test_arnoldi_full_rank_is_exact_and_truncation_within_bound(mlp_problem):
     _, U = arnoldi_eigs(op.matvec, n_params, 30, k, torch.Generator().manual_seed(3), D)
     g_test = per_example_grads(p.model, p.x_test, p.y_test, p.task)
     g_lo = per_example_grads(p.model, p.x_left_out, p.y_left_out, p.task)
-    perp = lambda g: (g - (g @ U) @ U.T).norm(dim=1)
+
+    def perp(g):
+        return (g - (g @ U) @ U.T).norm(dim=1)
+
     bound = perp(g_test)[:, None] * perp(g_lo)[None, :] / (float(lam) * p.n_train)
     assert ((s - ref).abs() <= bound * (1 + 1e-6) + 1e-15).all()
     assert _rel(s, ref) > 1e-3  # truncation is visible at this small λ: the bound is not vacuous
@@ -498,9 +501,12 @@ def test_if_corrected_is_derivative_of_damped_quadratic_minimiser(mlp_problem, c
     for col, j in enumerate(p.left_out_indices.tolist()):
         sub = AttributionProblem(**{**p.__dict__, "x_train": p.x_train[j:j + 1], "y_train": p.y_train[j:j + 1]})
         Cj = _explicit(sub, curvature)
-        gj = torch.autograd.functional.jacobian(lambda f: loss_of(f, p.x_train[j:j + 1], p.y_train[j:j + 1]),
+        gj = torch.autograd.functional.jacobian(lambda f, j=j: loss_of(f, p.x_train[j:j + 1], p.y_train[j:j + 1]),
                                                 theta)
-        delta = lambda e: -torch.linalg.solve(K - e * Cj, gbar - e * gj)
+
+        def delta(e, Cj=Cj, gj=gj):
+            return -torch.linalg.solve(K - e * Cj, gbar - e * gj)
+
         expected[:, col] = g_test @ (delta(eps) - delta(-eps)) / (2 * eps) / p.n_train
     assert _rel(s, expected) < 1e-6
     plain = CG(curvature=curvature, damping_multiple=10.0, tol=1e-12, maxiter=500).scores(p)
@@ -580,7 +586,8 @@ def test_cg_through_attribute_stage_records_damping(tiny):
 
     run = train(compose_config("train", tiny))
     for multiple in (1, 10):
-        cfg = compose_config("attribute", tiny + ["method=cg", f"method.damping_multiple={multiple}", "method.maxiter=2"])
+        cfg = compose_config("attribute", tiny + ["method=cg", f"method.damping_multiple={multiple}",
+                                                  "method.maxiter=2"])
         out = attribute(cfg)
         rec = load_json(out / "record.json")
         assert rec["extra"]["damping"] == pytest.approx(multiple * rec["extra"]["lambda0"])

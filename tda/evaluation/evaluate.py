@@ -18,15 +18,27 @@ from omegaconf import DictConfig
 
 from tda.artifacts import save_json, save_text
 from tda.evaluation import plots
-from tda.evaluation.curves import (DEFAULT_WINDOWS, method_agreement, resolve_checkpoints, seed_window_peaks,
-                                   similarity_curves, sorted_scores, split_half_reliability, summary_table)
+from tda.evaluation.curves import (
+    DEFAULT_TOP_K,
+    DEFAULT_WINDOWS,
+    gold_agreement,
+    method_agreement,
+    resolve_checkpoints,
+    seed_window_peaks,
+    similarity_curves,
+    sorted_scores,
+    split_half_reliability,
+    summary_table,
+    top_k_agreement,
+    top_k_summary,
+)
 from tda.evaluation.examples import examples
 from tda.evaluation.loading import load_experiment
 from tda.evaluation.markdown import evaluation_report
 from tda.evaluation.output_set import output_set
 from tda.evaluation.progress import Steps
 from tda.evaluation.wandb_logging import log_to_wandb
-from tda.further_training.store import GoldStandard, further_training_key
+from tda.further_training.store import GoldStandard, further_training_key, gold_label, sibling_gold_standards
 from tda.provenance import FinalModel
 from tda.runs import RunDir
 
@@ -43,9 +55,14 @@ def evaluate_run(cfg: DictConfig, run: RunDir, final: FinalModel | None = None) 
     if not scores:
         raise FileNotFoundError(f"no method scores for the final model in {run.path}; run e.g. "
                                 f"`python attribute.py method=grad_dot` with the same overrides first")
+    with steps.step("loading", "sibling gold standards (another estimator or removal, otherwise the same)"):
+        siblings, skipped = sibling_gold_standards(gold, run.gold_dir(key).parent, key)
+        for why in skipped:
+            log.warning("not comparing with the gold standard %s", why)
     out_dir = run.eval_dir(key)
     with output_set(out_dir) as staging:
-        tables, figures, x_name = _write_evaluation(cfg, run, gold, scores, records, key, staging, steps)
+        tables, figures, x_name = _write_evaluation(cfg, run, gold, scores, records, key, staging, steps,
+                                                    siblings, skipped)
     # W&B reads the files from their final place: the staging directory no longer exists
     with steps.step("W&B"):
         log_to_wandb(cfg, f"{run.path.name}/evaluate/{key}", tables, [out_dir / f.name for f in figures], x_name)
@@ -54,11 +71,15 @@ def evaluate_run(cfg: DictConfig, run: RunDir, final: FinalModel | None = None) 
 
 
 def _write_evaluation(cfg: DictConfig, run: RunDir, gold: GoldStandard, scores: dict[str, torch.Tensor],
-                      records: dict[str, dict], key: str, out: Path, steps: Steps
+                      records: dict[str, dict], key: str, out: Path, steps: Steps,
+                      siblings: dict[str, tuple[str, GoldStandard]] | None = None, skipped: list[str] | None = None
                       ) -> tuple[dict[str, pd.DataFrame], list[Path], str]:
     """Run every analysis and write all of its files into `out` (a staging directory); returns
     the tables, the figures written and the name of the checkpoint axis, for W&B. `scores`:
-    [n_test, n_left_out] per method label."""
+    [n_test, n_left_out] per method label; `siblings`: the gold standards of the same settings
+    but another estimator / removal (label -> (key, gold standard)), `skipped`: why others
+    with those settings were not compared."""
+    siblings, skipped = siblings or {}, skipped or []
     ev = cfg.evaluate
     centering = tuple(bool(c) for c in ev.centering)
     x_name, xs = gold.checkpoint_axis()
@@ -97,6 +118,22 @@ def _write_evaluation(cfg: DictConfig, run: RunDir, gold: GoldStandard, scores: 
         if len(agreement):
             figures.append(plots.plot_agreement(agreement, list(scores), out / "agreement.png", title="method vs method"))
 
+    ks = [int(k) for k in ev.get("top_k", DEFAULT_TOP_K)]
+    n_left_out = len(gold.meta["left_out_indices"])
+    with steps.step("top k", f"precision@k and recall of the gold standard's top k, k = {ks} (capped at {n_left_out})"):
+        topk = top_k_agreement(gold, scores, ks, float(ev.get("top_k_recall_within", 0.1)))
+        tables["topk"] = topk
+
+    gold_name = gold_label(gold.meta["further_training"])
+    gold_agr = None
+    if siblings:
+        with steps.step("gold vs gold", f"{gold_name} against " + ", ".join(siblings)):
+            gold_agr = gold_agreement(gold, gold_name, siblings, centering)
+            tables["gold_agreement"] = gold_agr
+            figures.append(plots.plot_curves(gold_agr, out / "gold_agreement.png", series="sibling",
+                                             title=f"gold standard {gold_name} ({key}) vs the same settings with "
+                                                   f"another estimator / removal"))
+
     ex_cfg = ev.get("examples") or {}
     examples_md, overlap = "", {}
     if int(ex_cfg.get("n_test", 0)) > 0 or ex_cfg.get("test_positions"):
@@ -105,17 +142,22 @@ def _write_evaluation(cfg: DictConfig, run: RunDir, gold: GoldStandard, scores: 
             figures += example_figs
 
     with steps.step("writing", "tables, report.md"):
-        summary = summary_table(curves, records, overlap)
+        summary = summary_table(curves, records, overlap, topk=top_k_summary(topk))
         tables["summary"] = summary
         for name, df in tables.items():
             df.to_csv(out / f"{name}.csv", index=False)
         if examples_md:
             save_text(out / "examples.md", examples_md)
         save_text(out / "report.md", evaluation_report(title, x_name, summary, reliability, peaks, agreement, figures,
-                                                       [f"{name}.csv" for name in tables], bool(examples_md)))
+                                                       [f"{name}.csv" for name in tables], bool(examples_md),
+                                                       topk=topk, gold_agreement=gold_agr, gold_name=gold_name,
+                                                       gold_skipped=skipped))
         # what this evaluation was computed from, by content
         save_json(out / "evaluated.json", {"run": str(run.path), "gold": str(run.gold_dir(key)), "seeds": gold.seeds,
                                            "final_model": gold.meta["final_model"], "gold_files": gold.files,
+                                           "gold_siblings": {k: {"label": label, "gold": str(run.gold_dir(k)),
+                                                                 "gold_files": g.files}
+                                                             for label, (k, g) in siblings.items()},
                                            "methods": {k: {"key": r.get("key"), "scores_sha256": r.get("scores_sha256")}
                                                        for k, r in records.items()}})
     return tables, figures, x_name

@@ -39,17 +39,29 @@ def _readable(df: pd.DataFrame, x_name: str) -> tuple[list[str], list[list]]:
 
 
 def _header(col: str, x_name: str) -> str:
+    if col.startswith("precision_at_"):  # precision_at_<k>_<kind>
+        k, kind = col[len("precision_at_"):].split("_", 1)
+        return f"precision@{k} {kind}"
+    if col.startswith("recall_") and "_in_top_m_" in col:  # recall_<k>_in_top_m_<kind>
+        k, kind = col[len("recall_"):].split("_in_top_m_")
+        return f"recall of gold top {k} in top m, {kind}"
     return {"centered": "gold standard", "peak_cosine": "peak cosine", "peak_checkpoint": "peak checkpoint",
             "peak_x": f"peak {x_name}", "cosine_first": "cosine, first", "cosine_last": "cosine, last",
             "spearman_first": "Spearman, first", "spearman_last": "Spearman, last",
             "spearman_skipped": "Spearman undefined", "seconds": "method seconds", "peak_mb": "method peak MB",
             "top_k_helpful_overlap": "top-k helpful overlap", "top_k_harmful_overlap": "top-k harmful overlap",
             "method_a": "method A", "method_b": "method B", "se": "SE", "n": "test instances",
-            "n_skipped": "undefined", "ceiling_full": "projected to all seeds"}.get(col, col)
+            "n_skipped": "undefined", "ceiling_full": "projected to all seeds",
+            "precision_se": "precision SE", "recall_se": "recall SE", "norm_ratio": "norm ratio"}.get(col, col)
+
+
+def _is_top_k_column(col: str) -> bool:
+    return col.startswith("precision_at_") or (col.startswith("recall_") and "_in_top_m_" in col)
 
 
 # ---------------------------------------------------------------------------------- glossary
-def glossary(x_name: str, summary: pd.DataFrame, reliability: bool = True, seed_windows: bool = False) -> list[str]:
+def glossary(x_name: str, summary: pd.DataFrame, reliability: bool = True, seed_windows: bool = False,
+             top_k: bool = False, gold_agreement: bool = False, derivative: bool = False) -> list[str]:
     """What the report's terms mean, for a reader without the paper (only those it uses)."""
     lines = [
         "## Glossary", "",
@@ -57,6 +69,13 @@ def glossary(x_name: str, summary: pd.DataFrame, reliability: bool = True, seed_
         "and once without each left-out instance, for several seeds (batch orders). A left-out instance's "
         "attribution for a test instance is the test loss without it minus the test loss with it, averaged over "
         "the seeds; positive = the instance helps that test instance.",
+    ]
+    if derivative:
+        lines.append("- **derivative estimator** (`further_training.estimator=derivative`, this gold standard): "
+                     "instead of training once without each instance, the full-data run is differentiated in the "
+                     "instance's loss weight; the stored attribution is the first-order estimate of the same "
+                     "difference (−Δw_j · ∂ loss / ∂w_j, docs/further_training.md), exact to rounding.")
+    lines += [
         "- **centred / not centred** (CSV column `centered` = True / False): whether the gold standard's "
         "attributions are mean-centred over the left-out instances (per test instance, checkpoint and seed) "
         "before the comparison, as in the paper's figures. Centring removes what all left-out instances share. "
@@ -80,6 +99,23 @@ def glossary(x_name: str, summary: pd.DataFrame, reliability: bool = True, seed_
         lines.append("- **top-k helpful / harmful overlap**: the mean over test instances of the fraction of the "
                      "gold standard's k most helpful (harmful) left-out instances that the method also ranks in its "
                      "own top (bottom) k; see `examples.md`.")
+    if top_k:
+        lines.append("- **precision@k** (`precision_at_<k>_<kind>`, topk.csv `precision`): per test instance, the "
+                     "fraction of the gold standard's k most helpful (largest attribution; `kind` helpful) or k most "
+                     "harmful (smallest; harmful) left-out instances that the method also puts in its own top "
+                     "(bottom) k, |top-k(method) ∩ top-k(gold)| / k; mean over test instances. At equal k, recall "
+                     "(the fraction of the gold's top k found) is the same number, so **recall** "
+                     "(`recall_<k>_in_top_m_<kind>`, topk.csv `recall`) looks for the gold's top k in the method's "
+                     "top m = max(k, ⌈`evaluate.top_k_recall_within` × n_left_out⌉) (default: its top 10%): "
+                     "|top-k(gold) ∩ top-m(method)| / k. k is capped at n_left_out, and a k that reaches it is left out (both would be 1 by construction). "
+                     "Summary columns are at the last checkpoint; topk.csv has every checkpoint. Centring does not "
+                     "change the gold standard's order.")
+    if gold_agreement:
+        lines.append("- **gold vs gold** (gold_agreement.csv): this gold standard against gold standards of the same "
+                     "final model and settings but another estimator or removal (e.g. the derivative estimator "
+                     "against the `drop` and `mask` differences), per checkpoint: cosine, Spearman and the norm ratio "
+                     "‖this‖ / ‖other‖ over the left-out instances, mean over test instances. Where they agree, the "
+                     "first-order (linearised) gold standard measures what retraining without the instance does.")
     if reliability:
         lines.append("- **split-half reliability** (gold split-half): the same similarity between two gold standards "
                      "computed from disjoint halves of the seeds. It measures how reproducible the gold standard is, "
@@ -95,13 +131,39 @@ def glossary(x_name: str, summary: pd.DataFrame, reliability: bool = True, seed_
 
 # ---------------------------------------------------------------------------------- the reports
 def evaluation_report(title: str, x_name: str, summary: pd.DataFrame, reliability: pd.DataFrame, peaks: pd.DataFrame,
-                      agreement: pd.DataFrame, figures: list[Path], csvs: list[str], has_examples: bool) -> str:
-    """`report.md` of one evaluation: summary, gold-standard reliability, peak vs seeds averaged,
-    method vs method, glossary, and links to the figures, `examples.md` and the CSVs."""
+                      agreement: pd.DataFrame, figures: list[Path], csvs: list[str], has_examples: bool,
+                      topk: pd.DataFrame | None = None, gold_agreement: pd.DataFrame | None = None,
+                      gold_name: str = "", gold_skipped: list[str] | None = None) -> str:
+    """`report.md` of one evaluation: summary, the gold standard's top k, gold-standard
+    reliability, gold vs gold (other estimators / removals), peak vs seeds averaged, method vs
+    method, glossary, and links to the figures, `examples.md` and the CSVs."""
     lines = [f"# {title}", "", "## Summary", "",
              "How well each method's scores agree with the gold standard (terms: see the glossary below).", ""]
-    lines += md_table(*_readable(summary, x_name))
+    lines += md_table(*_readable(summary[[c for c in summary.columns if not _is_top_k_column(c)]], x_name))
     lines.append("")
+    has_top_k = topk is not None and len(topk) > 0
+    if has_top_k:
+        last = topk[topk.checkpoint == topk.checkpoint.max()]
+        lines += ["## The gold standard's top k", "",
+                  f"Per method, at the last checkpoint ({x_name} {last.x.iloc[0]:g}; every checkpoint in `topk.csv`): "
+                  f"precision@k of the gold standard's k most helpful and k most harmful instances, and how many of "
+                  f"them the method ranks within its top m (mean over test instances):", ""]
+        lines += md_table(*_readable(last[["method", "kind", "k", "m", "precision", "precision_se", "recall",
+                                           "recall_se"]], x_name))
+        lines.append("")
+    if gold_agreement is not None and len(gold_agreement):
+        last = gold_agreement[gold_agreement.checkpoint == gold_agreement.checkpoint.max()]
+        piv = last.pivot_table(index=["sibling", "centered"], columns="metric", values="mean").reset_index()
+        lines += ["## Gold standard vs gold standard", "",
+                  f"This gold standard ({gold_name}) against the gold standards of the same settings with another "
+                  f"estimator or removal, at the last checkpoint ({x_name} {last.x.iloc[0]:g}; every checkpoint in "
+                  f"`gold_agreement.csv` and `gold_agreement.png`):", ""]
+        lines += md_table(["other gold standard", "gold standards", *piv.columns[2:]],
+                          [[r[0], centring(r[1]), *r[2:]] for r in piv.values.tolist()])
+        lines.append("")
+    if gold_skipped:
+        lines += ["Gold standards of the same settings not compared:", ""] + [f"- {md_escape(w)}" for w in gold_skipped]
+        lines.append("")
     if len(reliability):
         last = reliability[reliability.checkpoint == reliability.checkpoint.max()]
         lines += ["## Gold standard reliability", "",
@@ -121,7 +183,9 @@ def evaluation_report(title: str, x_name: str, summary: pd.DataFrame, reliabilit
         lines += ["## Method vs method", "", "Mean similarity between two methods' scores over test instances:", ""]
         lines += md_table(*_readable(agreement, x_name))
         lines.append("")
-    lines += glossary(x_name, summary, reliability=len(reliability) > 0, seed_windows=len(peaks) > 0)
+    lines += glossary(x_name, summary, reliability=len(reliability) > 0, seed_windows=len(peaks) > 0, top_k=has_top_k,
+                      gold_agreement=gold_agreement is not None and len(gold_agreement) > 0,
+                      derivative=gold_name.startswith("derivative"))
     lines += ["## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figures] + [""]
     if has_examples:
         lines += ["Most helpful / harmful instances, rendered: [examples.md](examples.md)", ""]

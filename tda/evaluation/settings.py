@@ -40,6 +40,10 @@ class EvaluateSettings(Section):
                                       "K of the peak-vs-seeds analysis (K > n_seeds is skipped)")
     sorted_checkpoints: list[Checkpoint] = setting(["first", "middle", "last"],
                                                    "sorted-score profiles: checkpoint positions")
+    top_k: list[int] = setting([10, 100], "precision@k / recall of the gold standard's k most helpful and harmful "
+                               "instances (capped at n_left_out)")
+    top_k_recall_within: float = setting(0.1, "recall of the gold standard's top k within the method's top "
+                                         "max(k, this fraction of the left-out instances)")
     examples: ExamplesSettings = setting(ExamplesSettings(), "most helpful / harmful left-out instances")
     compare: list[str] = setting([], "several experiments in one figure: override strings")
     compare_methods: list[str] | None = setting(None, "null: every method; or a list of labels")
@@ -51,3 +55,8 @@ class EvaluateSettings(Section):
         windows = c.value("seed_windows")
         if windows is not None and not all(k > 0 for k in windows):
             c.add(f"evaluate.seed_windows={windows} must hold positive numbers of seeds, e.g. [1,2,5]")
+        top_k = c.value("top_k")
+        if top_k is not None and not all(k > 0 for k in top_k):
+            c.add(f"evaluate.top_k={top_k} must hold positive numbers of instances, e.g. [10,100]")
+        c.positive("top_k_recall_within")
+        c.within("top_k_recall_within", 0, 1, " (a fraction of the left-out instances, e.g. 0.1)")

@@ -19,9 +19,12 @@ def _centring(centered) -> str:
 
 
 def wandb_curve_rows(curves: pd.DataFrame, reliability: pd.DataFrame | None, x_name: str,
-                     series: tuple[str, ...] = ("method",)) -> list[dict[str, float]]:
+                     series: tuple[str, ...] = ("method",), topk: pd.DataFrame | None = None,
+                     gold_agreement: pd.DataFrame | None = None) -> list[dict[str, float]]:
     """The history rows logged for the similarity curves: one row per checkpoint x with
-    `<metric>_<centered|uncentered>/<series...>` (mean) and `.../se` keys."""
+    `<metric>_<centered|uncentered>/<series...>` (mean) and `.../se` keys; with `topk`,
+    `top_k/<precision|recall>_<k>_<kind>/<method>`; with `gold_agreement`,
+    `gold_agreement/<metric>_<centering>/<other gold standard>` (and `/se`)."""
     by_x: dict[float, dict[str, float]] = {}
     for _, r in curves.iterrows():
         key = f"{r.metric}_{_centring(r.centered)}/" + "/".join(str(r[s]) for s in series)
@@ -30,6 +33,16 @@ def wandb_curve_rows(curves: pd.DataFrame, reliability: pd.DataFrame | None, x_n
     if reliability is not None:
         for _, r in reliability.iterrows():
             key = f"{r.metric}_{_centring(r.centered)}/gold_split_half"
+            row = by_x.setdefault(float(r.x), {x_name: float(r.x)})
+            row[key], row[key + "/se"] = float(r["mean"]), float(r.se)
+    if topk is not None:
+        for _, r in topk.iterrows():
+            row = by_x.setdefault(float(r.x), {x_name: float(r.x)})
+            for measure in ("precision", "recall"):
+                row[f"top_k/{measure}_{int(r.k)}_{r.kind}/{r.method}"] = float(r[measure])
+    if gold_agreement is not None:
+        for _, r in gold_agreement.iterrows():
+            key = f"gold_agreement/{r.metric}_{_centring(r.centered)}/{r.sibling}"
             row = by_x.setdefault(float(r.x), {x_name: float(r.x)})
             row[key], row[key + "/se"] = float(r["mean"]), float(r.se)
     return [by_x[x] for x in sorted(by_x)]
@@ -61,7 +74,7 @@ def log_to_wandb(cfg: DictConfig, name: str, tables: dict[str, pd.DataFrame], fi
 
     try:
         curves, reliability = tables["similarity"], tables.get("reliability")
-        rows = wandb_curve_rows(curves, reliability, x_name, series)
+        rows = wandb_curve_rows(curves, reliability, x_name, series, tables.get("topk"), tables.get("gold_agreement"))
         wb.define_metric(x_name, hidden=False)
         for k in sorted({k for r in rows for k in r if k != x_name}):
             wb.define_metric(k, step_metric=x_name)

@@ -27,7 +27,7 @@ steps. No two nearly equal losses are subtracted, so float32 keeps its digits.
   Δw_j = −nε and the value returned is −nε·∂ℓ_z/∂w_j (= −∂ℓ_z/∂w_j for ε = 1/n). It equals the
   derivative of reference.py's `downweight` difference to first order in ε only up to *when* the
   ε·ℓ_j is subtracted within an epoch (spread over every step there, at j's step here): the two
-  agree as the learning rate → 0 (tests/test_derivative.py measures how closely), and for a
+  agree as the learning rate → 0 (tests/test_further_training_derivative.py measures how closely), and for a
   model with batch norm reference.py's `downweight` also changes the batch statistics (it
   forwards j as an extra row of every batch), which no loss weight can express.
 

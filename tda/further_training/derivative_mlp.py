@@ -9,7 +9,7 @@ hand: ż = ḣWᵀ + hẆᵀ + ḃ, δ̇, ġ_W = δ̇ᵀh + δᵀḣ, ...), for 
 Row-sparse inputs (tda.models.structure.sparse_rows) gather / scatter only the first layer's
 weight columns a row touches. The first layer's weight is held transposed ([d, out]) so that
 those gathers read contiguous rows. Equality with the generic path is tested in
-tests/test_derivative.py (float64, 1e-10).
+tests/test_further_training_derivative.py (float64, 1e-10).
 """
 
 from __future__ import annotations

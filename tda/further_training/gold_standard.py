@@ -5,6 +5,12 @@ A job computes the seeds of `further_training.shard_seeds` (default: all) for it
 left-out instances (`further_training.left_out_shard`). Each seed (or part) is written atomically
 once complete, and a re-run skips those whose file exists and verifies, so an interrupted job
 resumes where it stopped; identical jobs running at once share the work through per-seed locks.
+
+Two estimators (`further_training.estimator`) write the same per-seed artifact: `difference`
+trains the full-data run and one run per left-out instance (the stacked or the reference
+engine); `derivative` differentiates the full-data run in each instance's loss weight
+(tda.further_training.derivative, forward or reverse mode: `further_training.derivative_mode`)
+and stores that first-order estimate of loss(D∖j) − loss(D) as `diff`.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from omegaconf import DictConfig
 
 from tda.artifacts import load_json, save_json, save_tensors
 from tda.config import build, to_container
+from tda.exits import DivergedError
+from tda.further_training.derivative import WeightedTrajectory
 from tda.further_training.engine import FurtherTrainingModule, GroupTrainer
 from tda.further_training.optim import optimizer_spec
 from tda.further_training.progress import GoldProgress, quiet_lightning
@@ -79,6 +87,26 @@ def runs_per_group(model: torch.nn.Module, x: torch.Tensor, batch_size: int, dty
     return max(1, int(budget_mb * 2 ** 20 // max(per_run, 1)))
 
 
+def derivative_mode(requested: str, n_left_out: int, n_test: int) -> str:
+    """`further_training.derivative_mode` resolved for a left-out block of `n_left_out` instances:
+    forward mode costs grow with the number of instances carried (one tangent each), reverse
+    mode's with the number of test instances (one adjoint each, every training instance at once),
+    so `auto` takes reverse when the block is larger than the test set, else forward."""
+    if requested in ("forward", "reverse"):
+        return requested
+    return "reverse" if n_left_out > n_test else "forward"
+
+
+def _torch_device(accelerator: str) -> torch.device:
+    """The torch device of `trainer.accelerator` (Lightning's names: cpu, gpu / cuda, mps, auto)."""
+    name = str(accelerator)
+    if name in ("gpu", "cuda") or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    if name == "auto":
+        return torch.device("cpu")
+    return torch.device(name)
+
+
 @contextlib.contextmanager
 def seed_lock(gold_dir: Path, seed: int, part: tuple[int, int] | None, wait: bool) -> Iterator[bool]:
     """An exclusive lock on one seed (or part (index, count) of it) of the gold standard in
@@ -124,9 +152,10 @@ class FurtherTraining:
         if problem.task == "regression":
             y, y_test = y.to(dtype), y_test.to(dtype)
         opt_node = to_container(self.optimizer)
-        engine = ft.get("engine", "stacked")
-        if engine == "stacked":
-            kind, hp = optimizer_spec(opt_node)
+        estimator = ft.get("estimator", "difference")
+        engine = "derivative" if estimator == "derivative" else ft.get("engine", "stacked")
+        if engine in ("stacked", "derivative"):
+            kind, hp = optimizer_spec(opt_node)  # SGD / Adam / AdamW, refused here otherwise
         left_out_all = problem.left_out_indices.tolist()
         index, count = left_out_shard(ft)
         if count > len(left_out_all):
@@ -150,28 +179,36 @@ class FurtherTraining:
                                                         sparse)
         if engine == "reference":
             group = 1  # one run at a time
+        mode = derivative_mode(ft.get("derivative_mode", "auto"), len(left_out), len(x_test))
         progress = bool(ft.get("progress_bar", self.trainer.get("progress_bar", True)))
         initial = test_losses(model, x_test, y_test, problem.task)
 
         def compute(seed: int, path: Path, bar: GoldProgress) -> None:
             t0 = time.perf_counter()
             perms = epoch_permutations(len(x), int(ft.epochs), seed)
-            if engine == "reference":
-                full, lo = self._reference_seed(model, opt_node, x, y, x_test, y_test, problem.task, seed, left_out,
-                                                bar)
+            extra: dict[str, Any] = {}
+            if engine == "derivative":
+                full, diff, extra = self._derivative_seed(model, (kind, hp), x, y, x_test, y_test, problem.task, seed,
+                                                          left_out, mode, problem.memory_budget_mb, bar)
+                # the first-order losses of the runs without each instance pass the same check
+                self._check_finite(seed, full, full.unsqueeze(-1) + diff, left_out, initial)
             else:
-                full, lo = self._stacked_seed(model, kind, hp, x, y, x_test, y_test, problem.task, seed, perms,
-                                              left_out, group, dtype, bar)
-            self._check_finite(seed, full, lo, left_out, initial)
-            diff = lo - full.unsqueeze(-1)
+                if engine == "reference":
+                    full, lo = self._reference_seed(model, opt_node, x, y, x_test, y_test, problem.task, seed,
+                                                    left_out, bar)
+                else:
+                    full, lo = self._stacked_seed(model, kind, hp, x, y, x_test, y_test, problem.task, seed, perms,
+                                                  left_out, group, dtype, bar)
+                self._check_finite(seed, full, lo, left_out, initial)
+                diff = lo - full.unsqueeze(-1)
             meta: dict[str, Any] = {**identity, "seed": seed, "seconds": time.perf_counter() - t0, "engine": engine,
-                                    "left_out_block": [start, stop], "part": [index, count]}
+                                    "left_out_block": [start, stop], "part": [index, count], **extra}
             save_tensors(path, {"diff": diff, "full_loss": full, "initial_loss": initial}, metadata=meta,
                          what=f"gold-standard seed {seed}")
             log.info("further training seed %d (%s) -> %s in %.1fs", seed, engine, path.name, meta["seconds"])
 
-        groups_per_seed = -(-(1 + len(left_out)) // group)
-        unit = "run" if engine == "reference" else "group"
+        groups_per_seed = 1 if engine == "derivative" else -(-(1 + len(left_out)) // group)
+        unit = {"reference": "run", "derivative": f"{mode} pass"}.get(engine, "group")
         done, busy = [], []
         with quiet_lightning(), GoldProgress(seeds, groups_per_seed, unit, enabled=progress) as bar:
             for seed in seeds:  # seeds another job is computing are left for last, then awaited
@@ -233,9 +270,33 @@ class FurtherTraining:
                 f"mean test loss up to {float(runs.mean(1).max()):.4g}, above {limit:.4g} = "
                 f"{FurtherTraining.DIVERGENCE_FACTOR:g} x the final model's mean test loss "
                 f"{float(initial.double().mean()):.4g} + {FurtherTraining.DIVERGENCE_FLOOR:g}")
-            raise FloatingPointError(f"further training diverged ({why}) for seed {seed}: {' and '.join(parts)}. "
+            raise DivergedError(f"further training diverged ({why}) for seed {seed}: {' and '.join(parts)}. "
                                      f"Nothing was written for this seed. Lower further_optimizer.lr or set "
                                      f"further_training.clip_grad_norm, then re-run (finished seeds are kept).")
+
+    def _derivative_seed(self, model, optimizer, x, y, x_test, y_test, task, seed, left_out, mode: str,
+                         memory_budget_mb: float, bar: GoldProgress):
+        """The derivative estimator (tda.further_training.derivative) for one seed, along the
+        full-data run: forward mode over the left-out block, or reverse mode over every training
+        instance with the block's columns taken. Returns full [T, n_test], diff [T, n_test,
+        n_left_out] (−Δw_j·∂ℓ_z/∂w_j: the first-order estimate of loss(D∖j) − loss(D) of the
+        `mask` / `downweight` removal) and what to record in the seed file's header."""
+        ft = self.ft
+        bar.start(seed, 0)
+        traj = WeightedTrajectory(model, optimizer, x, y, x_test, y_test, task, int(ft.epochs), seed,
+                                  int(ft.batch_size), normalisation=str(ft.removal), epsilon=ft.epsilon,
+                                  clip_grad_norm=ft.clip_grad_norm, checkpoint_every=ft.checkpoint_every_steps,
+                                  device=_torch_device(self.trainer.get("accelerator", "cpu")),
+                                  sparse_input=ft.get("sparse_input", "auto"))
+        if mode == "forward":
+            result = traj.forward_mode(left_out, memory_budget_mb)
+            diff = result.derivative
+        else:
+            result = traj.reverse_mode(None, memory_budget_mb)
+            diff = result.derivative[..., torch.as_tensor(left_out, dtype=torch.long)]
+        bar.advance(seed)
+        plan = {k: v for k, v in result.plan.items() if isinstance(v, (str, int, float, bool))}
+        return result.full_loss, diff.contiguous(), {"derivative_mode": mode, "derivative_plan": plan}
 
     def _reference_seed(self, model, opt_node, x, y, x_test, y_test, task, seed, left_out, bar: GoldProgress):
         """The plain loop (tda.further_training.reference): one run after the other, the full run

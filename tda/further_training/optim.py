@@ -3,7 +3,7 @@
 Every tensor has a leading run dimension [R, ...]. The arithmetic is that of
 `torch.optim.{SGD,Adam,AdamW}` (single-tensor implementation, the CPU default) applied to
 each run separately, so R stacked runs equal R separate `torch.optim` optimizers; the
-equality is checked in tests/test_further_training.py. Each optimizer starts fresh (no
+equality is checked in tests/test_further_training_engine.py. Each optimizer starts fresh (no
 state), as final-model-only further training requires.
 
 `active` [R] bool lets some runs sit out a step (a `drop` run whose epoch is one batch

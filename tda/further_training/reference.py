@@ -1,6 +1,6 @@
 """Further training, one run at a time: the plain, obviously-correct formulation of docs/method.md §2
 
-This is the reference the stacked engine is tested against (tests/test_further_training.py)
+This is the reference the stacked engine is tested against (tests/test_further_training_engine.py)
 and benchmarked against (benchmarks/further_training.py); `further_training.engine=reference`
 also runs it for real. It is the obvious implementation (the authors' code is built the same
 way): one model, one `torch.optim` optimizer, a `DataLoader` over a `TensorDataset` with

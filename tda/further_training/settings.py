@@ -15,8 +15,12 @@ from tda.sections import Checks, Section, setting
 
 Removal = Literal["drop", "downweight", "mask"]
 Engine = Literal["stacked", "reference"]
+Estimator = Literal["difference", "derivative"]
+DerivativeMode = Literal["auto", "forward", "reverse"]
 REMOVAL_MODES: tuple[str, ...] = typing.get_args(Removal)
 ENGINES: tuple[str, ...] = typing.get_args(Engine)
+ESTIMATORS: tuple[str, ...] = typing.get_args(Estimator)
+DERIVATIVE_MODES: tuple[str, ...] = typing.get_args(DerivativeMode)
 
 
 @dataclass
@@ -54,8 +58,15 @@ class FurtherTrainingSettings(Section):
     batchnorm_momentum: float | None = setting(None, "batch-norm momentum; 0 freezes the running statistics",
                                                "null keeps the model's own momentum")
     dtype: Literal["float32", "float64"] = setting("float64", "float64 resolves the tiny loss differences")
+    estimator: Estimator = setting("difference", "difference: loss(D∖j) − loss(D), one run per instance | "
+                                   "derivative: its first-order form, further training differentiated in j's loss "
+                                   "weight (removal mask or downweight)")
     # how / which part a job computes (not part of the gold standard's directory key)
     engine: Engine = setting("stacked", "stacked: all runs of a seed at once | reference: one run at a time")
+    derivative_mode: DerivativeMode = setting("auto", "estimator=derivative: forward (one tangent per left-out "
+                                              "instance) | reverse (one adjoint pass per test instance, every "
+                                              "training instance) | auto (reverse when the left-out block is larger "
+                                              "than the test set)")
     max_runs_per_group: int | None = setting(None, "runs trained together",
                                              "null trains as many runs at once as attribution.memory_budget_mb allows")
     sparse_input: Literal["auto"] | bool = setting("auto", "one-hot first layer by gathering weight rows (MLP)")
@@ -70,6 +81,13 @@ class FurtherTrainingSettings(Section):
             c.positive(name)
         c.non_negative("seed_offset")
         c.within("batchnorm_momentum", 0, 1, " (0 freezes the running statistics)")
+        if c.value("estimator") == "derivative":
+            if c.value("removal") == "drop":
+                c.add("further_training.estimator=derivative cannot remove by drop (deleting j from the batches has "
+                      "no derivative); use further_training.removal=mask or further_training.removal=downweight")
+            if c.value("engine") == "reference":
+                c.add("further_training.engine=reference is an engine of the difference estimator; with "
+                      "further_training.estimator=derivative leave engine at stacked")
         shard_seeds, n_seeds, offset = c.value("shard_seeds"), c.value("n_seeds"), c.value("seed_offset")
         if shard_seeds is None:
             return

@@ -9,7 +9,7 @@ Two implementations of the same interface (:class:`StackedModel`):
   batched matrix products with a hand-written backward, and, where the input rows are
   sparse (one-hot Folktables: 10 non-zeros of 791), a first layer that gathers and
   scatter-adds weight rows instead of multiplying by zeros. Equal to the dense computation
-  up to rounding (tests/test_further_training.py).
+  up to rounding (tests/test_further_training_engine.py).
 
 A training step receives, for a subset of runs, each run's own batch: `idx` [r, M] rows of
 the training set and `w` [r, M] per-row loss weights (1/len(batch), 0 for masked rows, −ε

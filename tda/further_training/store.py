@@ -35,10 +35,11 @@ from tda.provenance import ProvenanceError, require_match
 # computes, not what it is: they are left out of the gold standard's directory key, so every
 # shard and every engine writes into one directory.
 EXECUTION_KEYS = ("engine", "max_runs_per_group", "sparse_input", "vmap", "shard_seeds", "left_out_shard",
-                  "progress_bar")
-# settings added after gold standards had been computed: at null they are left out of the key,
-# so that existing gold-standard directories keep their names
-NULL_IS_DEFAULT_KEYS = ("batchnorm_momentum",)
+                  "progress_bar", "derivative_mode")
+# settings added after gold standards had been computed, with the value that means what the gold
+# standard was before they existed: at that value they are left out of the key (and of every
+# identity), so that existing gold-standard directories keep their names
+OMITTED_AT_DEFAULT: dict[str, Any] = {"batchnorm_momentum": None, "estimator": "difference"}
 
 _SEED_FILE = re.compile(r"^seed_(\d+)(?:\.part_(\d+)_of_(\d+))?\.safetensors$")
 
@@ -47,7 +48,13 @@ _SEED_FILE = re.compile(r"^seed_(\d+)(?:\.part_(\d+)_of_(\d+))?\.safetensors$")
 def gold_settings(ft: DictConfig) -> dict:
     """The `further_training` settings that define the gold standard (what its key hashes)."""
     return {k: v for k, v in to_container(ft).items()
-            if k not in EXECUTION_KEYS and not (k in NULL_IS_DEFAULT_KEYS and v is None)}
+            if k not in EXECUTION_KEYS and not (k in OMITTED_AT_DEFAULT and v == OMITTED_AT_DEFAULT[k])}
+
+
+def estimator_of(settings: dict) -> str:
+    """`difference` or `derivative`: the estimator of a gold standard's recorded settings
+    (`gold_settings`, meta.json's `further_training`; absent = the default, difference)."""
+    return str(settings.get("estimator", OMITTED_AT_DEFAULT["estimator"]))
 
 
 def further_training_key(cfg: DictConfig) -> str:
@@ -319,3 +326,51 @@ def gold_status(gold_dir: Path, expected: dict, seeds: list[int], complete: bool
             raise
         return f"this shard is done; the gold standard cannot be merged yet: {err}"
     return f"gold standard complete: {len(gold.seeds)} seeds, diff {list(gold.diff.shape)}"
+
+
+# ---------------------------------------------------------------------------------- siblings
+# the settings in which two gold standards of one final model may differ and still be compared
+# entry by entry: how instance j is removed, and whether the removal is trained or differentiated
+SIBLING_KEYS = ("estimator", "removal")
+
+
+def gold_label(settings: dict) -> str:
+    """A gold standard named by its estimator and removal, e.g. `derivative (mask)`."""
+    return f"{estimator_of(settings)} ({settings.get('removal')})"
+
+
+def sibling_gold_standards(gold: GoldStandard, gold_root: Path, own_key: str
+                           ) -> tuple[dict[str, tuple[str, GoldStandard]], list[str]]:
+    """The gold standards in `gold_root` (a run's `gold/`) that differ from `gold` only in
+    SIBLING_KEYS: same final model, further optimizer, other settings, left-out and test indices
+    (read from each one's meta.json, then every seed file verified through
+    :func:`load_gold_standard` against that identity, over `gold`'s seeds). Returns
+    ({label: (key, gold standard)}, [why each candidate with matching settings was skipped:
+    incomplete, damaged])."""
+    mine = {k: v for k, v in gold.meta["further_training"].items() if k not in SIBLING_KEYS}
+    found: dict[str, tuple[str, GoldStandard]] = {}
+    skipped: list[str] = []
+    for meta_path in sorted(Path(gold_root).glob("*/meta.json")):
+        key = meta_path.parent.name
+        if key == own_key:
+            continue
+        try:
+            meta = load_json(meta_path)
+        except (OSError, ValueError) as err:
+            skipped.append(f"{key}: meta.json unreadable ({err})")
+            continue
+        settings = meta.get("further_training")
+        if not isinstance(settings, dict) or {k: v for k, v in settings.items() if k not in SIBLING_KEYS} != mine:
+            continue
+        if any(meta.get(k) != gold.meta[k] for k in ("final_model", "further_optimizer", "left_out_indices",
+                                                     "test_indices")):
+            continue
+        expected = {k: meta[k] for k in ("final_model", "further_training", "further_optimizer", "left_out_indices",
+                                         "test_indices")}
+        try:
+            other = load_gold_standard(meta_path.parent, expected, gold.seeds, require_all=True)
+        except (FileNotFoundError, ValueError) as err:  # incomplete, conflicting, foreign or damaged files
+            skipped.append(f"{key} ({gold_label(settings)}): {err}")
+            continue
+        found[gold_label(settings)] = (key, other)
+    return found, skipped

@@ -22,6 +22,8 @@ import logging
 
 import torch
 
+from tda.config import ConfigError
+from tda.exits import RefusedError
 from tda.methods.checks import positive_int
 from tda.methods.curvature import Matvec
 from tda.methods.influence import InfluenceMethod
@@ -76,10 +78,10 @@ class Arnoldi(InfluenceMethod):
         self.n_iters = positive_int("n_iters", n_iters, "Arnoldi steps", 200)
         self.top_k = positive_int("top_k", top_k, "eigenpairs to keep", min(100, self.n_iters))
         if self.top_k > self.n_iters:
-            raise ValueError(f"method.top_k={top_k} exceeds method.n_iters={n_iters}; Arnoldi yields at most "
+            raise ConfigError(f"method.top_k={top_k} exceeds method.n_iters={n_iters}; Arnoldi yields at most "
                              f"n_iters eigenpairs; e.g. method.top_k={self.n_iters}")
         if complement and self.damping_multiple == 0:
-            raise ValueError("method.complement=true divides the directions outside the top-k by λ, so "
+            raise ConfigError("method.complement=true divides the directions outside the top-k by λ, so "
                              f"method.damping_multiple={damping_multiple} (λ = 0) is not allowed with it; e.g. "
                              "method.damping_multiple=100 or method.complement=false")
         self.complement, self.seed = complement, seed
@@ -87,7 +89,7 @@ class Arnoldi(InfluenceMethod):
     def scores(self, problem: AttributionProblem) -> torch.Tensor:
         n_params = ParamLayout.of(problem.model).n_params
         if self.top_k > n_params:  # before any gradient: C has only n_params eigenpairs
-            raise ValueError(f"method.top_k={self.top_k} exceeds the {n_params} trainable parameters of the model, "
+            raise ConfigError(f"method.top_k={self.top_k} exceeds the {n_params} trainable parameters of the model, "
                              f"the most eigenpairs its curvature has; e.g. method.top_k={min(n_params, 100)} "
                              f"(and method.n_iters ≥ top_k)")
         model, dtype, g_test, g_lo, lam = self._prepare(problem)
@@ -95,7 +97,7 @@ class Arnoldi(InfluenceMethod):
         gen = torch.Generator().manual_seed(int(self.seed))
         mu, U = arnoldi_eigs(op.matvec, op.n_params, self.n_iters, self.top_k, gen, dtype, op.device)
         if (mu + lam <= 0).any():
-            raise ValueError(f"arnoldi: {int((mu + lam <= 0).sum())} Ritz values μ have μ + λ ≤ 0 "
+            raise RefusedError(f"arnoldi: {int((mu + lam <= 0).sum())} Ritz values μ have μ + λ ≤ 0 "
                              f"(curvature={self.curvature}, λ={lam:.3g}, min μ={float(mu.min()):.3g}); "
                              f"use method.curvature=gn or a larger method.damping_multiple")
         inv = (1.0 / (mu + lam)).to(U.device, dtype)

@@ -26,6 +26,7 @@ import logging
 
 import torch
 
+from tda.exits import RefusedError
 from tda.methods.checks import non_negative, positive_int
 from tda.methods.curvature import Matvec
 from tda.methods.influence import InfluenceMethod, scores_from_solution, solve_side
@@ -163,11 +164,11 @@ class CG(InfluenceMethod):
                     "breakdown": sum(i["breakdown"] for i in infos), "max_iterations": max(iterations, default=0),
                     "no_progress": sum(i["no_progress"] for i in infos)}
         if info["breakdown"]:
-            raise ValueError(f"cg: C + λI is not positive definite along {info['breakdown']} of {info['n_columns']} "
+            raise RefusedError(f"cg: C + λI is not positive definite along {info['breakdown']} of {info['n_columns']} "
                              f"solves (curvature={self.curvature}, λ={lam:.3g}); the damped quadratic model has no "
                              f"minimum. Use method.curvature=gn or a larger method.damping_multiple")
         if info["no_progress"]:
-            raise ValueError(f"cg: {info['no_progress']} of {info['n_columns']} solves made no progress in "
+            raise RefusedError(f"cg: {info['no_progress']} of {info['n_columns']} solves made no progress in "
                              f"method.maxiter={self.maxiter} iterations (none ran, the gradients or iterates are not "
                              f"finite, or the error did not decrease), so their scores would be zero or meaningless "
                              f"(curvature={self.curvature}, λ={lam:.3g}). Raise method.maxiter (e.g. "

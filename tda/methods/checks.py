@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from tda.config import ConfigError
+
 
 def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -20,7 +22,7 @@ def positive_int(key: str, value: Any, what: str, example: int) -> int:
     of <what>; e.g. method.<key>=<example>."""
     v = _number(value)
     if v is None or not math.isfinite(v) or v != int(v) or v < 1:
-        raise ValueError(f"method.{key}={value} must be a positive number of {what}; e.g. method.{key}={example}")
+        raise ConfigError(f"method.{key}={value} must be a positive number of {what}; e.g. method.{key}={example}")
     return int(v)
 
 
@@ -31,7 +33,7 @@ def optional_positive_int(key: str, value: Any, what: str, example: int) -> int 
     try:
         return positive_int(key, value, what, example)
     except ValueError:
-        raise ValueError(f"method.{key}={value} must be a positive number of {what} or null (automatic); "
+        raise ConfigError(f"method.{key}={value} must be a positive number of {what} or null (automatic); "
                          f"e.g. method.{key}={example}") from None
 
 
@@ -39,7 +41,7 @@ def positive(key: str, value: Any, what: str, example: float) -> float:
     """`value` as a finite float > 0, else ValueError naming the setting and `example`."""
     v = _number(value)
     if v is None or not (math.isfinite(v) and v > 0):
-        raise ValueError(f"method.{key}={value} must be a positive number ({what}); e.g. method.{key}={example}")
+        raise ConfigError(f"method.{key}={value} must be a positive number ({what}); e.g. method.{key}={example}")
     return v
 
 
@@ -47,7 +49,7 @@ def non_negative(key: str, value: Any, what: str, example: float) -> float:
     """`value` as a finite float ≥ 0, else ValueError naming the setting and `example`."""
     v = _number(value)
     if v is None or not (math.isfinite(v) and v >= 0):
-        raise ValueError(f"method.{key}={value} must be a number ≥ 0 ({what}); e.g. method.{key}={example}")
+        raise ConfigError(f"method.{key}={value} must be a number ≥ 0 ({what}); e.g. method.{key}={example}")
     return v
 
 
@@ -55,5 +57,5 @@ def check_factored(factored: Any) -> str | bool:
     """`factored` if it is auto, true or false (per-example gradients from linear-layer factors:
     when possible, always, never), else ValueError."""
     if factored not in ("auto", True, False):
-        raise ValueError(f"method.factored={factored!r} must be auto, true or false")
+        raise ConfigError(f"method.factored={factored!r} must be auto, true or false")
     return factored

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from tda.artifacts import load_json, save_json
+from tda.exits import RefusedError
 from tda.methods.gradients import iter_grad_chunks, loss_target, tensor_sq_norms
 from tda.methods.layout import ParamLayout
 
@@ -47,7 +48,7 @@ def base_damping(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, 
         total += float(sum(v.double().sum() for v in tensor_sq_norms(g).values()))
     lam0 = total / (len(x) * ParamLayout.of(model).n_params)
     if not lam0 > 0:
-        raise ValueError("λ₀ (mean squared per-example gradient entry) is 0: every training loss is flat; "
+        raise RefusedError("λ₀ (mean squared per-example gradient entry) is 0: every training loss is flat; "
                          "set damping explicitly with method.damping_multiple and a non-degenerate model")
     if path is not None:
         save_json(path, {"lambda0": lam0, "n_rows": len(x)})
@@ -58,6 +59,6 @@ def resolve_damping(multiple: float, lam0: float, record: dict) -> float:
     """λ = multiple × λ₀, recorded in `record` with both factors."""
     lam = float(multiple) * lam0
     if not lam >= 0:
-        raise ValueError(f"method.damping_multiple={multiple} gives λ={lam}; use a value ≥ 0")
+        raise RefusedError(f"method.damping_multiple={multiple} gives λ={lam}; use a value ≥ 0")
     record.update({"lambda0": lam0, "damping_multiple": float(multiple), "damping": lam})
     return lam

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from tda.config import ConfigError
+from tda.exits import RefusedError
 from tda.methods.base import Method
 from tda.methods.checks import check_factored, optional_positive_int, positive_int
 from tda.methods.gradients import compute_grads, iter_grad_chunks, loss_target, tensor_kernels, tensor_sq_norms
@@ -38,12 +40,12 @@ class DataInf(Method):
                  chunk_size: int = 256, max_train_rows_per_chunk: int | None = None, blocks: str = "tensor"):
         super().__init__()
         if blocks not in ("tensor", "module"):
-            raise ValueError(f"method.blocks={blocks!r} must be 'tensor' or 'module'")
+            raise ConfigError(f"method.blocks={blocks!r} must be 'tensor' or 'module'")
         self.blocks = blocks
         if c <= 0:
-            raise ValueError(f"method.c={c} must be positive (λ_l = mean squared gradient / c)")
+            raise ConfigError(f"method.c={c} must be positive (λ_l = mean squared gradient / c)")
         if damping is not None and damping <= 0:
-            raise ValueError(f"method.damping={damping} must be positive or null (null: λ_l from method.c)")
+            raise ConfigError(f"method.damping={damping} must be positive or null (null: λ_l from method.c)")
         self.c = float(c)
         self.damping = damping
         self.factored = check_factored(factored)
@@ -79,7 +81,7 @@ class DataInf(Method):
         keep_bytes = 8 * len(groups) * n * (n_t + n_j + 1)
         one_pass = keep_bytes <= problem.memory_budget_mb * 2**20 / 2
         self.record.update({"one_pass": one_pass, "factored": type(g_test).__name__ == "FactoredGrads"})
-        chunks = lambda: iter_grad_chunks(model, problem.x_train, problem.y_train, target,  # noqa: E731
+        chunks = lambda: iter_grad_chunks(model, problem.x_train, problem.y_train, target,
                                           problem.memory_budget_mb / 2, self.factored, self.max_rows)
         dev = next(model.parameters()).device
         sq = {b: torch.zeros(n, dtype=torch.float64, device=dev) for b in groups}
@@ -94,7 +96,7 @@ class DataInf(Method):
                for b, ts in groups.items()}
         if any(v <= 0 for v in lam.values()):
             zero = [k for k, v in lam.items() if v <= 0]
-            raise ValueError(f"DataInf: the training gradients of {zero} are all zero, so λ_l = 0; "
+            raise RefusedError(f"DataInf: the training gradients of {zero} are all zero, so λ_l = 0; "
                              f"set method.damping to a positive value")
         self.record["lambda"] = lam
         correction = {b: torch.zeros(n_t, n_j, dtype=torch.float64, device=dev) for b in groups}

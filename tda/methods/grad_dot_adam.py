@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import torch
 
+from tda.config import ConfigError
+from tda.exits import RefusedError
 from tda.methods.base import Method
 from tda.methods.checks import check_factored, non_negative, optional_positive_int, positive_int
 from tda.methods.gradients import compute_grads, iter_grad_chunks, loss_target, tensor_moments
@@ -80,13 +82,13 @@ class GradDotAdam(Method):
     def settings(self) -> tuple[float, int]:
         eps, bs = self.eps, self.batch_size
         if eps is None:
-            raise ValueError("method=grad_dot_adam needs Adam's ε: set method.eps, or use "
+            raise RefusedError("method=grad_dot_adam needs Adam's ε: set method.eps, or use "
                              "further_optimizer=adam (its eps is read from there)")
         if bs is None:
-            raise ValueError("method=grad_dot_adam needs the further-training batch size: set "
+            raise RefusedError("method=grad_dot_adam needs the further-training batch size: set "
                              "method.batch_size or further_training.batch_size")
         if float(eps) < 0 or int(bs) <= 0:
-            raise ValueError(f"method=grad_dot_adam: eps={eps} must be >= 0 and batch_size={bs} positive")
+            raise ConfigError(f"method=grad_dot_adam: eps={eps} must be >= 0 and batch_size={bs} positive")
         return float(eps), int(bs)
 
     def preconditioner(self, problem: AttributionProblem) -> dict[str, torch.Tensor]:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from tda.exits import RefusedError
 from tda.methods.cg import CG, block_cg
 from tda.methods.curvature import mean_grad
 from tda.problem import AttributionProblem
@@ -48,7 +49,7 @@ class IFCorrected(CG):
         B = torch.cat([g_test.T, gbar[:, None]], dim=1).to(op.device, dtype)
         X, info = block_cg(op.matvec, B, lam, self.tol, self.maxiter)
         if info["breakdown"]:
-            raise ValueError(f"if_corrected: C + λI is not positive definite (curvature={self.curvature}, "
+            raise RefusedError(f"if_corrected: C + λI is not positive definite (curvature={self.curvature}, "
                              f"λ={lam:.3g}); use method.curvature=gn or a larger method.damping_multiple")
         s_test, delta = X[:, :-1], -X[:, -1]  # K⁻¹g_test [n_params, n_test], Δθ(D) [n_params]
         c_delta = op.per_example_matvec(problem.x_left_out, problem.y_left_out, delta)  # [n_left_out, n_params]

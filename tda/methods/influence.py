@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tda.config import ConfigError
 from tda.methods.base import Method
 from tda.methods.checks import non_negative, positive_int
 from tda.methods.curvature import CURVATURES, CurvatureOperator
@@ -32,7 +33,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, None: None}
 def check_curvature(curvature: Any, example: str = "gn") -> str:
     """`curvature` if it is one of tda.methods.curvature.CURVATURES, else ValueError."""
     if curvature not in CURVATURES:
-        raise ValueError(f"method.curvature={curvature!r} is not one of {', '.join(CURVATURES)}; "
+        raise ConfigError(f"method.curvature={curvature!r} is not one of {', '.join(CURVATURES)}; "
                          f"e.g. method.curvature={example}")
     return curvature
 
@@ -40,7 +41,7 @@ def check_curvature(curvature: Any, example: str = "gn") -> str:
 def check_dtype(dtype: Any) -> str | None:
     """`dtype` if it names a solver dtype (float32, float64, null: the model's own), else ValueError."""
     if dtype not in DTYPES:
-        raise ValueError(f"method.dtype={dtype!r} is not one of float32, float64, null (the model's own); "
+        raise ConfigError(f"method.dtype={dtype!r} is not one of float32, float64, null (the model's own); "
                          f"e.g. method.dtype=float64")
     return dtype
 

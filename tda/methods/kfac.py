@@ -273,7 +273,7 @@ def factored_scores(layers: list[Layer], factors: dict[str, torch.Tensor], kind:
     gradient b aᵀ becomes (QSᵀb)(QAᵀa)ᵀ, so each example costs two small rotations instead of
     the d_out × d_in' products :func:`inverse_apply` spends on a dense gradient; the damped
     eigenvalues then weight the pairs: Σ_{o,i} bt_o at_i bj_o aj_i / (Λ_oi + λ)."""
-    by_weight = lambda g: {lf.weight: lf for lf in g.layers}  # noqa: E731
+    by_weight = lambda g: {lf.weight: lf for lf in g.layers}
     tests, lefts = by_weight(g_test), by_weight(g_lo)
     total = torch.zeros(len(g_test), len(g_lo), dtype=torch.float64, device=factors[f"{layers[0].name}.QA"].device)
     for layer in layers:

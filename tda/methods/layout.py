@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tda.exits import RefusedError
+
 
 def trainable_params(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable parameters (requires_grad), detached, in `named_parameters` order."""
@@ -39,7 +41,7 @@ class ParamLayout:
     def of(cls, model: nn.Module) -> ParamLayout:
         p = trainable_params(model)
         if not p:
-            raise ValueError("the model has no trainable parameters (requires_grad=False everywhere); "
+            raise RefusedError("the model has no trainable parameters (requires_grad=False everywhere); "
                              "check model.trainable")
         return cls(tuple(p), tuple(tuple(v.shape) for v in p.values()))
 

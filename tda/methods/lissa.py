@@ -38,6 +38,8 @@ from collections.abc import Callable
 
 import torch
 
+from tda.config import ConfigError
+from tda.exits import RefusedError
 from tda.methods.checks import positive, positive_int
 from tda.methods.curvature import CurvatureOperator
 from tda.methods.influence import InfluenceMethod, scores_from_solution, solve_side
@@ -110,11 +112,11 @@ class LiSSA(InfluenceMethod):
         if scale != "auto":
             positive("scale", scale, "the recursion's scale s, or 'auto'", 100)
         if isinstance(scales, (str, bytes)) or not hasattr(scales, "__iter__") or len(list(scales)) == 0:
-            raise ValueError(f"method.scales={scales} must be a non-empty list of positive scales; "
+            raise ConfigError(f"method.scales={scales} must be a non-empty list of positive scales; "
                              f"e.g. method.scales=[10,100,500]")
         for v in scales:
             if _bad_scale(v):
-                raise ValueError(f"method.scales={list(scales)} contains {v}; every scale must be a positive number, "
+                raise ConfigError(f"method.scales={list(scales)} contains {v}; every scale must be a positive number, "
                                  f"e.g. method.scales=[10,100,500]")
         self.scale, self.scales = scale, sorted(float(s) for s in scales)
         self.divergence_factor = positive("divergence_factor", divergence_factor,
@@ -163,7 +165,7 @@ class LiSSA(InfluenceMethod):
                 log.info("%s: %s", self.name, err)
                 tried.append(str(err))
         else:
-            raise ValueError(f"{self.name}: the recursion diverged for every scale in {candidates} "
+            raise RefusedError(f"{self.name}: the recursion diverged for every scale in {candidates} "
                              f"(λ={lam:.3g}): {tried[-1]}. Use larger method.scales (or method.scale), "
                              f"or a larger method.damping_multiple")
         found = finals["ritz_min"]
@@ -189,7 +191,7 @@ class LiSSA(InfluenceMethod):
                f"method.damping_multiple={suggest:g}")
         if self.curvature == "hessian":
             fix += ", or use the Gauss–Newton curvature (method=lissa, positive semi-definite)"
-        raise ValueError(f"{self.name}: C + λI is not positive definite (curvature={self.curvature}, "
+        raise RefusedError(f"{self.name}: C + λI is not positive definite (curvature={self.curvature}, "
                          f"λ={lam:.3g} = {self.damping_multiple:g}·λ₀): its smallest eigenvalue is ≤ {mu:.3g} "
                          f"{'' if mu <= 0 else f'(within rounding of 0: ≤ {tol:.2g}) '}"
                          f"(found by {how}), so the LiSSA recursion grows along it instead of converging and "

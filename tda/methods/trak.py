@@ -27,6 +27,7 @@ from contextlib import contextmanager
 
 import torch
 
+from tda.config import ConfigError
 from tda.methods.base import Method
 from tda.methods.checks import check_factored, optional_positive_int, positive_int
 from tda.methods.gradients import DenseGrads, FactoredGrads, compute_grads, iter_grad_chunks, margin_target
@@ -141,9 +142,9 @@ class TRAK(Method):
                  factored: str | bool = "auto", chunk_size: int = 256, max_train_rows_per_chunk: int | None = None):
         super().__init__()
         if proj_dim is not None and proj_dim <= 0:
-            raise ValueError(f"method.proj_dim={proj_dim} must be positive or null (no projection)")
+            raise ConfigError(f"method.proj_dim={proj_dim} must be positive or null (no projection)")
         if damping < 0:
-            raise ValueError(f"method.damping={damping} must be >= 0")
+            raise ConfigError(f"method.damping={damping} must be >= 0")
         self.proj_dim, self.seed, self.damping = proj_dim, int(seed), float(damping)
         self.factored = check_factored(factored)
         self.chunk_size = positive_int("chunk_size", chunk_size, "rows per per-example-gradient chunk", 256)

@@ -11,7 +11,7 @@ import copy
 import tempfile
 
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 
 from tda.problem import AttributionProblem
 

@@ -1,5 +1,5 @@
-"""Issue 14, fault injection: solvers that refuse. LiSSA / LiSSA-H on an operator C + λI that
-is not positive definite refuse as CG and Arnoldi do (and leave positive definite problems'
+"""Solvers that refuse (tda.methods.lissa, cg, spectrum, checks). LiSSA / LiSSA-H on an operator
+C + λI that is not positive definite refuse as CG and Arnoldi do (and leave positive definite problems'
 numbers untouched); degenerate solver settings are refused when the method is built, with
 one message naming the setting and a valid value; CG never writes the all-zero scores of a
 solve that made no progress."""
@@ -15,19 +15,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.config import ROOT, TINY, compose_config
 from hydra.errors import InstantiationException
 from torch import nn
 
-from conftest import ROOT, TINY, compose_config
 from tda.config import build
-from tda.problem import AttributionProblem
 from tda.methods.cg import CG
-from tda.methods.gradients import per_example_grads
 from tda.methods.curvature import CurvatureOperator
 from tda.methods.damping import base_damping
+from tda.methods.gradients import per_example_grads
 from tda.methods.influence import scores_from_solution
 from tda.methods.lissa import LiSSA, LiSSAH, lissa_solve
 from tda.methods.spectrum import definiteness_tolerance, lanczos_extremes, span_ritz_min
+from tda.problem import AttributionProblem
 from tda.stages import attribute, train
 
 D = torch.float64
@@ -58,7 +58,7 @@ def _damped(p: AttributionProblem, curvature: str, multiple: float):
 def test_lissa_h_refuses_indefinite_operator(untrained, batch_size):
     """H + λI with smallest eigenvalue −0.48: at scale 100 the recursion grows only by
     1.0048 per step, e^1.4 over 300 steps, far below the norm bound 10·s‖g‖/λ, so the
-    recursion alone returns a result (the bug of issue 14); the method refuses, naming the
+    recursion alone would return a result that solves nothing; the method refuses, naming the
     smallest eigenvalue (an upper bound of the true one, found by Lanczos), λ and the fix."""
     K, lam = _damped(untrained, "hessian", 1.0)
     true_min = float(torch.linalg.eigvalsh(K)[0])

@@ -1,4 +1,4 @@
-"""Issue 16: the derivative gold standard (tda.further_training.derivative).
+"""The derivative gold standard (tda.further_training.derivative).
 
 - the weighted trajectory at w = 1 is reference.py's full-data run (1e-12, float64);
 - forward mode equals central finite differences of the trajectory's own `mask` / `downweight`

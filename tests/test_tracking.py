@@ -1,5 +1,7 @@
-"""Issues 2 and 7: what the stages log to W&B offline, read back through W&B's own reader of
-the run's transaction log, equals what they write to disk; a multirun is one W&B run per job."""
+"""W&B runs of every stage (tda.tracking, and what tda.evaluation.wandb_logging logs), read back
+offline through W&B's own reader of the run's transaction log: evaluate logs exactly what it writes
+to disk; a multirun is one W&B run per job; a failed stage's run is recorded as failed, a cached job
+logs no timings; groups and tags name the experiment and the stage."""
 
 from __future__ import annotations
 
@@ -11,16 +13,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers.config import ROOT, compose_config
+from helpers.runs import trained
+from helpers.wandb import offline_runs, read_offline_run, wandb_on
 
-from conftest import ROOT, compose_config
 from tda.config import to_container
 from tda.further_training.store import further_training_key, load_gold_standard
 from tda.stages import attribute, evaluate, train
-from tda.tracking import init_wandb, offline_runs, read_offline_run
-
-
-def wandb_on(tiny: list[str]) -> list[str]:
-    return [o for o in tiny if not o.startswith("logger=")] + ["logger=wandb"]
+from tda.tracking import init_wandb, wandb_group, wandb_tags
 
 
 def runs_by_job_type(root: Path) -> dict[str, list[dict]]:
@@ -94,14 +94,16 @@ def test_evaluate_logs_exactly_what_it_writes(tiny, isolated_env):
     chart = ev["tables"]["charts/cosine_centered_table"]
     assert chart["columns"] == ["step", "lineKey", "lineVal"] and len(chart["data"]) == 2 * curves.x.nunique()
     for x, line, y in chart["data"]:
-        want = curves[(curves.metric == "cosine") & curves.centered & (curves.method == line) & (curves.x == x)]["mean"].item()
+        want = curves[(curves.metric == "cosine") & curves.centered & (curves.method == line)
+                      & (curves.x == x)]["mean"].item()
         assert same(y, want)
 
     # summary scalars for the run table
     summary = pd.read_csv(out / "summary.csv")
     for _, r in summary.iterrows():
         base = f"summary/{'centered' if r.centered else 'uncentered'}/{r.method}"
-        for col in ("peak_cosine", "peak_x", "cosine_first", "cosine_last", "spearman_first", "spearman_last", "seconds"):
+        for col in ("peak_cosine", "peak_x", "cosine_first", "cosine_last", "spearman_first", "spearman_last",
+                    "seconds"):
             assert same(ev["summary"][f"{base}/{col}"], float(r[col])), (base, col)
 
     # figures as images, copied into the run
@@ -140,6 +142,53 @@ def test_multirun_is_one_wandb_run_per_job(tiny, isolated_env):
     for r in runs["attribute"]:
         assert f"method:{r['config']['method']['name']}" in r["run"]["tags"]
         assert r["summary"]["seconds"] > 0
+
+
+def test_failed_stage_marks_its_wandb_run_failed_and_keeps_the_error(tiny, isolated_env):
+    tiny = wandb_on(tiny)
+    trained(tiny)
+    with pytest.raises(FloatingPointError, match="further training diverged"):
+        attribute(compose_config("attribute", tiny + ["method=further_training", "further_optimizer.lr=1e6"]))
+    runs = {r["run"]["job_type"]: r for r in map(read_offline_run, offline_runs(isolated_env / "runs"))}
+    assert runs["train"]["state"] == "finished" and runs["train"]["exit_code"] == 0
+    assert runs["attribute"]["state"] == "failed" and runs["attribute"]["exit_code"] == 2  # a user error
+
+
+def test_cached_jobs_log_no_timings_and_are_tagged_cached(tiny, isolated_env):
+    tiny = wandb_on(tiny)
+    for _ in range(2):
+        trained(tiny)
+        for method in ("further_training", "grad_dot"):
+            attribute(compose_config("attribute", tiny + [f"method={method}"]))
+    runs = sorted((read_offline_run(d) for d in offline_runs(isolated_env / "runs")),
+                  key=lambda r: r["run"]["start_time"])
+    assert [r["run"]["display_name"].rsplit("/", 1)[-1] for r in runs][3:] == \
+        [r["run"]["display_name"].rsplit("/", 1)[-1] for r in runs][:3]
+    first, again = runs[:3], runs[3:]
+    for r in first:
+        assert "cached" not in r["run"]["tags"] and "cached" not in r["summary"]
+    for r in first[1:]:
+        assert r["summary"]["seconds"] > 0 and "peak_mb" in r["summary"]
+    for r in again:
+        assert "cached" in r["run"]["tags"] and r["summary"]["cached"] is True and r["state"] == "finished"
+        assert "seconds" not in r["summary"] and "peak_mb" not in r["summary"]
+    assert again[1]["summary"]["seeds_done"] == 2 and again[1]["summary"]["seeds_computed"] == 0
+    assert first[1]["summary"]["seeds_computed"] == 2
+    assert {r["run"]["run_group"] for r in runs} == {"breast_cancer-mlp"}
+
+
+def test_wandb_group_names_the_experiment():
+    assert wandb_group(compose_config("train")) == "breast_cancer-mlp"
+    assert wandb_group(compose_config("train", ["dataset=digits", "model=small_cnn"])) == "digits-small_cnn"
+    assert wandb_group(compose_config("train", ["experiment=folktables_sgd_cpu"])) == "folktables_sgd_cpu"
+    assert wandb_group(compose_config("train", ["name=sweep1"])) == "sweep1"
+    assert wandb_group(compose_config("train", ["logger.group=g"])) == "g"
+
+
+def test_wandb_tags_of_the_gold_stage_name_no_method(tiny):
+    tags = wandb_tags(compose_config("further_train", tiny), "further_train")
+    assert "stage:further_train" in tags and "further_optimizer:sgd" in tags
+    assert not [t for t in tags if t.startswith("method:")]
 
 
 def test_online_without_account_fails_fast_with_a_clear_message(tiny, monkeypatch, tmp_path):
