@@ -51,7 +51,7 @@ def code_version() -> dict[str, Any]:
         from importlib.metadata import version
 
         out["package_version"] = version("tda")
-    except Exception:  # not installed as a distribution (e.g. run from a source tree)
+    except Exception:  # noqa: BLE001 - not installed as a distribution (e.g. run from a source tree)
         out["package_version"] = None
     try:
         commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True,
@@ -59,7 +59,7 @@ def code_version() -> dict[str, Any]:
         dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
         out["git_commit"], out["git_dirty"] = commit, bool(dirty)
-    except Exception:  # no git binary, or not a checkout: the package version is all we have
+    except Exception:  # noqa: BLE001 - no git, or not a checkout: the package version is all we have
         out["git_commit"], out["git_dirty"] = None, None
     return out
 
@@ -92,7 +92,8 @@ def require_match(found: dict[str, Any], expected: dict[str, Any], what: str, fi
 def _describe_difference(have: Any, want: Any) -> str:
     if isinstance(have, dict) and isinstance(want, dict):
         keys = sorted(set(have) | set(want), key=str)
-        parts = [f"{k}: artifact has {_short(have.get(k, '<missing>'))}, this run needs {_short(want.get(k, '<missing>'))}"
+        missing = "<missing>"
+        parts = [f"{k}: artifact has {_short(have.get(k, missing))}, this run needs {_short(want.get(k, missing))}"
                  for k in keys if have.get(k, "<missing>") != want.get(k, "<missing>")]
         return "; ".join(parts)
     return f"artifact has {_short(have)}, this run needs {_short(want)}"
@@ -146,8 +147,8 @@ def read_final_model(run, cfg: DictConfig) -> FinalModel:
         raise IntegrityError(f"the final model {run.final_model} is damaged or truncated ({err}); {retrain}") from err
     have = header.get("identity", {})
     require_match(have, {"run": run_key(cfg)}, f"the final model {run.final_model}",
-                  f"It was trained for other dataset/model/optimizer/train/selection/seed settings (copied from another "
-                  f"run directory?); {retrain}, or point paths.runs_dir at the folder it belongs to.")
+                  f"It was trained for other dataset/model/optimizer/train/selection/seed settings (copied from "
+                  f"another run directory?); {retrain}, or point paths.runs_dir at the folder it belongs to.")
     if have.get("weights") != weights:
         raise ProvenanceError(f"the final model {run.final_model} records weights {have.get('weights')!r} but holds "
                               f"{weights!r}; {retrain}")
@@ -157,12 +158,14 @@ def read_final_model(run, cfg: DictConfig) -> FinalModel:
     validate_indices(selection.get("test_indices"), n_test, "test_indices", run.selection)
     sel = selection_fingerprint(selection["left_out_indices"], selection["test_indices"])
     if have.get("selection") != sel or have.get("data") != selection.get("data_fingerprint"):
-        raise ProvenanceError(f"{run.selection} does not belong to the final model {run.final_model} (its indices or "
-                              f"data fingerprint differ from those the model was trained with); restore it, or {retrain}")
+        raise ProvenanceError(f"{run.selection} does not belong to the final model {run.final_model} (its indices "
+                              f"or data fingerprint differ from those the model was trained with); restore it, or "
+                              f"{retrain}")
     missing = [f for f in IDENTITY_FIELDS if not have.get(f)]
     if missing:
         raise ProvenanceError(f"the final model {run.final_model} does not record {missing}; {retrain}")
-    return FinalModel(state_dict=state, identity={f: have[f] for f in IDENTITY_FIELDS}, selection=selection, header=header)
+    identity = {f: have[f] for f in IDENTITY_FIELDS}
+    return FinalModel(state_dict=state, identity=identity, selection=selection, header=header)
 
 
 # Everything in a run directory that was computed from its final model.
@@ -183,7 +186,7 @@ def supersede_dependents(run, new_identity: dict[str, str]) -> Path | None:
         return None  # whatever is there records its own final model and is checked on load
     try:
         old = load_tensor_metadata(run.final_model).get("identity")
-    except Exception:  # an unreadable model: nothing computed from it can be vouched for
+    except Exception:  # noqa: BLE001 - an unreadable model: nothing computed from it can be vouched for
         old = None
     if old == new_identity:
         return None  # retrained to the same weights: every result still belongs to it

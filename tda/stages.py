@@ -103,7 +103,8 @@ def select(cfg: DictConfig, data: DataBundle) -> dict:
     if sel.test == "first":
         test = first_indices(len(data.test), sel.n_test, what="evaluated test instances (selection.n_test)")
     else:
-        test = choose_indices(len(data.test), sel.n_test, int(sel.seed) + 1, what="evaluated test instances (selection.n_test)")
+        test = choose_indices(len(data.test), sel.n_test, int(sel.seed) + 1,
+                              what="evaluated test instances (selection.n_test)")
     validate_indices(left_out, len(data.train), "left-out training indices", "the selection (selection.*)")
     validate_indices(test, len(data.test), "evaluated test indices", "the selection (selection.*)")
     return {"left_out_indices": left_out, "test_indices": test, "selection_seed": int(sel.seed),
@@ -157,7 +158,8 @@ def train(cfg: DictConfig) -> RunDir:
         return run
     seconds = time.perf_counter() - t0
     model = model.float().cpu()
-    metrics = {"test": evaluate_model(trainable, x_te, y_te, data.task), "train": evaluate_model(trainable, x_tr, y_tr, data.task),
+    metrics = {"test": evaluate_model(trainable, x_te, y_te, data.task),
+               "train": evaluate_model(trainable, x_tr, y_tr, data.task),
                "seconds": seconds, "n_train": len(x_tr), "n_test": len(x_te),
                "n_trainable_params": sum(p.numel() for p in model.trainable_part().parameters())}
     log.info("final model: test %s, train %s", metrics["test"], metrics["train"])
@@ -170,7 +172,8 @@ def train(cfg: DictConfig) -> RunDir:
     supersede_dependents(run, final)
     save_text(run.config, OmegaConf.to_yaml(cfg, resolve=True))
     provenance = stamp("train", {k: cfg[k] for k in RUN_KEYS}, n_train=len(data.train), n_test=len(data.test))
-    save_json(run.selection, selection | {"data_fingerprint": data_fp, "data_info": data.info, "provenance": provenance})
+    save_json(run.selection, selection | {"data_fingerprint": data_fp, "data_info": data.info,
+                                          "provenance": provenance})
     save_json(run.metrics, metrics)
     if features is not None:
         save_tensors(run.features, features, metadata={"final_model": final}, what="the frozen part's features")
@@ -192,10 +195,11 @@ def attribution_problem(cfg: DictConfig, run: RunDir, data: DataBundle | None = 
     data = data if data is not None else load_data(cfg)
     selection = final.selection
     validate_selection(selection, len(data.train), len(data.test), run.selection)
-    if final.identity["data"] != data.fingerprint():
-        raise ProvenanceError(f"the dataset loaded now differs from the one the final model in {run.path} was trained "
-                              f"on (fingerprint {data.fingerprint()} != {final.identity['data']}); check dataset.root / "
-                              f"TDA_DATA_DIR, or retrain with train.overwrite=true")
+    fingerprint = data.fingerprint()
+    if final.identity["data"] != fingerprint:
+        raise ProvenanceError(f"the dataset loaded now differs from the one the final model in {run.path} was "
+                              f"trained on (fingerprint {fingerprint} != {final.identity['data']}); check "
+                              f"dataset.root / TDA_DATA_DIR, or retrain with train.overwrite=true")
     model = build_model(cfg, data)
     model.load_state_dict(final.state_dict)
     model.eval()
@@ -265,13 +269,15 @@ def attribute(cfg: DictConfig) -> Path:
             scores = method.scores(problem).cpu()
             seconds = time.perf_counter() - t0
         if tuple(scores.shape) != expected:
-            raise ValueError(f"method {name} returned scores of shape {tuple(scores.shape)}, expected [n_test, n_left_out] = {expected}")
+            raise ValueError(f"method {name} returned scores of shape {tuple(scores.shape)}, expected "
+                             f"[n_test, n_left_out] = {expected}")
         header = {"method": name, "config": to_container(cfg.method), "final_model": final.identity,
                   "shape": list(expected)}
         save_method_scores(out, scores, header, {
             "seconds": seconds, "peak_mb": mem.peak_mb, "left_out_indices": problem.left_out_indices.tolist(),
             "test_indices": problem.test_indices.tolist(), "extra": method.record, "key": method_key(cfg),
-            "provenance": stamp("attribute", {"method": cfg.method}, n_train=problem.n_train, final_model_run=run.path.name)})
+            "provenance": stamp("attribute", {"method": cfg.method}, n_train=problem.n_train,
+                                final_model_run=run.path.name)})
         if wb is not None:
             wb.summary.update({"seconds": seconds, "peak_mb": mem.peak_mb})
         log.info("%s: %.2fs, peak %.0f MB -> %s", name, seconds, mem.peak_mb, out)

@@ -155,6 +155,19 @@ def test_cnn_engine_equals_reference(removal, vmap):
     assert_same_differences(ref, eng)
 
 
+@pytest.mark.parametrize("removal", ["drop", "mask", "downweight"])
+def test_token_id_inputs_train_in_the_reference_and_the_engine(removal):
+    """Integer inputs (token ids) must not turn the loss weights into integers (all zero)."""
+    g = torch.Generator().manual_seed(0)
+    x, xt = torch.randint(0, 11, (19, 3), generator=g), torch.randint(0, 11, (4, 3), generator=g)
+    y, yt = torch.randint(0, 2, (19,), generator=g), torch.randint(0, 2, (4,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(11, 4), nn.Flatten(), nn.Linear(12, 2)).to(F64)
+    ref = reference_losses(model, OPTIMIZERS["sgd_momentum"], x, y, xt, yt, [3, 7], removal, batch=5)
+    eng, _ = engine_losses(model, OPTIMIZERS["sgd_momentum"], x, y, xt, yt, [3, 7], removal, batch=5, vmap=False)
+    assert_same_differences(ref, eng)
+
+
 @pytest.mark.parametrize("removal,vmap", [("drop", True), ("mask", True), ("drop", False)])
 def test_dropout_masks_are_matched_like_the_reference(removal, vmap):
     """Generic path (vmap, randomness='same') with dropout: every run of a step draws the

@@ -48,7 +48,10 @@ plain tensor operations (torch's native kernel updates running statistics in pla
 autograd). Forward mode on a Linear/ReLU stack (tda.models.structure.mlp_layers: the paper's MLP
 without dropout) takes a fast path with the tangents batched by hand and, for one-hot inputs, the
 first layer's weight columns gathered (tda.further_training.derivative_mlp; `fast_path=False`
-forces the generic one). Reverse mode always takes the generic path (dense first layer).
+forces the generic one). Reverse mode on the same models takes the hand-written adjoint of
+tda.further_training.derivative_mlp_reverse (the optimizer's and the clipping's vector-Jacobian
+products elementwise, the gradient's as a Hessian-vector product by batched matmuls, the one-hot
+first layer gathered / scattered), else the generic vmap(vjp) path.
 
 Caveat (a property of the training, not of this engine): a bias feeding a batch norm has a zero
 gradient in exact arithmetic; Adam turns the rounding noise of that zero into updates ~lr that
@@ -68,6 +71,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from tda.further_training.derivative_mlp import mlp_forward_chunk
+from tda.further_training.derivative_mlp_reverse import mlp_reverse
 from tda.further_training.optim import optimizer_spec
 from tda.further_training.reference import epoch_permutations, step_seed
 from tda.models.base import per_example_loss
@@ -454,6 +458,10 @@ class WeightedTrajectory:
         M = min(M, len(pairs))
         end = max(self.checkpoint_steps[c] for c in chosen)
         k = int(store_every) if store_every else max(1, math.isqrt(end - 1) + 1)
+        if self.mlp_ops is not None and not self.bnames:  # the Linear/ReLU fast path
+            result, full_loss, n_stored = mlp_reverse(self, chosen, M, k)
+            return self._reverse_result(result, full_loss, chosen, M, len(pairs), k, n_stored,
+                                        "linear_relu_sparse" if self.sparse else "linear_relu")
         # forward sweep: stored states every k steps, the full run's test losses at every checkpoint
         stored, full = {}, []
         test = self.test_function()
@@ -471,12 +479,15 @@ class WeightedTrajectory:
         result = torch.zeros(len(pairs), self.n, dtype=torch.float64)
         for p0 in range(0, len(pairs), M):
             result[p0:p0 + M] = self._backward_sweep(pairs[p0:p0 + M], stored, k, end).cpu()
-        derivative = (-self.scale * result).reshape(len(chosen), n_test, self.n)
+        return self._reverse_result(result, full_loss, chosen, M, len(pairs), k, len(stored), "generic")
+
+    def _reverse_result(self, result, full_loss, chosen, M, n_pairs, k, n_stored, path) -> DerivativeResult:
+        derivative = (-self.scale * result).reshape(len(chosen), self.n_test, self.n)
         return DerivativeResult(derivative, full_loss, self.initial_losses(), torch.arange(self.n), chosen,
                                 list(self.checkpoint_steps),
-                                {"mode": "reverse", "cotangents_per_sweep": M, "sweeps": -(-len(pairs) // M),
-                                 "store_every": k, "stored_states": len(stored), "normalisation": self.normalisation,
-                                 "scale": self.scale})
+                                {"mode": "reverse", "path": path, "cotangents_per_sweep": M,
+                                 "sweeps": -(-n_pairs // M), "store_every": k, "stored_states": n_stored,
+                                 "normalisation": self.normalisation, "scale": self.scale})
 
     def _backward_sweep(self, pairs: list[tuple[int, int]], stored: dict, k: int, end: int) -> torch.Tensor:
         """∂ℓ_z(θ_{T_c}) / ∂w [len(pairs), n] for the (checkpoint c, test instance z) pairs."""

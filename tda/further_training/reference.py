@@ -100,18 +100,19 @@ def further_train_run(model: nn.Module, optimizer: Callable, x: torch.Tensor, y:
         if checkpoint_every and clock % checkpoint_every == 0:
             losses.append(test_losses(model, x_test, y_test, task))
 
+    wdtype = params[0].dtype  # loss weights in the model's dtype (inputs may be token ids)
     with torch.random.fork_rng(devices=[]):
         for _ in range(n_epochs):
             epoch_start = clock
             for xb, yb, idx in loader:
-                weights = torch.full((len(idx),), 1.0 / len(idx), dtype=x.dtype)
+                weights = torch.full((len(idx),), 1.0 / len(idx), dtype=wdtype)
                 if removal == "mask" and left_out is not None and bool((idx == left_out).any()):
                     keep = idx != left_out
-                    weights = keep.to(x.dtype) / max(int(keep.sum()), 1)
+                    weights = keep.to(wdtype) / max(int(keep.sum()), 1)
                 if removal == "downweight":
                     extra = left_out if left_out is not None else int(idx[0])
                     xb, yb = torch.cat([xb, x[extra:extra + 1]]), torch.cat([yb, y[extra:extra + 1]])
-                    weights = torch.cat([weights, torch.tensor([-eps if left_out is not None else 0.0], dtype=x.dtype)])
+                    weights = torch.cat([weights, torch.tensor([-eps if left_out is not None else 0.0], dtype=wdtype)])
                 torch.manual_seed(step_seed(seed, clock))
                 opt.zero_grad(set_to_none=True)
                 loss = (per_example_loss(model(xb), yb, task) * weights).sum()
