@@ -72,6 +72,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from tda.further_training.derivative_mlp import mlp_forward_chunk
 from tda.further_training.derivative_mlp_reverse import mlp_reverse
+from tda.further_training.functional_optim import optimizer_step
 from tda.further_training.optim import optimizer_spec
 from tda.further_training.reference import epoch_permutations, step_seed
 from tda.models.base import per_example_loss
@@ -136,13 +137,6 @@ def functional_model(model: nn.Module) -> tuple[nn.Module, list]:
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
-
-
-def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:
-    """sqrt with derivative 0 where v == 0 (an Adam second moment that never saw a non-zero
-    gradient: the true derivative of the update there is d m / eps, which this gives)."""
-    pos = v > 0
-    return torch.where(pos, torch.sqrt(torch.where(pos, v, torch.ones_like(v))), torch.zeros_like(v))
 
 
 @dataclass
@@ -285,37 +279,7 @@ class WeightedTrajectory:
                 total = torch.sqrt(sum((t * t).sum() for t in g))
                 coef = torch.clamp(float(self.clip) / (total + 1e-6), max=1.0)
                 g = [t * coef for t in g]
-            new_p, new_o = [], []
-            lr, wd = float(hp["lr"]), float(hp["weight_decay"])
-            P = len(params)
-            if kind == "SGD":
-                mom, damp = float(hp["momentum"]), float(hp["dampening"])
-                for i, (p, gi) in enumerate(zip(params, g)):
-                    if wd != 0:
-                        gi = gi + wd * p
-                    if mom != 0:
-                        buf = gi if s == 1 else opt[i] * mom + (1 - damp) * gi
-                        new_o.append(buf)
-                        gi = gi + mom * buf if hp["nesterov"] else buf
-                    new_p.append(p - lr * gi)
-            else:
-                b1, b2 = (float(b) for b in hp["betas"])
-                eps = float(hp["eps"])
-                bc1, bc2 = 1 - b1 ** s, 1 - b2 ** s
-                ms, vs = [], []
-                for i, (p, gi) in enumerate(zip(params, g)):
-                    if wd != 0:
-                        if kind == "AdamW":
-                            p = p * (1 - lr * wd)
-                        else:
-                            gi = gi + wd * p
-                    m = torch.lerp(opt[i], gi, 1 - b1)
-                    v = torch.addcmul(opt[P + i] * b2, gi, gi, value=1 - b2)
-                    denom = _safe_sqrt(v) / bc2 ** 0.5 + eps
-                    new_p.append(torch.addcdiv(p, m, denom, value=-(lr / bc1)))
-                    ms.append(m)
-                    vs.append(v)
-                new_o = ms + vs
+            new_p, new_o = optimizer_step(kind, hp, list(params), g, list(opt), s)
             new_b = list(bufs)
             for k, key in enumerate(keys):  # running statistics: (1 − m)·running + m·batch, as torch
                 im, iv = bn_index[key]

@@ -17,11 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tda.further_training.functional_optim import safe_sqrt
 from tda.models.structure import sparse_rows
-
-
-def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:
-    return torch.sqrt(torch.where(v > 0, v, torch.zeros_like(v)))
 
 
 class MLPTangents:
@@ -217,7 +214,7 @@ class MLPTangents:
             m, md = torch.lerp(opt[i], gi, 1 - b1), topt[i].lerp_(gdi, 1 - b1)
             v = torch.addcmul(opt[P + i] * b2, gi, gi, value=1 - b2)
             vd = topt[P + i].mul_(b2).addcmul_(gdi, (2 * (1 - b2)) * gi)
-            sq = _safe_sqrt(v)
+            sq = safe_sqrt(v)
             denom = sq / bc2 ** 0.5 + eps
             # p' = p − (lr/bc1)·m/denom, denom = √v/√bc2 + eps: ṗ' = ṗ − (lr/bc1)·(ṁ/denom − m·v̇/(2√v·√bc2·denom²))
             inv = 1 / denom

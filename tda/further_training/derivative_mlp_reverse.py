@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from tda.further_training.derivative_mlp import MLPTangents, _safe_sqrt
+from tda.further_training.derivative_mlp import MLPTangents
+from tda.further_training.functional_optim import optimizer_step, safe_sqrt
 
 
 class MLPAdjoint:
@@ -112,37 +113,8 @@ class MLPAdjoint:
         _, _, _, _, g, clip = self.gradient(params, x, y)
         if clip is not None:
             g = [a * clip[0] for a in g]
-        s = clock + 1
-        lr, wd = float(hp["lr"]), float(hp["weight_decay"])
-        new_p, new_o = [], []
-        if t.kind == "SGD":
-            mom, damp = float(hp["momentum"]), float(hp["dampening"])
-            for i, (p, gi) in enumerate(zip(params, g)):
-                if wd != 0:
-                    gi = gi + wd * p
-                if mom != 0:
-                    buf = gi if s == 1 else opt[i] * mom + (1 - damp) * gi
-                    new_o.append(buf)
-                    gi = gi + mom * buf if hp["nesterov"] else buf
-                new_p.append(p - lr * gi)
-            return new_p + new_o
-        b1, b2 = (float(b) for b in hp["betas"])
-        eps = float(hp["eps"])
-        bc1, bc2 = 1 - b1 ** s, 1 - b2 ** s
-        ms, vs = [], []
-        for i, (p, gi) in enumerate(zip(params, g)):
-            if wd != 0:
-                if t.kind == "AdamW":
-                    p = p * (1 - lr * wd)
-                else:
-                    gi = gi + wd * p
-            m = torch.lerp(opt[i], gi, 1 - b1)
-            v = torch.addcmul(opt[P + i] * b2, gi, gi, value=1 - b2)
-            denom = _safe_sqrt(v) / bc2 ** 0.5 + eps
-            new_p.append(torch.addcdiv(p, m, denom, value=-(lr / bc1)))
-            ms.append(m)
-            vs.append(v)
-        return new_p + ms + vs
+        new_p, new_o = optimizer_step(t.kind, hp, list(params), g, list(opt), clock + 1)
+        return new_p + new_o
 
     def test_losses(self, state):
         _, out = self.forward(state[:self.P], self.fp.x_test)
@@ -205,7 +177,7 @@ class MLPAdjoint:
             if wd != 0 and t.kind == "Adam":
                 gi = gi + wd * p
             m, v = after[P + i], after[2 * P + i]
-            sq = _safe_sqrt(v)
+            sq = safe_sqrt(v)
             inv = 1 / (sq / bc2 ** 0.5 + eps)
             pos = v > 0
             dv = torch.where(pos, (a / bc2 ** 0.5) * m * inv * inv / torch.where(pos, 2 * sq, torch.ones_like(sq)),
