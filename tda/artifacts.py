@@ -134,6 +134,15 @@ def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (an input file a run was computed from, e.g. an index file)."""
+    h = hashlib.sha256()
+    with open(Path(path).expanduser(), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def require_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
     """Raise :class:`NonFiniteError` naming every floating-point tensor with NaN / inf."""
     bad = []

@@ -168,6 +168,27 @@ def read_final_model(run, cfg: DictConfig) -> FinalModel:
     return FinalModel(state_dict=state, identity=identity, selection=selection, header=header)
 
 
+def read_initial_model(run, final: FinalModel) -> dict[str, torch.Tensor]:
+    """The weights the final model of `run` started from (`initial_model.safetensors`, written by
+    train.py: the state-dict entries that final training changed; the rest equal the final
+    model's), verified: its checksum, and the identity of `final` (read by
+    :func:`read_final_model`) in its header. Raises naming the problem and the fix."""
+    retrain = "re-run `python train.py <same overrides> train.overwrite=true` (the same final model, now with its " \
+              "initial weights recorded)"
+    if not run.initial_model.is_file():
+        raise FileNotFoundError(f"the final model in {run.path} was trained before initial weights were recorded "
+                                f"(no {run.initial_model.name}); {retrain}")
+    try:
+        state, header, _ = load_tensors_with_metadata(run.initial_model)
+    except IntegrityError as err:
+        raise IntegrityError(f"the initial weights {run.initial_model} are damaged or truncated ({err}); "
+                             f"{retrain}") from err
+    require_match(header, {"identity": final.identity}, f"the initial weights {run.initial_model}",
+                  f"They belong to another final model (copied, or final training was interrupted before it "
+                  f"wrote its model?); {retrain}.")
+    return state
+
+
 # Everything in a run directory that was computed from its final model.
 DEPENDENTS = ("gold", "methods", "eval", "cache", "features.safetensors")
 

@@ -6,10 +6,12 @@ One run directory per final model, derived from the resolved training config, so
     runs/<dataset>-<model>-<optimizer>-<hash>/
         config.yaml            resolved training config
         final_model.safetensors
+        initial_model.safetensors
+                               the weights final training started from (the retraining gold standard's start)
         metrics.json           final-model test loss / accuracy
         selection.json         left-out training indices, evaluated test indices, seeds
         features.safetensors   cached outputs of the frozen part (if any)
-        gold/<key>/            further-training gold standard: one file per seed + meta.json
+        gold/<key>/            gold standard (further training or retraining): one file per seed + meta.json
         methods/<key>/         one gradient method: scores.safetensors + record.json
         eval/<key>/            CSV, PNG, report.md of the evaluate stage
 
@@ -24,9 +26,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
+from tda.artifacts import file_sha256
 from tda.config import SAFE_NAME_RULE, config_hash, node_name, safe_name, to_container
 
 # The parts of the config that determine the final model and the selections.
@@ -76,11 +80,31 @@ TRAINER_KEYS_OUTSIDE_RUN = frozenset({
 })
 
 
+# Settings added after runs had been trained, with the value that means what a run was before
+# they existed: at that value they are left out of the run key, so existing run directories keep
+# their names.
+OMITTED_AT_DEFAULT: dict[str, dict[str, Any]] = {
+    "train": {"final_checkpoint": "last"},
+    "selection": {"left_out_every": None, "left_out_file": None},
+}
+
+
 def run_key(cfg: DictConfig) -> str:
     names = [node_name(cfg.dataset), node_name(cfg.model), node_name(cfg.optimizer)]
     nodes = [to_container(cfg[k]) for k in RUN_KEYS]
+    for i, key in enumerate(RUN_KEYS):
+        omitted = OMITTED_AT_DEFAULT.get(key, {})
+        if isinstance(nodes[i], dict):
+            nodes[i] = {k: v for k, v in nodes[i].items() if not (k in omitted and v == omitted[k])}
     # train.overwrite says whether to redo the run, not what the run is: it must find the same directory
     nodes[RUN_KEYS.index("train")] = {k: v for k, v in nodes[RUN_KEYS.index("train")].items() if k != "overwrite"}
+    selection = nodes[RUN_KEYS.index("selection")]
+    if selection.get("left_out_file") is not None:  # the file's content, not its path, defines the run
+        path = Path(selection["left_out_file"]).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"selection.left_out_file={path} does not exist; point it at the file of left-out "
+                                    f"training-row indices (the run was trained with its content)")
+        selection["left_out_file"] = {"sha256": file_sha256(path)}
     trainer = to_container(cfg.get("trainer")) or {}
     passed = {k: v for k, v in trainer.items() if k not in TRAINER_KEYS_OUTSIDE_RUN}
     if passed:  # absent for every run without such arguments, so their keys are unchanged
@@ -114,6 +138,11 @@ class RunDir:
     @property
     def final_model(self) -> Path:
         return self.path / "final_model.safetensors"
+
+    @property
+    def initial_model(self) -> Path:
+        """The weights final training started from (the retraining gold standard's start)."""
+        return self.path / "initial_model.safetensors"
 
     @property
     def metrics(self) -> Path:

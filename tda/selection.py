@@ -1,15 +1,27 @@
 """Seeded, recorded choice of the left-out training instances and evaluated test instances,
-and its settings (the `selection` section)."""
+and its settings (the `selection` section).
+
+Three rules choose the left-out instances: a seeded random choice (optionally stratified by
+class), every k-th training row (`left_out_every`, the paper's regression runs), or a list read
+from a file (`left_out_file`, e.g. the authors' published index files)."""
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from tda.artifacts import file_sha256
+from tda.config import ConfigError
+from tda.data.base import DataBundle
 from tda.sections import Checks, Section, setting
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -22,13 +34,23 @@ class SelectionSettings(Section):
                                      "null attributes every training row")
     n_test: int | None = setting(40, "test instances evaluated", "null evaluates every test instance")
     seed: int = setting(0, "seed of the choice")
-    stratify: bool = setting(True, "left-out instances stratified by label")
+    stratify: bool = setting(True, "left-out instances stratified by class (classification only; a regression "
+                                   "target has no classes)")
     test: Literal["first", "random"] = setting("first", "which test instances (the paper evaluates the first 100)")
+    left_out_every: int | None = setting(None, "left out: training rows 0, k, 2k, ... (the first n_left_out of "
+                                         "them); null: a seeded random choice")
+    left_out_file: str | None = setting(None, "left out: the training-row indices listed in this file (JSON list, "
+                                        "or a torch tensor file read with weights_only=True)",
+                                        "null: a seeded random choice")
 
     def check(self, c: Checks) -> None:
         c.positive("n_left_out")
         c.positive("n_test")
         c.non_negative("seed")
+        c.positive("left_out_every")
+        if self.left_out_every is not None and self.left_out_file is not None:
+            c.add("selection.left_out_every and selection.left_out_file both choose the left-out instances; set one "
+                  "of them to null")
 
     def fit_problems(self, n_train: int, n_test: int, dataset: str) -> list[str]:
         """The selection against the data's size: no more instances than rows."""
@@ -41,6 +63,99 @@ class SelectionSettings(Section):
             problems.append(f"selection.n_test={self.n_test} asks for more test instances than the {n_test} test rows "
                             f"of {dataset}; lower it (or set it to null) or raise dataset.max_test")
         return problems
+
+
+def read_index_file(path: str | Path) -> list[int]:
+    """The row indices listed in `path`, in the file's order (repeats kept; see
+    :func:`left_out_from_file`): a JSON list of integers (or an object with a
+    `left_out_indices` list), or a 1-D integer tensor / list saved with `torch.save` (the
+    authors' index files), read with `torch.load(weights_only=True)`, which refuses anything but
+    tensors and plain containers, so no code in the file can run."""
+    path = Path(path).expanduser()
+    fix = "write the indices as a JSON list of integers, e.g. [0, 9, 18]"
+    if not path.is_file():
+        raise ConfigError(f"selection.left_out_file={path} does not exist; point it at a file of training-row indices "
+                          f"({fix})")
+    if path.suffix.lower() == ".json":
+        try:
+            values = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"selection.left_out_file={path} is not valid JSON ({err}); {fix}") from err
+        if isinstance(values, dict):
+            values = values.get("left_out_indices")
+    else:
+        try:
+            values = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises pickle / runtime errors of several types here
+            raise ConfigError(f"selection.left_out_file={path} cannot be read as a torch tensor file with "
+                              f"weights_only=True ({type(err).__name__}: {str(err).splitlines()[0][:200]}); {fix} "
+                              f"and give it a .json suffix") from err
+    if isinstance(values, torch.Tensor):
+        integer = not values.is_floating_point() and not values.is_complex() and values.dtype != torch.bool
+        if values.ndim != 1 or not integer:
+            raise ConfigError(f"selection.left_out_file={path} holds a tensor of shape {tuple(values.shape)} and dtype "
+                              f"{values.dtype}; expected a 1-D tensor of integer row indices")
+        values = values.tolist()
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"selection.left_out_file={path} holds {type(values).__name__}, not a non-empty list of row "
+                          f"indices; {fix}")
+    bad = next((v for v in values if isinstance(v, bool) or not isinstance(v, int)), None)
+    if bad is not None:
+        raise ConfigError(f"selection.left_out_file={path}: entry {bad!r} ({type(bad).__name__}) is not an integer "
+                          f"row index; {fix}")
+    return values
+
+
+def left_out_from_file(path: str | Path, n_train: int) -> tuple[list[int], dict[str, Any]]:
+    """The left-out instances listed in `path` and what to record about the file (its path,
+    SHA-256, entry count, repeats dropped). A repeated index is kept once, at its first
+    position, with a warning: attributing an instance twice would only duplicate its column.
+    Indices must lie in [0, n_train) (the training split as loaded, after `dataset.max_train`)."""
+    listed = read_index_file(path)
+    unique = list(dict.fromkeys(listed))
+    if len(unique) < len(listed):
+        log.warning("selection.left_out_file=%s lists %d indices, %d of them more than once; each is left out once "
+                    "(at its first position)", path, len(listed), len(listed) - len(unique))
+    outside = [i for i in unique if not 0 <= i < n_train]
+    if outside:
+        raise ConfigError(f"selection.left_out_file={path}: {len(outside)} indices lie outside 0..{n_train - 1} (the "
+                          f"{n_train} training rows), e.g. {outside[0]}; the file must index the training split as "
+                          f"loaded (after dataset.max_train and the dataset's own split)")
+    record = {"path": str(path), "sha256": file_sha256(path), "n_entries": len(listed),
+              "n_repeats_dropped": len(listed) - len(unique)}
+    return unique, record
+
+
+def every_kth(n: int, k: int, count: int | None) -> list[int]:
+    """Training rows 0, k, 2k, ... below n, the first `count` of them (None: all)."""
+    rows = list(range(0, n, k))
+    return rows if count is None else rows[:count]
+
+
+def left_out_indices(settings: SelectionSettings, data: DataBundle) -> tuple[list[int], dict[str, Any] | None]:
+    """The left-out training instances by the settings' rule, and the record of the index file
+    if one was read: `left_out_file` (its indices, the first n_left_out of them), else
+    `left_out_every` (rows 0, k, 2k, ...), else a seeded random choice, stratified by class
+    when `stratify` is set and the task has classes."""
+    n_train, count = len(data.train), settings.n_left_out
+    what = "left-out training instances (selection.n_left_out)"
+    record = None
+    if settings.left_out_file is not None:
+        listed, record = left_out_from_file(settings.left_out_file, n_train)
+        rows, source = listed, f"selection.left_out_file={settings.left_out_file} ({len(listed)} distinct indices)"
+    elif settings.left_out_every is not None:
+        rows = every_kth(n_train, settings.left_out_every, None)
+        source = f"selection.left_out_every={settings.left_out_every} ({len(rows)} of the {n_train} training rows)"
+    else:
+        labels = data.tensors("train")[1] if settings.stratify and data.task == "classification" else None
+        return choose_indices(n_train, count, settings.seed, labels=labels, stratify=labels is not None,
+                              what=what), None
+    if count is not None and count > len(rows):
+        raise ConfigError(f"selection.n_left_out={count} asks for more left-out instances than {source} gives; "
+                          f"lower it, or set it to null to take all of them")
+    if count is not None and count < len(rows):
+        log.info("left out: the first %d of %s", count, source)
+    return rows[:count] if count is not None else rows, record
 
 
 def choose_indices(n: int, k: int | None, seed: int, labels: torch.Tensor | None = None,

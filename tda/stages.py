@@ -46,6 +46,7 @@ from tda.provenance import (
     ProvenanceError,
     identity,
     read_final_model,
+    read_initial_model,
     require_match,
     selection_fingerprint,
     stamp,
@@ -53,9 +54,24 @@ from tda.provenance import (
 )
 from tda.runs import RUN_KEYS, RunDir, method_key, run_key
 from tda.scores import load_method_scores, save_method_scores
-from tda.selection import SelectionSettings, choose_indices, first_indices, validate_indices, validate_selection
+from tda.selection import (
+    SelectionSettings,
+    choose_indices,
+    first_indices,
+    left_out_indices,
+    validate_indices,
+    validate_selection,
+)
 from tda.tracking import finish, init_wandb, log_gold_progress, mark_cached
-from tda.training import FinalModelModule, TrainerSettings, TrainSettings, evaluate_model, final_trainer, loaders
+from tda.training import (
+    BestCheckpoint,
+    FinalModelModule,
+    TrainerSettings,
+    TrainSettings,
+    evaluate_model,
+    final_trainer,
+    loaders,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +88,7 @@ def load_data(cfg: DictConfig) -> DataBundle:
     problems = data_problems(data, name) + _model_input_problems(cfg, data, name)
     problems += SelectionSettings.from_config(cfg.selection).fit_problems(n_train, n_test, name)
     problems += FurtherTrainingSettings.from_config(cfg.further_training).fit_problems(
-        cfg.selection.n_left_out or n_train)
+        cfg.selection.n_left_out or n_train, n_train)
     if problems:
         raise ConfigError.listing("the configuration does not fit the data", problems)
     return data
@@ -97,9 +113,7 @@ def build_model(cfg: DictConfig, data: DataBundle) -> TDAModel:
 def select(cfg: DictConfig, data: DataBundle) -> dict:
     """The left-out training instances and evaluated test instances, seeded and recorded."""
     sel = cfg.selection
-    _, y_train = data.tensors("train")
-    left_out = choose_indices(len(data.train), sel.n_left_out, int(sel.seed), labels=y_train,
-                              stratify=bool(sel.stratify), what="left-out training instances (selection.n_left_out)")
+    left_out, file_record = left_out_indices(SelectionSettings.from_config(sel), data)
     if sel.test == "first":
         test = first_indices(len(data.test), sel.n_test, what="evaluated test instances (selection.n_test)")
     else:
@@ -107,8 +121,9 @@ def select(cfg: DictConfig, data: DataBundle) -> dict:
                               what="evaluated test instances (selection.n_test)")
     validate_indices(left_out, len(data.train), "left-out training indices", "the selection (selection.*)")
     validate_indices(test, len(data.test), "evaluated test indices", "the selection (selection.*)")
-    return {"left_out_indices": left_out, "test_indices": test, "selection_seed": int(sel.seed),
-            "rule": to_container(sel), "n_train": len(data.train), "n_test_total": len(data.test)}
+    record = {"left_out_indices": left_out, "test_indices": test, "selection_seed": int(sel.seed),
+              "rule": to_container(sel), "n_train": len(data.train), "n_test_total": len(data.test)}
+    return record | ({"left_out_file": file_record} if file_record else {})
 
 
 # ---------------------------------------------------------------------------------- train
@@ -126,6 +141,8 @@ def train(cfg: DictConfig) -> RunDir:
     data = load_data(cfg)
     selection = select(cfg, data)
     model = build_model(cfg, data)
+    # the retraining gold standard's start (a copy consumes no random numbers: the final model is unchanged)
+    initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     x_tr, y_tr = data.tensors("train")
     x_te, y_te = data.tensors("test")
     frozen, trainable = model.split()
@@ -146,7 +163,11 @@ def train(cfg: DictConfig) -> RunDir:
     if wb is not None:
         from lightning.pytorch.loggers import WandbLogger
         logger = WandbLogger(experiment=wb)
-    trainer = final_trainer(settings, trainer_settings, logger, str(run.path))
+    if settings.final_checkpoint == "best_accuracy" and data.task != "classification":
+        raise ConfigError(f"train.final_checkpoint=best_accuracy needs classes, but {data.name} is a {data.task} "
+                          f"dataset; use train.final_checkpoint=best_loss or last")
+    best = BestCheckpoint(settings.final_checkpoint) if settings.final_checkpoint != "last" else None
+    trainer = final_trainer(settings, trainer_settings, logger, str(run.path), callbacks=[best] if best else None)
     t0 = time.perf_counter()
     trainer.fit(module, train_loader, test_loader)
     if trainer.interrupted:  # Lightning returned from a stopped fit: never write a partial model
@@ -157,11 +178,13 @@ def train(cfg: DictConfig) -> RunDir:
         finish(wb)
         return run
     seconds = time.perf_counter() - t0
+    chosen = best.restore(trainable) if best is not None else {"rule": "last", "epoch": settings.epochs}
     model = model.float().cpu()
     metrics = {"test": evaluate_model(trainable, x_te, y_te, data.task),
                "train": evaluate_model(trainable, x_tr, y_tr, data.task),
                "seconds": seconds, "n_train": len(x_tr), "n_test": len(x_te),
-               "n_trainable_params": sum(p.numel() for p in model.trainable_part().parameters())}
+               "n_trainable_params": sum(p.numel() for p in model.trainable_part().parameters()),
+               "final_checkpoint": chosen}
     log.info("final model: test %s, train %s", metrics["test"], metrics["train"])
     state = dict(model.state_dict())
     require_finite(state, "the final model")  # before anything of the old run is moved aside
@@ -177,6 +200,9 @@ def train(cfg: DictConfig) -> RunDir:
     save_json(run.metrics, metrics)
     if features is not None:
         save_tensors(run.features, features, metadata={"final_model": final}, what="the frozen part's features")
+    # only what training changed: the frozen part (a pretrained encoder) is the final model's
+    changed = {k: v for k, v in initial_state.items() if not torch.equal(v, state[k].to(v.dtype))}
+    save_tensors(run.initial_model, changed, metadata={"identity": final}, what="the initial weights")
     # the model file is written last: its presence marks the run as complete
     save_tensors(run.final_model, state, metadata={"identity": final, "config_hash": provenance["config_hash"],
                                                    "code_version": provenance["code_version"]}, what="the final model")
@@ -188,8 +214,11 @@ def train(cfg: DictConfig) -> RunDir:
 
 # ---------------------------------------------------------------------------------- attribute
 def attribution_problem(cfg: DictConfig, run: RunDir, data: DataBundle | None = None,
-                         final: FinalModel | None = None) -> AttributionProblem:
-    """Load the final model (verified) and its selections, apply (and cache) the frozen part."""
+                         final: FinalModel | None = None,
+                         start_weights: dict[str, torch.Tensor] | None = None) -> AttributionProblem:
+    """Load the final model (verified) and its selections, apply (and cache) the frozen part.
+    `start_weights`: entries of the state dict that replace the final model's (the retraining
+    gold standard's initial weights; the frozen part is the final model's either way)."""
     final = final if final is not None else read_final_model(run, cfg)
     TrainerSettings.from_config(cfg.trainer).require_devices(attribution=True)
     data = data if data is not None else load_data(cfg)
@@ -201,7 +230,7 @@ def attribution_problem(cfg: DictConfig, run: RunDir, data: DataBundle | None = 
                               f"trained on (fingerprint {fingerprint} != {final.identity['data']}); check "
                               f"dataset.root / TDA_DATA_DIR, or retrain with train.overwrite=true")
     model = build_model(cfg, data)
-    model.load_state_dict(final.state_dict)
+    model.load_state_dict(final.state_dict | (start_weights or {}))
     model.eval()
     frozen, trainable = model.split()
     x_tr, y_tr = data.tensors("train")
@@ -297,7 +326,9 @@ def further_train(cfg: DictConfig, stage: str = "further_train") -> Path:
     run = RunDir.from_config(cfg)
     remove_stale_temp_files(run.path)
     final = read_final_model(run, cfg)  # fail before building anything else
-    problem = attribution_problem(cfg, run, final=final)
+    data = load_data(cfg)
+    start = _initial_weights(cfg, run, final, data) if cfg.further_training.start == "initial_weights" else None
+    problem = attribution_problem(cfg, run, data=data, final=final, start_weights=start)
     ft, further_optimizer = cfg.further_training, cfg.further_optimizer
     out = run.gold_dir(further_training_key(cfg))
     wb = init_wandb(cfg, stage, f"{run.path.name}/further_training")
@@ -322,6 +353,18 @@ def further_train(cfg: DictConfig, stage: str = "further_train") -> Path:
         return out
     finally:
         finish(wb)
+
+
+def _initial_weights(cfg: DictConfig, run: RunDir, final: FinalModel, data: DataBundle) -> dict[str, torch.Tensor]:
+    """`further_training.start=initial_weights` (the retraining gold standard): the final model's
+    initial weights (verified), once the runs are known to repeat its final training."""
+    problems = FurtherTrainingSettings.from_config(cfg.further_training).retraining_problems(
+        to_container(cfg.train), to_container(cfg.optimizer), to_container(cfg.further_optimizer),
+        augmenting_dataset=data.name if data.final_training_transform is not None else None)
+    if problems:
+        raise ConfigError.listing("further_training.start=initial_weights (gold_standard=retraining) cannot repeat "
+                                  "the final training", problems)
+    return read_initial_model(run, final)
 
 
 def _log_gold_progress(wb, gold_dir: Path, expected: dict, seeds: list[int]) -> None:

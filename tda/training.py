@@ -34,6 +34,9 @@ class TrainSettings(Section):
     gradient_clip_val: float | None = setting(None, "gradient norm clipping (Lightning's); null: none")
     eval_every_epochs: int = setting(1, "test-set metrics every this many epochs")
     overwrite: bool = setting(False, "retrain even if the run directory holds a final model")
+    final_checkpoint: Literal["last", "best_accuracy", "best_loss"] = setting(
+        "last", "the final model: the weights after the last epoch, or those of the evaluated epoch with the best "
+                "test-split accuracy / loss (the paper's SST-2 model is its best validation checkpoint)")
 
     def check(self, c: Checks) -> None:
         for name in ("epochs", "batch_size", "gradient_clip_val", "eval_every_epochs"):
@@ -138,14 +141,45 @@ class TrainerSettings(Section):
 TRAINER_OWN_KEYS = tuple(f.name for f in fields(TrainerSettings) if f.name != "lightning")
 
 
-def final_trainer(train: TrainSettings, trainer: TrainerSettings, logger: Any, root_dir: str) -> L.Trainer:
+def final_trainer(train: TrainSettings, trainer: TrainerSettings, logger: Any, root_dir: str,
+                  callbacks: list[L.Callback] | None = None) -> L.Trainer:
     """Lightning's `Trainer` for final training: deterministic, no Lightning checkpoints (tda
     writes the final model itself), the `trainer` section's arguments passed through."""
     return L.Trainer(**({"enable_model_summary": False, "num_sanity_val_steps": 0} | trainer.trainer_args()),
                      max_epochs=train.epochs, precision=train.precision, gradient_clip_val=train.gradient_clip_val,
                      check_val_every_n_epoch=train.eval_every_epochs, deterministic=True, logger=logger,
-                     enable_checkpointing=False, default_root_dir=root_dir)
+                     enable_checkpointing=False, default_root_dir=root_dir, callbacks=callbacks or [])
 
+
+
+class BestCheckpoint(L.Callback):
+    """`train.final_checkpoint=best_accuracy|best_loss`: keeps (in memory) the trainable weights of
+    the evaluated epoch with the best test-split metric; :meth:`restore` puts them back after
+    fit. The test split is the split the paper selects its SST-2 checkpoint on (GLUE's validation
+    sentences). Ties keep the earlier epoch."""
+
+    def __init__(self, rule: str):
+        self.rule = rule
+        self.metric, self.higher = {"best_accuracy": ("test/accuracy", True), "best_loss": ("test/loss", False)}[rule]
+        self.best: tuple[int, float, dict[str, torch.Tensor]] | None = None
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.metric not in trainer.callback_metrics:
+            return
+        value = float(trainer.callback_metrics[self.metric])
+        if self.best is None or (value > self.best[1] if self.higher else value < self.best[1]):
+            state = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+            self.best = (int(trainer.current_epoch) + 1, value, state)
+
+    def restore(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Load the best weights into `model`; returns what to record (rule, epoch, metric value)."""
+        if self.best is None:
+            raise RuntimeError(f"train.final_checkpoint={self.rule}: no epoch was evaluated on the test split, so "
+                               f"there is no best checkpoint; lower train.eval_every_epochs or use "
+                               f"train.final_checkpoint=last")
+        epoch, value, state = self.best
+        model.load_state_dict(state)
+        return {"rule": self.rule, "epoch": epoch, self.metric: value}
 
 
 class FinalModelModule(L.LightningModule):

@@ -179,7 +179,7 @@ def test_sigterm_during_further_training_keeps_seeds_and_resumes_to_identical_nu
             f"(the seed in progress was not written); re-run the same command to resume") in err
     assert "Traceback" not in err
     for name in kept:
-        assert set(load_tensors(gold / name)) == {"diff", "full_loss", "initial_loss"}
+        assert set(load_tensors(gold / name)) == {"diff", "full_loss", "initial_loss", "distance_from_start"}
 
     proc = start("attribute.py", args, tmp)  # the same command resumes
     assert proc.wait(timeout=600) == 0, stderr_of(tmp, "attribute.py")[-3000:]

@@ -14,8 +14,6 @@ from scipy.stats import spearmanr
 from tda.evaluation.curves import (
     method_agreement,
     resolve_checkpoints,
-    seed_window_peaks,
-    seed_windows,
     similarity_curves,
     sorted_profile,
     sorted_scores,
@@ -83,33 +81,6 @@ def test_centering_only_changes_the_gold_standard():
         np.testing.assert_allclose(got, direct, rtol=1e-12)
 
 
-def _direct_curve(diff: np.ndarray, s: np.ndarray, centered: bool) -> np.ndarray:
-    """Mean cosine over test instances per checkpoint, straight from the definitions."""
-    a = diff - diff.mean(axis=2, keepdims=True) if centered else diff
-    a = a.mean(-1)  # [T, n_test, n_lo]
-    cos = (a * s).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(s, axis=-1))
-    return cos.mean(-1)
-
-
-def test_seed_windows_match_a_direct_computation():
-    gold = synthetic_gold(T=4, S=10, seed=3)
-    s = gold.attribution(center=True)[2] + 0.8 * torch.randn(5, 7, dtype=torch.float64)
-    assert {k: len(w) for k, w in seed_windows(10, (1, 2, 5, 10, 20)).items()} == {1: 10, 2: 5, 5: 2, 10: 1}
-    peaks = seed_window_peaks(lambda c, w: gold.attribution(center=c, seeds=w), 10, {"m": s}, (1, 2, 5, 10, 20))
-    assert sorted(peaks.n_seeds_averaged.unique()) == [1, 2, 5, 10]
-    diff = gold.diff.numpy()
-    for centered in (True, False):
-        for k in (1, 2, 5, 10):
-            per_window = [_direct_curve(diff[..., i * k:(i + 1) * k], s.numpy(), centered).max()
-                          for i in range(10 // k)]
-            row = peaks[(peaks.metric == "cosine") & (peaks.centered == centered)
-                        & (peaks.n_seeds_averaged == k)].iloc[0]
-            assert row.n_windows == 10 // k
-            assert row.peak_mean == pytest.approx(np.mean(per_window), rel=1e-12)
-            if k < 10:
-                assert row.peak_se == pytest.approx(np.std(per_window, ddof=1) / math.sqrt(len(per_window)), rel=1e-10)
-
-
 def test_split_half_reliability_matches_a_direct_computation():
     gold = synthetic_gold(S=7)
     x_name, xs = gold.checkpoint_axis()
@@ -121,13 +92,15 @@ def test_split_half_reliability_matches_a_direct_computation():
         direct = ((h1 * h2).sum(-1) / (np.linalg.norm(h1, axis=-1) * np.linalg.norm(h2, axis=-1))).mean(-1)
         got = rel[(rel.metric == "cosine") & (rel.centered == centered)].sort_values("checkpoint")
         np.testing.assert_allclose(got["mean"], direct, rtol=1e-12)
-        assert (got.seeds_per_half == 3).all()
+        assert (got.seeds_per_half == 3).all() and (got.projected_seeds == 6).all()  # 3 vs 3, projected to 6 of 7
+        r = got["mean"].to_numpy()
+        np.testing.assert_allclose(got["projected"], np.where(r > 0, np.sqrt(2 * r / (1 + r)), np.nan), rtol=1e-12)
     # identical halves: perfectly reliable
     same = synthetic_gold(S=4)
     same.diff[..., 2:] = same.diff[..., :2]
     rel = split_half_reliability(lambda c, w: same.attribution(center=c, seeds=w), 4, "epoch", [1.0, 2.0, 3.0])
     np.testing.assert_allclose(rel["mean"], 1.0, atol=1e-12)
-    np.testing.assert_allclose(rel["ceiling_full"], 1.0, atol=1e-12)
+    np.testing.assert_allclose(rel["projected"], 1.0, atol=1e-12)
 
 
 def test_sorted_profile_and_sorted_scores():

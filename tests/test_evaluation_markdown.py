@@ -6,6 +6,7 @@ from __future__ import annotations
 import pandas as pd
 from helpers.evaluation import reliability_frame
 
+from tda.evaluation.curves import PEAK_COLUMNS
 from tda.evaluation.markdown import compare_report, evaluation_report
 
 
@@ -16,10 +17,9 @@ def _summary(centered_values=(True, False)) -> pd.DataFrame:
 
 
 def test_report_names_its_columns_and_explains_its_terms(tmp_path):
-    peaks = pd.DataFrame([["grad_dot", "cosine", c, k, 2 // k, 0.9, 0.01, 0, "1"]
-                          for c in (True, False) for k in (1, 2)],
-                         columns=["method", "metric", "centered", "n_seeds_averaged", "n_windows", "peak_mean",
-                                  "peak_se", "n_windows_undefined", "peak_checkpoints"])
+    peaks = pd.DataFrame([["grad_dot", "cosine", c, d, k, 2 // k, 0.9 if d == "peak_of_mean_curve" else 0.95, 0.01, 0,
+                           "1"] for c in (True, False) for d in ("mean_of_window_peaks", "peak_of_mean_curve")
+                          for k in (1, 2)], columns=PEAK_COLUMNS)
     agreement = pd.DataFrame([["grad_dot", "datainf", "cosine", 0.5, 0.1, 6, 0]],
                              columns=["method_a", "method_b", "metric", "mean", "se", "n", "n_skipped"])
     report = evaluation_report("t", "epoch", _summary(), reliability_frame(), peaks, agreement,
@@ -29,10 +29,18 @@ def test_report_names_its_columns_and_explains_its_terms(tmp_path):
     assert any("| centred |" in line for line in tables) and any("| not centred |" in line for line in tables)
     header = next(line for line in tables if line.startswith("| method | gold standard | peak cosine"))
     assert "peak epoch" in header and "Spearman undefined" in header and "method seconds" in header
-    assert "| metric | gold standard | mean | SE | projected to all seeds |" in report
-    assert "| method | gold standard | K = 1 | K = 2 |" in report
+    assert "| metric | gold standard | 2 vs 2 seeds | SE | projected to 4 seeds |" in report
+    assert "(2 vs 2 seeds)" in report
+    # both peak definitions, labelled, the authors' first
+    assert "| method | gold standard | definition | K = 1 | K = 2 |" in report
+    authors = "| grad_dot | centred | peak of the window-averaged curve (authors') | 0.9 | 0.9 |"
+    ours = "| grad_dot | centred | mean of the windows' peaks | 0.95 | 0.95 |"
+    assert authors in report and ours in report and report.index(authors) < report.index(ours)
+    # no distance recorded: said once
+    assert report.count("does not record ‖θ_t − θ_start‖") == 1
     glossary = report[report.index("## Glossary"):report.index("## Figures")]
-    for term in ("**centred / not centred**", "`peak_x`", "`ceiling_full`", "**split-half reliability**",
+    for term in ("**centred / not centred**", "`peak_x`", "`projected`", "**split-half reliability**",
+                 "`peak_of_mean_curve`", "`mean_of_window_peaks`",
                  "**seeds averaged (K)**", "**mean over test instances**", "**cosine / Spearman**", "**SE**"):
         assert term in glossary, term
     assert "![similarity](similarity.png)" in report and "- [similarity.csv](similarity.csv)" in report

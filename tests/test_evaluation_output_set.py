@@ -23,7 +23,8 @@ from tda.stages import attribute, evaluate, train
 # The files a tiny evaluate writes (tabular data: no example images).
 EVAL_FILES = {"similarity.csv", "similarity.png", "reliability.csv", "seed_windows.csv", "seed_windows.png",
               "sorted_scores.csv", "sorted_scores.png", "agreement.csv", "agreement.png", "examples.csv",
-              "examples.md", "summary.csv", "topk.csv", "report.md", "evaluated.json"}
+              "examples.md", "summary.csv", "topk.csv", "report.md", "evaluated.json", "adjustment.csv",
+              "adjustment.png", "distance.csv", "distance.png", "class_structure.csv", "class_structure.png"}
 
 
 def _files(d: Path) -> dict[str, bytes]:

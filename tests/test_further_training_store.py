@@ -31,11 +31,11 @@ def test_batchnorm_momentum_null_keeps_existing_gold_keys():
     """A gold standard computed before a setting existed (batch-norm momentum, the estimator) keeps
     its directory name while that setting is at its default."""
     from tda.config import config_hash, node_name, to_container
-    from tda.further_training.store import EXECUTION_KEYS
+    from tda.further_training.store import EXECUTION_KEYS, OMITTED_AT_DEFAULT
 
     cfg = compose_config("attribute", [])
     old_style = {k: v for k, v in to_container(cfg.further_training).items()
-                 if k not in EXECUTION_KEYS and k not in ("batchnorm_momentum", "estimator")}
+                 if k not in EXECUTION_KEYS and k not in OMITTED_AT_DEFAULT}
     old_key = f"{node_name(cfg.further_optimizer)}-{config_hash(old_style, cfg.further_optimizer)}"
     assert further_training_key(cfg) == old_key
 

@@ -77,7 +77,7 @@ def test_evaluate_logs_exactly_what_it_writes(tiny, isolated_env):
     prow = {r["seeds_averaged"]: r for r in ev["history"] if "seeds_averaged" in r}
     assert sorted(prow) == sorted(peaks.n_seeds_averaged.unique())
     for _, r in peaks.iterrows():
-        key = f"peak_vs_seeds/{r.metric}_{'centered' if r.centered else 'uncentered'}/{r.method}"
+        key = f"peak_vs_seeds/{r.definition}/{r.metric}_{'centered' if r.centered else 'uncentered'}/{r.method}"
         assert same(prow[r.n_seeds_averaged][key], r.peak_mean)
 
     # tables equal the CSVs row for row

@@ -5,11 +5,14 @@ CUDA is one message."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from helpers.config import ROOT, compose_config
 from helpers.runs import no_run_dir
 
+from tda.artifacts import load_tensors
 from tda.config import ConfigError
 from tda.models.base import per_example_loss
 from tda.models.mlp import MLP
@@ -92,3 +95,32 @@ def test_non_finite_training_loss_fails_naming_the_step_and_writes_nothing(tiny)
         train(cfg)
     run = RunDir.from_config(cfg)
     assert not run.final_model.exists() and not run.selection.exists()
+
+
+# ------------------------------------------------------------------ train.final_checkpoint
+@pytest.mark.parametrize("rule, metric", [("best_loss", "loss"), ("best_accuracy", "accuracy")])
+def test_best_checkpoint_is_the_model_of_that_epoch(tiny, rule, metric):
+    """train.final_checkpoint=best_*: the final model is bitwise the model trained for the chosen
+    number of epochs, and its test-split metric is the best over the evaluated epochs."""
+    overrides = tiny + ["train.epochs=8", "optimizer.lr=0.5"]
+    best = train(compose_config("train", overrides + [f"train.final_checkpoint={rule}"]))
+    metrics = json.loads(best.metrics.read_text())
+    chosen = metrics["final_checkpoint"]
+    assert chosen["rule"] == rule and 1 <= chosen["epoch"] <= 8
+    assert chosen[f"test/{metric}"] == pytest.approx(metrics["test"][metric], rel=1e-5)
+    shorter = train(compose_config("train", overrides + [f"train.epochs={chosen['epoch']}"]))
+    a, b = load_tensors(best.final_model), load_tensors(shorter.final_model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    per_epoch = [json.loads(train(compose_config("train", overrides + [f"train.epochs={e}"])).metrics.read_text())
+                 ["test"][metric] for e in range(1, 9)]
+    best_value = max(per_epoch) if metric == "accuracy" else min(per_epoch)
+    assert metrics["test"][metric] == pytest.approx(best_value, rel=1e-5)
+    assert chosen["epoch"] == 1 + per_epoch.index(best_value)
+
+
+def test_best_accuracy_needs_classes(tmp_path):
+    cfg = compose_config("train", ["dataset=diabetes", "model=mlp", "train.epochs=1", "logger=none",
+                                   "train.final_checkpoint=best_accuracy", "selection.stratify=false",
+                                   "trainer.progress_bar=false"])
+    with pytest.raises(ConfigError, match=r"best_accuracy needs classes, but diabetes is a regression dataset"):
+        train(cfg)

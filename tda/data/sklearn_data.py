@@ -3,6 +3,9 @@
 - `breast_cancer`: 569 tumours x 30 features, binary (tabular; standardised with training
   statistics).
 - `digits`: 1,797 handwritten digits, 8x8 grey images, 10 classes (images [1, 8, 8] in [0, 1]).
+- `diabetes`: 442 patients x 10 features -> disease progression after one year, regression
+  with the paper's regression recipe (tda.data.uci.regression_bundle: 90/10 split, features
+  and target standardised with training statistics).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from sklearn import datasets as skdata
 from sklearn.model_selection import train_test_split
 
 from tda.data.base import DataBundle, subsample
+from tda.data.uci import regression_bundle
 
 
 def _split(x: np.ndarray, y: np.ndarray, test_size: float, seed: int):
@@ -47,3 +51,13 @@ def digits(test_size: float = 0.25, split_seed: int = 0, max_train: int | None =
     return DataBundle(name="digits", train=train, test=test, task="classification", n_outputs=10,
                       modality="image", class_names=[str(i) for i in range(10)],
                       info={"source": "sklearn.datasets.load_digits"})
+
+
+def diabetes(test_size: float = 0.1, split_seed: int = 0, max_train: int | None = None,
+             max_test: int | None = None, subsample_seed: int = 0) -> DataBundle:
+    raw = skdata.load_diabetes(scaled=False)  # original units (age in years, sex 1/2, ...)
+    return regression_bundle(raw.data, raw.target, raw.feature_names, name="diabetes", test_size=test_size,
+                             split_seed=split_seed, max_train=max_train, max_test=max_test,
+                             subsample_seed=subsample_seed,
+                             info={"source": "sklearn.datasets.load_diabetes(scaled=False)",
+                                   "target": "disease progression one year after baseline"})

@@ -80,47 +80,85 @@ def seed_windows(n_seeds: int, ks: tuple[int, ...] | list[int] = DEFAULT_WINDOWS
             for k in sorted(set(int(k) for k in ks)) if 0 < k <= n_seeds}
 
 
+# The two definitions of "peak similarity with K seeds averaged", the authors' first: the peak over
+# checkpoints of the window-averaged curve, and the mean over windows of each window's own peak
+# (never below the first: a max of means is at most the mean of maxes).
+PEAK_DEFINITIONS = ("peak_of_mean_curve", "mean_of_window_peaks")
+PEAK_COLUMNS = ["method", "metric", "centered", "definition", "n_seeds_averaged", "n_windows", "peak_mean", "peak_se",
+                "n_windows_undefined", "peak_checkpoints"]
+
+
 def seed_window_peaks(attribution: Callable[[bool, list[int]], torch.Tensor], n_seeds: int,
                       scores: dict[str, torch.Tensor], ks=DEFAULT_WINDOWS,
                       centering: tuple[bool, ...] = (True, False)) -> pd.DataFrame:
-    """The peak over checkpoints of the mean similarity, against the number of seeds K
-    averaged in the gold standard: per window of K seeds, the curve's peak; then the mean
-    (and SE) of the peaks over the windows. `attribution(center, seed_positions)` returns
-    [T, n_test, n_left_out] for those seeds (GoldStandard.attribution)."""
+    """Peak similarity over checkpoints against the number of seeds K averaged in the gold
+    standard, under both PEAK_DEFINITIONS. For each non-overlapping window of K seeds the
+    similarity curve (mean over test instances per checkpoint) is computed; then
+
+    - `peak_of_mean_curve` (the authors'): the curves averaged over the windows, then the peak
+      over checkpoints of that average; SE = the windows' spread at the peak checkpoint;
+    - `mean_of_window_peaks`: each window's own peak, then their mean and SE over windows.
+
+    `attribution(center, seed_positions)` returns [T, n_test, n_left_out] for those seeds
+    (GoldStandard.attribution). `peak_checkpoints`: the checkpoint of the peak (per window for
+    the second definition, space-separated)."""
     rows = []
     for centered in centering:
         for k, windows in seed_windows(n_seeds, ks).items():
-            peaks: dict[tuple[str, str], list[tuple[float, int]]] = {}
+            curves: dict[tuple[str, str], list[list[float]]] = {}  # per (method, metric): [n_windows][T]
             for w in windows:
-                target = attribution(centered, w)
-                curves: dict[tuple[str, str], list[float]] = {}
-                for name, metric, t, mean, *_ in curve_rows(target, scores):
-                    curves.setdefault((name, metric), []).append(mean)
-                for key, means in curves.items():
-                    finite = [(m, t) for t, m in enumerate(means) if not math.isnan(m)]
-                    peaks.setdefault(key, []).append(max(finite) if finite else (math.nan, -1))
-            for (name, metric), vals in peaks.items():
-                mean, se, n, skipped = mean_and_se(torch.tensor([v for v, _ in vals], dtype=torch.float64))
-                rows.append([name, metric, centered, k, len(windows), mean, se, skipped,
-                             " ".join(str(t) for _, t in vals)])
-    return pd.DataFrame(rows, columns=["method", "metric", "centered", "n_seeds_averaged", "n_windows",
-                                       "peak_mean", "peak_se", "n_windows_undefined", "peak_checkpoints"])
+                for name, metric, t, mean, *_ in curve_rows(attribution(centered, w), scores):
+                    per_window = curves.setdefault((name, metric), [])
+                    if t == 0:
+                        per_window.append([])
+                    per_window[-1].append(mean)
+            for (name, metric), per_window in curves.items():
+                curve = torch.tensor(per_window, dtype=torch.float64)  # [n_windows, T]
+                for definition in PEAK_DEFINITIONS:
+                    rows.append([name, metric, centered, definition, k, len(windows),
+                                 *_peak(curve, definition)])
+    return pd.DataFrame(rows, columns=PEAK_COLUMNS)
+
+
+def _peak(curve: torch.Tensor, definition: str) -> tuple[float, float, int, str]:
+    """(peak, SE, windows undefined, peak checkpoint(s)) of window curves [n_windows, T] (NaN:
+    undefined at that checkpoint) under one of PEAK_DEFINITIONS."""
+    if definition == "peak_of_mean_curve":
+        ok = ~torch.isnan(curve)
+        mean_curve = torch.where(ok, curve, 0.0).sum(0) / ok.sum(0)  # NaN where every window is undefined
+        if bool(torch.isnan(mean_curve).all()):
+            return math.nan, math.nan, len(curve), "-1"
+        t = int(torch.where(torch.isnan(mean_curve), -math.inf, mean_curve).argmax())
+        _, se, _, skipped = mean_and_se(curve[:, t])
+        return float(mean_curve[t]), se, skipped, str(t)
+    peaks, where = [], []
+    for window in curve:
+        finite = [(float(m), t) for t, m in enumerate(window) if not math.isnan(m)]
+        peak, t = max(finite) if finite else (math.nan, -1)
+        peaks.append(peak)
+        where.append(str(t))
+    mean, se, _, skipped = mean_and_se(torch.tensor(peaks, dtype=torch.float64))
+    return mean, se, skipped, " ".join(where)
 
 
 # ------------------------------------------------------------------ gold standard reliability
+RELIABILITY_COLUMNS = ["metric", "centered", "checkpoint", "x", "x_name", "mean", "se", "n", "n_skipped",
+                       "seeds_per_half", "projected_seeds", "projected"]
+
+
 def split_half_reliability(attribution: Callable[[bool, list[int]], torch.Tensor], n_seeds: int,
                            x_name: str, xs: list[float], centering: tuple[bool, ...] = (True, False)) -> pd.DataFrame:
-    """Per checkpoint, the similarity between the gold standard averaged over the first half
-    of the seeds and over the second (disjoint) half, mean and SE over test instances.
+    """Per checkpoint, the similarity between the gold standard averaged over the first k =
+    n_seeds // 2 seeds and over the next k (disjoint; with an odd n_seeds the last seed is
+    unused), mean and SE over test instances: `seeds_per_half` = k ("k vs k seeds").
 
-    This is the agreement of two gold standards of n_seeds // 2 seeds each: a ceiling on
-    how well any method can agree with a gold standard that noisy. `ceiling_full` is the
-    Spearman–Brown projection to all n_seeds, sqrt(2r / (1 + r)), the expected agreement of
-    the noise-free attribution with the full gold standard (classical test theory; only
-    defined for r > 0)."""
+    This is the agreement of two gold standards of k seeds each: a ceiling on how well any
+    method can agree with a gold standard that noisy. `projected` is its Spearman–Brown
+    projection to `projected_seeds` = 2k seeds (all n_seeds only when n_seeds is even),
+    sqrt(2r / (1 + r)): the expected agreement of the noise-free attribution with a gold
+    standard of 2k seeds (classical test theory; only defined for r > 0)."""
     if n_seeds < 2:
-        return pd.DataFrame(columns=["metric", "centered", "checkpoint", "x", "x_name", "mean", "se", "n",
-                                     "n_skipped", "seeds_per_half", "ceiling_full"])
+        return pd.DataFrame(columns=RELIABILITY_COLUMNS)
     half = n_seeds // 2
     rows = []
     for centered in centering:
@@ -129,10 +167,15 @@ def split_half_reliability(attribution: Callable[[bool, list[int]], torch.Tensor
         for metric, fn in METRICS.items():
             for t in range(a.shape[0]):
                 mean, se, n, skipped = mean_and_se(fn(a[t], b[t]))
-                ceiling = math.sqrt(2 * mean / (1 + mean)) if mean > 0 else math.nan
-                rows.append([metric, centered, t, xs[t], x_name, mean, se, n, skipped, half, ceiling])
-    return pd.DataFrame(rows, columns=["metric", "centered", "checkpoint", "x", "x_name", "mean", "se", "n",
-                                       "n_skipped", "seeds_per_half", "ceiling_full"])
+                projected = math.sqrt(2 * mean / (1 + mean)) if mean > 0 else math.nan
+                rows.append([metric, centered, t, xs[t], x_name, mean, se, n, skipped, half, 2 * half, projected])
+    return pd.DataFrame(rows, columns=RELIABILITY_COLUMNS)
+
+
+def split_half_label(reliability: pd.DataFrame) -> str:
+    """`k vs k seeds` of a split_half_reliability table."""
+    k = int(reliability.seeds_per_half.iloc[0])
+    return f"{k} vs {k} seeds"
 
 
 # ------------------------------------------------------------------ sorted scores

@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from tda.artifacts import save_json, save_text
+from tda.data.base import DataBundle
 from tda.evaluation import plots
 from tda.evaluation.curves import (
     DEFAULT_TOP_K,
@@ -32,14 +33,26 @@ from tda.evaluation.curves import (
     top_k_agreement,
     top_k_summary,
 )
+from tda.evaluation.diagnostics import (
+    adjustment_curves,
+    class_structure,
+    distance_from_start,
+    further_training_vs_retraining,
+)
 from tda.evaluation.examples import examples
-from tda.evaluation.loading import load_experiment
+from tda.evaluation.loading import load_data, load_experiment
 from tda.evaluation.markdown import evaluation_report
 from tda.evaluation.output_set import output_set
 from tda.evaluation.progress import Steps
 from tda.evaluation.wandb_logging import log_to_wandb
-from tda.further_training.store import GoldStandard, further_training_key, gold_label, sibling_gold_standards
-from tda.provenance import FinalModel
+from tda.further_training.store import (
+    GoldStandard,
+    further_training_beside,
+    further_training_key,
+    gold_label,
+    sibling_gold_standards,
+)
+from tda.provenance import FinalModel, read_final_model
 from tda.runs import RunDir
 
 log = logging.getLogger(__name__)
@@ -51,18 +64,21 @@ def evaluate_run(cfg: DictConfig, run: RunDir, final: FinalModel | None = None) 
     key = further_training_key(cfg)  # the gold standard's, and so this evaluation's, directory name
     steps = Steps("evaluate")
     with steps.step("loading", f"the gold standard {key} and the method scores of {run.path.name}"):
+        final = final if final is not None else read_final_model(run, cfg)
         gold, scores, records = load_experiment(cfg, run, key, final)
     if not scores:
         raise FileNotFoundError(f"no method scores for the final model in {run.path}; run e.g. "
                                 f"`python attribute.py method=grad_dot` with the same overrides first")
+    with steps.step("loading", f"the dataset {cfg.dataset.get('name', '')} (labels, targets, examples)"):
+        data = load_data(cfg, run, final)
     with steps.step("loading", "sibling gold standards (another estimator or removal, otherwise the same)"):
         siblings, skipped = sibling_gold_standards(gold, run.gold_dir(key).parent, key)
         for why in skipped:
             log.warning("not comparing with the gold standard %s", why)
     out_dir = run.eval_dir(key)
     with output_set(out_dir) as staging:
-        tables, figures, x_name = _write_evaluation(cfg, run, gold, scores, records, key, staging, steps,
-                                                    siblings, skipped)
+        tables, figures, x_name = _write_evaluation(cfg, run, gold, scores, records, key, staging, steps, data,
+                                                    final.state_dict, siblings, skipped)
     # W&B reads the files from their final place: the staging directory no longer exists
     with steps.step("W&B"):
         log_to_wandb(cfg, f"{run.path.name}/evaluate/{key}", tables, [out_dir / f.name for f in figures], x_name)
@@ -71,14 +87,16 @@ def evaluate_run(cfg: DictConfig, run: RunDir, final: FinalModel | None = None) 
 
 
 def _write_evaluation(cfg: DictConfig, run: RunDir, gold: GoldStandard, scores: dict[str, torch.Tensor],
-                      records: dict[str, dict], key: str, out: Path, steps: Steps,
+                      records: dict[str, dict], key: str, out: Path, steps: Steps, data: DataBundle,
+                      final_weights: dict[str, torch.Tensor],
                       siblings: dict[str, tuple[str, GoldStandard]] | None = None, skipped: list[str] | None = None
                       ) -> tuple[dict[str, pd.DataFrame], list[Path], str]:
     """Run every analysis and write all of its files into `out` (a staging directory); returns
     the tables, the figures written and the name of the checkpoint axis, for W&B. `scores`:
-    [n_test, n_left_out] per method label; `siblings`: the gold standards of the same settings
-    but another estimator / removal (label -> (key, gold standard)), `skipped`: why others
-    with those settings were not compared."""
+    [n_test, n_left_out] per method label; `data`, `final_weights`: the final model's dataset
+    and weights; `siblings`: the gold standards of the same settings but another estimator /
+    removal (label -> (key, gold standard)), `skipped`: why others with those settings were
+    not compared."""
     siblings, skipped = siblings or {}, skipped or []
     ev = cfg.evaluate
     centering = tuple(bool(c) for c in ev.centering)
@@ -88,7 +106,7 @@ def _write_evaluation(cfg: DictConfig, run: RunDir, gold: GoldStandard, scores: 
     def attribution(center: bool, seeds: list[int]) -> torch.Tensor:
         return gold.attribution(center=center, seeds=seeds)
 
-    title = f"{run.path.name} vs further training ({key}, {n_seeds} seeds, {len(gold.meta['test_indices'])} test instances)"
+    title = f"{run.path.name} vs {gold.kind} ({key}, {n_seeds} seeds, {len(gold.meta['test_indices'])} test instances)"
     tables: dict[str, pd.DataFrame] = {}
     figures: list[Path] = []
     size = (f"{len(scores)} methods, {len(gold.meta['test_indices'])} test x {len(gold.meta['left_out_indices'])} "
@@ -106,6 +124,9 @@ def _write_evaluation(cfg: DictConfig, run: RunDir, gold: GoldStandard, scores: 
         if len(peaks):
             figures.append(plots.plot_seed_windows(peaks, out / "seed_windows.png",
                                                    title=f"peak similarity vs seeds averaged — {title}"))
+
+    adjustment, distance, class_struct = _diagnostics(gold, scores, data, centering, title, out, steps, tables,
+                                                      figures)
 
     with steps.step("sorted scores and agreement", "method vs method"):
         cps = resolve_checkpoints(list(ev.get("sorted_checkpoints", ["first", "last"])), gold.n_checkpoints)
@@ -134,11 +155,23 @@ def _write_evaluation(cfg: DictConfig, run: RunDir, gold: GoldStandard, scores: 
                                              title=f"gold standard {gold_name} ({key}) vs the same settings with "
                                                    f"another estimator / removal"))
 
+    if gold.kind == "retraining":
+        further, why = further_training_beside(gold, run.gold_dir(key).parent)
+        for reason in why:
+            log.warning("not comparing with the further-training gold standard %s", reason)
+        if further:
+            with steps.step("further training vs retraining", ", ".join(further)):
+                vs = tables["further_vs_retraining"] = further_training_vs_retraining(gold, further, centering)
+                figures.append(plots.plot_curves(vs, out / "further_vs_retraining.png",
+                                                 title=f"further training vs retraining (its last checkpoint) — "
+                                                       f"{title}"))
+
     ex_cfg = ev.get("examples") or {}
     examples_md, overlap = "", {}
     if int(ex_cfg.get("n_test", 0)) > 0 or ex_cfg.get("test_positions"):
         with steps.step("examples"):
-            tables["examples"], examples_md, example_figs, overlap = examples(cfg, gold, scores, out)
+            tables["examples"], examples_md, example_figs, overlap = examples(cfg, gold, scores, out, data,
+                                                                              final_weights)
             figures += example_figs
 
     with steps.step("writing", "tables, report.md"):
@@ -151,7 +184,9 @@ def _write_evaluation(cfg: DictConfig, run: RunDir, gold: GoldStandard, scores: 
         save_text(out / "report.md", evaluation_report(title, x_name, summary, reliability, peaks, agreement, figures,
                                                        [f"{name}.csv" for name in tables], bool(examples_md),
                                                        topk=topk, gold_agreement=gold_agr, gold_name=gold_name,
-                                                       gold_skipped=skipped))
+                                                       gold_skipped=skipped, adjustment=adjustment, distance=distance,
+                                                       class_structure=class_struct, task=data.task,
+                                                       further_vs_retraining=tables.get("further_vs_retraining")))
         # what this evaluation was computed from, by content
         save_json(out / "evaluated.json", {"run": str(run.path), "gold": str(run.gold_dir(key)), "seeds": gold.seeds,
                                            "final_model": gold.meta["final_model"], "gold_files": gold.files,
@@ -161,3 +196,30 @@ def _write_evaluation(cfg: DictConfig, run: RunDir, gold: GoldStandard, scores: 
                                            "methods": {k: {"key": r.get("key"), "scores_sha256": r.get("scores_sha256")}
                                                        for k, r in records.items()}})
     return tables, figures, x_name
+
+
+def _diagnostics(gold: GoldStandard, scores: dict[str, torch.Tensor], data: DataBundle, centering: tuple[bool, ...],
+                 title: str, out: Path, steps: Steps, tables: dict[str, pd.DataFrame], figures: list[Path]
+                 ) -> tuple[pd.DataFrame, pd.DataFrame | None, pd.DataFrame | None]:
+    """The gold standard's diagnostics (tda.evaluation.diagnostics), each table added to
+    `tables` and its figure written into `out` and added to `figures`: adjusted vs unadjusted;
+    the distance from the start (None: not recorded); class structure (None: regression)."""
+    with steps.step("adjusted vs unadjusted", "every method against the uncentred gold standard with and without "
+                                              "eq. 17's subtraction of the full-data run"):
+        adjustment = tables["adjustment"] = adjustment_curves(gold, scores)
+        figures.append(plots.plot_adjustment(adjustment, out / "adjustment.png",
+                                             title=f"adjusted vs unadjusted gold standard — {title}"))
+    distance = distance_from_start(gold)
+    if distance is not None:
+        tables["distance"] = distance
+        figures.append(plots.plot_distance(distance, out / "distance.png",
+                                           title=f"distance from the start — {title}"))
+    if data.task != "classification":
+        return adjustment, distance, None
+    with steps.step("class structure", "own class vs other classes, cosine with the same-class indicator"):
+        (_, y_train), (_, y_test) = data.tensors("train"), data.tensors("test")
+        structure = tables["class_structure"] = class_structure(gold, scores, y_train[gold.meta["left_out_indices"]],
+                                                                y_test[gold.meta["test_indices"]], centering)
+        figures.append(plots.plot_class_structure(structure, out / "class_structure.png",
+                                                  title=f"class structure — {title}"))
+    return adjustment, distance, structure

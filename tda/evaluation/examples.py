@@ -1,10 +1,12 @@
 """The examples view: for chosen test instances, the gold standard's most helpful and most
 harmful left-out instances shown for people (tabular: feature names and values side by side;
 text: the sentences; images: a strip of pictures), with each method's rank of them and
-whether it agrees."""
+whether it agrees. Classification shows class names; regression the target and the final
+model's prediction."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -12,17 +14,20 @@ import torch
 from omegaconf import DictConfig
 
 from tda.config import ConfigError, build
+from tda.data.base import DataBundle
 from tda.evaluation import plots
 from tda.evaluation.curves import resolve_checkpoints, top_instances, top_k_overlap
 from tda.evaluation.markdown import centring, md_escape, md_table
 from tda.further_training.store import GoldStandard
 
 
-def examples(cfg: DictConfig, gold: GoldStandard, scores: dict[str, torch.Tensor], out: Path
-             ) -> tuple[pd.DataFrame, str, list[Path], dict[str, tuple[float, float]]]:
+def examples(cfg: DictConfig, gold: GoldStandard, scores: dict[str, torch.Tensor], out: Path, data: DataBundle,
+             final_weights: dict[str, torch.Tensor]) -> tuple[pd.DataFrame, str, list[Path], dict[str, tuple[float, float]]]:
     """The chosen test instances' top-k tables (`evaluate.examples.*`), `examples.md`'s text,
     the image figures written into `out`, and every method's mean top-k (helpful, harmful)
-    overlap with the gold standard over all test instances. `scores`: [n_test, n_left_out]."""
+    overlap with the gold standard over all test instances. `scores`: [n_test, n_left_out];
+    `data`: the dataset the final model was trained on; `final_weights`: its state dict (for
+    a regression model's predictions)."""
     ex = cfg.evaluate.examples
     n_test = len(gold.meta["test_indices"])
     positions = [int(p) for p in (ex.get("test_positions") or range(min(int(ex.n_test), n_test)))]
@@ -36,7 +41,6 @@ def examples(cfg: DictConfig, gold: GoldStandard, scores: dict[str, torch.Tensor
     left_out, test_idx = gold.meta["left_out_indices"], gold.meta["test_indices"]
     table = top_instances(target, scores, positions, left_out, test_idx, k)
     overlap = {name: top_k_overlap(target, s, k) for name, s in scores.items()}
-    data = build(cfg.dataset)
     x_name, xs = gold.checkpoint_axis()
     lines = ["# Most helpful and harmful left-out instances", "",
              f"Gold standard at {x_name} {xs[t]:g} ({centring(centered)}), top {k} of "
@@ -44,22 +48,36 @@ def examples(cfg: DictConfig, gold: GoldStandard, scores: dict[str, torch.Tensor
              f"top {k} (helpful) or bottom {k} (harmful). Mean top-{k} overlap with the gold standard over all "
              f"{n_test} test instances (helpful / harmful): "
              + ", ".join(f"{m} {h:.2f} / {b:.2f}" for m, (h, b) in overlap.items()), ""]
+    regression = data.task == "regression"
+    if regression:
+        predict = _predictor(cfg, data, final_weights)
+        lines += [_regression_note(data), ""]
     figs = []
     for p in positions:
         sub = table[table.test_position == p]
         test_view = data.describe("test", test_idx[p])
-        lines += [f"## Test instance {test_idx[p]} (label {test_view.get('label')})", ""]
         cols = ["kind", "rank", "train_index", "gold"] + [f"{m}:rank" for m in scores] + [f"{m}:agrees" for m in scores]
         views = {int(j): data.describe("train", int(j)) for j in sub.train_index}
+        if regression:
+            train_rows = [int(j) for j in sub.train_index]
+            test_pred = predict("test", [test_idx[p]])[0]
+            preds = dict(zip(train_rows, predict("train", train_rows)))
+            lines += [f"## Test instance {test_idx[p]} (target {_target(data, test_view['label']):.4g}, prediction "
+                      f"{_target(data, test_pred):.4g})", ""]
+            label_cols = ["target", "prediction"]
+            labels = {j: [_target(data, views[j]["label"]), _target(data, preds[j])] for j in train_rows}
+        else:
+            lines += [f"## Test instance {test_idx[p]} (label {test_view.get('label')})", ""]
+            label_cols = ["label"]
+            labels = {int(j): [views[int(j)].get("label")] for j in sub.train_index}
         if data.modality == "text":
             lines += [f"> {md_escape(str(test_view.get('text', '')))}", ""]
-            rows = [list(r[c] for c in cols) + [views[int(r.train_index)].get("label"),
-                                                 md_escape(str(views[int(r.train_index)].get("text", "")))]
-                    for _, r in sub.iterrows()]
-            lines += md_table(cols + ["label", "text"], rows)
+            rows = [list(r[c] for c in cols) + labels[int(r.train_index)]
+                    + [md_escape(str(views[int(r.train_index)].get("text", "")))] for _, r in sub.iterrows()]
+            lines += md_table(cols + label_cols + ["text"], rows)
         else:
-            rows = [[r[c] for c in cols] + [views[int(r.train_index)].get("label")] for _, r in sub.iterrows()]
-            lines += md_table(cols + ["label"], rows)
+            rows = [[r[c] for c in cols] + labels[int(r.train_index)] for _, r in sub.iterrows()]
+            lines += md_table(cols + label_cols, rows)
             if data.modality == "image":
                 fig = _image_strip(data, sub, views, test_idx[p], test_view, out)
                 figs.append(fig)
@@ -68,6 +86,37 @@ def examples(cfg: DictConfig, gold: GoldStandard, scores: dict[str, torch.Tensor
                 lines += ["", "Features (missing = 0):", ""] + _feature_table(sub, views, test_view)
         lines.append("")
     return table, "\n".join(lines), figs, overlap
+
+
+def _regression_note(data: DataBundle) -> str:
+    if "target_mean" in data.info and "target_std" in data.info:
+        return (f"Targets and the final model's predictions in the target's original units (the model predicts the "
+                f"standardised target; × {data.info['target_std']:.4g} + {data.info['target_mean']:.4g}).")
+    return "Targets and the final model's predictions in the units the model was trained on."
+
+
+def _target(data: DataBundle, value: float) -> float:
+    """A regression target or prediction in the target's original units where the loader
+    recorded its standardisation (info `target_mean`, `target_std`), else as the model sees it."""
+    return float(value) * data.info.get("target_std", 1.0) + data.info.get("target_mean", 0.0)
+
+
+def _predictor(cfg: DictConfig, data: DataBundle, final_weights: dict[str, torch.Tensor]
+               ) -> Callable[[str, list[int]], list[float]]:
+    """predict(split, rows) -> the final model's output (one per instance: regression) for
+    those rows of that split."""
+    model = build(cfg.model, key="model", input_shape=list(data.input_shape), n_outputs=data.n_outputs)
+    model.load_state_dict(final_weights)
+    model.eval()
+    dtype = next(model.parameters()).dtype
+    tensors = {split: data.tensors(split)[0] for split in ("train", "test")}
+
+    def predict(split: str, rows: list[int]) -> list[float]:
+        x = tensors[split][torch.tensor(rows, dtype=torch.long)]
+        with torch.no_grad():
+            out = model(x.to(dtype) if x.is_floating_point() else x)
+        return out.reshape(len(rows)).double().tolist()
+    return predict
 
 
 def _image_strip(data, sub: pd.DataFrame, views: dict[int, dict], test_index: int, test_view: dict, out: Path) -> Path:

@@ -1,6 +1,6 @@
 """Loading what one evaluation compares: the gold standard of the current further-training
-settings and every method's scores for one final model, each verified and checked to belong
-to that final model."""
+settings and every method's scores for one final model, and the dataset (for labels, targets
+and the examples), each verified and checked to belong to that final model."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from tda.config import build
+from tda.data.base import DataBundle
 from tda.further_training.store import GoldStandard, expected_gold, load_gold_standard, seeds_of
-from tda.provenance import FinalModel, read_final_model
+from tda.provenance import FinalModel, ProvenanceError, read_final_model
 from tda.runs import RunDir
 from tda.scores import SCORES, load_method_scores
 
@@ -28,6 +30,19 @@ def load_experiment(cfg: DictConfig, run: RunDir, gold_key: str, final: FinalMod
                                                                     cfg.further_optimizer), seeds_of(ft))
     scores, records = load_all_method_scores(run, final.identity, gold)
     return gold, scores, records
+
+
+def load_data(cfg: DictConfig, run: RunDir, final: FinalModel) -> DataBundle:
+    """The dataset of `cfg`, checked by content to be the one the final model of `run` was
+    trained on: its labels and targets are compared with the scores (class structure) and
+    shown beside them (examples)."""
+    data = build(cfg.dataset, key="dataset")
+    fingerprint = data.fingerprint()
+    if fingerprint != final.identity["data"]:
+        raise ProvenanceError(f"the dataset loaded now differs from the one the final model in {run.path} was trained "
+                              f"on (fingerprint {fingerprint} != {final.identity['data']}); check dataset.root / "
+                              f"TDA_DATA_DIR and the dataset overrides, or retrain with train.overwrite=true")
+    return data
 
 
 def load_all_method_scores(run: RunDir, final_model: dict, gold: GoldStandard

@@ -17,7 +17,8 @@ import pandas as pd
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from tda.evaluation.markdown import centring
+from tda.evaluation.curves import split_half_label
+from tda.evaluation.markdown import PEAK_DEFINITION_NAMES, centring
 
 
 def _save(fig, path: Path, title: str = "") -> Path:
@@ -95,8 +96,7 @@ def plot_curves(curves: pd.DataFrame, path: Path, title: str = "", reliability: 
             if reliability is not None and len(reliability):
                 rel = reliability[(reliability.centered == centered) & (reliability.metric == metric)].sort_values("x")
                 if len(rel):
-                    ax.plot(rel.x, rel["mean"], "k--", lw=1.2,
-                            label=f"gold split-half ({int(rel.seeds_per_half.iloc[0])} vs {int(rel.seeds_per_half.iloc[0])} seeds)")
+                    ax.plot(rel.x, rel["mean"], "k--", lw=1.2, label=f"gold split-half ({split_half_label(rel)})")
             ax.set_xlabel(f"further-training {sub.x_name.iloc[0] if len(sub) else 'checkpoint'}")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs and steps are whole numbers
             ax.set_ylabel(f"{metric} ({centring(centered)})")
@@ -127,26 +127,90 @@ def _style_legend(fig, colors: dict, styles: dict, style_by: str) -> None:
 
 
 def plot_seed_windows(peaks: pd.DataFrame, path: Path, title: str = "") -> Path:
-    """Peak similarity over checkpoints against the number of seeds averaged (log x)."""
+    """Peak similarity over checkpoints against the number of seeds averaged (log x); colour =
+    method, line style = the peak's definition (solid: the authors', the peak of the
+    window-averaged curve; dashed: the mean of the windows' own peaks)."""
     centerings = sorted(peaks.centered.unique(), reverse=True)
     metrics = list(dict.fromkeys(peaks.metric))
+    methods = sorted(peaks.method.unique())
+    cycle = _palette(len(methods))
+    colors = {m: cycle[i % len(cycle)] for i, m in enumerate(methods)}
+    styles = {PEAK_DEFINITION_NAMES[d]: STYLES[i] for i, d in enumerate(PEAK_DEFINITION_NAMES)}
     fig, axes = plt.subplots(len(centerings), len(metrics), figsize=(5.2 * len(metrics), 3.6 * len(centerings)),
                              squeeze=False)
-    _colour_axes(axes, peaks.method.nunique())
     for r, centered in enumerate(centerings):
         for c, metric in enumerate(metrics):
             ax = axes[r][c]
             sub = peaks[(peaks.centered == centered) & (peaks.metric == metric)]
-            for name, g in sub.groupby("method", sort=True):
+            for (name, definition), g in sub.groupby(["method", "definition"], sort=True):
                 g = g.sort_values("n_seeds_averaged")
-                ax.errorbar(g.n_seeds_averaged, g.peak_mean, yerr=g.peak_se.fillna(0), marker="o", ms=3, capsize=2, label=name)
+                ax.errorbar(g.n_seeds_averaged, g.peak_mean, yerr=g.peak_se.fillna(0), marker="o", ms=3, capsize=2,
+                            color=colors[name], linestyle=styles[PEAK_DEFINITION_NAMES[definition]])
             ax.set_xscale("log")
             ks = sorted(sub.n_seeds_averaged.unique())
             ax.set_xticks(ks, [str(k) for k in ks])
             ax.set_xlabel("seeds averaged in the gold standard (K)")
             ax.set_ylabel(f"peak {metric} ({centring(centered)})")
             ax.grid(alpha=0.3)
-    _legend_right(fig, *axes[0][0].get_legend_handles_labels())
+    _style_legend(fig, colors, styles, "peak definition")
+    return _save(fig, path, title)
+
+
+def plot_adjustment(adjustment: pd.DataFrame, path: Path, title: str = "") -> Path:
+    """Every method against the uncentred gold standard, adjusted (eq. 17; solid) and
+    unadjusted (dashed), per checkpoint: colour = method, line style = gold standard."""
+    gold = adjustment.adjusted.map({True: "adjusted (eq. 17)", False: "unadjusted"})
+    curves = adjustment.assign(centered=False, **{"gold standard": gold}, line=adjustment.method + " / " + gold)
+    return plot_curves(curves, path, title=title, series="line", style_by="gold standard")
+
+
+def plot_distance(distance: pd.DataFrame, path: Path, title: str = "") -> Path:
+    """‖θ_t − θ_start‖ of the full-data run per checkpoint, mean ± SE over seeds."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    d = distance.sort_values("x")
+    ax.plot(d.x, d["mean"], "k-", marker="o", ms=3)
+    ax.fill_between(d.x, d["mean"] - d.se.fillna(0), d["mean"] + d.se.fillna(0), color="k", alpha=0.15)
+    ax.set_xlabel(f"further-training {d.x_name.iloc[0]}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("‖θ_t − θ_start‖ (full-data run)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    return _save(fig, path, title)
+
+
+def plot_class_structure(cs: pd.DataFrame, path: Path, title: str = "") -> Path:
+    """Left: the centred cosine of the scores with the same-class indicator, the gold standard
+    per checkpoint (the same centred or not) and every method (a horizontal dashed line: methods
+    do not depend on the checkpoint). Right: the gold standard's mean score of own-class and
+    other-class left-out instances per checkpoint."""
+    gold = cs[cs.source == "gold standard"]
+    methods = cs[cs.source != "gold standard"]
+    x_name = cs.x_name.iloc[0]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10.4, 3.6))
+    cycle = _palette(len(methods) + 1)
+    for i, (_, m) in enumerate(methods.iterrows()):
+        left.axhline(m.cosine_same_class, color=cycle[(i + 1) % len(cycle)], linestyle="--", lw=1.2, label=m.source)
+    g = gold[gold.centered == gold.centered.iloc[0]].sort_values("x")  # the cosine is the same centred or not
+    left.plot(g.x, g.cosine_same_class, "k-", marker="o", ms=3, label="gold standard")
+    left.fill_between(g.x, g.cosine_same_class - g.cosine_same_class_se.fillna(0),
+                      g.cosine_same_class + g.cosine_same_class_se.fillna(0), color="k", alpha=0.1)
+    for (centered, g), style in zip(gold.groupby("centered", sort=False), ("-", ":")):
+        g = g.sort_values("x")
+        for column, colour in (("same_class", "tab:red"), ("other_class", "tab:blue")):
+            right.plot(g.x, g[column], color=colour, linestyle=style, marker="o", ms=3,
+                       label=f"{'own' if column == 'same_class' else 'other'} class ({centring(centered)})")
+            right.fill_between(g.x, g[column] - g[f"{column}_se"].fillna(0), g[column] + g[f"{column}_se"].fillna(0),
+                               color=colour, alpha=0.1)
+    left.set_ylabel("centred cosine with the same-class indicator")
+    right.set_ylabel("gold standard: mean attribution")
+    for ax in (left, right):
+        ax.set_xlabel(f"further-training {x_name}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.axhline(0, color="k", lw=0.5)
+        ax.grid(alpha=0.3)
+    handles, labels = left.get_legend_handles_labels()
+    more_handles, more_labels = right.get_legend_handles_labels()
+    _legend_right(fig, handles + more_handles, labels + more_labels)
     return _save(fig, path, title)
 
 

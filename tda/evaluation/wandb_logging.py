@@ -20,11 +20,16 @@ def _centring(centered) -> str:
 
 def wandb_curve_rows(curves: pd.DataFrame, reliability: pd.DataFrame | None, x_name: str,
                      series: tuple[str, ...] = ("method",), topk: pd.DataFrame | None = None,
-                     gold_agreement: pd.DataFrame | None = None) -> list[dict[str, float]]:
+                     gold_agreement: pd.DataFrame | None = None, adjustment: pd.DataFrame | None = None,
+                     distance: pd.DataFrame | None = None, class_structure: pd.DataFrame | None = None
+                     ) -> list[dict[str, float]]:
     """The history rows logged for the similarity curves: one row per checkpoint x with
     `<metric>_<centered|uncentered>/<series...>` (mean) and `.../se` keys; with `topk`,
     `top_k/<precision|recall>_<k>_<kind>/<method>`; with `gold_agreement`,
-    `gold_agreement/<metric>_<centering>/<other gold standard>` (and `/se`)."""
+    `gold_agreement/<metric>_<centering>/<other gold standard>` (and `/se`); with `adjustment`,
+    `adjustment/<metric>_<adjusted|unadjusted>/<method>` (and `/se`); with `distance`,
+    `distance_from_start` (and `/se`); with `class_structure`, the gold standard's
+    `class_structure/<column>_<centering>/gold_standard` (methods: :func:`wandb_summary`)."""
     by_x: dict[float, dict[str, float]] = {}
     for _, r in curves.iterrows():
         key = f"{r.metric}_{_centring(r.centered)}/" + "/".join(str(r[s]) for s in series)
@@ -45,12 +50,34 @@ def wandb_curve_rows(curves: pd.DataFrame, reliability: pd.DataFrame | None, x_n
             key = f"gold_agreement/{r.metric}_{_centring(r.centered)}/{r.sibling}"
             row = by_x.setdefault(float(r.x), {x_name: float(r.x)})
             row[key], row[key + "/se"] = float(r["mean"]), float(r.se)
+    if adjustment is not None:
+        for _, r in adjustment.iterrows():
+            key = f"adjustment/{r.metric}_{'adjusted' if r.adjusted else 'unadjusted'}/{r.method}"
+            row = by_x.setdefault(float(r.x), {x_name: float(r.x)})
+            row[key], row[key + "/se"] = float(r["mean"]), float(r.se)
+    if distance is not None:
+        for _, r in distance.iterrows():
+            row = by_x.setdefault(float(r.x), {x_name: float(r.x)})
+            row["distance_from_start"], row["distance_from_start/se"] = float(r["mean"]), float(r.se)
+    if class_structure is not None:
+        for _, r in class_structure[class_structure.source == "gold standard"].iterrows():
+            row = by_x.setdefault(float(r.x), {x_name: float(r.x)})
+            for col in CLASS_STRUCTURE_LOGGED:
+                row[f"class_structure/{col}_{_centring(r.centered)}/gold_standard"] = float(r[col])
     return [by_x[x] for x in sorted(by_x)]
 
 
-def wandb_summary(summary: pd.DataFrame, series: tuple[str, ...] = ("method",)) -> dict[str, float]:
-    """Every numeric cell of the summary table as `summary/<centring>/<series...>/<column>`."""
+CLASS_STRUCTURE_LOGGED = ("same_class", "other_class", "difference", "cosine_same_class")
+
+
+def wandb_summary(summary: pd.DataFrame, series: tuple[str, ...] = ("method",),
+                  class_structure: pd.DataFrame | None = None) -> dict[str, float]:
+    """Every numeric cell of the summary table as `summary/<centring>/<series...>/<column>`;
+    with `class_structure`, each method's `class_structure/<column>/<method>`."""
     out = {}
+    if class_structure is not None:
+        for _, r in class_structure[class_structure.source != "gold standard"].iterrows():
+            out |= {f"class_structure/{col}/{r.source}": float(r[col]) for col in CLASS_STRUCTURE_LOGGED}
     for _, r in summary.iterrows():
         base = f"summary/{_centring(r.centered)}/" + "/".join(str(r[s]) for s in series)
         for col in summary.columns:
@@ -74,7 +101,8 @@ def log_to_wandb(cfg: DictConfig, name: str, tables: dict[str, pd.DataFrame], fi
 
     try:
         curves, reliability = tables["similarity"], tables.get("reliability")
-        rows = wandb_curve_rows(curves, reliability, x_name, series, tables.get("topk"), tables.get("gold_agreement"))
+        rows = wandb_curve_rows(curves, reliability, x_name, series, tables.get("topk"), tables.get("gold_agreement"),
+                                tables.get("adjustment"), tables.get("distance"), tables.get("class_structure"))
         wb.define_metric(x_name, hidden=False)
         for k in sorted({k for r in rows for k in r if k != x_name}):
             wb.define_metric(k, step_metric=x_name)
@@ -83,7 +111,8 @@ def log_to_wandb(cfg: DictConfig, name: str, tables: dict[str, pd.DataFrame], fi
         if peaks is not None and len(peaks):
             wb.define_metric("seeds_averaged")
             for _, r in peaks.iterrows():
-                key = f"peak_vs_seeds/{r.metric}_{_centring(r.centered)}/" + "/".join(str(r[s]) for s in series)
+                key = (f"peak_vs_seeds/{r.definition}/{r.metric}_{_centring(r.centered)}/"
+                       + "/".join(str(r[s]) for s in series))
                 peak_rows.setdefault(int(r.n_seeds_averaged), {"seeds_averaged": int(r.n_seeds_averaged)})[key] = float(r.peak_mean)
             for k in sorted({k for r in peak_rows.values() for k in r if k != "seeds_averaged"}):
                 wb.define_metric(k, step_metric="seeds_averaged")
@@ -102,7 +131,7 @@ def log_to_wandb(cfg: DictConfig, name: str, tables: dict[str, pd.DataFrame], fi
         wb.log(charts)
         wb.log({f"tables/{k}": wandb.Table(dataframe=_wandb_safe(df)) for k, df in tables.items() if len(df)})
         wb.log({f"figures/{p.stem}": wandb.Image(str(p)) for p in figures})
-        wb.summary.update(wandb_summary(tables["summary"], series))
+        wb.summary.update(wandb_summary(tables["summary"], series, tables.get("class_structure")))
     finally:
         finish(wb)
 

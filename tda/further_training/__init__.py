@@ -9,5 +9,8 @@
   :mod:`~tda.further_training.optim`: the stacked engine (all runs of a seed as one model);
   :mod:`~tda.further_training.reference`: the plain one-run-at-a-time loop it must equal.
 - :mod:`~tda.further_training.progress`: one progress bar per job, Lightning's per-group output silenced.
-- :mod:`~tda.further_training.settings`: the `further_training` settings, their defaults and checks.
+- :mod:`~tda.further_training.checkpoints`: the checkpoint steps every engine and the store use, and
+  the full-data run's distance from its start.
+- :mod:`~tda.further_training.settings`: the `further_training` settings, their defaults and checks
+  (among them `start`: from θᶠ, or retraining from the final model's initial weights).
 """

@@ -12,8 +12,8 @@ SGD with momentum / dampening / Nesterov / weight decay, Adam, AdamW: the arithm
 tda.further_training.optim), the same batches (`epoch_permutations(n, epochs, seed)`), per-run
 gradient-norm clipping (`clip_grad_norm_`, differentiated), batch-norm running statistics updated
 in train mode and carried along (their derivatives too), dropout masks fixed per (seed, step) as
-tda.further_training.reference seeds them, test losses in eval mode after every epoch or every k
-steps. No two nearly equal losses are subtracted, so float32 keeps its digits.
+tda.further_training.reference seeds them, test losses in eval mode at the checkpoint steps of
+tda.further_training.checkpoints. No two nearly equal losses are subtracted, so float32 keeps its digits.
 
 **Normalisations** (`normalisation=`), i.e. the loss of a step with batch B:
 
@@ -70,6 +70,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
+from tda.further_training.checkpoints import checkpoint_steps, distance_from_start
 from tda.further_training.derivative_mlp import mlp_forward_chunk
 from tda.further_training.derivative_mlp_reverse import mlp_reverse
 from tda.further_training.functional_optim import optimizer_step
@@ -146,7 +147,8 @@ class DerivativeResult:
     full_loss [n_checkpoints, n_test] float64: the full-data run (w = 1) at every checkpoint;
     initial_loss [n_test] float64 at θᶠ; instances: the training indices of the last axis;
     checkpoints: the indices (into the run's checkpoint list) of the first axis; steps: the step
-    clock of each checkpoint of the run; plan: how the work was chunked."""
+    clock of each checkpoint of the run; distance_from_start [n_checkpoints] float64: the full-data
+    run's ‖θ_t − θ_0‖₂ over the trainable parameters; plan: how the work was chunked."""
 
     derivative: torch.Tensor
     full_loss: torch.Tensor
@@ -154,6 +156,7 @@ class DerivativeResult:
     instances: torch.Tensor
     checkpoints: list[int]
     steps: list[int]
+    distance_from_start: torch.Tensor
     plan: dict[str, Any] = field(default_factory=dict)
 
 
@@ -162,12 +165,14 @@ class WeightedTrajectory:
 
     `optimizer`: a `further_optimizer` config node ({"_target_": "torch.optim.SGD", "lr": ...}) or
     a (kind, hyper-parameters) pair, kind in SGD / Adam / AdamW. The trajectory computes in the
-    model's dtype on `device` (default: the model's device)."""
+    model's dtype on `device` (default: the model's device). Checkpoints: tda.further_training.
+    checkpoints.checkpoint_steps of checkpoint_every / checkpoint_first / checkpoint_last."""
 
     def __init__(self, model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor,
                  y_test: torch.Tensor, task: str, epochs: int, seed: int, batch_size: int, normalisation: str = "mask",
                  epsilon: float | None = None, clip_grad_norm: float | None = None, checkpoint_every: int | None = None,
-                 device: torch.device | str | None = None, fast_path: bool = True, sparse_input: bool | str = "auto"):
+                 device: torch.device | str | None = None, fast_path: bool = True, sparse_input: bool | str = "auto",
+                 checkpoint_first: int | None = None, checkpoint_last: bool = False):
         if normalisation not in NORMALISATIONS:
             raise ValueError(f"normalisation={normalisation!r} is not one of {NORMALISATIONS} (the `drop` removal has no "
                              f"derivative)")
@@ -203,11 +208,9 @@ class WeightedTrajectory:
         self.perms = epoch_permutations(self.n, self.epochs, self.seed)
         self.steps_per_epoch = -(-self.n // self.batch_size)
         self.total_steps = self.epochs * self.steps_per_epoch
-        every = int(checkpoint_every) if checkpoint_every else None
-        self.checkpoint_steps = [c for c in range(1, self.total_steps + 1)
-                                 if (c % every == 0 if every else c % self.steps_per_epoch == 0)]
-        if not self.checkpoint_steps:
-            raise ValueError(f"checkpoint_every={checkpoint_every} exceeds the {self.total_steps} steps; no checkpoint")
+        self.checkpoint_steps = checkpoint_steps(self.total_steps, self.steps_per_epoch,
+                                                 int(checkpoint_every) if checkpoint_every else None,
+                                                 checkpoint_first, checkpoint_last)
         named = dict(self.model.named_parameters())
         self.pnames = [k for k, p in named.items() if p.requires_grad]
         self.consts = {k: p.detach() for k, p in named.items() if not p.requires_grad}
@@ -237,6 +240,11 @@ class WeightedTrajectory:
     @staticmethod
     def _take(x, idx):
         return x[idx]
+
+    def distance(self, state, start) -> torch.Tensor:
+        """‖θ − θ_0‖₂ (float64 scalar) between the trainable parameters of two states of one layout."""
+        P = len(self.pnames)
+        return distance_from_start(state[:P], start[:P])
 
     def _split(self, state):
         P, Q = len(self.pnames), len(self.bnames)
@@ -369,24 +377,25 @@ class WeightedTrajectory:
         K = int(chunk) if chunk else max(1, int(memory_budget_mb * 2 ** 20 // self._per_vector_bytes()))
         K = max(1, min(K, max(len(J), 1)))
         fast = self.mlp_ops is not None and not self.bnames
-        parts, full = [], None
-        for c0 in range(0, max(len(J), 1), K):
-            d, full = mlp_forward_chunk(self, J[c0:c0 + K]) if fast else self._forward_chunk(J[c0:c0 + K])
+        parts, full, distance = [], None, None
+        for c0 in range(0, max(len(J), 1), K):  # every pass retraces the same full-data run
+            d, full, distance = mlp_forward_chunk(self, J[c0:c0 + K]) if fast else self._forward_chunk(J[c0:c0 + K])
             parts.append(d)
         derivative = torch.cat(parts, dim=-1)[..., :len(J)]
         return DerivativeResult(derivative, full, self.initial_losses(), J, list(range(len(self.checkpoint_steps))),
-                                list(self.checkpoint_steps),
+                                list(self.checkpoint_steps), distance,
                                 {"mode": "forward", "path": ("linear_relu_sparse" if self.sparse else "linear_relu")
                                  if fast else "generic", "tangents_per_pass": K, "passes": -(-len(J) // K) if len(J) else 1,
                                  "normalisation": self.normalisation, "scale": self.scale})
 
-    def _forward_chunk(self, J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_chunk(self, J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(derivative [T, n_test, K], full losses [T, n_test], distance from the start [T]), float64."""
         K = max(len(J), 1)
         Jd = J.to(self.device)
-        state = self.initial_state()
+        state = start = self.initial_state()
         tangents = tuple(torch.zeros((K, *t.shape), dtype=t.dtype, device=t.device) for t in state)
         test = self.test_function()
-        derivs, full = [], []
+        derivs, full, distance = [], [], []
         with torch.random.fork_rng(devices=self._rng_devices()):
             for clock in range(self.total_steps):
                 f, idx = self.step_function(clock)
@@ -400,7 +409,8 @@ class WeightedTrajectory:
                     loss, dloss = vmap(lambda ts: jvp(test, (state,), (ts,)), out_dims=(None, 0))(tangents)
                     full.append(loss.double())
                     derivs.append(-self.scale * dloss.double().T)  # [n_test, K]
-        return torch.stack(derivs).cpu(), torch.stack(full).cpu()
+                    distance.append(self.distance(state, start))
+        return torch.stack(derivs).cpu(), torch.stack(full).cpu(), torch.stack(distance)
 
     # ------------------------------------------------------------------ reverse mode
     def reverse_mode(self, checkpoints: Sequence[int] | None = None, memory_budget_mb: float = 2048.0,
@@ -423,13 +433,14 @@ class WeightedTrajectory:
         end = max(self.checkpoint_steps[c] for c in chosen)
         k = int(store_every) if store_every else max(1, math.isqrt(end - 1) + 1)
         if self.mlp_ops is not None and not self.bnames:  # the Linear/ReLU fast path
-            result, full_loss, n_stored = mlp_reverse(self, chosen, M, k)
-            return self._reverse_result(result, full_loss, chosen, M, len(pairs), k, n_stored,
+            result, full_loss, distance, n_stored = mlp_reverse(self, chosen, M, k)
+            return self._reverse_result(result, full_loss, distance, chosen, M, len(pairs), k, n_stored,
                                         "linear_relu_sparse" if self.sparse else "linear_relu")
-        # forward sweep: stored states every k steps, the full run's test losses at every checkpoint
-        stored, full = {}, []
+        # forward sweep: stored states every k steps, the full run's test losses (and distance from
+        # the start) at every checkpoint
+        stored, full, distance = {}, [], []
         test = self.test_function()
-        state = self.initial_state()
+        state = start = self.initial_state()
         with torch.no_grad(), torch.random.fork_rng(devices=self._rng_devices()):
             for clock in range(self.total_steps):
                 if clock % k == 0 and clock < end:
@@ -439,16 +450,18 @@ class WeightedTrajectory:
                 state = f(state, torch.ones(len(idx), dtype=self.dtype, device=self.device))
                 if clock + 1 in self.checkpoint_steps:
                     full.append(test(state).double())
+                    distance.append(self.distance(state, start))
         full_loss = torch.stack(full).cpu()
         result = torch.zeros(len(pairs), self.n, dtype=torch.float64)
         for p0 in range(0, len(pairs), M):
             result[p0:p0 + M] = self._backward_sweep(pairs[p0:p0 + M], stored, k, end).cpu()
-        return self._reverse_result(result, full_loss, chosen, M, len(pairs), k, len(stored), "generic")
+        return self._reverse_result(result, full_loss, torch.stack(distance), chosen, M, len(pairs), k, len(stored),
+                                    "generic")
 
-    def _reverse_result(self, result, full_loss, chosen, M, n_pairs, k, n_stored, path) -> DerivativeResult:
+    def _reverse_result(self, result, full_loss, distance, chosen, M, n_pairs, k, n_stored, path) -> DerivativeResult:
         derivative = (-self.scale * result).reshape(len(chosen), self.n_test, self.n)
         return DerivativeResult(derivative, full_loss, self.initial_losses(), torch.arange(self.n), chosen,
-                                list(self.checkpoint_steps),
+                                list(self.checkpoint_steps), distance,
                                 {"mode": "reverse", "path": path, "cotangents_per_sweep": M,
                                  "sweeps": -(-n_pairs // M), "store_every": k, "stored_states": n_stored,
                                  "normalisation": self.normalisation, "scale": self.scale})

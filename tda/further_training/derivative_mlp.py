@@ -238,16 +238,17 @@ class MLPTangents:
         return ell, dot
 
 
-def mlp_forward_chunk(traj, J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward mode on the fast path: (derivative [T, n_test, K], full losses [T, n_test]) float64."""
+def mlp_forward_chunk(traj, J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward mode on the fast path: (derivative [T, n_test, K], full losses [T, n_test], the full
+    run's distance from the start [T]) float64."""
     if traj.bnames:
         raise ValueError("the Linear/ReLU fast path has no buffers to carry")
     fp = MLPTangents(traj)
     K = max(len(J), 1)
     Jd = J.to(traj.device)
-    state = fp.to_internal(traj.initial_state())
+    state = start = fp.to_internal(traj.initial_state())
     tstate = [torch.zeros((K, *s.shape), dtype=s.dtype, device=s.device) for s in state]
-    derivs, full = [], []
+    derivs, full, distance = [], [], []
     with torch.no_grad():
         for clock in range(traj.total_steps):
             idx = traj.batch(clock).to(traj.device)
@@ -259,4 +260,5 @@ def mlp_forward_chunk(traj, J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
                 loss, dloss = fp.test_losses(state, tstate)
                 full.append(loss.double())
                 derivs.append(-traj.scale * dloss.double().T)
-    return torch.stack(derivs).cpu(), torch.stack(full).cpu()
+                distance.append(traj.distance(state, start))
+    return torch.stack(derivs).cpu(), torch.stack(full).cpu(), torch.stack(distance)

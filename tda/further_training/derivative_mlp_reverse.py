@@ -266,26 +266,28 @@ class MLPAdjoint:
         return gw, idx
 
 
-def mlp_reverse(traj, chosen: list[int], M: int, k: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def mlp_reverse(traj, chosen: list[int], M: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Reverse mode on the fast path: (∂ℓ_z(θ_{T_c})/∂w [len(pairs), n] float64 for the (checkpoint c
     in `chosen`, test instance z) pairs, c-major; full losses [n_checkpoints, n_test] float64; the
-    number of stored states). `M` cotangents per backward sweep, states stored every `k` steps."""
+    full run's distance from the start [n_checkpoints] float64; the number of stored states). `M`
+    cotangents per backward sweep, states stored every `k` steps."""
     fa = MLPAdjoint(traj)
     end = max(traj.checkpoint_steps[c] for c in chosen)
     pairs = [(c, z) for c in chosen for z in range(traj.n_test)]
-    stored, full = {}, []
+    stored, full, distance = {}, [], []
     with torch.no_grad():
-        state = fa.fp.to_internal(traj.initial_state())
+        state = start = fa.fp.to_internal(traj.initial_state())
         for clock in range(traj.total_steps):
             if clock % k == 0 and clock < end:
                 stored[clock] = state
             state = fa.step(state, clock)
             if clock + 1 in traj.checkpoint_steps:
                 full.append(fa.test_losses(state).double())
+                distance.append(traj.distance(state, start))
         result = torch.zeros(len(pairs), traj.n, dtype=torch.float64)
         for p0 in range(0, len(pairs), M):
             result[p0:p0 + M] = _sweep(fa, pairs[p0:p0 + M], stored, k, end).cpu()
-    return result, torch.stack(full).cpu(), len(stored)
+    return result, torch.stack(full).cpu(), torch.stack(distance), len(stored)
 
 
 def _sweep(fa: MLPAdjoint, pairs, stored, k, end) -> torch.Tensor:

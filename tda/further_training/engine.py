@@ -9,7 +9,7 @@ optimizer, PyTorch samplers), computed for R runs together:
   even be one batch shorter, and then it sits out that step).
 - :class:`GroupTrainer` holds a :class:`~tda.further_training.stacked.StackedModel` and a
   :class:`~tda.further_training.optim.StackedOptimizer`, and records every run's test losses
-  at each checkpoint.
+  (and the full-data run's distance from the start) at each checkpoint.
 - :class:`FurtherTrainingModule` drives a GroupTrainer from a Lightning Trainer (progress
   bar, device and precision flags, loggers); one `fit` per group of runs.
 """
@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from tda.further_training.checkpoints import checkpoint_steps, distance_from_start
 from tda.further_training.optim import StackedOptimizer, clip_grad_norm_per_run
 from tda.further_training.reference import step_seed
 from tda.further_training.stacked import StackedModel
@@ -92,23 +93,33 @@ def plan_step(perm: torch.Tensor, pos: torch.Tensor, left_out: torch.Tensor, is_
 
 class GroupTrainer:
     """Further-trains R runs of one seed together. left_out [R] with is_full [R] marking the
-    full-data run(s). `losses` collects [R, n_test] float64 per checkpoint."""
+    full-data run(s). At each checkpoint (tda.further_training.checkpoints.checkpoint_steps of the
+    checkpoint_* arguments; `checkpoint_steps`) `losses` collects [R, n_test] float64 and, when the
+    group holds a full-data run, `distances` that run's ‖θ_t − θ_0‖₂ (a float64 scalar)."""
 
     def __init__(self, stacked: StackedModel, opt_kind: str, opt_hp: dict, perms: list[torch.Tensor],
                  left_out: torch.Tensor, is_full: torch.Tensor, batch_size: int, removal: str, seed: int,
                  x_test: torch.Tensor, y_test: torch.Tensor, epsilon: float | None = None,
-                 clip_grad_norm: float | None = None, checkpoint_every: int | None = None):
+                 clip_grad_norm: float | None = None, checkpoint_every: int | None = None,
+                 checkpoint_first: int | None = None, checkpoint_last: bool = False):
         self.model = stacked
         self.opt = StackedOptimizer(opt_kind, opt_hp, stacked.params)
         self.perms, self.left_out, self.is_full = perms, left_out, is_full
         self.n = len(perms[0])
         self.batch_size, self.removal, self.seed = int(batch_size), removal, int(seed)
         self.eps = 1.0 / self.n if epsilon is None else float(epsilon)
-        self.clip, self.checkpoint_every = clip_grad_norm, checkpoint_every
+        self.clip = clip_grad_norm
         self.x_test, self.y_test = x_test, y_test
         self.steps_per_epoch = -(-self.n // self.batch_size)
+        self.checkpoint_steps = checkpoint_steps(len(perms) * self.steps_per_epoch, self.steps_per_epoch,
+                                                 checkpoint_every, checkpoint_first, checkpoint_last)
+        self._recorded = set(self.checkpoint_steps)
         self.dtype = stacked.params[0].dtype
         self.losses: list[torch.Tensor] = []
+        self.distances: list[torch.Tensor] = []
+        full = is_full.nonzero().flatten()
+        self.full_row = int(full[0]) if len(full) else None
+        self._start: list[torch.Tensor] | None = None  # the full run's parameters before its first step
         self.clock = 0
         self._positions: dict[int, torch.Tensor] = {}
 
@@ -125,6 +136,8 @@ class GroupTrainer:
         groups, active = plan_step(self.perms[epoch], self.positions(epoch), self.left_out, self.is_full, b,
                                    self.batch_size, self.removal, self.eps, self.dtype)
         device = self.model.params[0].device
+        if self._start is None and self.full_row is not None:  # taken here, on the device the runs train on
+            self._start = [p[self.full_row].clone() for p in self.model.params]
         if len(groups) == 1 and bool(active.all()):
             torch.manual_seed(step_seed(self.seed, self.clock))
             g = groups[0]
@@ -141,15 +154,13 @@ class GroupTrainer:
             clip_grad_norm_per_run(grads, float(self.clip))
         self.opt.step(grads, None if bool(active.all()) else active.to(device))
         self.clock += 1
-        if self.checkpoint_every and self.clock % int(self.checkpoint_every) == 0:
-            self.record()
-
-    def end_epoch(self) -> None:
-        if not self.checkpoint_every:
+        if self.clock in self._recorded:
             self.record()
 
     def record(self) -> None:
         self.losses.append(self.model.test_losses(self.x_test, self.y_test))
+        if self.full_row is not None:
+            self.distances.append(distance_from_start([p[self.full_row] for p in self.model.params], self._start))
 
     def run(self, epochs: int) -> torch.Tensor:
         """Plain loop without Lightning; returns [n_checkpoints, n_test, R] float64."""
@@ -157,11 +168,16 @@ class GroupTrainer:
             for epoch in range(epochs):
                 for b in range(self.steps_per_epoch):
                     self.step(epoch, b)
-                self.end_epoch()
         return self.result()
 
     def result(self) -> torch.Tensor:
         return torch.stack(self.losses).transpose(1, 2).contiguous()  # [T, n_test, R]
+
+    def distance_from_start(self) -> torch.Tensor:
+        """[n_checkpoints] float64: the group's full-data run's ‖θ_t − θ_0‖₂ at each checkpoint."""
+        if self.full_row is None:
+            raise ValueError("this group of runs holds no full-data run, whose distance from the start is recorded")
+        return torch.stack(self.distances)
 
 
 class _Steps(torch.utils.data.Dataset):
@@ -205,9 +221,6 @@ class FurtherTrainingModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         self.engine.step(self.current_epoch, int(batch))
         return None
-
-    def on_train_epoch_end(self):
-        self.engine.end_epoch()
 
     def configure_optimizers(self):
         return None

@@ -35,7 +35,7 @@ from tda.further_training.derivative import WeightedTrajectory
 from tda.further_training.engine import FurtherTrainingModule, GroupTrainer
 from tda.further_training.optim import optimizer_spec
 from tda.further_training.progress import GoldProgress, quiet_lightning
-from tda.further_training.reference import epoch_permutations, further_train_run, test_losses
+from tda.further_training.reference import epoch_permutations, further_train_record, test_losses
 from tda.further_training.settings import FurtherTrainingSettings
 from tda.further_training.stacked import build_stacked
 from tda.further_training.store import (
@@ -129,7 +129,9 @@ def seed_lock(gold_dir: Path, seed: int, part: tuple[int, int] | None, wait: boo
 
 class FurtherTraining:
     """The gold standard of docs/method.md §2 for one final model: per seed, the full-data run and one run
-    per left-out instance, each from θᶠ with a fresh optimizer; written per seed.
+    per left-out instance, each from the problem's model with a fresh optimizer; written per seed.
+    The model is θᶠ, or for retraining (`start: initial_weights`) the final model's initial
+    weights, which the stage puts in the problem (tda.stages.further_train).
 
     `settings`: the `further_training` node; `optimizer`: the `further_optimizer` node (the
     fresh optimizer, a `_target_` node); `trainer`: the `trainer` node (accelerator, progress_bar)."""
@@ -142,12 +144,13 @@ class FurtherTraining:
         """Compute this job's seeds (and left-out shard) of `problem` into `gold_dir`; returns the
         seeds done (computed now or found complete on disk)."""
         ft = self.ft
-        FurtherTrainingSettings.from_config(ft)  # checked again for callers that skip the stage's checks
+        settings = FurtherTrainingSettings.from_config(ft)  # checked again for callers that skip the stage's checks
         gold_dir = Path(gold_dir)
         dtype = getattr(torch, ft.dtype)
         model = with_batchnorm_momentum(problem.model.to(dtype), ft.get("batchnorm_momentum"))
         x = problem.x_train.to(dtype) if problem.x_train.is_floating_point() else problem.x_train
         x_test = problem.x_test.to(dtype) if problem.x_test.is_floating_point() else problem.x_test
+        settings.checkpoint_steps(len(x))  # a schedule with no (or a misplaced) checkpoint is refused before any work
         y, y_test = problem.y_train, problem.y_test
         if problem.task == "regression":
             y, y_test = y.to(dtype), y_test.to(dtype)
@@ -169,11 +172,6 @@ class FurtherTraining:
         seeds = job_seeds(ft)
         sparse = (should_use_sparse(x.reshape(len(x), -1), ft.get("sparse_input", "auto"))
                   and mlp_layers(model) is not None)
-        every, steps = ft.get("checkpoint_every_steps"), int(ft.epochs) * -(-len(x) // int(ft.batch_size))
-        if every and int(every) > steps:
-            raise ValueError(f"further_training.checkpoint_every_steps={every} exceeds the {steps} steps of further "
-                             f"training ({ft.epochs} epochs of {-(-len(x) // int(ft.batch_size))}), so no checkpoint "
-                             f"would be recorded; lower it or set it to null (a checkpoint after every epoch)")
         group = ft.get("max_runs_per_group")
         group = int(group) if group else runs_per_group(model, x, int(ft.batch_size), dtype, problem.memory_budget_mb,
                                                         sparse)
@@ -188,23 +186,24 @@ class FurtherTraining:
             perms = epoch_permutations(len(x), int(ft.epochs), seed)
             extra: dict[str, Any] = {}
             if engine == "derivative":
-                full, diff, extra = self._derivative_seed(model, (kind, hp), x, y, x_test, y_test, problem.task, seed,
-                                                          left_out, mode, problem.memory_budget_mb, bar)
+                full, diff, distance, extra = self._derivative_seed(model, (kind, hp), x, y, x_test, y_test,
+                                                                    problem.task, seed, left_out, mode,
+                                                                    problem.memory_budget_mb, bar)
                 # the first-order losses of the runs without each instance pass the same check
                 self._check_finite(seed, full, full.unsqueeze(-1) + diff, left_out, initial)
             else:
                 if engine == "reference":
-                    full, lo = self._reference_seed(model, opt_node, x, y, x_test, y_test, problem.task, seed,
-                                                    left_out, bar)
+                    full, lo, distance = self._reference_seed(model, opt_node, x, y, x_test, y_test, problem.task,
+                                                              seed, left_out, bar)
                 else:
-                    full, lo = self._stacked_seed(model, kind, hp, x, y, x_test, y_test, problem.task, seed, perms,
-                                                  left_out, group, dtype, bar)
+                    full, lo, distance = self._stacked_seed(model, kind, hp, x, y, x_test, y_test, problem.task, seed,
+                                                            perms, left_out, group, dtype, bar)
                 self._check_finite(seed, full, lo, left_out, initial)
                 diff = lo - full.unsqueeze(-1)
             meta: dict[str, Any] = {**identity, "seed": seed, "seconds": time.perf_counter() - t0, "engine": engine,
                                     "left_out_block": [start, stop], "part": [index, count], **extra}
-            save_tensors(path, {"diff": diff, "full_loss": full, "initial_loss": initial}, metadata=meta,
-                         what=f"gold-standard seed {seed}")
+            save_tensors(path, {"diff": diff, "full_loss": full, "initial_loss": initial,
+                                "distance_from_start": distance}, metadata=meta, what=f"gold-standard seed {seed}")
             log.info("further training seed %d (%s) -> %s in %.1fs", seed, engine, path.name, meta["seconds"])
 
         groups_per_seed = 1 if engine == "derivative" else -(-(1 + len(left_out)) // group)
@@ -280,14 +279,15 @@ class FurtherTraining:
         full-data run: forward mode over the left-out block, or reverse mode over every training
         instance with the block's columns taken. Returns full [T, n_test], diff [T, n_test,
         n_left_out] (−Δw_j·∂ℓ_z/∂w_j: the first-order estimate of loss(D∖j) − loss(D) of the
-        `mask` / `downweight` removal) and what to record in the seed file's header."""
+        `mask` / `downweight` removal), the full run's distance from the start [T] and what to record
+        in the seed file's header."""
         ft = self.ft
         bar.start(seed, 0)
         traj = WeightedTrajectory(model, optimizer, x, y, x_test, y_test, task, int(ft.epochs), seed,
                                   int(ft.batch_size), normalisation=str(ft.removal), epsilon=ft.epsilon,
-                                  clip_grad_norm=ft.clip_grad_norm, checkpoint_every=ft.checkpoint_every_steps,
-                                  device=_torch_device(self.trainer.get("accelerator", "cpu")),
-                                  sparse_input=ft.get("sparse_input", "auto"))
+                                  clip_grad_norm=ft.clip_grad_norm, device=_torch_device(self.trainer.get(
+                                      "accelerator", "cpu")), sparse_input=ft.get("sparse_input", "auto"),
+                                  **self._schedule())
         if mode == "forward":
             result = traj.forward_mode(left_out, memory_budget_mb)
             diff = result.derivative
@@ -296,30 +296,40 @@ class FurtherTraining:
             diff = result.derivative[..., torch.as_tensor(left_out, dtype=torch.long)]
         bar.advance(seed)
         plan = {k: v for k, v in result.plan.items() if isinstance(v, (str, int, float, bool))}
-        return result.full_loss, diff.contiguous(), {"derivative_mode": mode, "derivative_plan": plan}
+        return (result.full_loss, diff.contiguous(), result.distance_from_start,
+                {"derivative_mode": mode, "derivative_plan": plan})
+
+    def _schedule(self) -> dict[str, Any]:
+        """The checkpoint schedule's settings, as every engine takes them."""
+        ft = self.ft
+        return {"checkpoint_every": ft.checkpoint_every_steps, "checkpoint_first": ft.get("checkpoint_first_step"),
+                "checkpoint_last": bool(ft.get("checkpoint_last_step", False))}
 
     def _reference_seed(self, model, opt_node, x, y, x_test, y_test, task, seed, left_out, bar: GoldProgress):
         """The plain loop (tda.further_training.reference): one run after the other, the full run
-        first. Returns full [T, n_test], lo [T, n_test, n_left_out]."""
+        first. Returns full [T, n_test], lo [T, n_test, n_left_out], the full run's distance from
+        the start [T]."""
         ft = self.ft
         optimizer = build(opt_node)
         kw = dict(optimizer=optimizer, x=x, y=y, x_test=x_test, y_test=y_test, task=task, n_epochs=int(ft.epochs),
-                  seed=seed, batch_size=int(ft.batch_size), removal=ft.removal,
-                  checkpoint_every=ft.checkpoint_every_steps, epsilon=ft.epsilon, clip_grad_norm=ft.clip_grad_norm)
-        losses = []
+                  seed=seed, batch_size=int(ft.batch_size), removal=ft.removal, epsilon=ft.epsilon,
+                  clip_grad_norm=ft.clip_grad_norm, **self._schedule())
+        records = []
         for i, run in enumerate([None, *left_out]):
             bar.start(seed, i)
-            losses.append(further_train_run(model, left_out=run, **kw))
+            records.append(further_train_record(model, left_out=run, **kw))
             bar.advance(seed)
-        return losses[0], torch.stack(losses[1:], dim=-1)
+        return (records[0].losses, torch.stack([r.losses for r in records[1:]], dim=-1),
+                records[0].distance_from_start)
 
     def _stacked_seed(self, model, kind, hp, x, y, x_test, y_test, task, seed, perms, left_out, group, dtype,
                       bar: GoldProgress):
         """All runs of the seed in groups of at most `group` runs (the full run in the first).
-        Returns full [T, n_test], lo [T, n_test, n_left_out]."""
+        Returns full [T, n_test], lo [T, n_test, n_left_out], the full run's distance from the
+        start [T]."""
         ft = self.ft
         runs: list[int | None] = [None, *left_out]
-        out = []
+        out, distance = [], None
         for g, g0 in enumerate(range(0, len(runs), group)):
             bar.start(seed, g)
             chunk = runs[g0:g0 + group]
@@ -329,13 +339,14 @@ class FurtherTraining:
                                     sparse_input=ft.get("sparse_input", "auto"), vmap=ft.get("vmap", "auto"),
                                     device=self.trainer.get("accelerator", "cpu"))
             gt = GroupTrainer(stacked, kind, hp, perms, lo, is_full, int(ft.batch_size), ft.removal, seed, x_test,
-                              y_test, epsilon=ft.epsilon, clip_grad_norm=ft.clip_grad_norm,
-                              checkpoint_every=ft.checkpoint_every_steps)
+                              y_test, epsilon=ft.epsilon, clip_grad_norm=ft.clip_grad_norm, **self._schedule())
             self._fit(gt, int(ft.epochs), self.trainer.get("accelerator", "cpu"), dtype)
             out.append(gt.result())  # [T, n_test, r]
+            if g == 0:
+                distance = gt.distance_from_start()
             bar.advance(seed)
         losses = torch.cat(out, dim=-1)
-        return losses[..., 0], losses[..., 1:]
+        return losses[..., 0], losses[..., 1:], distance
 
     @staticmethod
     def _fit(gt: GroupTrainer, epochs: int, accelerator: str, dtype: torch.dtype) -> None:
@@ -345,7 +356,7 @@ class FurtherTraining:
                             enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
                             num_sanity_val_steps=0, limit_val_batches=0)
         trainer.fit(FurtherTrainingModule(gt))
-        expected = (epochs * gt.steps_per_epoch // int(gt.checkpoint_every)) if gt.checkpoint_every else epochs
+        expected = len(gt.checkpoint_steps)
         if trainer.interrupted or len(gt.losses) != expected:
             # never write a seed whose runs did not finish (Lightning swallows some interruptions)
             raise RuntimeError(f"further training of seed {gt.seed} stopped early ({len(gt.losses)} of {expected} "

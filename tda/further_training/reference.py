@@ -22,18 +22,22 @@ PyTorch's own samplers:
 - Dropout masks are matched between a seed's runs: before each step the global generator
   is seeded from (seed, step), where the step clock is the full run's (epoch, batch), so
   runs forwarding the same shapes draw the same masks.
-- Checkpoints after every epoch, or after every k steps of that clock.
+- Checkpoints at the steps of that clock that tda.further_training.checkpoints.checkpoint_steps
+  lists (after every epoch, or every k steps from a first step, and optionally the last step);
+  the full-data run also records its distance from the start, ‖θ_t − θ_0‖₂.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Sampler, TensorDataset
 
+from tda.further_training.checkpoints import checkpoint_steps, distance_from_start
 from tda.models.base import per_example_loss
 
 
@@ -73,18 +77,32 @@ def test_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str) -
     return out
 
 
-def further_train_run(model: nn.Module, optimizer: Callable, x: torch.Tensor, y: torch.Tensor,
-                      x_test: torch.Tensor, y_test: torch.Tensor, task: str, n_epochs: int, seed: int,
-                      batch_size: int, left_out: int | None, removal: str,
-                      checkpoint_every: int | None = None, epsilon: float | None = None,
-                      clip_grad_norm: float | None = None) -> torch.Tensor:
-    """Train a copy of `model` further; test losses at each checkpoint, [n_checkpoints, n_test].
+@dataclass
+class RunRecord:
+    """What one further-training run records at its checkpoints: losses [n_checkpoints, n_test]
+    float64 (test losses), distance_from_start [n_checkpoints] float64 (‖θ_t − θ_0‖₂ over the
+    trainable parameters) and steps (the checkpoints' steps of the full run's clock)."""
+
+    losses: torch.Tensor
+    distance_from_start: torch.Tensor
+    steps: list[int]
+
+
+def further_train_record(model: nn.Module, optimizer: Callable, x: torch.Tensor, y: torch.Tensor,
+                         x_test: torch.Tensor, y_test: torch.Tensor, task: str, n_epochs: int, seed: int,
+                         batch_size: int, left_out: int | None, removal: str,
+                         checkpoint_every: int | None = None, epsilon: float | None = None,
+                         clip_grad_norm: float | None = None, checkpoint_first: int | None = None,
+                         checkpoint_last: bool = False) -> RunRecord:
+    """Train a copy of `model` further and record it at each checkpoint (tda.further_training.
+    checkpoints.checkpoint_steps of the checkpoint_* arguments).
 
     `left_out=None` is the full-data run; `optimizer` builds a torch.optim optimizer from a
     parameter list."""
     model = copy.deepcopy(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
     opt = optimizer(params)
     n = len(x)
     eps = 1.0 / n if epsilon is None else float(epsilon)
@@ -92,13 +110,16 @@ def further_train_run(model: nn.Module, optimizer: Callable, x: torch.Tensor, y:
     run_sampler = DeleteSampler(sampler, left_out) if (left_out is not None and removal == "drop") else sampler
     loader = DataLoader(TensorDataset(x, y, torch.arange(n)), batch_size=batch_size, sampler=run_sampler)
     full_steps = -(-n // batch_size)  # the step clock is the full run's
-    losses, clock = [], 0
+    steps = checkpoint_steps(n_epochs * full_steps, full_steps, checkpoint_every, checkpoint_first, checkpoint_last)
+    recorded = set(steps)
+    losses, distances, clock = [], [], 0
 
     def tick():
         nonlocal clock
         clock += 1
-        if checkpoint_every and clock % checkpoint_every == 0:
+        if clock in recorded:
             losses.append(test_losses(model, x_test, y_test, task))
+            distances.append(distance_from_start(params, start))
 
     wdtype = params[0].dtype  # loss weights in the model's dtype (inputs may be token ids)
     with torch.random.fork_rng(devices=[]):
@@ -123,6 +144,16 @@ def further_train_run(model: nn.Module, optimizer: Callable, x: torch.Tensor, y:
                 tick()
             while clock < epoch_start + full_steps:  # a `drop` run's epoch may be one batch shorter
                 tick()
-            if not checkpoint_every:
-                losses.append(test_losses(model, x_test, y_test, task))
-    return torch.stack(losses)
+    return RunRecord(torch.stack(losses), torch.stack(distances), steps)
+
+
+def further_train_run(model: nn.Module, optimizer: Callable, x: torch.Tensor, y: torch.Tensor,
+                      x_test: torch.Tensor, y_test: torch.Tensor, task: str, n_epochs: int, seed: int,
+                      batch_size: int, left_out: int | None, removal: str,
+                      checkpoint_every: int | None = None, epsilon: float | None = None,
+                      clip_grad_norm: float | None = None, checkpoint_first: int | None = None,
+                      checkpoint_last: bool = False) -> torch.Tensor:
+    """The test losses [n_checkpoints, n_test] of :func:`further_train_record` (same arguments)."""
+    return further_train_record(model, optimizer, x, y, x_test, y_test, task, n_epochs, seed, batch_size, left_out,
+                                removal, checkpoint_every, epsilon, clip_grad_norm, checkpoint_first,
+                                checkpoint_last).losses

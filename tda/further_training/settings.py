@@ -11,16 +11,19 @@ import typing
 from dataclasses import dataclass
 from typing import Literal
 
+from tda.further_training.checkpoints import checkpoint_steps
 from tda.sections import Checks, Section, setting
 
 Removal = Literal["drop", "downweight", "mask"]
 Engine = Literal["stacked", "reference"]
 Estimator = Literal["difference", "derivative"]
 DerivativeMode = Literal["auto", "forward", "reverse"]
+Start = Literal["final_model", "initial_weights"]
 REMOVAL_MODES: tuple[str, ...] = typing.get_args(Removal)
 ENGINES: tuple[str, ...] = typing.get_args(Engine)
 ESTIMATORS: tuple[str, ...] = typing.get_args(Estimator)
 DERIVATIVE_MODES: tuple[str, ...] = typing.get_args(DerivativeMode)
+STARTS: tuple[str, ...] = typing.get_args(Start)
 
 
 @dataclass
@@ -50,9 +53,15 @@ class FurtherTrainingSettings(Section):
     n_seeds: int = setting(4, "seeds (batch orders) averaged",
                            "the gold standard averages over seeds (the paper: 100; 10-20 capture most of the benefit)")
     seed_offset: int = setting(0, "seeds are seed_offset .. seed_offset + n_seeds - 1")
+    start: Start = setting("final_model", "final_model: further training from θᶠ | initial_weights: retraining from "
+                           "the final model's initial weights with its final-training schedule "
+                           "(gold_standard=retraining)")
     removal: Removal = setting("drop", "how instance j is removed: drop | downweight | mask")
     checkpoint_every_steps: int | None = setting(None, "a checkpoint every this many steps",
                                                  "null puts a checkpoint after every epoch")
+    checkpoint_first_step: int | None = setting(None, "with checkpoint_every_steps k: checkpoints at this step, "
+                                                "then every k steps", "null starts at step k (k, 2k, ...)")
+    checkpoint_last_step: bool = setting(False, "the last step of further training is a checkpoint too")
     epsilon: float | None = setting(None, "downweight ε", "null uses 1/n")
     clip_grad_norm: float | None = setting(None, "gradient norm clipping", "null disables clipping")
     batchnorm_momentum: float | None = setting(None, "batch-norm momentum; 0 freezes the running statistics",
@@ -76,9 +85,13 @@ class FurtherTrainingSettings(Section):
     left_out_shard: LeftOutShard = setting(LeftOutShard(), "this job's block of the left-out instances")
 
     def check(self, c: Checks) -> None:
-        for name in ("epochs", "batch_size", "n_seeds", "checkpoint_every_steps", "epsilon", "clip_grad_norm",
-                     "max_runs_per_group"):
+        for name in ("epochs", "batch_size", "n_seeds", "checkpoint_every_steps", "checkpoint_first_step", "epsilon",
+                     "clip_grad_norm", "max_runs_per_group"):
             c.positive(name)
+        if c.value("checkpoint_first_step") is not None and self.checkpoint_every_steps is None:
+            c.add(f"further_training.checkpoint_first_step={self.checkpoint_first_step} needs "
+                  f"further_training.checkpoint_every_steps (the steps after the first); set it, or leave "
+                  f"checkpoint_first_step null for a checkpoint after every epoch")
         c.non_negative("seed_offset")
         c.within("batchnorm_momentum", 0, 1, " (0 freezes the running statistics)")
         if c.value("estimator") == "derivative":
@@ -101,10 +114,55 @@ class FurtherTrainingSettings(Section):
         if not shard_seeds:
             c.add("further_training.shard_seeds=[] computes nothing; use null for every seed")
 
-    def fit_problems(self, n_left_out: int) -> list[str]:
-        """The left-out shards against the number of left-out instances."""
+    def fit_problems(self, n_left_out: int, n_train: int | None = None) -> list[str]:
+        """The left-out shards against the number of left-out instances; the checkpoint schedule
+        against the steps of further training on `n_train` instances."""
+        problems = []
         count = self.left_out_shard.count
         if n_left_out and count > n_left_out:
-            return [f"further_training.left_out_shard.count={count} splits the {n_left_out} left-out instances into "
-                    f"more shards than there are instances; use at most {n_left_out} shards"]
-        return []
+            problems.append(f"further_training.left_out_shard.count={count} splits the {n_left_out} left-out "
+                            f"instances into more shards than there are instances; use at most {n_left_out} shards")
+        if n_train:
+            try:
+                self.checkpoint_steps(n_train)
+            except ValueError as err:
+                problems.append(str(err))
+        return problems
+
+    def retraining_problems(self, train: dict, optimizer: dict, further_optimizer: dict,
+                            augmenting_dataset: str | None = None) -> list[str]:
+        """With `start: initial_weights` (retraining): every way in which the runs would not repeat
+        the final training, given the resolved `train`, `optimizer` and `further_optimizer` nodes
+        and the name of the dataset if it augments its inputs in final training
+        (DataBundle.final_training_transform), which no run of a gold standard does."""
+        if self.start != "initial_weights":
+            return []
+        fix = "gold_standard=retraining sets it from the final training; remove its override"
+        problems = [f"further_training.{mine}={getattr(self, mine)!r} differs from the final training's "
+                    f"train.{theirs}={train.get(theirs)!r}; {fix}"
+                    for mine, theirs in (("epochs", "epochs"), ("batch_size", "batch_size"),
+                                         ("clip_grad_norm", "gradient_clip_val"))
+                    if getattr(self, mine) != train.get(theirs)]
+        if further_optimizer != optimizer:
+            problems.append(f"further_optimizer {further_optimizer} differs from the final training's optimizer "
+                            f"{optimizer}; {fix}")
+        if train.get("final_checkpoint", "last") != "last":
+            problems.append(f"train.final_checkpoint={train['final_checkpoint']}: the final model is the best "
+                            f"checkpoint of its training, not the end of a schedule that could be repeated; retrain "
+                            f"with train.final_checkpoint=last for the retraining gold standard")
+        if augmenting_dataset is not None:
+            problems.append(f"dataset {augmenting_dataset} augments its inputs in final training, which the runs of "
+                            f"a gold standard never do; turn the augmentation off in the dataset config (and retrain) "
+                            f"to retrain from the initial weights")
+        return problems
+
+    def steps_per_epoch(self, n_train: int) -> int:
+        """Optimizer steps of one epoch of the full-data run on `n_train` instances."""
+        return -(-n_train // self.batch_size)
+
+    def checkpoint_steps(self, n_train: int) -> list[int]:
+        """The checkpoint steps of further training on `n_train` instances
+        (tda.further_training.checkpoints.checkpoint_steps of these settings)."""
+        spe = self.steps_per_epoch(n_train)
+        return checkpoint_steps(self.epochs * spe, spe, self.checkpoint_every_steps, self.checkpoint_first_step,
+                                self.checkpoint_last_step)

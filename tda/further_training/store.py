@@ -5,7 +5,9 @@ On disk (`runs/<run>/gold/<key>/`, key: :func:`further_training_key`):
   seed_00000.safetensors ...     one file per seed, written atomically when the seed completes:
       diff          [n_checkpoints, n_test, n_left_out]  float64, loss(D∖j) − loss(D)   (eq. 17)
       full_loss     [n_checkpoints, n_test]              float64, the full-data run
-      initial_loss  [n_test]                             float64, at θᶠ
+      initial_loss  [n_test]                             float64, at the start (θᶠ)
+      distance_from_start [n_checkpoints]                float64, ‖θ_t − θ_start‖₂ of the full-data
+                                                         run (absent from files written before it)
   seed_00000.part_01_of_04.safetensors ...
                                  the same for a contiguous block of the left-out instances
                                  (`further_training.left_out_shard`); `diff` is
@@ -15,6 +17,10 @@ Jobs given different `shard_seeds` / `left_out_shard` fill the same directory (t
 writes it: tda.further_training.gold_standard); :func:`load_gold_standard` merges them, naming
 any seed or part that is missing or doubled, and refuses a file that belongs to another gold
 standard or final model.
+
+Two kinds of gold standard share all of this (:func:`gold_kind`, from `further_training.start`):
+further training from the final model θᶠ (the default), and retraining from the final model's
+initial weights with its final-training schedule (`gold_standard=retraining`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from omegaconf import DictConfig
 
 from tda.artifacts import IntegrityError, load_json, load_tensors_with_metadata
 from tda.config import config_hash, node_name, to_container
+from tda.further_training.checkpoints import checkpoint_steps
 from tda.provenance import ProvenanceError, require_match
 
 # `further_training` settings that choose how or which part of the gold standard a job
@@ -39,7 +46,8 @@ EXECUTION_KEYS = ("engine", "max_runs_per_group", "sparse_input", "vmap", "shard
 # settings added after gold standards had been computed, with the value that means what the gold
 # standard was before they existed: at that value they are left out of the key (and of every
 # identity), so that existing gold-standard directories keep their names
-OMITTED_AT_DEFAULT: dict[str, Any] = {"batchnorm_momentum": None, "estimator": "difference"}
+OMITTED_AT_DEFAULT: dict[str, Any] = {"batchnorm_momentum": None, "estimator": "difference", "start": "final_model",
+                                      "checkpoint_first_step": None, "checkpoint_last_step": False}
 
 _SEED_FILE = re.compile(r"^seed_(\d+)(?:\.part_(\d+)_of_(\d+))?\.safetensors$")
 
@@ -49,6 +57,14 @@ def gold_settings(ft: DictConfig) -> dict:
     """The `further_training` settings that define the gold standard (what its key hashes)."""
     return {k: v for k, v in to_container(ft).items()
             if k not in EXECUTION_KEYS and not (k in OMITTED_AT_DEFAULT and v == OMITTED_AT_DEFAULT[k])}
+
+
+def gold_kind(settings: dict) -> str:
+    """`retraining` or `further training`: the kind of gold standard of recorded settings
+    (`gold_settings`, meta.json's `further_training`): retraining starts from the final model's
+    initial weights (`start: initial_weights`), further training from θᶠ (absent = the default)."""
+    start = settings.get("start", OMITTED_AT_DEFAULT["start"])
+    return "retraining" if start == "initial_weights" else "further training"
 
 
 def estimator_of(settings: dict) -> str:
@@ -160,7 +176,8 @@ class GoldStandard:
     """All completed seeds of a gold standard.
 
     diff [n_checkpoints, n_test, n_left_out, n_seeds], full_loss [n_checkpoints, n_test, n_seeds],
-    initial_loss [n_test]."""
+    initial_loss [n_test]; distance_from_start [n_checkpoints, n_seeds]: each seed's full-data run's
+    ‖θ_t − θ_start‖₂, None when a merged file predates it."""
 
     diff: torch.Tensor
     full_loss: torch.Tensor
@@ -168,19 +185,37 @@ class GoldStandard:
     seeds: list[int]
     meta: dict
     files: dict[str, str] = field(default_factory=dict)  # file name -> checksum of every file merged
+    distance_from_start: torch.Tensor | None = None
 
     @property
     def n_checkpoints(self) -> int:
         return self.diff.shape[0]
 
+    @property
+    def kind(self) -> str:
+        """`further training` or `retraining` (:func:`gold_kind`)."""
+        return gold_kind(self.meta["further_training"])
+
     def checkpoint_axis(self) -> tuple[str, list[float]]:
-        """Name and values of the x axis: further-training epochs, or steps when
-        checkpoints are every k steps."""
+        """Name and values of the x axis: the epochs, or, with `checkpoint_every_steps`, the steps of
+        the checkpoints (tda.further_training.checkpoints.checkpoint_steps of the recorded settings
+        and meta.json's n_train)."""
         ft = self.meta["further_training"]
         k = ft.get("checkpoint_every_steps")
-        if k:
-            return "step", [float(k * (i + 1)) for i in range(self.n_checkpoints)]
-        return "epoch", [float(i + 1) for i in range(self.n_checkpoints)]
+        if not k:
+            return "epoch", [float(i + 1) for i in range(self.n_checkpoints)]
+        if "n_train" not in self.meta:
+            raise ValueError("the gold standard's meta.json records no n_train, which the steps of its checkpoints "
+                             "are computed from; delete it and re-run `python attribute.py method=further_training "
+                             "<same overrides>`")
+        spe = -(-int(self.meta["n_train"]) // int(ft["batch_size"]))
+        steps = checkpoint_steps(int(ft["epochs"]) * spe, spe, int(k), ft.get("checkpoint_first_step"),
+                                 bool(ft.get("checkpoint_last_step", False)))
+        if len(steps) != self.n_checkpoints:
+            raise ValueError(f"the gold standard's settings give {len(steps)} checkpoints but its files hold "
+                             f"{self.n_checkpoints}; delete it and re-run `python attribute.py "
+                             f"method=further_training <same overrides>`")
+        return "step", [float(s) for s in steps]
 
     def attribution(self, center: bool = True, adjust: bool = True,
                     seeds: slice | list[int] | None = None) -> torch.Tensor:
@@ -253,12 +288,18 @@ def _merge_seed(seed: int, parts_found: dict[tuple[int, int], Path], identity: d
                                 f"{block[1] - block[0]}; delete it and re-run")
         parts.append(tensors)
     full = parts[0]["full_loss"]
+    # every part trains its own full-data run: the same run, equal up to rounding
+    distance = None if any("distance_from_start" not in p for p in parts) else parts[0]["distance_from_start"]
     for i, p in enumerate(parts[1:], 2):
-        if not torch.allclose(p["full_loss"], full, rtol=0, atol=1e-6 * (1 + float(full.abs().max()))):
+        same = torch.allclose(p["full_loss"], full, rtol=0, atol=1e-6 * (1 + float(full.abs().max())))
+        if same and distance is not None:
+            same = torch.allclose(p["distance_from_start"], distance, rtol=0,
+                                  atol=1e-6 * (1 + float(distance.abs().max())))
+        if not same:
             return None, None, (f"seed {seed}: part {i} of {count} has a different full-data run than part 1 "
                                 f"(written with other settings?); delete the seed's files and re-run it")
     return {"diff": torch.cat([p["diff"] for p in parts], dim=-1), "full_loss": full,
-            "initial_loss": parts[0]["initial_loss"]}, None, None
+            "initial_loss": parts[0]["initial_loss"], "distance_from_start": distance}, None, None
 
 
 def load_gold_standard(gold_dir: Path, expected: dict | None = None, seeds: list[int] | None = None,
@@ -307,11 +348,14 @@ def load_gold_standard(gold_dir: Path, expected: dict | None = None, seeds: list
                                 f"Re-run `python attribute.py method=further_training` with the same overrides "
                                 f"(and the same further_training.left_out_shard for missing parts) to finish them")
     present = [s for s in seeds if s in merged]
+    distances = [merged[s]["distance_from_start"] for s in present]
     return GoldStandard(diff=torch.stack([merged[s]["diff"] for s in present], dim=-1),
                         full_loss=torch.stack([merged[s]["full_loss"] for s in present], dim=-1),
                         initial_loss=merged[present[0]]["initial_loss"], seeds=present, meta=meta,
                         files={name: c for name, c in sorted(checksums.items())
-                               if any(name.startswith(f"seed_{s:05d}") for s in present)})
+                               if any(name.startswith(f"seed_{s:05d}") for s in present)},
+                        distance_from_start=None if any(d is None for d in distances)
+                        else torch.stack(distances, dim=-1))
 
 
 def gold_status(gold_dir: Path, expected: dict, seeds: list[int], complete: bool) -> str:
@@ -335,8 +379,10 @@ SIBLING_KEYS = ("estimator", "removal")
 
 
 def gold_label(settings: dict) -> str:
-    """A gold standard named by its estimator and removal, e.g. `derivative (mask)`."""
-    return f"{estimator_of(settings)} ({settings.get('removal')})"
+    """A gold standard named by its estimator and removal, e.g. `derivative (mask)`, and, for
+    retraining, its kind: `retraining: difference (drop)`."""
+    label = f"{estimator_of(settings)} ({settings.get('removal')})"
+    return f"retraining: {label}" if gold_kind(settings) == "retraining" else label
 
 
 def sibling_gold_standards(gold: GoldStandard, gold_root: Path, own_key: str
@@ -373,4 +419,32 @@ def sibling_gold_standards(gold: GoldStandard, gold_root: Path, own_key: str
             skipped.append(f"{key} ({gold_label(settings)}): {err}")
             continue
         found[gold_label(settings)] = (key, other)
+    return found, skipped
+
+
+def further_training_beside(retraining: GoldStandard, gold_root: Path) -> tuple[dict[str, GoldStandard], list[str]]:
+    """The further-training gold standards in `gold_root` (a run's `gold/`) of the same final
+    model and left-out / test instances as the retraining gold standard `retraining`, each over
+    the seeds its meta.json lists and verified through :func:`load_gold_standard`: what the
+    paper's Figure 11 sets against leave-one-out retraining. Returns ({"<label> <key>": gold
+    standard}, [why each candidate was skipped: incomplete, damaged])."""
+    found: dict[str, GoldStandard] = {}
+    skipped: list[str] = []
+    for meta_path in sorted(Path(gold_root).glob("*/meta.json")):
+        key = meta_path.parent.name
+        try:
+            meta = load_json(meta_path)
+        except (OSError, ValueError) as err:
+            skipped.append(f"{key}: meta.json unreadable ({err})")
+            continue
+        settings = meta.get("further_training")
+        if not isinstance(settings, dict) or gold_kind(settings) != "further training" or any(
+                meta.get(k) != retraining.meta[k] for k in ("final_model", "left_out_indices", "test_indices")):
+            continue
+        expected = {k: meta[k] for k in ("final_model", "further_training", "further_optimizer", "left_out_indices",
+                                         "test_indices")}
+        try:
+            found[f"{gold_label(settings)} {key}"] = load_gold_standard(meta_path.parent, expected, meta.get("seeds"))
+        except (FileNotFoundError, ValueError) as err:  # incomplete, conflicting, foreign or damaged files
+            skipped.append(f"{key} ({gold_label(settings)}): {err}")
     return found, skipped

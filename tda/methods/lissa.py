@@ -185,7 +185,7 @@ class LiSSA(InfluenceMethod):
     def _refuse(self, mu: float, lam: float, tol: float, how: str) -> None:
         """The one message for a C + λI that is not positive definite (as CG and Arnoldi word it)."""
         lam0 = self.record["lambda0"]
-        need = (lam - mu) / lam0  # the multiple that would only cancel the eigenvalue found
+        need = (lam - mu + tol) / lam0  # the multiple that would only lift the eigenvalue found to the tolerance
         suggest = float(f"{max(2 * need, 1.0):.2g}")
         fix = (f"raise method.damping_multiple (now {self.damping_multiple:g}) well above {need:.3g}, e.g. "
                f"method.damping_multiple={suggest:g}")

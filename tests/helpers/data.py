@@ -1,5 +1,6 @@
 """Test data written by the tests: a tiny census PUMS file and its data dictionary (the layout
-folktables reads), and the embedded breast-cancer data damaged as a user's own loader might deliver
+folktables reads), small UCI Concrete / Energy sheets and a FICO HELOC file in the layouts their
+loaders read, and the embedded breast-cancer data damaged as a user's own loader might deliver
 it (a `_target_` for `dataset`: `helpers.data.damaged_breast_cancer`)."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from tda.data.base import DataBundle
+from tda.data.fico import FEATURES as FICO_FEATURES
 from tda.data.sklearn_data import breast_cancer
 
 # ------------------------------------------------------------------ a tiny PUMS file + dictionary
@@ -86,3 +88,72 @@ def damaged_breast_cancer(split: str = "train", column: int | None = None, rows:
                       task="regression" if regression else "classification", n_outputs=1 if regression else 2,
                       modality="tabular", feature_names=data.feature_names,
                       class_names=None if regression else data.class_names, info={})
+
+
+# ------------------------------------------------------------------ UCI regression sheets, FICO HELOC
+CONCRETE_HEADER = ["Cement (component 1)(kg in a m^3 mixture)", "Blast Furnace Slag (component 2)(kg in a m^3 mixture)",
+                   "Fly Ash (component 3)(kg in a m^3 mixture)", "Water  (component 4)(kg in a m^3 mixture)",
+                   "Superplasticizer (component 5)(kg in a m^3 mixture)",
+                   "Coarse Aggregate  (component 6)(kg in a m^3 mixture)",
+                   "Fine Aggregate (component 7)(kg in a m^3 mixture)", "Age (day)",
+                   "Concrete compressive strength(MPa, megapascals) "]
+
+
+def write_concrete(folder, n=50, seed=0) -> pd.DataFrame:
+    """Concrete_Data.csv in UCI's column layout (8 features, then the strength); column 8 (age)
+    is 1..n, so a row can be found again from its raw features."""
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame(rng.uniform(0, 500, size=(n, 9)).round(2), columns=CONCRETE_HEADER)
+    df[CONCRETE_HEADER[7]] = np.arange(1, n + 1, dtype=np.float64)
+    folder.mkdir(parents=True, exist_ok=True)
+    df.to_csv(folder / "Concrete_Data.csv", index=False)
+    return df
+
+
+def write_energy(folder, n=40, seed=0) -> pd.DataFrame:
+    """ENB2012_data.csv as the .xlsx can read: X1..X8, Y1, Y2, then an empty column and empty
+    rows; X2 is 0, 10, 20, ... so a row can be found again."""
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame(rng.uniform(0, 50, size=(n, 10)).round(2), columns=[f"X{i}" for i in range(1, 9)] + ["Y1", "Y2"])
+    df["X2"] = np.arange(n) * 10.0
+    padded = pd.concat([df, pd.DataFrame(np.nan, index=range(3), columns=df.columns)], ignore_index=True)
+    padded["Unnamed: 10"] = np.nan
+    folder.mkdir(parents=True, exist_ok=True)
+    padded.to_csv(folder / "ENB2012_data.csv", index=False)
+    return df
+
+
+def write_heloc(folder, n: int = 24) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """heloc_dataset_v1.csv with special values in the columns the authors treat specially;
+    NumTotalTrades is the row number (never special) so rows can be found again. Returns the
+    file's table and, by hand, the features after the authors' treatment of the kept rows
+    (n >= 10; rows past the 8th are ordinary)."""
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame(rng.integers(0, 60, size=(n, len(FICO_FEATURES))), columns=FICO_FEATURES)
+    df["NumTotalTrades"] = np.arange(n)
+    df.insert(0, "RiskPerformance", ["Bad", "Good"] * (n // 2))
+    delq = [10, 20, -7, -8, 30, -9, -7, 40] + [0] * (n - 8)          # mean of the >= 0 values
+    inq = [3, -7, -8, 5, 24, -9, -8, 0] + [1] * (n - 8)
+    maxdelq = [7, 8, 9, 6, 2, 7, 3, 7] + [5] * (n - 8)
+    ext = [60, -8, 70, -9, 80, 90, -8, 50] + [60] * (n - 8)
+    df["MSinceMostRecentDelq"], df["MSinceMostRecentInqexcl7days"] = delq, inq
+    df["MaxDelq2PublicRecLast12M"], df["ExternalRiskEstimate"] = maxdelq, ext
+    df.loc[n - 2:, FICO_FEATURES] = -9                                   # two rows with no bureau record
+    folder.mkdir(parents=True, exist_ok=True)
+    df.to_csv(folder / "heloc_dataset_v1.csv", index=False)
+
+    kept = df.iloc[: n - 2][FICO_FEATURES].astype(float).copy()
+    # by hand, on the kept rows (the dropped all -9 rows take no part in any mean or maximum):
+    d = kept["MSinceMostRecentDelq"]
+    d_mean = np.mean([v for v in d if v >= 0])                         # (10+20+30+40+0*14)/18
+    d_max = 40
+    kept["MSinceMostRecentDelq"] = [d_max + 1 if v == -7 else d_mean if v == -8 else v for v in d]
+    i = kept["MSinceMostRecentInqexcl7days"]
+    i_max = 24                                                         # max after -7 -> 0
+    kept["MSinceMostRecentInqexcl7days"] = [0 if v == -7 else i_max + 1 if v == -8 else v for v in i]
+    kept["MaxDelq2PublicRecLast12M"] = [min(v, 7) for v in kept["MaxDelq2PublicRecLast12M"]]
+    for special in (-8, -9):
+        for col in kept.columns:
+            mean = kept[col][kept[col] >= 0].mean()
+            kept[col] = [mean if v == special else v for v in kept[col]]
+    return df, kept

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
+from tda.evaluation.curves import RELIABILITY_COLUMNS
 from tda.further_training.store import GoldStandard
 
 COMPARE = ['evaluate.compare=["seed=0"]']  # compare mode, one experiment: the current overrides
@@ -26,7 +27,6 @@ def synthetic_gold(T=3, n_test=5, n_lo=7, S=10, same_over_checkpoints=False, see
 
 def reliability_frame(xs=(1.0, 2.0, 3.0)) -> pd.DataFrame:
     """split_half_reliability-shaped rows with made-up values."""
-    return pd.DataFrame([[metric, centered, t, x, "epoch", 0.9, 0.01, 6, 0, 2, 0.95]
+    return pd.DataFrame([[metric, centered, t, x, "epoch", 0.9, 0.01, 6, 0, 2, 4, 0.95]
                          for metric in ("cosine", "spearman") for centered in (True, False) for t, x in enumerate(xs)],
-                        columns=["metric", "centered", "checkpoint", "x", "x_name", "mean", "se", "n", "n_skipped",
-                                 "seeds_per_half", "ceiling_full"])
+                        columns=RELIABILITY_COLUMNS)
