@@ -4,6 +4,8 @@ against exact leave-one-out retraining of L2-regularised logistic regression."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -629,3 +631,26 @@ def test_kfac_agrees_with_kronfluence(cls, strategy):
     cos = torch.nn.functional.cosine_similarity(s.flatten(), theirs.flatten(), dim=0)
     assert float(cos) > 0.995
     assert float(theirs.norm() / s.norm()) == pytest.approx(1.0, abs=0.05)
+
+
+def test_lissa_refusal_suggests_a_damping_that_passes():
+    """A model that fits its training data almost exactly has a tiny λ₀ (squared gradient
+    entries): λ = 100·λ₀ then sits within float32 rounding of 0 next to the curvature's top, and
+    LiSSA refuses; the damping multiple its message suggests lifts λ above that rounding."""
+    torch.manual_seed(0)
+    z = torch.randn(200, 4)
+    x = torch.cat([z, z], 1)  # duplicated columns: the curvature is singular, as an overparameterised net's
+    y = z @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 1e-4 * torch.randn(200)
+    model = nn.Linear(8, 1)
+    with torch.no_grad():
+        sol = torch.linalg.pinv(torch.cat([x, torch.ones(200, 1)], 1)) @ y[:, None]
+        model.weight.copy_(sol[:8].T)
+        model.bias.copy_(sol[8])
+    p = AttributionProblem(model=model, task="regression", x_train=x, y_train=y, x_test=x[:3], y_test=y[:3],
+                           left_out_indices=torch.arange(6), test_indices=torch.arange(3))
+    kw = dict(depth=200, batch_size=200, scales=[10, 100, 1000], dtype="float32")
+    with pytest.raises(ValueError, match=r"within rounding of 0") as refused:
+        LiSSA(damping_multiple=100.0, **kw).scores(p)
+    suggested = float(re.search(r"method\.damping_multiple=([0-9.e+]+)", str(refused.value)).group(1))
+    assert suggested > 100
+    assert torch.isfinite(LiSSA(damping_multiple=suggested, **kw).scores(p)).all()
