@@ -126,10 +126,9 @@ def left_out_from_file(path: str | Path, n_train: int) -> tuple[list[int], dict[
     return unique, record
 
 
-def every_kth(n: int, k: int, count: int | None) -> list[int]:
-    """Training rows 0, k, 2k, ... below n, the first `count` of them (None: all)."""
-    rows = list(range(0, n, k))
-    return rows if count is None else rows[:count]
+def every_kth(n: int, k: int) -> list[int]:
+    """Rows 0, k, 2k, ... below n (the paper's regression runs leave out every 9th / 7th row)."""
+    return list(range(0, n, k))
 
 
 def left_out_indices(settings: SelectionSettings, data: DataBundle) -> tuple[list[int], dict[str, Any] | None]:
@@ -144,7 +143,7 @@ def left_out_indices(settings: SelectionSettings, data: DataBundle) -> tuple[lis
         listed, record = left_out_from_file(settings.left_out_file, n_train)
         rows, source = listed, f"selection.left_out_file={settings.left_out_file} ({len(listed)} distinct indices)"
     elif settings.left_out_every is not None:
-        rows = every_kth(n_train, settings.left_out_every, None)
+        rows = every_kth(n_train, settings.left_out_every)
         source = f"selection.left_out_every={settings.left_out_every} ({len(rows)} of the {n_train} training rows)"
     else:
         labels = data.tensors("train")[1] if settings.stratify and data.task == "classification" else None
