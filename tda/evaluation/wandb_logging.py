@@ -31,34 +31,28 @@ def wandb_curve_rows(curves: pd.DataFrame, reliability: pd.DataFrame | None, x_n
     `distance_from_start` (and `/se`); with `class_structure`, the gold standard's
     `class_structure/<column>_<centering>/gold_standard` (methods: :func:`wandb_summary`)."""
     by_x: dict[float, dict[str, float]] = {}
-    for _, r in curves.iterrows():
-        key = f"{r.metric}_{_centring(r.centered)}/" + "/".join(str(r[s]) for s in series)
-        row = by_x.setdefault(float(r.x), {x_name: float(r.x)})
-        row[key], row[key + "/se"] = float(r["mean"]), float(r.se)
-    if reliability is not None:
-        for _, r in reliability.iterrows():
-            key = f"{r.metric}_{_centring(r.centered)}/gold_split_half"
-            row = by_x.setdefault(float(r.x), {x_name: float(r.x)})
+
+    def add_mean_and_se(frame: pd.DataFrame, key_of) -> None:
+        """Each row's mean and SE under key_of(row) and key_of(row)/se, at its checkpoint x."""
+        for _, r in frame.iterrows():
+            row, key = by_x.setdefault(float(r.x), {x_name: float(r.x)}), key_of(r)
             row[key], row[key + "/se"] = float(r["mean"]), float(r.se)
+
+    add_mean_and_se(curves, lambda r: f"{r.metric}_{_centring(r.centered)}/" + "/".join(str(r[s]) for s in series))
+    if reliability is not None:
+        add_mean_and_se(reliability, lambda r: f"{r.metric}_{_centring(r.centered)}/gold_split_half")
     if topk is not None:
         for _, r in topk.iterrows():
             row = by_x.setdefault(float(r.x), {x_name: float(r.x)})
             for measure in ("precision", "recall"):
                 row[f"top_k/{measure}_{int(r.k)}_{r.kind}/{r.method}"] = float(r[measure])
     if gold_agreement is not None:
-        for _, r in gold_agreement.iterrows():
-            key = f"gold_agreement/{r.metric}_{_centring(r.centered)}/{r.sibling}"
-            row = by_x.setdefault(float(r.x), {x_name: float(r.x)})
-            row[key], row[key + "/se"] = float(r["mean"]), float(r.se)
+        add_mean_and_se(gold_agreement, lambda r: f"gold_agreement/{r.metric}_{_centring(r.centered)}/{r.sibling}")
     if adjustment is not None:
-        for _, r in adjustment.iterrows():
-            key = f"adjustment/{r.metric}_{'adjusted' if r.adjusted else 'unadjusted'}/{r.method}"
-            row = by_x.setdefault(float(r.x), {x_name: float(r.x)})
-            row[key], row[key + "/se"] = float(r["mean"]), float(r.se)
+        add_mean_and_se(adjustment, lambda r: f"adjustment/{r.metric}_{'adjusted' if r.adjusted else 'unadjusted'}/"
+                                              f"{r.method}")
     if distance is not None:
-        for _, r in distance.iterrows():
-            row = by_x.setdefault(float(r.x), {x_name: float(r.x)})
-            row["distance_from_start"], row["distance_from_start/se"] = float(r["mean"]), float(r.se)
+        add_mean_and_se(distance, lambda r: "distance_from_start")
     if class_structure is not None:
         for _, r in class_structure[class_structure.source == "gold standard"].iterrows():
             row = by_x.setdefault(float(r.x), {x_name: float(r.x)})

@@ -26,6 +26,7 @@ initial weights with its final-training schedule (`gold_standard=retraining`).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -372,17 +373,45 @@ def gold_status(gold_dir: Path, expected: dict, seeds: list[int], complete: bool
     return f"gold standard complete: {len(gold.seeds)} seeds, diff {list(gold.diff.shape)}"
 
 
+def gold_label(settings: dict) -> str:
+    """A gold standard named by its estimator and removal, e.g. `derivative (mask)`, and, for
+    retraining, its kind: `retraining: difference (drop)`."""
+    label = f"{estimator_of(settings)} ({settings.get('removal')})"
+    return f"retraining: {label}" if gold_kind(settings) == "retraining" else label
+
+
 # ---------------------------------------------------------------------------------- siblings
 # the settings in which two gold standards of one final model may differ and still be compared
 # entry by entry: how instance j is removed, and whether the removal is trained or differentiated
 SIBLING_KEYS = ("estimator", "removal")
 
 
-def gold_label(settings: dict) -> str:
-    """A gold standard named by its estimator and removal, e.g. `derivative (mask)`, and, for
-    retraining, its kind: `retraining: difference (drop)`."""
-    label = f"{estimator_of(settings)} ({settings.get('removal')})"
-    return f"retraining: {label}" if gold_kind(settings) == "retraining" else label
+def _gold_standards_in(gold_root: Path, skipped: list[str]) -> Iterator[tuple[str, dict, dict, dict]]:
+    """(key, meta.json, its `further_training` settings, the identity to load it against) of
+    every gold standard in `gold_root` (a run's `gold/`); an unreadable meta.json is named in
+    `skipped` and passed over."""
+    for meta_path in sorted(Path(gold_root).glob("*/meta.json")):
+        key = meta_path.parent.name
+        try:
+            meta = load_json(meta_path)
+        except (OSError, ValueError) as err:
+            skipped.append(f"{key}: meta.json unreadable ({err})")
+            continue
+        settings = meta.get("further_training")
+        if isinstance(settings, dict):
+            yield key, meta, settings, {k: meta[k] for k in ("final_model", "further_training", "further_optimizer",
+                                                              "left_out_indices", "test_indices")}
+
+
+def _load_beside(gold_root: Path, key: str, expected: dict, seeds: list[int] | None, skipped: list[str]
+                 ) -> GoldStandard | None:
+    """The gold standard `key` in `gold_root`, verified against `expected` over `seeds`, or None
+    with the reason in `skipped` (incomplete, conflicting, foreign or damaged files)."""
+    try:
+        return load_gold_standard(Path(gold_root) / key, expected, seeds, require_all=True)
+    except (FileNotFoundError, ValueError) as err:
+        skipped.append(f"{key} ({gold_label(expected['further_training'])}): {err}")
+        return None
 
 
 def sibling_gold_standards(gold: GoldStandard, gold_root: Path, own_key: str
@@ -396,29 +425,14 @@ def sibling_gold_standards(gold: GoldStandard, gold_root: Path, own_key: str
     mine = {k: v for k, v in gold.meta["further_training"].items() if k not in SIBLING_KEYS}
     found: dict[str, tuple[str, GoldStandard]] = {}
     skipped: list[str] = []
-    for meta_path in sorted(Path(gold_root).glob("*/meta.json")):
-        key = meta_path.parent.name
-        if key == own_key:
+    for key, meta, settings, expected in _gold_standards_in(gold_root, skipped):
+        if key == own_key or {k: v for k, v in settings.items() if k not in SIBLING_KEYS} != mine or any(
+                meta.get(k) != gold.meta[k] for k in ("final_model", "further_optimizer", "left_out_indices",
+                                                      "test_indices")):
             continue
-        try:
-            meta = load_json(meta_path)
-        except (OSError, ValueError) as err:
-            skipped.append(f"{key}: meta.json unreadable ({err})")
-            continue
-        settings = meta.get("further_training")
-        if not isinstance(settings, dict) or {k: v for k, v in settings.items() if k not in SIBLING_KEYS} != mine:
-            continue
-        if any(meta.get(k) != gold.meta[k] for k in ("final_model", "further_optimizer", "left_out_indices",
-                                                     "test_indices")):
-            continue
-        expected = {k: meta[k] for k in ("final_model", "further_training", "further_optimizer", "left_out_indices",
-                                         "test_indices")}
-        try:
-            other = load_gold_standard(meta_path.parent, expected, gold.seeds, require_all=True)
-        except (FileNotFoundError, ValueError) as err:  # incomplete, conflicting, foreign or damaged files
-            skipped.append(f"{key} ({gold_label(settings)}): {err}")
-            continue
-        found[gold_label(settings)] = (key, other)
+        other = _load_beside(gold_root, key, expected, gold.seeds, skipped)
+        if other is not None:
+            found[gold_label(settings)] = (key, other)
     return found, skipped
 
 
@@ -430,21 +444,11 @@ def further_training_beside(retraining: GoldStandard, gold_root: Path) -> tuple[
     standard}, [why each candidate was skipped: incomplete, damaged])."""
     found: dict[str, GoldStandard] = {}
     skipped: list[str] = []
-    for meta_path in sorted(Path(gold_root).glob("*/meta.json")):
-        key = meta_path.parent.name
-        try:
-            meta = load_json(meta_path)
-        except (OSError, ValueError) as err:
-            skipped.append(f"{key}: meta.json unreadable ({err})")
-            continue
-        settings = meta.get("further_training")
-        if not isinstance(settings, dict) or gold_kind(settings) != "further training" or any(
+    for key, meta, settings, expected in _gold_standards_in(gold_root, skipped):
+        if gold_kind(settings) != "further training" or any(
                 meta.get(k) != retraining.meta[k] for k in ("final_model", "left_out_indices", "test_indices")):
             continue
-        expected = {k: meta[k] for k in ("final_model", "further_training", "further_optimizer", "left_out_indices",
-                                         "test_indices")}
-        try:
-            found[f"{gold_label(settings)} {key}"] = load_gold_standard(meta_path.parent, expected, meta.get("seeds"))
-        except (FileNotFoundError, ValueError) as err:  # incomplete, conflicting, foreign or damaged files
-            skipped.append(f"{key} ({gold_label(settings)}): {err}")
+        other = _load_beside(gold_root, key, expected, meta.get("seeds"), skipped)
+        if other is not None:
+            found[f"{gold_label(settings)} {key}"] = other
     return found, skipped
