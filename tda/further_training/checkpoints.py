@@ -18,6 +18,13 @@ from collections.abc import Sequence
 import torch
 
 
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    """Optimizer steps of one epoch over `n_train` instances in batches of `batch_size` (the last
+    batch may be short): ⌈n_train / batch_size⌉. The one definition every engine, the store and
+    the settings use."""
+    return -(-int(n_train) // int(batch_size))
+
+
 def checkpoint_steps(total_steps: int, steps_per_epoch: int, every: int | None = None, first: int | None = None,
                      last: bool = False) -> list[int]:
     """The steps after which test losses are recorded, ascending.

@@ -70,7 +70,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from tda.further_training.checkpoints import checkpoint_steps, distance_from_start
+from tda.further_training.checkpoints import checkpoint_steps, distance_from_start, steps_per_epoch
 from tda.further_training.derivative_mlp import mlp_forward_chunk
 from tda.further_training.derivative_mlp_reverse import mlp_reverse
 from tda.further_training.functional_optim import optimizer_step
@@ -206,7 +206,7 @@ class WeightedTrajectory:
         # Δw_j of the removal this estimates: the derivative is multiplied by −Δw_j... see docstring
         self.scale = 1.0 if normalisation == "mask" else self.n * self.epsilon
         self.perms = epoch_permutations(self.n, self.epochs, self.seed)
-        self.steps_per_epoch = -(-self.n // self.batch_size)
+        self.steps_per_epoch = steps_per_epoch(self.n, self.batch_size)
         self.total_steps = self.epochs * self.steps_per_epoch
         self.checkpoint_steps = checkpoint_steps(self.total_steps, self.steps_per_epoch,
                                                  int(checkpoint_every) if checkpoint_every else None,

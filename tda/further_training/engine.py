@@ -22,7 +22,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from tda.further_training.checkpoints import checkpoint_steps, distance_from_start
+from tda.further_training.checkpoints import checkpoint_steps, distance_from_start, steps_per_epoch
 from tda.further_training.optim import StackedOptimizer, clip_grad_norm_per_run
 from tda.further_training.reference import step_seed
 from tda.further_training.stacked import StackedModel
@@ -110,7 +110,7 @@ class GroupTrainer:
         self.eps = 1.0 / self.n if epsilon is None else float(epsilon)
         self.clip = clip_grad_norm
         self.x_test, self.y_test = x_test, y_test
-        self.steps_per_epoch = -(-self.n // self.batch_size)
+        self.steps_per_epoch = steps_per_epoch(self.n, self.batch_size)
         self.checkpoint_steps = checkpoint_steps(len(perms) * self.steps_per_epoch, self.steps_per_epoch,
                                                  checkpoint_every, checkpoint_first, checkpoint_last)
         self._recorded = set(self.checkpoint_steps)

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Sampler, TensorDataset
 
-from tda.further_training.checkpoints import checkpoint_steps, distance_from_start
+from tda.further_training.checkpoints import checkpoint_steps, distance_from_start, steps_per_epoch
 from tda.models.base import per_example_loss
 
 
@@ -109,7 +109,7 @@ def further_train_record(model: nn.Module, optimizer: Callable, x: torch.Tensor,
     sampler = RandomSampler(range(n), generator=torch.Generator().manual_seed(seed))
     run_sampler = DeleteSampler(sampler, left_out) if (left_out is not None and removal == "drop") else sampler
     loader = DataLoader(TensorDataset(x, y, torch.arange(n)), batch_size=batch_size, sampler=run_sampler)
-    full_steps = -(-n // batch_size)  # the step clock is the full run's
+    full_steps = steps_per_epoch(n, batch_size)  # the step clock is the full run's
     steps = checkpoint_steps(n_epochs * full_steps, full_steps, checkpoint_every, checkpoint_first, checkpoint_last)
     recorded = set(steps)
     losses, distances, clock = [], [], 0

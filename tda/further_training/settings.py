@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass
 from typing import Literal
 
-from tda.further_training.checkpoints import checkpoint_steps
+from tda.further_training.checkpoints import checkpoint_steps, steps_per_epoch
 from tda.sections import Checks, Section, setting
 
 Removal = Literal["drop", "downweight", "mask"]
@@ -158,7 +158,7 @@ class FurtherTrainingSettings(Section):
 
     def steps_per_epoch(self, n_train: int) -> int:
         """Optimizer steps of one epoch of the full-data run on `n_train` instances."""
-        return -(-n_train // self.batch_size)
+        return steps_per_epoch(n_train, self.batch_size)
 
     def checkpoint_steps(self, n_train: int) -> list[int]:
         """The checkpoint steps of further training on `n_train` instances

@@ -36,7 +36,7 @@ from omegaconf import DictConfig
 
 from tda.artifacts import IntegrityError, load_json, load_tensors_with_metadata
 from tda.config import config_hash, node_name, to_container
-from tda.further_training.checkpoints import checkpoint_steps
+from tda.further_training.checkpoints import checkpoint_steps, steps_per_epoch
 from tda.provenance import ProvenanceError, require_match
 
 # `further_training` settings that choose how or which part of the gold standard a job
@@ -209,7 +209,7 @@ class GoldStandard:
             raise ValueError("the gold standard's meta.json records no n_train, which the steps of its checkpoints "
                              "are computed from; delete it and re-run `python attribute.py method=further_training "
                              "<same overrides>`")
-        spe = -(-int(self.meta["n_train"]) // int(ft["batch_size"]))
+        spe = steps_per_epoch(self.meta["n_train"], ft["batch_size"])
         steps = checkpoint_steps(int(ft["epochs"]) * spe, spe, int(k), ft.get("checkpoint_first_step"),
                                  bool(ft.get("checkpoint_last_step", False)))
         if len(steps) != self.n_checkpoints:
