@@ -39,7 +39,7 @@ from collections.abc import Callable
 import torch
 
 from tda.config import ConfigError
-from tda.exits import RefusedError
+from tda.exits import DivergedError, RefusedError
 from tda.methods.checks import positive, positive_int
 from tda.methods.curvature import CurvatureOperator
 from tda.methods.influence import InfluenceMethod, scores_from_solution, solve_side
@@ -52,15 +52,11 @@ log = logging.getLogger(__name__)
 AUTHORS_SCALES = (10, 20, 50, 100, 150, 200, 250, 300, 400, 500)
 
 
-class Diverged(RuntimeError):
-    pass
-
-
 def lissa_solve(op: CurvatureOperator, G: torch.Tensor, damping: float, scale: float, depth: int, repeat: int,
                 batch_size: int, generator: torch.Generator, divergence_factor: float = 10.0,
                 check_every: int = 10,
                 on_final: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """≈ (C + λI)⁻¹ G for G [n_params, k]; raises :class:`Diverged` (naming the step).
+    """≈ (C + λI)⁻¹ G for G [n_params, k]; raises :class:`tda.exits.DivergedError` (naming the step).
     `on_final`, if given, is called after each repeat that did not diverge with its last
     iterate and last increment (h_depth, h_depth − h_depth−1), both [n_params, k]."""
     n = len(op.x)
@@ -84,7 +80,7 @@ def lissa_solve(op: CurvatureOperator, G: torch.Tensor, damping: float, scale: f
                 norms = h.norm(dim=0)
                 bad = ~torch.isfinite(norms) | (norms > bound)
                 if bad.any():
-                    raise Diverged(f"scale {scale}: {int(bad.sum())} of {len(bad)} columns diverged at step {t} "
+                    raise DivergedError(f"scale {scale}: {int(bad.sum())} of {len(bad)} columns diverged at step {t} "
                                    f"of repeat {r}")
         if on_final is not None:
             on_final(h, step)
@@ -161,7 +157,7 @@ class LiSSA(InfluenceMethod):
                 X = lissa_solve(op, G, lam, s, self.depth, self.repeat, self.batch_size, gen, self.divergence_factor,
                                 on_final=on_final)
                 break
-            except Diverged as err:
+            except DivergedError as err:
                 log.info("%s: %s", self.name, err)
                 tried.append(str(err))
         else:
