@@ -172,6 +172,9 @@ def test_mlp_fast_path_matches_generic_products(relu_problem, curvature, inputs)
     assert torch.allclose(fast.matvec(V[:, 1]), ref[:, 1], rtol=1e-10, atol=1e-13)
     idx = torch.tensor([3, 3, 17, 40])
     assert torch.allclose(fast.batch_matvec(idx, V), slow.batch_matvec(idx, V), rtol=1e-10, atol=1e-13)
+    out = torch.full_like(V, float("nan"))  # LiSSA's reused buffer: overwritten, not added to
+    for _ in range(2):
+        assert torch.allclose(fast.batch_matvec(idx, V, out=out), slow.batch_matvec(idx, V), rtol=1e-10, atol=1e-13)
     fast.max_columns = 3  # what a small memory budget sets: the block in column slices of [n_params, 3]
     assert torch.allclose(fast.matvec(V), ref, rtol=1e-10, atol=1e-13)
 

@@ -95,16 +95,18 @@ class Arnoldi(InfluenceMethod):
         model, dtype, g_test, g_lo, lam = self._prepare(problem)
         op = self._curvature_operator(problem, model, dtype)
         gen = torch.Generator().manual_seed(int(self.seed))
-        mu, U = arnoldi_eigs(op.matvec, op.n_params, self.n_iters, self.top_k, gen, dtype, op.device)
-        if (mu + lam <= 0).any():
+        with self.phase("solve"):
+            mu, U = arnoldi_eigs(op.matvec, op.n_params, self.n_iters, self.top_k, gen, dtype, op.device)
+        if (mu + lam <= 0).any():  # the check is the Ritz values the solve returns: free
             raise RefusedError(f"arnoldi: {int((mu + lam <= 0).sum())} Ritz values μ have μ + λ ≤ 0 "
                              f"(curvature={self.curvature}, λ={lam:.3g}, min μ={float(mu.min()):.3g}); "
                              f"use method.curvature=gn or a larger method.damping_multiple")
-        inv = (1.0 / (mu + lam)).to(U.device, dtype)
-        pt, pl = g_test.to(dtype) @ U, g_lo.to(dtype) @ U  # [n_test, k], [n_left_out, k]
-        s = (pt * inv) @ pl.T
-        if self.complement:
-            s = s + (g_test.to(dtype) @ g_lo.to(dtype).T - pt @ pl.T) / lam
+        with self.phase("scores"):
+            inv = (1.0 / (mu + lam)).to(U.device, dtype)
+            pt, pl = g_test.to(dtype) @ U, g_lo.to(dtype) @ U  # [n_test, k], [n_left_out, k]
+            s = (pt * inv) @ pl.T
+            if self.complement:
+                s = s + (g_test.to(dtype) @ g_lo.to(dtype).T - pt @ pl.T) / lam
         self.record.update({"curvature": self.curvature, "n_eigs": len(mu), "eig_max": float(mu.abs().max()),
                             "eig_min_kept": float(mu.abs().min()), "n_iters": self.n_iters,
                             "curvature_products": op.n_matvecs})

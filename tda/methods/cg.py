@@ -28,7 +28,7 @@ import torch
 
 from tda.exits import RefusedError
 from tda.methods.checks import non_negative, positive_int
-from tda.methods.curvature import Matvec
+from tda.methods.curvature import CurvatureOperator, Matvec
 from tda.methods.influence import InfluenceMethod, scores_from_solution, solve_side
 from tda.methods.progress import Progress
 from tda.problem import AttributionProblem
@@ -146,23 +146,8 @@ class CG(InfluenceMethod):
         op = self._curvature_operator(problem, model, dtype)
         solve, other, transposed = solve_side(g_test, g_lo)
         B = solve.T.contiguous()
-        if self.block:
-            X, info = block_cg(op.matvec, B, lam, self.tol, self.maxiter)
-        else:
-            cols, infos = [], []
-            progress = Progress()
-            for c in range(B.shape[1]):
-                if progress.due():
-                    log.info("cg: column %d of %d, one at a time", c, B.shape[1])
-                x, inf = block_cg(op.matvec, B[:, c:c + 1], lam, self.tol, self.maxiter)
-                cols.append(x)
-                infos.append(inf)
-            X = torch.cat(cols, dim=1)
-            iterations = [i["iterations"][0] for i in infos]
-            info = {"iterations": iterations, "relative_residual": [i["relative_residual"][0] for i in infos],
-                    "converged": sum(i["converged"] for i in infos), "n_columns": B.shape[1],
-                    "breakdown": sum(i["breakdown"] for i in infos), "max_iterations": max(iterations, default=0),
-                    "no_progress": sum(i["no_progress"] for i in infos)}
+        with self.phase("solve"):
+            X, info = self._solve(op, B, lam)
         if info["breakdown"]:
             raise RefusedError(f"cg: C + λI is not positive definite along {info['breakdown']} of {info['n_columns']} "
                              f"solves (curvature={self.curvature}, λ={lam:.3g}); the damped quadratic model has no "
@@ -181,4 +166,26 @@ class CG(InfluenceMethod):
         self.record.update({"cg": info, "curvature": self.curvature,
                             "solved_side": "left_out" if transposed else "test",
                             "curvature_products": op.n_matvecs, "columns_per_product": op.max_columns})
-        return scores_from_solution(X, other.to(X.dtype), problem.n_train, transposed).to(torch.float64)
+        with self.phase("scores"):
+            return scores_from_solution(X, other.to(X.dtype), problem.n_train, transposed).to(torch.float64)
+
+    def _solve(self, op: CurvatureOperator, B: torch.Tensor, lam: float) -> tuple[torch.Tensor, dict]:
+        """(C + λI)⁻¹ B [n_params, k] and the solve's info: as one block, or one column at a time."""
+        if self.block:
+            return block_cg(op.matvec, B, lam, self.tol, self.maxiter)
+        cols, infos = [], []
+        progress = Progress()
+        for c in range(B.shape[1]):
+            if progress.due():
+                log.info("cg: column %d of %d, one at a time", c, B.shape[1])
+            x, inf = block_cg(op.matvec, B[:, c:c + 1], lam, self.tol, self.maxiter)
+            cols.append(x)
+            infos.append(inf)
+        X = torch.cat(cols, dim=1)
+        iterations = [i["iterations"][0] for i in infos]
+        info = {"iterations": iterations, "relative_residual": [i["relative_residual"][0] for i in infos],
+                "converged": sum(i["converged"] for i in infos), "n_columns": B.shape[1],
+                "breakdown": sum(i["breakdown"] for i in infos), "max_iterations": max(iterations, default=0),
+                "no_progress": sum(i["no_progress"] for i in infos)}
+        return X, info
+

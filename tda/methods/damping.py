@@ -16,7 +16,7 @@ from torch import nn
 
 from tda.artifacts import load_json, save_json
 from tda.exits import RefusedError
-from tda.methods.gradients import iter_grad_chunks, loss_target, tensor_sq_norms
+from tda.methods.gradients import factorable_linears, iter_grad_chunks, loss_target, tensor_sq_norms
 from tda.methods.layout import ParamLayout
 
 
@@ -35,8 +35,9 @@ def base_damping(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, 
                  cache_dir: Path | None = None, memory_budget_mb: float = 256.0) -> float:
     """λ₀ = the mean of the squared entries of the per-example training gradients (docs/method.md §3.3,
     Grosse et al.) = Σᵢ‖gᵢ‖² / (n · n_params). Only the squared norms are needed, so linear
-    layers give them from their factors (‖b aᵀ‖² = ‖a‖²‖b‖²) without forming any gradient;
-    other models stream dense chunks of at most `chunk_size` rows. Cached as JSON in
+    layers give them from their factors (‖b aᵀ‖² = ‖a‖²‖b‖²) without forming any gradient, in
+    chunks as large as `memory_budget_mb` allows; other models stream dense chunks of at most
+    `chunk_size` rows. Cached as JSON in
     `cache_dir` keyed by model and data."""
     path = None
     if cache_dir is not None:
@@ -44,7 +45,9 @@ def base_damping(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, 
         if path.is_file():
             return float(load_json(path)["lambda0"])
     total = 0.0
-    for _, g in iter_grad_chunks(model, x, y, loss_target(task), memory_budget_mb, max_rows=chunk_size):
+    # factored chunks hold a few activations per row, not gradients: as many rows as the budget allows
+    max_rows = None if factorable_linears(model) else chunk_size
+    for _, g in iter_grad_chunks(model, x, y, loss_target(task), memory_budget_mb, max_rows=max_rows):
         total += float(sum(v.double().sum() for v in tensor_sq_norms(g).values()))
     lam0 = total / (len(x) * ParamLayout.of(model).n_params)
     if not lam0 > 0:

@@ -92,9 +92,21 @@ def per_example_target_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 
 def per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str,
-                      chunk_size: int = 256) -> torch.Tensor:
+                      chunk_size: int = 256, factored: bool = False) -> torch.Tensor:
     """Flattened per-example loss gradients, shape [n, n_params] (trainable parameters,
-    in `named_parameters` order)."""
+    in `named_parameters` order). `factored`: where every trainable parameter belongs to an
+    `nn.Linear` applied once per example, form them from the layers' factors b aᵀ (one
+    batched backward per chunk, no torch.func transform: equal up to float rounding, and
+    without vmap's overhead or its first call's import of torch._dynamo)."""
+    if factored and factorable_linears(model):
+        target, rows = loss_target(task), []
+        try:
+            for i in range(0, len(x), chunk_size):
+                rows.append(linear_factors(model, x[i:i + chunk_size], y[i:i + chunk_size], target).dense())
+            if rows:
+                return torch.cat(rows)
+        except NotFactorable:  # a linear layer applied to a sequence or twice per forward
+            pass
     return per_example_target_grads(model, x, y, loss_target(task), chunk_size)
 
 

@@ -9,10 +9,17 @@ factors. :class:`InfluenceMethod` owns the settings they share — curvature, da
 solver dtype, batch and chunk sizes, each checked when the method is built — and the steps they
 share: gradients in the solver dtype, λ₀ and λ, the curvature operator, and (with
 :func:`solve_side` / :func:`scores_from_solution`) which side of the score to solve for.
+
+Where the time goes: every method times its steps with :meth:`InfluenceMethod.phase` into
+`record["seconds"]` (gradients, lambda0, factors, solve, scores, and the safety checks as
+`check_*`), which `benchmarks/methods_influence.py` reports as the checks' share.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -67,6 +74,23 @@ class InfluenceMethod(Method):
         self.chunk_size = positive_int("chunk_size", chunk_size, "rows per per-example-gradient chunk", 256)
         self.dtype = check_dtype(dtype)
 
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Add the seconds the block takes, less those of the phases nested in it, to
+        `record["seconds"][name]`; safety checks are named `check_*`."""
+        nested = self.__dict__.setdefault("_nested_seconds", [])
+        nested.append(0.0)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - t0
+            inner = nested.pop()
+            if nested:
+                nested[-1] += elapsed
+            seconds = self.record.setdefault("seconds", {})
+            seconds[name] = seconds.get(name, 0.0) + elapsed - inner
+
     def _prepare(self, problem: AttributionProblem) -> tuple[nn.Module, torch.dtype, torch.Tensor, torch.Tensor,
                                                                float]:
         """The first steps of every `scores`: (the model on the problem's device in eval mode, the
@@ -75,14 +99,18 @@ class InfluenceMethod(Method):
         model = problem.model.to(problem.device)
         model.eval()
         dtype = DTYPES[self.dtype] or next(model.parameters()).dtype
-        g_test = per_example_grads(model, problem.x_test, problem.y_test, problem.task, self.chunk_size).to(dtype)
-        g_lo = per_example_grads(model, problem.x_left_out, problem.y_left_out, problem.task,
-                                 self.chunk_size).to(dtype)
+        with self.phase("gradients"):
+            g_test = per_example_grads(model, problem.x_test, problem.y_test, problem.task, self.chunk_size,
+                                       factored=True).to(dtype)
+            g_lo = per_example_grads(model, problem.x_left_out, problem.y_left_out, problem.task, self.chunk_size,
+                                     factored=True).to(dtype)
         return model, dtype, g_test, g_lo, self._damping(problem, model)
 
     def _damping(self, problem: AttributionProblem, model: nn.Module) -> float:
         """λ = damping_multiple × λ₀ (both recorded); λ₀ cached in the problem's cache directory."""
-        lam0 = base_damping(model, problem.x_train, problem.y_train, problem.task, self.chunk_size, problem.cache_dir)
+        with self.phase("lambda0"):
+            lam0 = base_damping(model, problem.x_train, problem.y_train, problem.task, self.chunk_size,
+                                problem.cache_dir)
         return resolve_damping(self.damping_multiple, lam0, self.record)
 
     def _curvature_operator(self, problem: AttributionProblem, model: nn.Module,

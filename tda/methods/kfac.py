@@ -327,18 +327,24 @@ class EKFAC(InfluenceMethod):
         model.eval()
         layers, others = find_layers(model, ParamLayout.of(model))
         self.record.update({"kind": self.kind, "diagonal_params": others})
-        if self.dtype is None and (grads := _factored_grads(problem, model, layers, others)) is not None:
+        with self.phase("gradients"):
+            grads = _factored_grads(problem, model, layers, others) if self.dtype is None else None
+        if grads is not None:
             lam = self._damping(problem, model)
-            factors = load_or_compute_factors(problem, model, self.kind, self.batch_size, self.record)
+            with self.phase("factors"):
+                factors = load_or_compute_factors(problem, model, self.kind, self.batch_size, self.record)
             self.record["factored_scores"] = True
-            return factored_scores(layers, factors, self.kind, *grads, lam) / problem.n_train
+            with self.phase("scores"):
+                return factored_scores(layers, factors, self.kind, *grads, lam) / problem.n_train
         model, _, g_test, g_lo, lam = self._prepare(problem)
-        factors = load_or_compute_factors(problem, model, self.kind, self.batch_size, self.record)
-        solve, other, transposed = solve_side(g_test, g_lo)
-        X = inverse_apply(model, factors, self.kind, solve.double(), lam)  # [k, n_params]
-        s = other.double() @ X.T / problem.n_train  # [m, k]
+        with self.phase("factors"):
+            factors = load_or_compute_factors(problem, model, self.kind, self.batch_size, self.record)
         self.record["factored_scores"] = False
-        return (s.T if not transposed else s).contiguous()
+        with self.phase("scores"):
+            solve, other, transposed = solve_side(g_test, g_lo)
+            X = inverse_apply(model, factors, self.kind, solve.double(), lam)  # [k, n_params]
+            s = other.double() @ X.T / problem.n_train  # [m, k]
+            return (s.T if not transposed else s).contiguous()
 
 
 class KFAC(EKFAC):

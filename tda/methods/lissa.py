@@ -63,6 +63,7 @@ def lissa_solve(op: CurvatureOperator, G: torch.Tensor, damping: float, scale: f
     gnorm = G.norm(dim=0)
     bound = divergence_factor * scale * gnorm / damping if damping > 0 else torch.full_like(gnorm, float("inf"))
     total = torch.zeros_like(G)
+    Ch = torch.empty_like(G)  # every step's product, in one buffer
     progress = Progress()
     for r in range(repeat):
         h = G.clone()
@@ -70,7 +71,7 @@ def lissa_solve(op: CurvatureOperator, G: torch.Tensor, damping: float, scale: f
             if batch_size >= n:  # the whole set: the deterministic Neumann series of C
                 Ch = op.matvec(h)
             else:
-                Ch = op.batch_matvec(torch.randint(n, (batch_size,), generator=generator), h)
+                Ch = op.batch_matvec(torch.randint(n, (batch_size,), generator=generator), h, out=Ch)
             # the last increment G − (C_b + λI)h/s, formed apart (not as a difference of iterates)
             step = G - Ch / scale - h * (damping / scale) if on_final is not None and t == depth else None
             h.mul_(1 - damping / scale).add_(G).add_(Ch, alpha=-1 / scale)  # G + h − (C_b + λI)h/s, in place
@@ -128,8 +129,9 @@ class LiSSA(InfluenceMethod):
             return op.matvec(V).add_(V.to(op.dtype), alpha=lam)
 
         # before the recursion: Lanczos on the full-data K
-        est = lanczos_extremes(K, op.n_params, self.lanczos_steps, torch.Generator().manual_seed(int(self.seed)),
-                               op.dtype, op.device)
+        with self.phase("check_lanczos"):
+            est = lanczos_extremes(K, op.n_params, self.lanczos_steps,
+                                   torch.Generator().manual_seed(int(self.seed)), op.dtype, op.device)
         tol = definiteness_tolerance(est["max"], op.dtype)
         spectrum = {"lanczos_min": est["min"], "lanczos_max": est["max"], "lanczos_steps": est["steps"],
                     "lanczos_exact": est["exact"], "tolerance": tol}
@@ -149,13 +151,16 @@ class LiSSA(InfluenceMethod):
             finals = {"ritz_min": float("inf"), "Kh": torch.zeros_like(G)}
 
             def on_final(h: torch.Tensor, step: torch.Tensor, finals=finals) -> None:
-                found = span_ritz_min(torch.cat([h, step], dim=1), K)
+                with self.phase("check_ritz"):
+                    found = span_ritz_min(torch.cat([h, step], dim=1), K)
                 finals["ritz_min"] = min(finals["ritz_min"], found)
-                finals["Kh"] += K(h)
+                with self.phase("check_residual"):
+                    finals["Kh"] += K(h)
 
             try:
-                X = lissa_solve(op, G, lam, s, self.depth, self.repeat, self.batch_size, gen, self.divergence_factor,
-                                on_final=on_final)
+                with self.phase("solve"):
+                    X = lissa_solve(op, G, lam, s, self.depth, self.repeat, self.batch_size, gen,
+                                    self.divergence_factor, on_final=on_final)
                 break
             except DivergedError as err:
                 log.info("%s: %s", self.name, err)
@@ -176,7 +181,8 @@ class LiSSA(InfluenceMethod):
         self.record.update({"scale": s, "scales_diverged": tried, "curvature": self.curvature,
                             "depth": self.depth, "repeat": self.repeat, "batch_size": self.batch_size,
                             "solved_side": "left_out" if transposed else "test", "curvature_products": op.n_matvecs})
-        return scores_from_solution(X, other.to(X.dtype), problem.n_train, transposed).to(torch.float64)
+        with self.phase("scores"):
+            return scores_from_solution(X, other.to(X.dtype), problem.n_train, transposed).to(torch.float64)
 
     def _refuse(self, mu: float, lam: float, tol: float, how: str) -> None:
         """The one message for a C + λI that is not positive definite (as CG and Arnoldi word it)."""
