@@ -36,20 +36,43 @@ from tda.problem import AttributionProblem
 log = logging.getLogger(__name__)
 
 
-def orthonormal_basis(Z: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
+class Scratch:
+    """Flat buffers reused as [n, r] matrices for any r up to their capacity: the block's
+    float64 [n_params, k] arrays are hundreds of MB each, and allocating them afresh every
+    iteration costs page faults comparable to the GEMMs that fill them."""
+
+    def __init__(self, n: int, device: torch.device):
+        self.n, self.device, self._bufs = n, device, {}
+
+    def __call__(self, name: str, r: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < self.n * r or buf.dtype != dtype:
+            buf = self._bufs[name] = torch.empty(self.n * max(r, 1), dtype=dtype, device=self.device)
+        return buf[:self.n * r].view(self.n, r)
+
+
+def orthonormal_basis(Z: torch.Tensor, rtol: float = 1e-6, out: torch.Tensor | None = None) -> torch.Tensor:
     """A basis [n, r] of the span of Z [n, k], r ≤ k, orthonormal to ~eps/rtol² (float64:
     1e-4, ample for CG, which only needs Pᵀ(C+λI)P well conditioned): from the
-    eigendecomposition of the Gram matrix ZᵀZ (two GEMMs rather than a Householder QR),
-    dropping directions whose singular value is below rtol × the largest. Columns are
-    scaled to unit norm first, so that a small (nearly converged) residual is not mistaken
-    for a dependent one; a dropped direction is only postponed to a later iteration."""
-    norms = Z.norm(dim=0)
-    Z = Z[:, norms > 0] / norms[norms > 0]
-    if Z.shape[1] == 0:
-        return Z
-    e, U = torch.linalg.eigh(Z.T @ Z)
+    eigendecomposition of the Gram matrix of Z's columns scaled to unit norm (two GEMMs
+    rather than a Householder QR), dropping directions whose singular value is below rtol ×
+    the largest. The unit scaling keeps a small (nearly converged) residual from being
+    mistaken for a dependent one; a dropped direction is only postponed to a later iteration.
+    The scaling is applied to the Gram matrix and folded into the coefficients, so Z is read
+    twice and the basis written once (into `out`'s storage, [n, ≥ r], if given)."""
+    gram = Z.T @ Z
+    norms = gram.diagonal().sqrt()
+    live = (norms > 0).nonzero().squeeze(1)
+    if len(live) == 0:
+        return Z[:, :0]
+    inv = 1 / norms[live]
+    e, U = torch.linalg.eigh(gram[live][:, live] * inv[:, None] * inv[None, :])
     keep = e > rtol ** 2 * e[-1]
-    return Z @ (U[:, keep] / e[keep].sqrt())
+    coef = torch.zeros(Z.shape[1], int(keep.sum()), dtype=Z.dtype, device=Z.device)
+    coef[live] = inv[:, None] * (U[:, keep] / e[keep].sqrt())
+    if out is None:
+        return Z @ coef
+    return torch.mm(Z, coef, out=out.view(-1)[:len(Z) * coef.shape[1]].view(len(Z), -1))
 
 
 def block_cg(matvec: Matvec, B: torch.Tensor, damping: float, tol: float = 1e-6,
@@ -67,24 +90,31 @@ def block_cg(matvec: Matvec, B: torch.Tensor, damping: float, tol: float = 1e-6,
     their conjugacy and columns can stall short of the tolerance (seen once, in a run not kept
     in the repository, on 3,000 rows of the Folktables-sized MLP at 1·λ₀, tol 1e-5: 3 of 100
     columns stuck at 4e-5 after 60 iterations; in float64 all 100 converged within 21).
-    Memory: the active columns' solution and residual, the directions P and (C+λI)P, in
-    float64, and the result in B's dtype."""
+    Memory: the active columns' solution and residual, the directions P and (C+λI)P and the
+    next directions' scratch, in float64 (reused from iteration to iteration), and the result
+    in B's dtype."""
     n, k = B.shape
-    dtype = B.dtype
-    if dtype != torch.float64:
-        matvec = (lambda mv: lambda V: mv(V.to(dtype)).double())(matvec)
+    dtype, f64 = B.dtype, torch.float64
+    scratch = Scratch(n, B.device)
+
+    def damped(P: torch.Tensor) -> torch.Tensor:  # (C + λI) P [n, r], float64
+        if dtype == f64:
+            return matvec(P).add_(P, alpha=damping)
+        Q = scratch("Q", P.shape[1]).copy_(matvec(scratch("P_in", P.shape[1], dtype).copy_(P)))
+        return Q.add_(P, alpha=damping)
+
     bnorm = B.double().norm(dim=0)
     finite = torch.isfinite(bnorm)
     rel = (bnorm > 0).double()  # ‖b − (C+λI)·0‖ / ‖b‖; a zero column is solved by 0
     rel[~finite] = float("nan")  # never active, never converged: reported as no progress
-    bnorm = bnorm.clamp_min(torch.finfo(torch.float64).tiny)
+    bnorm = bnorm.clamp_min(torch.finfo(f64).tiny)
     iters = torch.zeros(k, dtype=torch.long, device=B.device)
     breakdown = torch.zeros(k, dtype=torch.bool, device=B.device)
     X = torch.zeros_like(B)
     # the active columns' solutions and residuals, compacted (copied out when columns converge)
     cols = (rel > tol).nonzero().squeeze(1)
-    Xa, Ra = torch.zeros(n, len(cols), dtype=torch.float64, device=B.device), B[:, cols].double()
-    P = orthonormal_basis(Ra)
+    Xa, Ra = torch.zeros(n, len(cols), dtype=f64, device=B.device), B[:, cols].double()
+    P = orthonormal_basis(Ra, out=scratch("P0", len(cols)))
     widths = []
     progress = Progress()
     for it in range(maxiter):
@@ -93,8 +123,7 @@ def block_cg(matvec: Matvec, B: torch.Tensor, damping: float, tol: float = 1e-6,
         if progress.due():
             log.info("cg: iteration %d of at most %d: %d of %d columns converged, max relative residual %.2e",
                      it, maxiter, int((rel <= tol).sum()), k, float(rel[cols].max()))
-        Q = matvec(P)
-        Q.add_(P, alpha=damping)  # [n, r]
+        Q = damped(P)  # [n, r]
         widths.append(P.shape[1])
         PtQ = P.T @ Q
         L, not_pd = torch.linalg.cholesky_ex((PtQ + PtQ.T) / 2)
@@ -112,9 +141,11 @@ def block_cg(matvec: Matvec, B: torch.Tensor, damping: float, tol: float = 1e-6,
             cols, Xa, Ra = cols[~done], Xa[:, ~done], Ra[:, ~done]
             if len(cols) == 0:
                 break
-        # next directions: the active residuals made (C+λI)-orthogonal to the current ones
+        # next directions: the active residuals made (C+λI)-orthogonal to the current ones,
+        # then orthonormalised into the other direction buffer (P is read until then)
         beta = torch.cholesky_solve(Q.T @ Ra, L)
-        P = orthonormal_basis(torch.addmm(Ra, P, beta, alpha=-1))
+        Z = torch.addmm(Ra, P, beta, alpha=-1, out=scratch("Z", Ra.shape[1]))
+        P = orthonormal_basis(Z, out=scratch(f"P{(it + 1) % 2}", Z.shape[1]))
     X[:, cols] = Xa.to(dtype)
     # progress of the columns still active: with e = x − x*, ‖e‖²_(C+λI) − ‖x*‖²_(C+λI) =
     # ‖r‖²_(C+λI)⁻¹ − ‖b‖²_(C+λI)⁻¹ = −xᵀ(b + r), negative once any iteration helped

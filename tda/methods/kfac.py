@@ -116,9 +116,10 @@ def compute_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: st
     A = {layer.name: torch.zeros(layer.d_in, layer.d_in, dtype=torch.float64, device=dev) for layer in layers}
     S = {layer.name: torch.zeros(layer.d_out, layer.d_out, dtype=torch.float64, device=dev) for layer in layers}
     n = len(x)
+    sparse: dict[str, bool] = {}  # one-hot inputs (per layer, decided on the first batch)
 
-    def passes(fn, what: str):
-        """Run fn(layer, a [b,T,d_in'], δ [b,C,T,d_out]) on every batch."""
+    def batches(what: str):
+        """Every batch's (a [b,T,d_in'], δ [b,C,T,d_out]) per layer."""
         progress = Progress()
         for i in range(0, n, batch_size):
             if progress.due():
@@ -145,21 +146,36 @@ def compute_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: st
                 gs = torch.autograd.grad(out, outs, grad_outputs=U[:, c].reshape(out.shape), retain_graph=True)
                 for layer, g in zip(layers, gs):
                     deltas[layer.name].append(layer.out_grads(g))
+            batch = {}
             for layer in layers:
-                fn(layer, layer.patches(inputs[layer.name]), torch.stack(deltas[layer.name], dim=1))
+                a = layer.patches(inputs[layer.name])
+                if layer.name not in sparse:
+                    sparse[layer.name] = a.shape[1] == 1 and should_use_sparse(a[:, 0], "auto")
+                batch[layer.name] = (a, torch.stack(deltas[layer.name], dim=1))
+            yield batch
 
-    def accumulate(layer, a, d):
-        # each batch's products in the model's dtype (float32 GEMMs are the faster kind on CPU),
-        # summed over batches in float64
-        if a.shape[1] == 1 and should_use_sparse(a[:, 0], "auto"):
-            # one-hot rows (Folktables: 11 non-zeros of 792 with the bias column): aᵀa costs its
-            # non-zeros, not d_in² per row
-            A[layer.name] += (a[:, 0].T.to_sparse() @ a[:, 0]).double()
-        else:
-            A[layer.name] += torch.einsum("bti,btj->ij", a, a).double() / a.shape[1]
-        S[layer.name] += torch.einsum("bcti,bctj->ij", d, d).double()
-
-    passes(accumulate, "factor pass")
+    # EK-FAC's second pass needs the same a and δ again: kept from the first pass when every
+    # layer sees one vector per example and they take under a quarter of the memory budget
+    # (the Folktables-sized MLP: ~190 MB for 30,085 rows), else recomputed
+    kept: list[dict] | None = [] if kind == "ekfac" else None
+    for batch in batches("factor pass"):
+        for layer in layers:
+            a, d = batch[layer.name]
+            # each batch's products in the model's dtype (float32 GEMMs are the faster kind on
+            # CPU), summed over batches in float64
+            if sparse[layer.name]:
+                # one-hot rows (Folktables: 11 non-zeros of 792 with the bias column): aᵀa costs
+                # its non-zeros, not d_in² per row
+                A[layer.name] += (a[:, 0].T.to_sparse() @ a[:, 0]).double()
+            else:
+                A[layer.name] += torch.einsum("bti,btj->ij", a, a).double() / a.shape[1]
+            S[layer.name] += torch.einsum("bcti,bctj->ij", d, d).double()
+        if kept is not None:
+            kept.append(batch)
+            per_batch = sum(t.numel() * t.element_size() for a, d in batch.values() for t in (a, d))
+            if any(a.shape[1] > 1 for a, _ in batch.values()) or (
+                    memory_budget_mb is not None and per_batch * -(-n // batch_size) > memory_budget_mb * 2**18):
+                kept = None
     out: dict[str, torch.Tensor] = {}
     for layer in layers:
         eA, QA = torch.linalg.eigh(A[layer.name] / n)
@@ -167,24 +183,25 @@ def compute_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: st
         out.update({f"{layer.name}.QA": QA, f"{layer.name}.QS": QS, f"{layer.name}.eA": eA, f"{layer.name}.eS": eS})
     if kind == "ekfac":
         lam = {layer.name: torch.zeros(layer.d_out, layer.d_in, dtype=torch.float64, device=dev) for layer in layers}
-
-        def correct(layer, a, d):
-            QA, QS = out[f"{layer.name}.QA"], out[f"{layer.name}.QS"]
-            a64, d64 = a.double(), d.double()
-            if a.shape[1] == 1:  # M = δ aᵀ: the rotated square is an outer product of squares
-                a1 = a64[:, 0].to_sparse() if should_use_sparse(a64[:, 0], "auto") else a64[:, 0]
-                ar, dr = (a1 @ QA) ** 2, (d64[:, :, 0] @ QS) ** 2  # [b, d_in'], [b, C, d_out]
-                lam[layer.name] += torch.einsum("bco,bi->oi", dr, ar)
-            else:
-                # M is [rows, C, d_out, d_in'] float64 and its rotation holds two more of its size
-                # (~14 GB for 512 rows of a MiniLM feed-forward layer): rows in chunks within the budget
-                per_row = 3 * d.shape[1] * layer.d_out * a.shape[-1] * 8
-                rows = len(a) if memory_budget_mb is None else max(1, int(memory_budget_mb * 2**20 // per_row))
-                for r in range(0, len(a), rows):
-                    M = torch.einsum("bcto,bti->bcoi", d64[r:r + rows], a64[r:r + rows])
-                    lam[layer.name] += ((QS.T @ M @ QA) ** 2).sum((0, 1))
-
-        passes(correct, "eigenvalue correction pass")
+        for batch in kept if kept is not None else batches("eigenvalue correction pass"):
+            for layer in layers:
+                a, d = batch[layer.name]
+                QA, QS = out[f"{layer.name}.QA"], out[f"{layer.name}.QS"]
+                a64, d64 = a.double(), d.double()
+                if a.shape[1] == 1:  # M = δ aᵀ: the rotated square is an outer product of squares
+                    a1 = a64[:, 0].to_sparse() if sparse[layer.name] else a64[:, 0]
+                    ar, dr = (a1 @ QA).pow_(2), (d64[:, :, 0] @ QS).pow_(2).sum(1)  # [b, d_in'], [b, d_out]
+                    lam[layer.name] += dr.T @ ar
+                else:
+                    # M is [rows, C, d_out, d_in'] float64 and its rotation holds two more of its
+                    # size (~14 GB for 512 rows of a MiniLM feed-forward layer): rows in chunks
+                    # within the budget
+                    per_row = 3 * d.shape[1] * layer.d_out * a.shape[-1] * 8
+                    rows = len(a) if memory_budget_mb is None else max(1, int(memory_budget_mb * 2**20 // per_row))
+                    for r in range(0, len(a), rows):
+                        M = torch.einsum("bcto,bti->bcoi", d64[r:r + rows], a64[r:r + rows])
+                        lam[layer.name] += ((QS.T @ M @ QA) ** 2).sum((0, 1))
+        del kept
         for layer in layers:
             out[f"{layer.name}.lam"] = lam[layer.name] / n
     if others:
