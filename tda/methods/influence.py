@@ -27,6 +27,7 @@ from torch import nn
 
 from tda.config import ConfigError
 from tda.methods.base import Method
+from tda.methods.cache import CurvatureCache
 from tda.methods.checks import non_negative, positive_int
 from tda.methods.curvature import CURVATURES, CurvatureOperator
 from tda.methods.damping import base_damping, resolve_damping
@@ -107,18 +108,21 @@ class InfluenceMethod(Method):
         return model, dtype, g_test, g_lo, self._damping(problem, model)
 
     def _damping(self, problem: AttributionProblem, model: nn.Module) -> float:
-        """λ = damping_multiple × λ₀ (both recorded); λ₀ cached in the problem's cache directory."""
+        """λ = damping_multiple × λ₀ (both recorded). Every `scores` calls this first: it opens
+        the problem's cache of per-model quantities (`self._cache`: λ₀ here, the factors and
+        spectra of the subclasses; :mod:`tda.methods.cache`)."""
+        self._cache = CurvatureCache(problem.cache_dir, model, problem.x_train, problem.y_train)
         with self.phase("lambda0"):
             lam0 = base_damping(model, problem.x_train, problem.y_train, problem.task, self.chunk_size,
-                                problem.cache_dir)
+                                cache=self._cache)
         return resolve_damping(self.damping_multiple, lam0, self.record)
 
-    def _curvature_operator(self, problem: AttributionProblem, model: nn.Module,
-                            dtype: torch.dtype) -> CurvatureOperator:
+    def _curvature_operator(self, problem: AttributionProblem, model: nn.Module, dtype: torch.dtype,
+                            batch_size: int | None = None) -> CurvatureOperator:
         """The method's curvature of the mean training loss, in batches of `batch_size` training
-        rows, its column blocks bounded by the memory budget."""
+        rows (default: the method's), its column blocks bounded by the memory budget."""
         return CurvatureOperator(model, problem.x_train, problem.y_train, problem.task, self.curvature,
-                                 self.batch_size, dtype, problem.device, problem.memory_budget_mb)
+                                 batch_size or self.batch_size, dtype, problem.device, problem.memory_budget_mb)
 
 
 def solve_side(g_test: torch.Tensor, g_lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:

@@ -19,8 +19,8 @@ in the Kronecker eigenbasis, Λ = 1/n Σᵢ Σ_c (Q_Sᵀ M_ic Q_A)² (a second p
 
 Trainable parameters outside supported layers (batch norm, layer norm, embeddings, grouped
 convolutions) get the exact diagonal of G (1/n Σᵢ Σ_c (Jᵢᵀu_ic)²), recorded in `record`.
-Factors are cached in `problem.cache_dir` (safetensors, keyed by model, data and kind), so a
-sweep over damping computes them once.
+Factors are cached in `problem.cache_dir` (safetensors, keyed by model, data, kind and batch
+size, checked on load: :mod:`tda.methods.cache`), so a sweep over damping computes them once.
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from tda.artifacts import load_tensors, save_tensors
-from tda.methods.damping import model_fingerprint
+from tda.methods.cache import CurvatureCache
 from tda.methods.gradients import FactoredGrads, NotFactorable, compute_grads, loss_target
 from tda.methods.influence import InfluenceMethod, solve_side
 from tda.methods.layout import ParamLayout, frozen_state, trainable_params
@@ -238,23 +237,18 @@ def diagonal_gn(model: nn.Module, names: list[str], x: torch.Tensor, task: str,
 
 
 def load_or_compute_factors(problem: AttributionProblem, model: nn.Module, kind: str, batch_size: int,
-                            record: dict) -> dict[str, torch.Tensor]:
-    path = None
-    if problem.cache_dir is not None:
-        fp = model_fingerprint(model, problem.x_train, problem.y_train)
-        path = problem.cache_dir / f"{kind}-factors-{fp}.safetensors"
-        if path.is_file():
-            record.update({"factors_cached": True, "factors_path": str(path)})
-            dev = next(model.parameters()).device
-            return {k: v.to(dev) for k, v in load_tensors(path).items()}
+                            record: dict, cache: CurvatureCache) -> dict[str, torch.Tensor]:
+    """The factors of `model` on the problem's training set, from `cache` (entry
+    `<kind>-factors`, keyed by model, data, task and batch size) or computed and stored;
+    `record` says which (`factors_cached`, `factors_path`, `factors_seconds`)."""
     t0 = time.perf_counter()
-    factors = compute_factors(model, problem.x_train, problem.y_train, problem.task, kind, batch_size,
-                              problem.memory_budget_mb)
-    record.update({"factors_cached": False, "factors_seconds": time.perf_counter() - t0})
-    if path is not None:
-        save_tensors(path, factors, metadata={"kind": kind, "n_train": problem.n_train})
-        record["factors_path"] = str(path)
-    return factors
+    settings = {"kind": kind, "task": problem.task, "batch_size": batch_size}
+    factors, path, cached = cache.tensors(f"{kind}-factors", settings, lambda: compute_factors(
+        model, problem.x_train, problem.y_train, problem.task, kind, batch_size, problem.memory_budget_mb))
+    record.update({"factors_cached": cached} | ({} if cached else {"factors_seconds": time.perf_counter() - t0})
+                  | ({"factors_path": str(path)} if path is not None else {}))
+    dev = next(model.parameters()).device
+    return {k: v.to(dev) for k, v in factors.items()}
 
 
 def kronecker_eigenvalues(factors: dict[str, torch.Tensor], layer: Layer, kind: str) -> torch.Tensor:
@@ -349,19 +343,23 @@ class EKFAC(InfluenceMethod):
         if grads is not None:
             lam = self._damping(problem, model)
             with self.phase("factors"):
-                factors = load_or_compute_factors(problem, model, self.kind, self.batch_size, self.record)
+                factors = self._factors(problem, model)
             self.record["factored_scores"] = True
             with self.phase("scores"):
                 return factored_scores(layers, factors, self.kind, *grads, lam) / problem.n_train
         model, _, g_test, g_lo, lam = self._prepare(problem)
         with self.phase("factors"):
-            factors = load_or_compute_factors(problem, model, self.kind, self.batch_size, self.record)
+            factors = self._factors(problem, model)
         self.record["factored_scores"] = False
         with self.phase("scores"):
             solve, other, transposed = solve_side(g_test, g_lo)
             X = inverse_apply(model, factors, self.kind, solve.double(), lam)  # [k, n_params]
             s = other.double() @ X.T / problem.n_train  # [m, k]
             return (s.T if not transposed else s).contiguous()
+
+
+    def _factors(self, problem: AttributionProblem, model: nn.Module) -> dict[str, torch.Tensor]:
+        return load_or_compute_factors(problem, model, self.kind, self.batch_size, self.record, self._cache)
 
 
 class KFAC(EKFAC):

@@ -44,12 +44,13 @@ from tda.methods.checks import positive, positive_int
 from tda.methods.curvature import CurvatureOperator
 from tda.methods.influence import InfluenceMethod, scores_from_solution, solve_side
 from tda.methods.progress import Progress
-from tda.methods.spectrum import definiteness_tolerance, lanczos_extremes, span_ritz_min
+from tda.methods.spectrum import definiteness_tolerance, lanczos_extremes, span_ritz
 from tda.problem import AttributionProblem
 
 log = logging.getLogger(__name__)
 
 AUTHORS_SCALES = (10, 20, 50, 100, 150, 200, 250, 300, 400, 500)
+CHECK_ROWS = 1024  # training rows per batch of the definiteness checks' full-data products
 
 
 def lissa_solve(op: CurvatureOperator, G: torch.Tensor, damping: float, scale: float, depth: int, repeat: int,
@@ -123,21 +124,23 @@ class LiSSA(InfluenceMethod):
 
     def scores(self, problem: AttributionProblem) -> torch.Tensor:
         model, dtype, g_test, g_lo, lam = self._prepare(problem)
-        op = self._curvature_operator(problem, model, dtype)
+        op = self._curvature_operator(problem, model, dtype)  # the recursion's mini-batch products
+        # the checks' full-data products, in batches of at least CHECK_ROWS rows
+        full = self._curvature_operator(problem, model, dtype, max(self.batch_size, CHECK_ROWS))
 
         def K(V: torch.Tensor) -> torch.Tensor:  # (C + λI) V over the whole training set
-            return op.matvec(V).add_(V.to(op.dtype), alpha=lam)
+            return full.matvec(V).add_(V.to(full.dtype), alpha=lam)
 
-        # before the recursion: Lanczos on the full-data K
+        # before the recursion: Lanczos' extreme Ritz values of C (cached per model), shifted by λ
         with self.phase("check_lanczos"):
-            est = lanczos_extremes(K, op.n_params, self.lanczos_steps,
-                                   torch.Generator().manual_seed(int(self.seed)), op.dtype, op.device)
-        tol = definiteness_tolerance(est["max"], op.dtype)
-        spectrum = {"lanczos_min": est["min"], "lanczos_max": est["max"], "lanczos_steps": est["steps"],
-                    "lanczos_exact": est["exact"], "tolerance": tol}
+            est, cached = self._spectrum(problem, full)
+        lanczos_min, lanczos_max = est["min"] + lam, est["max"] + lam
+        tol = definiteness_tolerance(lanczos_max, full.dtype)
+        spectrum = {"lanczos_min": lanczos_min, "lanczos_max": lanczos_max, "lanczos_steps": est["steps"],
+                    "lanczos_exact": est["exact"], "lanczos_cached": cached, "tolerance": tol}
         self.record["spectrum"] = spectrum
-        if est["min"] <= tol:
-            self._refuse(est["min"], lam, tol, f"{est['steps']} Lanczos steps on the full-data operator")
+        if lanczos_min <= tol:
+            self._refuse(lanczos_min, lam, tol, f"{est['steps']} Lanczos steps on the full-data operator")
 
         solve, other, transposed = solve_side(g_test, g_lo)
         G = solve.T.contiguous()
@@ -147,15 +150,14 @@ class LiSSA(InfluenceMethod):
         for s in candidates:
             gen = torch.Generator().manual_seed(int(self.seed))  # same batches for every scale tried
             # after each run: K on the span of its last iterate and increment (a growing
-            # direction, if any), and K h for the full-data residual of the result
-            finals = {"ritz_min": float("inf"), "Kh": torch.zeros_like(G)}
+            # direction, if any), and, from the same products, K h for the full-data residual
+            finals = {"ritz_min": float("inf"), "Kh": torch.zeros(G.shape, dtype=torch.float64, device=G.device)}
 
             def on_final(h: torch.Tensor, step: torch.Tensor, finals=finals) -> None:
                 with self.phase("check_ritz"):
-                    found = span_ritz_min(torch.cat([h, step], dim=1), K)
+                    found, Kh = span_ritz(torch.cat([h, step], dim=1), K, first=h.shape[1])
                 finals["ritz_min"] = min(finals["ritz_min"], found)
-                with self.phase("check_residual"):
-                    finals["Kh"] += K(h)
+                finals["Kh"] += Kh
 
             try:
                 with self.phase("solve"):
@@ -171,7 +173,7 @@ class LiSSA(InfluenceMethod):
                              f"or a larger method.damping_multiple")
         found = finals["ritz_min"]
         KX = finals["Kh"] / (self.repeat * s)  # K x for x = the mean of h/s over the repeats
-        residual = (G - KX).double().norm(dim=0) / G.double().norm(dim=0).clamp_min(1e-300)
+        residual = (G.double() - KX).norm(dim=0) / G.double().norm(dim=0).clamp_min(1e-300)
         spectrum.update({"recursion_ritz_min": found if found < float("inf") else None,
                          "relative_residual_max": float(residual.max()) if k else 0.0,
                          "relative_residual_mean": float(residual.mean()) if k else 0.0})
@@ -180,9 +182,27 @@ class LiSSA(InfluenceMethod):
                                        f"increments at scale {s:g}")
         self.record.update({"scale": s, "scales_diverged": tried, "curvature": self.curvature,
                             "depth": self.depth, "repeat": self.repeat, "batch_size": self.batch_size,
-                            "solved_side": "left_out" if transposed else "test", "curvature_products": op.n_matvecs})
+                            "solved_side": "left_out" if transposed else "test",
+                            "curvature_products": op.n_matvecs + full.n_matvecs})
         with self.phase("scores"):
             return scores_from_solution(X, other.to(X.dtype), problem.n_train, transposed).to(torch.float64)
+
+    def _spectrum(self, problem: AttributionProblem, full: CurvatureOperator) -> tuple[dict, bool]:
+        """(`lanczos_steps` Lanczos steps on C from the seeded start: its extreme Ritz values,
+        whether they came from the cache). On C, not C + λI: the Krylov space is the same and
+        every Ritz value moves by λ, so one entry serves every damping of a sweep."""
+        settings = {"curvature": self.curvature, "task": problem.task, "dtype": str(full.dtype),
+                    "device": full.device.type, "steps": self.lanczos_steps, "seed": int(self.seed),
+                    "rows_per_product": full.batch_size}
+        computed = []
+
+        def compute() -> dict:
+            computed.append(True)
+            return lanczos_extremes(full.matvec, full.n_params, self.lanczos_steps,
+                                    torch.Generator().manual_seed(int(self.seed)), full.dtype, full.device)
+
+        est = self._cache.json("spectrum", settings, compute)
+        return est, not computed
 
     def _refuse(self, mu: float, lam: float, tol: float, how: str) -> None:
         """The one message for a C + λI that is not positive definite (as CG and Arnoldi word it)."""
