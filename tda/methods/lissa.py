@@ -12,14 +12,17 @@ only if K = C + λI (the full-data curvature) is positive definite: along an eig
 eigenvalue μ ≤ 0 each step multiplies h by 1 + |μ|/s, a growth slow enough (1 + 0.09/500 per
 step for the default MLP's Hessian at 100·λ₀) to stay under any norm bound for thousands of
 steps while the result is already wrong. So before the recursion, `lanczos_steps` Lanczos
-steps on K (full data, float64, :func:`tda.methods.spectrum.lanczos_extremes`) estimate its
-smallest eigenvalue, and after each run the smallest Ritz value of K on the span of the final
-iterates and increments (the increments are power iterations of I − K/s, so they line up with
-any growing direction: :func:`tda.methods.spectrum.span_ritz_min`) is computed; either one
-≤ 0 (up to the operator's rounding) proves K is not positive definite and the method
-refuses, as CG and Arnoldi do. Both are recorded (`spectrum`), with the full-data relative residual
-‖g − K x‖/‖g‖ of the returned solution.
-Cost: `lanczos_steps` one-column and ≤ 3·k·`repeat` column products over the training set.
+steps (full data, float64, :func:`tda.methods.spectrum.lanczos_extremes`) estimate the
+smallest eigenvalue of K — run on C and shifted by λ (the same Krylov space), cached per final
+model and curvature (:mod:`tda.methods.cache`) so that a damping sweep runs them once — and
+after each run the smallest Ritz value of K on the span of the final iterates and increments
+(the increments are power iterations of I − K/s, so they line up with any growing direction:
+:func:`tda.methods.spectrum.span_ritz`) is computed; either one ≤ 0 (up to the operator's
+rounding) proves K is not positive definite and the method refuses, as CG and Arnoldi do.
+Both are recorded (`spectrum`), with the full-data relative residual ‖g − K x‖/‖g‖ of the
+returned solution, whose products K h come from those of the span's check.
+Cost: `lanczos_steps` one-column products once per final model, and ≤ 2·k·`repeat` column
+products over the training set (in batches of at least CHECK_ROWS rows).
 
 Divergence of a run. If every batch curvature C_b is positive semi-definite and its eigenvalues are
 below 2s − λ, each step contracts by (1 − λ/s) and ‖h_t‖ ≤ s‖g‖/λ for all t. A column whose
