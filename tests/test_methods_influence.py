@@ -428,6 +428,28 @@ def test_kfac_input_factor_of_one_hot_rows(relu_problem):
     assert torch.allclose(QA @ torch.diag(eA) @ QA.T, a.T @ a / len(a), atol=1e-12)
 
 
+def test_ekfac_second_pass_from_kept_activations_equals_recomputed(relu_problem):
+    """EK-FAC's eigenvalue correction from the first pass's kept activations (what fits a
+    quarter of the budget) equals the one from a second forward/backward pass."""
+    p = relu_problem
+    kept = compute_factors(p.model, p.x_train, p.y_train, p.task, "ekfac", batch_size=50, memory_budget_mb=1024)
+    again = compute_factors(p.model, p.x_train, p.y_train, p.task, "ekfac", batch_size=50, memory_budget_mb=1e-6)
+    assert kept.keys() == again.keys()
+    for k in kept:
+        assert torch.allclose(kept[k], again[k], rtol=1e-13, atol=1e-16), k
+
+
+@pytest.mark.parametrize("which", ["relu", "tanh"])
+def test_per_example_grads_from_factors_equal_vmap(relu_problem, mlp_problem, which):
+    """Influence methods take linear models' test and left-out gradients from the layers'
+    factors b aᵀ; they equal torch.func's per-example gradients."""
+    p = relu_problem if which == "relu" else mlp_problem
+    x, y = p.x_train[:37], p.y_train[:37]
+    ref = per_example_grads(p.model, x, y, p.task)
+    assert torch.allclose(per_example_grads(p.model, x, y, p.task, chunk_size=16, factored=True), ref,
+                          rtol=1e-12, atol=1e-15)
+
+
 @pytest.mark.parametrize("arch", ["cnn_batchnorm", "mlp"])
 @pytest.mark.parametrize("cls", [KFAC, EKFAC])
 def test_kfac_scores_solve_their_own_dense_approximation(cls, arch):
