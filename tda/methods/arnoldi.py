@@ -38,32 +38,33 @@ def arnoldi_eigs(matvec: Matvec, n: int, n_iters: int, top_k: int, generator: to
                  dtype: torch.dtype, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k (by |μ|) Ritz pairs of the symmetric operator: (μ [k] float64, U [n, k])."""
     n_iters = min(int(n_iters), n)
-    Q = torch.zeros(n, n_iters + 1, dtype=dtype, device=device)
+    # the basis as rows [m, n]: each step reads only the vectors so far, each a contiguous row
+    Q = torch.zeros(n_iters + 1, n, dtype=dtype, device=device)
     Hs = torch.zeros(n_iters + 1, n_iters, dtype=torch.float64)
     v = torch.randn(n, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
-    Q[:, 0] = v / v.norm()
+    Q[0] = v / v.norm()
     m = n_iters
     progress = Progress()
     for j in range(n_iters):
         if progress.due():
             log.info("arnoldi: step %d of %d", j, n_iters)
-        w = matvec(Q[:, j:j + 1]).squeeze(1)
+        w = matvec(Q[j].unsqueeze(1)).squeeze(1)
         # two passes of Gram–Schmidt: one loses orthogonality in float32
         for _ in range(2):
-            c = Q[:, :j + 1].T @ w
-            w = w - Q[:, :j + 1] @ c
+            c = Q[:j + 1] @ w
+            w = w - c @ Q[:j + 1]
             Hs[:j + 1, j] += c.double().cpu()
         beta = w.norm()
         Hs[j + 1, j] = float(beta)
         if float(beta) < 1e-10 * float(Hs[:j + 1, :j + 1].abs().max().clamp_min(1e-300)):
             m = j + 1  # invariant subspace found: the Ritz pairs are exact
             break
-        Q[:, j + 1] = w / beta
+        Q[j + 1] = w / beta
     T = Hs[:m, :m]
     mu, V = torch.linalg.eigh((T + T.T) / 2)  # C symmetric: Qᵀ C Q is symmetric tridiagonal up to rounding
     k = min(int(top_k), m)
     order = mu.abs().argsort(descending=True)[:k]
-    U = Q[:, :m] @ V[:, order].to(dtype=dtype, device=Q.device)
+    U = Q[:m].T @ V[:, order].to(dtype=dtype, device=Q.device)
     return mu[order], U
 
 

@@ -196,8 +196,17 @@ class FactoredGrads:
         return (lf.B.unsqueeze(2) * A.unsqueeze(1)).flatten(1)
 
     def dense(self) -> torch.Tensor:
-        """[n, n_params] in the layout's order."""
-        return torch.cat([self.block(name) for name in self.layout.names], dim=1)
+        """[n, n_params] in the layout's order (each block written in place)."""
+        first = self.layers[0].B
+        out = torch.empty(len(self), self.layout.n_params, dtype=first.dtype, device=first.device)
+        for name, sl in self.layout.slices().items():
+            lf, kind = self._find(name)
+            if kind == "bias":
+                out[:, sl] = lf.B
+            else:
+                A = _dense(lf.A)
+                torch.mul(lf.B.unsqueeze(2), A.unsqueeze(1), out=out[:, sl].view(len(out), *lf.B.shape[1:], A.shape[1]))
+        return out
 
 
 def as_sparse_if_sparse(A: torch.Tensor, max_density: float = 0.25) -> torch.Tensor:

@@ -42,19 +42,19 @@ def lanczos_extremes(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, ste
     """Smallest and largest Ritz values of the symmetric operator `matvec` ([n, 1] -> [n, 1] in
     `dtype`) after at most `steps` Lanczos steps (fewer if the Krylov space becomes invariant:
     then the Ritz values are exact eigenvalues). The basis is kept and reorthogonalised in
-    float64 ([n, steps + 1] memory).
+    float64 ([steps + 1, n] memory).
     Returns {"min", "max" (floats), "steps" (products used), "exact" (invariant subspace found)}."""
     steps = max(1, min(int(steps), n))
-    Q = torch.zeros(n, steps + 1, dtype=torch.float64, device=device)
+    Q = torch.zeros(steps + 1, n, dtype=torch.float64, device=device)  # the basis as contiguous rows
     T = torch.zeros(steps + 1, steps + 1, dtype=torch.float64)
     v = torch.randn(n, generator=generator, dtype=torch.float64).to(device)
-    Q[:, 0] = v / v.norm()
+    Q[0] = v / v.norm()
     m, exact, ritz = 0, False, torch.zeros(1, dtype=torch.float64)
     for j in range(steps):
-        w = matvec(Q[:, j:j + 1].to(dtype)).reshape(-1).double()
+        w = matvec(Q[j].to(dtype).unsqueeze(1)).reshape(-1).double()
         for _ in range(2):  # full reorthogonalisation, twice ("twice is enough")
-            c = Q[:, :j + 1].T @ w
-            w = w - Q[:, :j + 1] @ c
+            c = Q[:j + 1] @ w
+            w = w - c @ Q[:j + 1]
             T[:j + 1, j] += c.cpu()
         m = j + 1
         # T is upper Hessenberg (column j: the coefficients of K q_j, row j + 1: β); K symmetric
@@ -64,7 +64,7 @@ def lanczos_extremes(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, ste
         if beta <= 1e-12 * float(ritz.abs().max().clamp_min(1e-300)):
             exact = True
             break
-        Q[:, j + 1] = w / beta
+        Q[j + 1] = w / beta
         T[j + 1, j] = beta
     return {"min": float(ritz[0]), "max": float(ritz[-1]), "steps": m, "exact": exact}
 
