@@ -35,14 +35,17 @@ Import it after putting the repository root on sys.path (as the benchmark script
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -102,6 +105,11 @@ def _build_resnet9_cifar(path: Path) -> None:
     save_tensors(path, tensors)
 
 
+def problem_file(name: str, cache: Path) -> Path:
+    """The cached file a problem is built from (folktables_sized_3k: the first rows of folktables_sized's)."""
+    return cache / ("resnet9_cifar.safetensors" if name == "resnet9_cifar" else "folktables_sized.safetensors")
+
+
 def load_problem(name: str, cache: Path, budget_mb: float) -> AttributionProblem:
     if name == "resnet9_cifar":
         from tda.models.resnet9 import ResNet9
@@ -137,15 +145,30 @@ def load_problem(name: str, cache: Path, budget_mb: float) -> AttributionProblem
 @dataclass
 class Result:
     """Scores of a run; `test_rows` when only some test instances were computed, and the
-    factor by which the measured time is extrapolated to all of them."""
+    factor by which the measured time is extrapolated to all of them; `phases`: our method's
+    own account of where the time went (`Method.record["seconds"]`, checks as `check_*`)."""
 
     scores: torch.Tensor
     test_rows: list[int] | None = None
     extrapolate: float = 1.0
     note: str = ""
+    phases: dict[str, float] | None = None
 
 
-Runner = Callable[[AttributionProblem], "torch.Tensor | Result"]
+@dataclass
+class Staged:
+    """A runner in two parts: `setup(problem)`, done before the clock starts — what a user of
+    the method already holds (the absolute damping a peer is given, the multiple of λ₀ it
+    corresponds to) or a library's one-time import — and `run(problem, setup's value)`, timed.
+    `package`: the public library a baseline comes from (its version keys its cached rows;
+    None: tda's own reference formulations, keyed by tda's source)."""
+
+    run: Callable[[AttributionProblem, Any], "torch.Tensor | Result"]
+    setup: Callable[[AttributionProblem], Any] | None = None
+    package: str | None = None
+
+
+Runner = Callable[[AttributionProblem], "torch.Tensor | Result"] | Staged
 
 
 @dataclass
@@ -156,34 +179,132 @@ class Case:
     baselines: dict[str, Runner] = field(default_factory=dict)
 
 
+# ----------------------------------------------------------------------------------- baseline cache
+PEERS = ("dattri", "kronfluence", "traker")
+
+
+def _versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0], "torch": torch.__version__, "threads": str(torch.get_num_threads())}
+    for name in PEERS:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _sources(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for path in sorted(paths):
+        h.update(str(path.relative_to(ROOT)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def baseline_key(case: Case, which: str, script: str, problem_checksum: str, context: Any) -> dict[str, Any]:
+    """What a baseline's cached row was measured from: the case and baseline names, the
+    problem's content, the setup's value (e.g. the damping it was given), the peers' and
+    torch's versions and the thread count, and the source of the benchmark scripts (plus
+    tda's own source for tda's reference formulations, whose results it determines)."""
+    runner = case.baselines[which]
+    package = runner.package if isinstance(runner, Staged) else None
+    code = [Path(script), Path(__file__), ROOT / "tests" / "helpers" / "peers.py", ROOT / "benchmarks" / "methods.py",
+            ROOT / "benchmarks" / "methods_influence.py"]
+    if package is None:
+        code += list((ROOT / "tda").rglob("*.py"))
+    return {"case": case.method, "problem": case.problem, "baseline": which, "problem_checksum": problem_checksum,
+            "setup": json.loads(json.dumps(context, default=repr)), "package": package, "versions": _versions(),
+            "code": _sources(list(dict.fromkeys(p.resolve() for p in code if p.is_file())))}
+
+
+def _cache_path(cache: Path, key: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return cache / "baselines" / f"{digest}.safetensors"
+
+
+def _cached(cache: Path, key: dict[str, Any]) -> dict | None:
+    """The stored row for `key`, verified (content checksum, and the key it records)."""
+    from tda.artifacts import IntegrityError, load_tensors_with_metadata
+    from tda.provenance import ProvenanceError, require_match
+
+    path = _cache_path(cache, key)
+    if not path.is_file():
+        return None
+    try:
+        tensors, meta, _ = load_tensors_with_metadata(path)
+        require_match(meta, {"key": key}, f"the cached baseline row {path}", "measuring it again")
+    except (IntegrityError, ProvenanceError) as err:
+        print(f"  (cached baseline row ignored: {err})", flush=True)
+        return None
+    return {**meta["row"], "scores": tensors.get("scores")}
+
+
 # ----------------------------------------------------------------------------------- running
-def measure(case: Case, which: str, cache: Path, budget_mb: float, out: Path, device: str = "cpu") -> None:
-    """Child process: run one runner of one case, write scores + time + memory to `out`."""
+def measure(case: Case, which: str, cache: Path, budget_mb: float, out: Path, device: str = "cpu",
+            script: str | None = None, use_cache: bool = False) -> None:
+    """Child process: run one runner of one case, write scores + time + memory to `out`. A
+    baseline's row comes from the cache when its key matches (`use_cache`), and is stored
+    there when measured. One-time imports happen before the clock starts: a Staged runner's
+    setup, and torch._dynamo, which torch imports lazily on a process's first torch.func
+    transform (seconds of import, not of the method)."""
+    import torch._dynamo
+
+    from tda.artifacts import load_tensors_with_metadata
+
     torch.set_num_threads(torch.get_num_threads())
     problem = load_problem(case.problem, cache, budget_mb)
     problem.device = torch.device(device)  # where our methods run (peers choose their own)
     runner = case.run if which == "__ours__" else case.baselines[which]
-    with PeakMemory() as mem:
-        t0 = time.perf_counter()
-        res = runner(problem)
-        if problem.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+    context = runner.setup(problem) if isinstance(runner, Staged) and runner.setup is not None else None
+    key = None
+    if which != "__ours__" and script is not None:
+        key = baseline_key(case, which, script, load_tensors_with_metadata(problem_file(case.problem, cache))[2],
+                           context)
+        hit = _cached(cache, key) if use_cache else None
+        if hit is not None:
+            scores = hit.pop("scores")
+            save_tensors(out, {} if scores is None else {"scores": scores}, metadata={**hit, "cached": True})
+            return
+    load = os.getloadavg()[0]
+    try:
+        with PeakMemory() as mem:
+            t0 = time.perf_counter()
+            res = runner.run(problem, context) if isinstance(runner, Staged) else runner(problem)
+            if problem.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+    except Exception as err:  # a baseline's exception is its row (cached: it is deterministic)
+        if key is None:
+            raise
+        row = {"error": f"{type(err).__name__}: {err}"[:300], "measured": _now(), "load": load, "key": key}
+        save_tensors(_cache_path(cache, key), {}, metadata={"key": key, "row": row})
+        raise
     res = res if isinstance(res, Result) else Result(res)
-    save_tensors(out, {"scores": res.scores.detach().double()},
-                 metadata={"seconds": seconds * res.extrapolate, "measured_seconds": seconds, "peak_mb": mem.peak_mb,
-                           "test_rows": res.test_rows, "note": res.note})
+    row = {"seconds": seconds * res.extrapolate, "measured_seconds": seconds, "peak_mb": mem.peak_mb,
+           "test_rows": res.test_rows, "note": res.note, "phases": res.phases, "measured": _now(),
+           "load": [load, os.getloadavg()[0]]}
+    scores = {"scores": res.scores.detach().double().cpu()}
+    save_tensors(out, scores, metadata=row)
+    if key is not None:
+        _cache_path(cache, key).parent.mkdir(parents=True, exist_ok=True)
+        save_tensors(_cache_path(cache, key), scores, metadata={"key": key, "row": row})
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def run_child(script: str, case_index: int, which: str, cache: Path, budget_mb: float, timeout: float,
-              device: str = "cpu") -> dict | None:
+              device: str = "cpu", use_cache: bool = False) -> dict:
     """Run `script --child case_index which ...` (a subprocess that calls :func:`measure`) and
-    read back its row: scores, seconds, peak_mb, test_rows, note; or {"error": ...}."""
+    read back its row: scores, seconds, peak_mb, test_rows, note, phases; or {"error": ...}."""
     from safetensors import safe_open
     out = cache / f"result_{case_index}.safetensors"
     out.unlink(missing_ok=True)
     cmd = [sys.executable, script, "--child", str(case_index), which, str(out), "--cache", str(cache),
-           "--budget-mb", str(budget_mb), "--device", device]
+           "--budget-mb", str(budget_mb), "--device", device] + (["--baseline-cache"] if use_cache else [])
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -198,7 +319,9 @@ def run_child(script: str, case_index: int, which: str, cache: Path, budget_mb: 
         return {"error": (errors or lines or [f"failed with exit status {proc.returncode}"])[-1].strip()}
     with safe_open(str(out), "pt") as f:
         meta = json.loads(f.metadata()["json"])
-        meta["scores"] = f.get_tensor("scores")
+        meta["scores"] = f.get_tensor("scores") if "scores" in f.keys() else None
+    if meta.get("error"):
+        return {"error": meta["error"], "cached": True, "measured": meta.get("measured")}
     return meta
 
 
@@ -207,80 +330,106 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
 
 
-def arguments(description: str, problems: str, cache: Path) -> argparse.ArgumentParser:
-    """The command line every method benchmark takes (`problems`, `cache`: its defaults)."""
+def arguments(description: str, problems: str, cache: Path, out: Path) -> argparse.ArgumentParser:
+    """The command line every method benchmark takes (`problems`, `cache`, `out`: its defaults)."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--problems", default=problems)
     ap.add_argument("--cases", default=None, help="comma-separated method names (default: all)")
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=out, help="the rows as JSON, rewritten as each row finishes")
     ap.add_argument("--cache", type=Path, default=cache,
-                    help="problem cache and scratch (one per script, so that they can run side by side)")
+                    help="problem cache, scratch and cached baseline rows (one per script, so that they can run "
+                         "side by side)")
+    ap.add_argument("--fresh", action="store_true",
+                    help="measure every baseline now instead of reusing cached rows with the same key")
     ap.add_argument("--budget-mb", type=float, default=2048.0)
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement")
     ap.add_argument("--device", default="cpu",
                     help="where our methods run, e.g. cuda (peak_mb stays the process's resident CPU memory)")
     ap.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--baseline-cache", action="store_true", help=argparse.SUPPRESS)
     return ap
+
+
+def _row(case: Case, mine: dict, name: str | None, base: dict | None) -> dict:
+    """One row of the table: ours against baseline `name` (None: no baseline)."""
+    row = {"method": case.method, "problem": case.problem}
+    if "error" in mine:
+        return row | {"seconds": None, "peak_mb": None, "baseline": name, "baseline_seconds": None,
+                      "baseline_peak_mb": None, "speedup": None, "agreement": None, "checks_share": None,
+                      "phases": None, "note": f"FAILED: {mine['error']}", "load": None}
+    phases = mine.get("phases")
+    checks = sum(v for k, v in (phases or {}).items() if k.startswith("check"))
+    row |= {"seconds": round(mine["seconds"], 4), "peak_mb": round(mine["peak_mb"], 1), "baseline": name,
+            "checks_share": round(checks / mine["measured_seconds"], 4) if phases is not None else None,
+            "phases": {k: round(v, 4) for k, v in phases.items()} if phases else phases,
+            "load": [round(v, 2) for v in mine["load"]]}
+    notes = [mine["note"]]
+    if base is None:
+        row |= {"baseline_seconds": None, "baseline_peak_mb": None, "speedup": None, "agreement": None}
+        notes.append("no baseline run" if name is None else "")
+    elif "error" in base:
+        row |= {"baseline_seconds": None, "baseline_peak_mb": None, "speedup": None, "agreement": None}
+        notes.append(f"baseline failed: {base['error']}" + (f" (cached row of {base.get('measured')})"
+                                                            if base.get("cached") else ""))
+    else:
+        rows_b = base["test_rows"]
+        ours_s = mine["scores"] if rows_b is None else mine["scores"][rows_b]
+        row |= {"baseline_seconds": round(base["seconds"], 4), "baseline_peak_mb": round(base["peak_mb"], 1),
+                "speedup": round(base["seconds"] / max(mine["seconds"], 1e-9), 2),
+                "agreement": round(agreement(ours_s, base["scores"]), 6)}
+        notes.append(base["note"])
+        if base.get("cached"):
+            row["baseline_cached"] = {"measured": base["measured"], "load": base["load"]}
+            notes.append(f"baseline row cached (measured {base['measured']}, load {base['load'][0]:.1f})")
+    return row | {"note": "; ".join(n for n in notes if n)}
 
 
 def run(cases: Callable[[], list[Case]], script: str, args: argparse.Namespace) -> list[dict]:
     """Measure the `cases()` selected by `args` (from :func:`arguments`), each runner in a
-    subprocess of `script` (which must call this with the same `cases`); print and return the
-    rows. With `--child` this is that subprocess."""
+    subprocess of `script` (which must call this with the same `cases`); print each row as
+    it finishes, write them all to `args.out` after each, and return them. With `--child`
+    this is that subprocess."""
     args.cache.mkdir(parents=True, exist_ok=True)
     if args.child:
         measure(cases()[int(args.child[0])], args.child[1], args.cache, args.budget_mb, Path(args.child[2]),
-                args.device)
+                args.device, script, args.baseline_cache)
         return []
-    load_problem("folktables_sized", args.cache, args.budget_mb)  # build the cached problem once
+    for name in set(args.problems.split(",")):  # build the cached problems once
+        load_problem(name, args.cache, args.budget_mb)
     problems = set(args.problems.split(","))
     wanted = set(args.cases.split(",")) if args.cases else None
-    rows = []
-    for i, case in enumerate(cases()):
-        if case.problem not in problems or (wanted and case.method.split("[")[0] not in wanted):
-            continue
+    selected = [(i, c) for i, c in enumerate(cases()) if c.problem in problems
+                and (not wanted or c.method.split("[")[0] in wanted)]
+    rows, start = [], time.perf_counter()
+    print(f"{len(selected)} cases; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores, "
+          f"{torch.get_num_threads()} threads per measurement", flush=True)
+    for n, (i, case) in enumerate(selected, 1):
         mine = run_child(script, i, "__ours__", args.cache, args.budget_mb, args.timeout, args.device)
-        if "error" in mine:
-            print(f"{case.method} on {case.problem}: FAILED: {mine['error']}", flush=True)
-            continue
-        if not case.baselines:
-            row = {"method": case.method, "problem": case.problem, "seconds": round(mine["seconds"], 4),
-                   "peak_mb": round(mine["peak_mb"], 1), "baseline": None, "baseline_seconds": None,
-                   "baseline_peak_mb": None, "speedup": None, "agreement": None,
-                   "note": "; ".join(n for n in (mine["note"], "no baseline run") if n)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        for name in case.baselines:
-            base = run_child(script, i, name, args.cache, args.budget_mb, args.timeout, args.device)
-            row = {"method": case.method, "problem": case.problem, "seconds": round(mine["seconds"], 4),
-                   "peak_mb": round(mine["peak_mb"], 1), "baseline": name}
-            if "error" in base:
-                row.update(baseline_seconds=None, baseline_peak_mb=None, speedup=None, agreement=None,
-                           note=f"baseline failed: {base['error']}")
-            else:
-                rows_b = base["test_rows"]
-                ours_s = mine["scores"] if rows_b is None else mine["scores"][rows_b]
-                row.update(baseline_seconds=round(base["seconds"], 4), baseline_peak_mb=round(base["peak_mb"], 1),
-                           speedup=round(base["seconds"] / max(mine["seconds"], 1e-9), 2),
-                           agreement=round(agreement(ours_s, base["scores"]), 6),
-                           note="; ".join(n for n in (mine["note"], base["note"]) if n))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows, indent=1))
+        baselines = {name: run_child(script, i, name, args.cache, args.budget_mb, args.timeout, args.device,
+                                     use_cache=not args.fresh) for name in case.baselines}
+        for name, base in (baselines or {None: None}).items():
+            rows.append(_row(case, mine, name, base))
+            print(f"[{n}/{len(selected)}, {time.perf_counter() - start:.0f} s] {json.dumps(rows[-1])}", flush=True)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(rows, indent=1) + "\n")
     print(markdown(rows))
+    print(f"total {time.perf_counter() - start:.0f} s")
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
     """The rows as a markdown table."""
-    head = "| method | problem | ours s | ours MB | baseline | baseline s | baseline MB | speedup | agreement |\n"
-    head += "|---|---|---|---|---|---|---|---|---|\n"
+    head = ("| method | problem | ours s | ours MB | checks | baseline | baseline s | baseline MB | speedup | "
+            "agreement |\n|---|---|---|---|---|---|---|---|---|---|\n")
 
     def fmt(v):
         return "—" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
 
+    def share(v):
+        return "—" if v is None else f"{100 * v:.0f}%"
+
     return head + "".join(f"| {r['method']} | {r['problem']} | {fmt(r['seconds'])} | {fmt(r['peak_mb'])} | "
-                          f"{r['baseline']} | {fmt(r['baseline_seconds'])} | {fmt(r['baseline_peak_mb'])} | "
-                          f"{fmt(r['speedup'])} | {fmt(r['agreement'])} |\n" for r in rows)
+                          f"{share(r['checks_share'])} | {r['baseline']} | {fmt(r['baseline_seconds'])} | "
+                          f"{fmt(r['baseline_peak_mb'])} | {fmt(r['speedup'])}"
+                          f"{'*' if r.get('baseline_cached') else ''} | {fmt(r['agreement'])} |\n" for r in rows)
