@@ -301,7 +301,7 @@ def run_child(script: str, case_index: int, which: str, cache: Path, budget_mb: 
     """Run `script --child case_index which ...` (a subprocess that calls :func:`measure`) and
     read back its row: scores, seconds, peak_mb, test_rows, note, phases; or {"error": ...}."""
     from safetensors import safe_open
-    out = cache / f"result_{case_index}.safetensors"
+    out = cache / f"result_{os.getpid()}_{case_index}.safetensors"  # this run's own: runs may share a cache
     out.unlink(missing_ok=True)
     cmd = [sys.executable, script, "--child", str(case_index), which, str(out), "--cache", str(cache),
            "--budget-mb", str(budget_mb), "--device", device] + (["--baseline-cache"] if use_cache else [])
@@ -320,6 +320,7 @@ def run_child(script: str, case_index: int, which: str, cache: Path, budget_mb: 
     with safe_open(str(out), "pt") as f:
         meta = json.loads(f.metadata()["json"])
         meta["scores"] = f.get_tensor("scores") if "scores" in f.keys() else None
+    out.unlink()
     if meta.get("error"):
         return {"error": meta["error"], "cached": True, "measured": meta.get("measured")}
     return meta
