@@ -186,7 +186,9 @@ PEERS = ("dattri", "kronfluence", "traker")
 def _versions() -> dict[str, str | None]:
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {"python": sys.version.split()[0], "torch": torch.__version__, "threads": str(torch.get_num_threads())}
+    out = {"python": sys.version.split()[0], "torch": torch.__version__, "threads": str(torch.get_num_threads()),
+           "cpus": str(os.cpu_count()), "memory_gb": str(round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+                                                               / 2**30))}
     for name in PEERS:
         try:
             out[name] = version(name)
@@ -215,8 +217,20 @@ def baseline_key(case: Case, which: str, script: str, problem_checksum: str, con
     if package is None:
         code += list((ROOT / "tda").rglob("*.py"))
     return {"case": case.method, "problem": case.problem, "baseline": which, "problem_checksum": problem_checksum,
-            "setup": json.loads(json.dumps(context, default=repr)), "package": package, "versions": _versions(),
+            "setup": _plain(context), "package": package, "versions": _versions(),
             "code": _sources(list(dict.fromkeys(p.resolve() for p in code if p.is_file())))}
+
+
+def _plain(value: Any) -> Any:
+    """A setup's value as the key holds it: floats to 12 significant digits (the parent and the
+    child each compute it), containers element by element, anything else by repr."""
+    if isinstance(value, float):
+        return float(f"{value:.12g}")
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value if value is None or isinstance(value, (bool, int, str)) else repr(value)
 
 
 def _cache_path(cache: Path, key: dict[str, Any]) -> Path:
@@ -243,53 +257,47 @@ def _cached(cache: Path, key: dict[str, Any]) -> dict | None:
 
 # ----------------------------------------------------------------------------------- running
 def measure(case: Case, which: str, cache: Path, budget_mb: float, out: Path, device: str = "cpu",
-            script: str | None = None, use_cache: bool = False) -> None:
-    """Child process: run one runner of one case, write scores + time + memory to `out`. A
-    baseline's row comes from the cache when its key matches (`use_cache`), and is stored
-    there when measured. One-time imports happen before the clock starts: a Staged runner's
-    setup, and torch._dynamo, which torch imports lazily on a process's first torch.func
-    transform (seconds of import, not of the method)."""
+            script: str | None = None) -> None:
+    """Child process: run one runner of one case, write scores + time + memory to `out` (and a
+    baseline's row to the baseline cache). One-time imports happen before the clock starts: a
+    Staged runner's setup, and torch._dynamo, which torch imports lazily on a process's first
+    torch.func transform (seconds of import, not of the method)."""
     import torch._dynamo
-
-    from tda.artifacts import load_tensors_with_metadata
 
     torch.set_num_threads(torch.get_num_threads())
     problem = load_problem(case.problem, cache, budget_mb)
     problem.device = torch.device(device)  # where our methods run (peers choose their own)
     runner = case.run if which == "__ours__" else case.baselines[which]
     context = runner.setup(problem) if isinstance(runner, Staged) and runner.setup is not None else None
-    key = None
-    if which != "__ours__" and script is not None:
-        key = baseline_key(case, which, script, load_tensors_with_metadata(problem_file(case.problem, cache))[2],
-                           context)
-        hit = _cached(cache, key) if use_cache else None
-        if hit is not None:
-            scores = hit.pop("scores")
-            save_tensors(out, {} if scores is None else {"scores": scores}, metadata={**hit, "cached": True})
-            return
     load = os.getloadavg()[0]
-    try:
-        with PeakMemory() as mem:
-            t0 = time.perf_counter()
-            res = runner.run(problem, context) if isinstance(runner, Staged) else runner(problem)
-            if problem.device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - t0
-    except Exception as err:  # a baseline's exception is its row (cached: it is deterministic)
-        if key is None:
-            raise
-        row = {"error": f"{type(err).__name__}: {err}"[:300], "measured": _now(), "load": load, "key": key}
-        save_tensors(_cache_path(cache, key), {}, metadata={"key": key, "row": row})
-        raise
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        res = runner.run(problem, context) if isinstance(runner, Staged) else runner(problem)
+        if problem.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
     res = res if isinstance(res, Result) else Result(res)
     row = {"seconds": seconds * res.extrapolate, "measured_seconds": seconds, "peak_mb": mem.peak_mb,
            "test_rows": res.test_rows, "note": res.note, "phases": res.phases, "measured": _now(),
            "load": [load, os.getloadavg()[0]]}
     scores = {"scores": res.scores.detach().double().cpu()}
     save_tensors(out, scores, metadata=row)
-    if key is not None:
-        _cache_path(cache, key).parent.mkdir(parents=True, exist_ok=True)
-        save_tensors(_cache_path(cache, key), scores, metadata={"key": key, "row": row})
+    if which != "__ours__" and script is not None:
+        key = baseline_key(case, which, script, problem_checksum(case.problem, cache), context)
+        store_baseline(cache, key, row, scores)
+
+
+def problem_checksum(name: str, cache: Path) -> str:
+    from tda.artifacts import load_tensors_with_metadata
+
+    return load_tensors_with_metadata(problem_file(name, cache))[2]
+
+
+def store_baseline(cache: Path, key: dict[str, Any], row: dict[str, Any], scores: dict[str, torch.Tensor]) -> None:
+    """Keep a baseline's row (or its failure: `row["error"]`, no scores) for `key`."""
+    path = _cache_path(cache, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_tensors(path, scores, metadata={"key": key, "row": row})
 
 
 def _now() -> str:
@@ -297,14 +305,14 @@ def _now() -> str:
 
 
 def run_child(script: str, case_index: int, which: str, cache: Path, budget_mb: float, timeout: float,
-              device: str = "cpu", use_cache: bool = False) -> dict:
+              device: str = "cpu") -> dict:
     """Run `script --child case_index which ...` (a subprocess that calls :func:`measure`) and
     read back its row: scores, seconds, peak_mb, test_rows, note, phases; or {"error": ...}."""
     from safetensors import safe_open
     out = cache / f"result_{os.getpid()}_{case_index}.safetensors"  # this run's own: runs may share a cache
     out.unlink(missing_ok=True)
     cmd = [sys.executable, script, "--child", str(case_index), which, str(out), "--cache", str(cache),
-           "--budget-mb", str(budget_mb), "--device", device] + (["--baseline-cache"] if use_cache else [])
+           "--budget-mb", str(budget_mb), "--device", device]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -321,8 +329,6 @@ def run_child(script: str, case_index: int, which: str, cache: Path, budget_mb: 
         meta = json.loads(f.metadata()["json"])
         meta["scores"] = f.get_tensor("scores") if "scores" in f.keys() else None
     out.unlink()
-    if meta.get("error"):
-        return {"error": meta["error"], "cached": True, "measured": meta.get("measured")}
     return meta
 
 
@@ -347,7 +353,6 @@ def arguments(description: str, problems: str, cache: Path, out: Path) -> argpar
     ap.add_argument("--device", default="cpu",
                     help="where our methods run, e.g. cuda (peak_mb stays the process's resident CPU memory)")
     ap.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--baseline-cache", action="store_true", help=argparse.SUPPRESS)
     return ap
 
 
@@ -370,7 +375,7 @@ def _row(case: Case, mine: dict, name: str | None, base: dict | None) -> dict:
         notes.append("no baseline run" if name is None else "")
     elif "error" in base:
         row |= {"baseline_seconds": None, "baseline_peak_mb": None, "speedup": None, "agreement": None}
-        notes.append(f"baseline failed: {base['error']}" + (f" (cached row of {base.get('measured')})"
+        notes.append(f"baseline failed: {base['error']}" + (f" (cached row of {base['measured']})"
                                                             if base.get("cached") else ""))
     else:
         rows_b = base["test_rows"]
@@ -388,26 +393,39 @@ def _row(case: Case, mine: dict, name: str | None, base: dict | None) -> dict:
 def run(cases: Callable[[], list[Case]], script: str, args: argparse.Namespace) -> list[dict]:
     """Measure the `cases()` selected by `args` (from :func:`arguments`), each runner in a
     subprocess of `script` (which must call this with the same `cases`); print each row as
-    it finishes, write them all to `args.out` after each, and return them. With `--child`
-    this is that subprocess."""
+    it finishes, write them all to `args.out` after each, and return them. A baseline whose
+    cached row matches its key (:func:`baseline_key`; the setup's value computed here) is not
+    run again unless `--fresh`; a failed baseline is kept as a failure. With `--child` this is
+    that subprocess."""
     args.cache.mkdir(parents=True, exist_ok=True)
     if args.child:
         measure(cases()[int(args.child[0])], args.child[1], args.cache, args.budget_mb, Path(args.child[2]),
-                args.device, script, args.baseline_cache)
+                args.device, script)
         return []
-    for name in set(args.problems.split(",")):  # build the cached problems once
-        load_problem(name, args.cache, args.budget_mb)
     problems = set(args.problems.split(","))
     wanted = set(args.cases.split(",")) if args.cases else None
     selected = [(i, c) for i, c in enumerate(cases()) if c.problem in problems
                 and (not wanted or c.method.split("[")[0] in wanted)]
+    loaded = {name: (load_problem(name, args.cache, args.budget_mb), problem_checksum(name, args.cache))
+              for name in sorted({c.problem for _, c in selected})}  # built once, before any timing
     rows, start = [], time.perf_counter()
     print(f"{len(selected)} cases; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores, "
           f"{torch.get_num_threads()} threads per measurement", flush=True)
     for n, (i, case) in enumerate(selected, 1):
         mine = run_child(script, i, "__ours__", args.cache, args.budget_mb, args.timeout, args.device)
-        baselines = {name: run_child(script, i, name, args.cache, args.budget_mb, args.timeout, args.device,
-                                     use_cache=not args.fresh) for name in case.baselines}
+        baselines = {}
+        for name, runner in case.baselines.items():
+            problem, checksum = loaded[case.problem]
+            context = runner.setup(problem) if isinstance(runner, Staged) and runner.setup is not None else None
+            key = baseline_key(case, name, script, checksum, context)
+            hit = None if args.fresh else _cached(args.cache, key)
+            if hit is not None:
+                baselines[name] = hit | {"cached": True}
+                continue
+            baselines[name] = run_child(script, i, name, args.cache, args.budget_mb, args.timeout, args.device)
+            if "error" in baselines[name]:  # kept, so that a run does not wait for a known failure again
+                store_baseline(args.cache, key, {"error": baselines[name]["error"], "measured": _now(),
+                                                 "load": [os.getloadavg()[0]] * 2}, {})
         for name, base in (baselines or {None: None}).items():
             rows.append(_row(case, mine, name, base))
             print(f"[{n}/{len(selected)}, {time.perf_counter() - start:.0f} s] {json.dumps(rows[-1])}", flush=True)
