@@ -51,6 +51,16 @@ class Scratch:
         return buf[:self.n * r].view(self.n, r)
 
 
+def column_norms(X: torch.Tensor, rows: int = 8192) -> torch.Tensor:
+    """‖X[:, j]‖ [k] in float64 for X [n, k]: squares summed over blocks of rows (norm(dim=0)
+    reduces across the rows of a row-major matrix ~5× slower)."""
+    total = torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
+    for r in range(0, len(X), rows):
+        block = X[r:r + rows].double()
+        total += (block * block).sum(0)
+    return total.sqrt()
+
+
 def orthonormal_basis(Z: torch.Tensor, rtol: float = 1e-6, out: torch.Tensor | None = None) -> torch.Tensor:
     """A basis [n, r] of the span of Z [n, k], r ≤ k, orthonormal to ~eps/rtol² (float64:
     1e-4, ample for CG, which only needs Pᵀ(C+λI)P well conditioned): from the
@@ -90,20 +100,15 @@ def block_cg(matvec: Matvec, B: torch.Tensor, damping: float, tol: float = 1e-6,
     their conjugacy and columns can stall short of the tolerance (seen once, in a run not kept
     in the repository, on 3,000 rows of the Folktables-sized MLP at 1·λ₀, tol 1e-5: 3 of 100
     columns stuck at 4e-5 after 60 iterations; in float64 all 100 converged within 21).
-    Memory: the active columns' solution and residual, the directions P and (C+λI)P and the
-    next directions' scratch, in float64 (reused from iteration to iteration), and the result
-    in B's dtype."""
+    Memory: the active columns' residual, the directions P and (C+λI)P and the next
+    directions' scratch, in float64 (reused from iteration to iteration), and the solution and
+    result in B's dtype: the solution is no part of the recurrence (the residual is updated,
+    not recomputed), so B's precision is all it needs, and its update takes the directions in
+    that dtype, which the product needs anyway."""
     n, k = B.shape
     dtype, f64 = B.dtype, torch.float64
     scratch = Scratch(n, B.device)
-
-    def damped(P: torch.Tensor) -> torch.Tensor:  # (C + λI) P [n, r], float64
-        if dtype == f64:
-            return matvec(P).add_(P, alpha=damping)
-        Q = scratch("Q", P.shape[1]).copy_(matvec(scratch("P_in", P.shape[1], dtype).copy_(P)))
-        return Q.add_(P, alpha=damping)
-
-    bnorm = B.double().norm(dim=0)
+    bnorm = column_norms(B)
     finite = torch.isfinite(bnorm)
     rel = (bnorm > 0).double()  # ‖b − (C+λI)·0‖ / ‖b‖; a zero column is solved by 0
     rel[~finite] = float("nan")  # never active, never converged: reported as no progress
@@ -113,7 +118,7 @@ def block_cg(matvec: Matvec, B: torch.Tensor, damping: float, tol: float = 1e-6,
     X = torch.zeros_like(B)
     # the active columns' solutions and residuals, compacted (copied out when columns converge)
     cols = (rel > tol).nonzero().squeeze(1)
-    Xa, Ra = torch.zeros(n, len(cols), dtype=f64, device=B.device), B[:, cols].double()
+    Xa, Ra = torch.zeros(n, len(cols), dtype=dtype, device=B.device), B[:, cols].double()
     P = orthonormal_basis(Ra, out=scratch("P0", len(cols)))
     widths = []
     progress = Progress()
@@ -123,7 +128,9 @@ def block_cg(matvec: Matvec, B: torch.Tensor, damping: float, tol: float = 1e-6,
         if progress.due():
             log.info("cg: iteration %d of at most %d: %d of %d columns converged, max relative residual %.2e",
                      it, maxiter, int((rel <= tol).sum()), k, float(rel[cols].max()))
-        Q = damped(P)  # [n, r]
+        P_in = P if dtype == f64 else scratch("P_in", P.shape[1], dtype).copy_(P)
+        Q = matvec(P_in) if dtype == f64 else scratch("Q", P.shape[1]).copy_(matvec(P_in))
+        Q.add_(P, alpha=damping)  # (C + λI) P [n, r], float64
         widths.append(P.shape[1])
         PtQ = P.T @ Q
         L, not_pd = torch.linalg.cholesky_ex((PtQ + PtQ.T) / 2)
@@ -131,13 +138,13 @@ def block_cg(matvec: Matvec, B: torch.Tensor, damping: float, tol: float = 1e-6,
             breakdown[cols] = True
             break
         alpha = torch.cholesky_solve(P.T @ Ra, L)  # [r, k_active]
-        Xa.addmm_(P, alpha)
+        Xa.addmm_(P_in, alpha.to(dtype))
         Ra.addmm_(Q, alpha, alpha=-1)
         iters[cols] += 1
-        rel[cols] = Ra.norm(dim=0) / bnorm[cols]
+        rel[cols] = column_norms(Ra) / bnorm[cols]
         done = rel[cols] <= tol
         if done.any():
-            X[:, cols[done]] = Xa[:, done].to(dtype)
+            X[:, cols[done]] = Xa[:, done]
             cols, Xa, Ra = cols[~done], Xa[:, ~done], Ra[:, ~done]
             if len(cols) == 0:
                 break
@@ -146,11 +153,11 @@ def block_cg(matvec: Matvec, B: torch.Tensor, damping: float, tol: float = 1e-6,
         beta = torch.cholesky_solve(Q.T @ Ra, L)
         Z = torch.addmm(Ra, P, beta, alpha=-1, out=scratch("Z", Ra.shape[1]))
         P = orthonormal_basis(Z, out=scratch(f"P{(it + 1) % 2}", Z.shape[1]))
-    X[:, cols] = Xa.to(dtype)
+    X[:, cols] = Xa
     # progress of the columns still active: with e = x − x*, ‖e‖²_(C+λI) − ‖x*‖²_(C+λI) =
     # ‖r‖²_(C+λI)⁻¹ − ‖b‖²_(C+λI)⁻¹ = −xᵀ(b + r), negative once any iteration helped
     no_progress = ~finite
-    gain = (Xa * (B[:, cols].double() + Ra)).sum(0)
+    gain = (Xa.double() * (B[:, cols].double() + Ra)).sum(0)
     no_progress[cols] |= ~(gain > 0) | ~torch.isfinite(Xa).all(0)
     info = {"iterations": iters.tolist(), "relative_residual": rel.tolist(),
             "converged": int(((rel <= tol) & ~breakdown).sum()), "n_columns": k,

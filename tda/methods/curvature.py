@@ -70,8 +70,11 @@ class CurvatureOperator:
         self.max_columns = None
         if memory_budget_mb is not None:
             nbytes = torch.finfo(self.dtype).bits // 8
-            act = activation_numel(model, x[:1])
-            per_column = self.batch_size * act * nbytes * 4 + self.layout.n_params * nbytes * 2
+            if self.fast is not None:
+                per_column = self.fast.column_bytes(min(self.batch_size, len(x)))
+            else:
+                act = activation_numel(model, x[:1])
+                per_column = self.batch_size * act * nbytes * 4 + self.layout.n_params * nbytes * 2
             self.max_columns = max(1, int(memory_budget_mb * 2**20 // per_column))
 
     @property

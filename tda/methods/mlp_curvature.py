@@ -65,6 +65,14 @@ class MLPCurvature:
             return None
         return cls(layers, by_id, slices, task, curvature, dtype, device)
 
+    def column_bytes(self, rows: int) -> int:
+        """Memory one column of a product over `rows` rows holds: its tangent at every linear
+        layer's output and the cotangents and their scratch (~3 such per layer), and its
+        prepared directions, product and input (~4 parameter vectors)."""
+        linears = [op[1] for op in self.ops if op[0] == "linear"]
+        return linears[0].element_size() * (3 * rows * sum(W.shape[0] for W in linears)
+                                            + 4 * sum(W.numel() + W.shape[0] for W in linears))
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict:
         """What the products reuse: each linear layer's input (sparse for a sparse first
         layer, with its transpose), each ReLU's mask, the output and, for the Hessian,
