@@ -439,6 +439,33 @@ def test_ekfac_second_pass_from_kept_activations_equals_recomputed(relu_problem)
         assert torch.allclose(kept[k], again[k], rtol=1e-13, atol=1e-16), k
 
 
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_lambda0_summed_by_the_factor_pass_equals_base_damping(relu_problem, mlp_problem, cls):
+    """(E)K-FAC's factor pass sums the squared per-example gradients on the way (‖δ‖²‖[a, 1]‖²
+    per layer, one more backward per batch): the same λ₀ as base_damping's pass, for a one-hot
+    ReLU MLP, a tanh MLP with a bias-free layer and squared error; a CNN with batch norm (whose
+    norms do not factorise) takes base_damping's. The method records which, and caches it."""
+    torch.manual_seed(4)
+    regression = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1, bias=False)).to(D)
+    cnn = _cnn_with_batchnorm()
+    xc = torch.randn(30, 1, 8, 8, dtype=D)
+    for model, x, y, task in [(relu_problem.model, relu_problem.x_train, relu_problem.y_train, "classification"),
+                              (mlp_problem.model, mlp_problem.x_train, mlp_problem.y_train, "classification"),
+                              (regression, mlp_problem.x_train, mlp_problem.x_train[:, 0], "regression"),
+                              (cnn, xc, torch.randint(0, 3, (30,)), "classification")]:
+        sink = {}
+        compute_factors(model, x, y, task, cls.kind, batch_size=37, lambda0=sink)
+        if model is cnn:
+            assert sink == {}
+            continue
+        assert sink["lambda0"] == pytest.approx(base_damping(model, x, y, task), rel=1e-12)
+    p = relu_problem
+    m = cls(damping_multiple=3.0)
+    m.scores(p)
+    assert m.record["lambda0_from_factor_pass"] is True
+    assert m.record["lambda0"] == pytest.approx(base_damping(p.model, p.x_train, p.y_train, p.task), rel=1e-12)
+
+
 @pytest.mark.parametrize("which", ["relu", "tanh"])
 def test_per_example_grads_from_factors_equal_vmap(relu_problem, mlp_problem, which):
     """Influence methods take linear models' test and left-out gradients from the layers'

@@ -63,21 +63,28 @@ class CurvatureCache:
     def _check(self, found: dict[str, Any], settings: dict[str, Any], path: Path) -> None:
         require_match(found, self._stamp(settings), f"the cached {path.name}", "recomputing it")
 
+    def get_json(self, name: str, settings: dict[str, Any]) -> dict[str, Any] | None:
+        """The JSON entry `name` for `settings` if present and computed from this model, data
+        and settings, else None."""
+        path = None if self.directory is None else self._path(name, settings, ".json")
+        if path is None or not path.is_file():
+            return None
+        try:
+            entry = load_json(path)
+            self._check(entry, settings, path)
+            return entry["value"]
+        except (IntegrityError, ProvenanceError, KeyError) as err:
+            log.warning("%s", err)
+            return None
+
     def json(self, name: str, settings: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """The JSON entry `name` for `settings`: loaded if present and computed from this model,
         data and settings, else `compute()`d and stored."""
-        if self.directory is None:
-            return compute()
-        path = self._path(name, settings, ".json")
-        if path.is_file():
-            try:
-                entry = load_json(path)
-                self._check(entry, settings, path)
-                return entry["value"]
-            except (IntegrityError, ProvenanceError, KeyError) as err:
-                log.warning("%s", err)
-        value = compute()
-        save_json(path, {**self._stamp(settings), "value": value})
+        value = self.get_json(name, settings)
+        if value is None:
+            value = compute()
+            if self.directory is not None:
+                save_json(self._path(name, settings, ".json"), {**self._stamp(settings), "value": value})
         return value
 
     def tensors(self, name: str, settings: dict[str, Any],

@@ -38,7 +38,11 @@ def base_damping(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, 
             total += float(sum(v.double().sum() for v in tensor_sq_norms(g).values()))
         return {"lambda0": total / (len(x) * ParamLayout.of(model).n_params), "n_rows": len(x)}
 
-    lam0 = float(cache.json("lambda0", {"task": task}, compute)["lambda0"])
+    return checked_lambda0(float(cache.json("lambda0", {"task": task}, compute)["lambda0"]))
+
+
+def checked_lambda0(lam0: float) -> float:
+    """λ₀ if it is positive, else a refusal (every training loss is flat)."""
     if not lam0 > 0:
         raise RefusedError("λ₀ (mean squared per-example gradient entry) is 0: every training loss is flat; "
                          "set damping explicitly with method.damping_multiple and a non-degenerate model")

@@ -34,10 +34,11 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from tda.methods.cache import CurvatureCache
-from tda.methods.gradients import FactoredGrads, NotFactorable, compute_grads, loss_target
+from tda.methods.damping import base_damping, checked_lambda0, resolve_damping
+from tda.methods.gradients import FactoredGrads, NotFactorable, compute_grads, loss_target, to_csr
 from tda.methods.influence import InfluenceMethod, solve_side
 from tda.methods.layout import ParamLayout, frozen_state, trainable_params
-from tda.methods.output_hessian import output_hessian_sqrt
+from tda.methods.output_hessian import output_grad, output_hessian_sqrt
 from tda.methods.progress import Progress
 from tda.models.structure import should_use_sparse
 from tda.problem import AttributionProblem
@@ -104,21 +105,31 @@ def find_layers(model: nn.Module, layout: ParamLayout) -> tuple[list[Layer], lis
 
 
 def compute_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, kind: str,
-                    batch_size: int = 512, memory_budget_mb: float | None = None) -> dict[str, torch.Tensor]:
+                    batch_size: int = 512, memory_budget_mb: float | None = None,
+                    lambda0: dict | None = None) -> dict[str, torch.Tensor]:
     """Eigendecomposed factors over all rows (float64): per layer `<l>.QA/.QS/.eA/.eS` and, for
     EK-FAC, `<l>.lam`; `diag.<param>` for the other trainable parameters. `memory_budget_mb`
     bounds EK-FAC's per-example gradient matrices for layers applied at several positions
-    (convolutions, sequences), which are formed for a few rows of a batch at a time."""
+    (convolutions, sequences), which are formed for a few rows of a batch at a time.
+
+    `lambda0`: if given, and every trainable parameter belongs to a layer applied once per
+    example, the pass also backpropagates each batch's loss gradient and sets
+    `lambda0["lambda0"]` = Σᵢ‖gᵢ‖² / (n · n_params) (a layer's gradient δ aᵀ has squared norm
+    ‖δ‖²‖a‖², its bias included in a): :func:`tda.methods.damping.base_damping`'s λ₀, summed
+    in this pass's batches."""
     model.eval()
-    layers, others = find_layers(model, ParamLayout.of(model))
+    layout = ParamLayout.of(model)
+    layers, others = find_layers(model, layout)
     dev = next(model.parameters()).device
     A = {layer.name: torch.zeros(layer.d_in, layer.d_in, dtype=torch.float64, device=dev) for layer in layers}
     S = {layer.name: torch.zeros(layer.d_out, layer.d_out, dtype=torch.float64, device=dev) for layer in layers}
     n = len(x)
     sparse: dict[str, bool] = {}  # one-hot inputs (per layer, decided on the first batch)
+    squared_norms = {"batches": [], "factorable": lambda0 is not None and not others}  # Σᵢ‖gᵢ‖² per batch
 
-    def batches(what: str):
-        """Every batch's (a [b,T,d_in'], δ [b,C,T,d_out]) per layer."""
+    def batches(what: str, norms: bool = False):
+        """Every batch's (a [b,T,d_in'], δ [b,C,T,d_out]) per layer; with `norms`, the sum of its
+        squared per-example loss gradients into `squared_norms`."""
         progress = Progress()
         for i in range(0, n, batch_size):
             if progress.due():
@@ -145,19 +156,27 @@ def compute_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: st
                 gs = torch.autograd.grad(out, outs, grad_outputs=U[:, c].reshape(out.shape), retain_graph=True)
                 for layer, g in zip(layers, gs):
                     deltas[layer.name].append(layer.out_grads(g))
-            batch = {}
+            batch = {layer.name: (layer.patches(inputs[layer.name]), torch.stack(deltas[layer.name], dim=1))
+                     for layer in layers}
             for layer in layers:
-                a = layer.patches(inputs[layer.name])
                 if layer.name not in sparse:
+                    a = batch[layer.name][0]
                     sparse[layer.name] = a.shape[1] == 1 and should_use_sparse(a[:, 0], "auto")
-                batch[layer.name] = (a, torch.stack(deltas[layer.name], dim=1))
+            # a layer applied at several positions: ‖Σ_t δ_t a_tᵀ‖² does not factorise
+            squared_norms["factorable"] &= all(a.shape[1] == 1 for a, _ in batch.values())
+            if norms and squared_norms["factorable"]:
+                yb = y[i:i + batch_size].to(dev)
+                gs = torch.autograd.grad(out, outs, grad_outputs=output_grad(out.detach(), yb, task))
+                squared_norms["batches"].append(sum(
+                    float((layer.out_grads(g)[:, 0].double().pow(2).sum(1)
+                           * batch[layer.name][0][:, 0].double().pow(2).sum(1)).sum()) for layer, g in zip(layers, gs)))
             yield batch
 
     # EK-FAC's second pass needs the same a and δ again: kept from the first pass when every
     # layer sees one vector per example and they take under a quarter of the memory budget
     # (the Folktables-sized MLP: ~190 MB for 30,085 rows), else recomputed
     kept: list[dict] | None = [] if kind == "ekfac" else None
-    for batch in batches("factor pass"):
+    for batch in batches("factor pass", norms=True):
         for layer in layers:
             a, d = batch[layer.name]
             # each batch's products in the model's dtype (float32 GEMMs are the faster kind on
@@ -188,7 +207,7 @@ def compute_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: st
                 QA, QS = out[f"{layer.name}.QA"], out[f"{layer.name}.QS"]
                 a64, d64 = a.double(), d.double()
                 if a.shape[1] == 1:  # M = δ aᵀ: the rotated square is an outer product of squares
-                    a1 = a64[:, 0].to_sparse() if sparse[layer.name] else a64[:, 0]
+                    a1 = to_csr(a64[:, 0]) if sparse[layer.name] else a64[:, 0]  # CSR: ~2.5x COO's product
                     ar, dr = (a1 @ QA).pow_(2), (d64[:, :, 0] @ QS).pow_(2).sum(1)  # [b, d_in'], [b, d_out]
                     lam[layer.name] += dr.T @ ar
                 else:
@@ -203,6 +222,8 @@ def compute_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: st
         del kept
         for layer in layers:
             out[f"{layer.name}.lam"] = lam[layer.name] / n
+    if squared_norms["factorable"]:
+        lambda0["lambda0"] = sum(squared_norms["batches"]) / (n * layout.n_params)
     if others:
         out.update(diagonal_gn(model, others, x, task, batch_size))
     return out
@@ -237,14 +258,16 @@ def diagonal_gn(model: nn.Module, names: list[str], x: torch.Tensor, task: str,
 
 
 def load_or_compute_factors(problem: AttributionProblem, model: nn.Module, kind: str, batch_size: int,
-                            record: dict, cache: CurvatureCache) -> dict[str, torch.Tensor]:
+                            record: dict, cache: CurvatureCache,
+                            lambda0: dict | None = None) -> dict[str, torch.Tensor]:
     """The factors of `model` on the problem's training set, from `cache` (entry
-    `<kind>-factors`, keyed by model, data, task and batch size) or computed and stored;
-    `record` says which (`factors_cached`, `factors_path`, `factors_seconds`)."""
+    `<kind>-factors`, keyed by model, data, task and batch size) or computed and stored (with
+    λ₀ into `lambda0` on the way where possible: :func:`compute_factors`); `record` says which
+    (`factors_cached`, `factors_path`, `factors_seconds`)."""
     t0 = time.perf_counter()
     settings = {"kind": kind, "task": problem.task, "batch_size": batch_size}
     factors, path, cached = cache.tensors(f"{kind}-factors", settings, lambda: compute_factors(
-        model, problem.x_train, problem.y_train, problem.task, kind, batch_size, problem.memory_budget_mb))
+        model, problem.x_train, problem.y_train, problem.task, kind, batch_size, problem.memory_budget_mb, lambda0))
     record.update({"factors_cached": cached} | ({} if cached else {"factors_seconds": time.perf_counter() - t0})
                   | ({"factors_path": str(path)} if path is not None else {}))
     dev = next(model.parameters()).device
@@ -341,15 +364,16 @@ class EKFAC(InfluenceMethod):
         with self.phase("gradients"):
             grads = _factored_grads(problem, model, layers, others) if self.dtype is None else None
         if grads is not None:
-            lam = self._damping(problem, model)
+            self._cache = CurvatureCache(problem.cache_dir, model, problem.x_train, problem.y_train)
             with self.phase("factors"):
-                factors = self._factors(problem, model)
+                factors, lam0 = self._factors_and_lambda0(problem, model)
+            lam = resolve_damping(self.damping_multiple, lam0, self.record)
             self.record["factored_scores"] = True
             with self.phase("scores"):
                 return factored_scores(layers, factors, self.kind, *grads, lam) / problem.n_train
         model, _, g_test, g_lo, lam = self._prepare(problem)
         with self.phase("factors"):
-            factors = self._factors(problem, model)
+            factors = load_or_compute_factors(problem, model, self.kind, self.batch_size, self.record, self._cache)
         self.record["factored_scores"] = False
         with self.phase("scores"):
             solve, other, transposed = solve_side(g_test, g_lo)
@@ -358,8 +382,24 @@ class EKFAC(InfluenceMethod):
             return (s.T if not transposed else s).contiguous()
 
 
-    def _factors(self, problem: AttributionProblem, model: nn.Module) -> dict[str, torch.Tensor]:
-        return load_or_compute_factors(problem, model, self.kind, self.batch_size, self.record, self._cache)
+    def _factors_and_lambda0(self, problem: AttributionProblem, model: nn.Module) -> tuple[dict, float]:
+        """(the factors, λ₀), λ₀ summed by the factor pass itself when it runs (one more backward
+        per batch instead of a pass of its own: the same mean squared gradient entry, in the
+        pass's batches) and cached beside them as `lambda0` for this batch size; else
+        :func:`base_damping`'s."""
+        settings = {"task": problem.task, "summed_by": f"factor pass, batch {self.batch_size}"}
+        lam0 = self._cache.get_json("lambda0", settings)
+        from_pass = {} if lam0 is None else None
+        factors = load_or_compute_factors(problem, model, self.kind, self.batch_size, self.record, self._cache,
+                                          from_pass)
+        if lam0 is None and from_pass:
+            lam0 = self._cache.json("lambda0", settings, lambda: {**from_pass, "n_rows": problem.n_train})
+        if lam0 is None:
+            with self.phase("lambda0"):
+                return factors, base_damping(model, problem.x_train, problem.y_train, problem.task, self.chunk_size,
+                                             cache=self._cache)
+        self.record["lambda0_from_factor_pass"] = True
+        return factors, checked_lambda0(float(lam0["lambda0"]))
 
 
 class KFAC(EKFAC):
