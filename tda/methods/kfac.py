@@ -167,9 +167,10 @@ def compute_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: st
             if norms and squared_norms["factorable"]:
                 yb = y[i:i + batch_size].to(dev)
                 gs = torch.autograd.grad(out, outs, grad_outputs=output_grad(out.detach(), yb, task))
+                # per row in the model's dtype (as base_damping's factored chunks), summed in float64
                 squared_norms["batches"].append(sum(
-                    float((layer.out_grads(g)[:, 0].double().pow(2).sum(1)
-                           * batch[layer.name][0][:, 0].double().pow(2).sum(1)).sum()) for layer, g in zip(layers, gs)))
+                    float((layer.out_grads(g)[:, 0].pow(2).sum(1).double()
+                           * batch[layer.name][0][:, 0].pow(2).sum(1).double()).sum()) for layer, g in zip(layers, gs)))
             yield batch
 
     # EK-FAC's second pass needs the same a and δ again: kept from the first pass when every
