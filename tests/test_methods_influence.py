@@ -20,7 +20,7 @@ from tda.methods.curvature import CurvatureOperator, mean_grad
 from tda.methods.damping import base_damping
 from tda.methods.gradients import per_example_grads
 from tda.methods.if_corrected import IFCorrected
-from tda.methods.kfac import EKFAC, KFAC, compute_factors, find_layers
+from tda.methods.kfac import EKFAC, KFAC, _factored_grads, compute_factors, factored_scores, find_layers
 from tda.methods.layout import ParamLayout, trainable_params
 from tda.methods.lissa import LiSSA, LiSSAH
 from tda.models.base import per_example_loss
@@ -464,6 +464,17 @@ def test_lambda0_summed_by_the_factor_pass_equals_base_damping(relu_problem, mlp
     m.scores(p)
     assert m.record["lambda0_from_factor_pass"] is True
     assert m.record["lambda0"] == pytest.approx(base_damping(p.model, p.x_train, p.y_train, p.task), rel=1e-12)
+
+
+def test_factored_scores_in_pieces_equal_one_block(relu_problem):
+    """The weighted [test rows, d_out, d_in'] block formed a few rows at a time (what fits the
+    scratch size) gives the scores of one block."""
+    p = relu_problem
+    layers, others = find_layers(p.model, ParamLayout.of(p.model))
+    f = compute_factors(p.model, p.x_train, p.y_train, p.task, "ekfac")
+    grads = _factored_grads(p, p.model, layers, others)
+    whole = factored_scores(layers, f, "ekfac", *grads, 1e-2, scratch_mb=1024)
+    assert torch.allclose(factored_scores(layers, f, "ekfac", *grads, 1e-2, scratch_mb=1e-4), whole, rtol=1e-13)
 
 
 @pytest.mark.parametrize("which", ["relu", "tanh"])

