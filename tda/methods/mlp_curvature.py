@@ -194,8 +194,8 @@ class MLPCurvature:
                 write(result[bs], Rg.sum(0).T)
             if li > 0:
                 Rg_in = torch.mm(Rg.view(m * k, d_out), W, out=buf(f"rg{li % 2}", m * k, d_in)).view(m, k, d_in)
-                if hessian:
-                    gdW = torch.mm(g, V[ws].view(d_out, d_in * k), out=buf("g_dw", m, d_in * k))
-                    Rg_in.add_(gdW.view(m, d_in, k).transpose(1, 2))
+                if hessian:  # + g dW, added in Rg_in's [m, k, d_in] layout by the GEMM itself
+                    dWt = buf("dw_t", d_out, k, d_in).copy_(V[ws].view(d_out, d_in, k).transpose(1, 2))
+                    Rg_in.view(m, k * d_in).addmm_(g, dWt.view(d_out, k * d_in))
                     g = g @ W
                 Rg = Rg_in
