@@ -348,6 +348,9 @@ def arguments(description: str, problems: str, cache: Path, out: Path) -> argpar
                          "side by side)")
     ap.add_argument("--fresh", action="store_true",
                     help="measure every baseline now instead of reusing cached rows with the same key")
+    ap.add_argument("--skip", default="",
+                    help="comma-separated substrings of baseline names not to run (e.g. a peer that needs more "
+                         "memory than a shared machine has free); their rows say so")
     ap.add_argument("--budget-mb", type=float, default=2048.0)
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement")
     ap.add_argument("--device", default="cpu",
@@ -415,6 +418,9 @@ def run(cases: Callable[[], list[Case]], script: str, args: argparse.Namespace) 
         mine = run_child(script, i, "__ours__", args.cache, args.budget_mb, args.timeout, args.device)
         baselines = {}
         for name, runner in case.baselines.items():
+            if any(part and part in name for part in args.skip.split(",")):
+                baselines[name] = {"error": "not run (--skip)"}
+                continue
             problem, checksum = loaded[case.problem]
             context = runner.setup(problem) if isinstance(runner, Staged) and runner.setup is not None else None
             key = baseline_key(case, name, script, checksum, context)
