@@ -264,7 +264,6 @@ def measure(case: Case, which: str, cache: Path, budget_mb: float, out: Path, de
     torch.func transform (seconds of import, not of the method)."""
     import torch._dynamo
 
-    torch.set_num_threads(torch.get_num_threads())
     problem = load_problem(case.problem, cache, budget_mb)
     problem.device = torch.device(device)  # where our methods run (peers choose their own)
     runner = case.run if which == "__ours__" else case.baselines[which]
@@ -314,7 +313,9 @@ def run_child(script: str, case_index: int, which: str, cache: Path, budget_mb: 
     cmd = [sys.executable, script, "--child", str(case_index), which, str(out), "--cache", str(cache),
            "--budget-mb", str(budget_mb), "--device", device]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        threads = str(torch.get_num_threads())  # the parent's (--threads), for every library's pool
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f}s"}
     if proc.returncode != 0 or not out.is_file():
@@ -351,6 +352,8 @@ def arguments(description: str, problems: str, cache: Path, out: Path) -> argpar
     ap.add_argument("--skip", default="",
                     help="comma-separated substrings of baseline names not to run (e.g. a peer that needs more "
                          "memory than a shared machine has free); their rows say so")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="intra-op threads of every measurement (and of the peers' libraries)")
     ap.add_argument("--budget-mb", type=float, default=2048.0)
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement")
     ap.add_argument("--device", default="cpu",
@@ -401,6 +404,7 @@ def run(cases: Callable[[], list[Case]], script: str, args: argparse.Namespace) 
     run again unless `--fresh`; a failed baseline is kept as a failure. With `--child` this is
     that subprocess."""
     args.cache.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
     if args.child:
         measure(cases()[int(args.child[0])], args.child[1], args.cache, args.budget_mb, Path(args.child[2]),
                 args.device, script)
