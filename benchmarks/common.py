@@ -311,7 +311,7 @@ def run_child(script: str, case_index: int, which: str, cache: Path, budget_mb: 
     out = cache / f"result_{os.getpid()}_{case_index}.safetensors"  # this run's own: runs may share a cache
     out.unlink(missing_ok=True)
     cmd = [sys.executable, script, "--child", str(case_index), which, str(out), "--cache", str(cache),
-           "--budget-mb", str(budget_mb), "--device", device]
+           "--budget-mb", str(budget_mb), "--device", device, "--threads", str(torch.get_num_threads())]
     try:
         threads = str(torch.get_num_threads())  # the parent's (--threads), for every library's pool
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
