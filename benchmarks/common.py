@@ -350,8 +350,8 @@ def arguments(description: str, problems: str, cache: Path, out: Path) -> argpar
     ap.add_argument("--fresh", action="store_true",
                     help="measure every baseline now instead of reusing cached rows with the same key")
     ap.add_argument("--skip", default="",
-                    help="comma-separated substrings of baseline names not to run (e.g. a peer that needs more "
-                         "memory than a shared machine has free); their rows say so")
+                    help="comma-separated substrings of '<problem>:<baseline>' not to run (e.g. a peer that needs "
+                         "more memory than a shared machine has free); their rows say so")
     ap.add_argument("--threads", type=int, default=1,
                     help="intra-op threads of every measurement (and of the peers' libraries)")
     ap.add_argument("--budget-mb", type=float, default=2048.0)
@@ -422,7 +422,7 @@ def run(cases: Callable[[], list[Case]], script: str, args: argparse.Namespace) 
         mine = run_child(script, i, "__ours__", args.cache, args.budget_mb, args.timeout, args.device)
         baselines = {}
         for name, runner in case.baselines.items():
-            if any(part and part in name for part in args.skip.split(",")):
+            if any(part and part in f"{case.problem}:{name}" for part in args.skip.split(",")):
                 baselines[name] = {"error": "not run (--skip)"}
                 continue
             problem, checksum = loaded[case.problem]
