@@ -29,7 +29,7 @@ import torch
 from tda.exits import RefusedError
 from tda.methods.checks import non_negative, positive_int
 from tda.methods.curvature import CurvatureOperator, Matvec
-from tda.methods.influence import InfluenceMethod, scores_from_solution, solve_side
+from tda.methods.influence import InfluenceMethod, column_norms, scores_from_solution, solve_side
 from tda.methods.progress import Progress
 from tda.problem import AttributionProblem
 
@@ -49,16 +49,6 @@ class Scratch:
         if buf is None or buf.numel() < self.n * r or buf.dtype != dtype:
             buf = self._bufs[name] = torch.empty(self.n * max(r, 1), dtype=dtype, device=self.device)
         return buf[:self.n * r].view(self.n, r)
-
-
-def column_norms(X: torch.Tensor, rows: int = 8192) -> torch.Tensor:
-    """‖X[:, j]‖ [k] in float64 for X [n, k]: squares summed over blocks of rows (norm(dim=0)
-    reduces across the rows of a row-major matrix ~5× slower)."""
-    total = torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
-    for r in range(0, len(X), rows):
-        block = X[r:r + rows].double()
-        total += (block * block).sum(0)
-    return total.sqrt()
 
 
 def orthonormal_basis(Z: torch.Tensor, rtol: float = 1e-6, out: torch.Tensor | None = None) -> torch.Tensor:

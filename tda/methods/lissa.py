@@ -45,7 +45,7 @@ from tda.config import ConfigError
 from tda.exits import DivergedError, RefusedError
 from tda.methods.checks import positive, positive_int
 from tda.methods.curvature import CurvatureOperator
-from tda.methods.influence import InfluenceMethod, scores_from_solution, solve_side
+from tda.methods.influence import InfluenceMethod, column_norms, scores_from_solution, solve_side
 from tda.methods.progress import Progress
 from tda.methods.spectrum import definiteness_tolerance, lanczos_extremes, span_ritz
 from tda.problem import AttributionProblem
@@ -64,7 +64,7 @@ def lissa_solve(op: CurvatureOperator, G: torch.Tensor, damping: float, scale: f
     `on_final`, if given, is called after each repeat that did not diverge with its last
     iterate and last increment (h_depth, h_depth − h_depth−1), both [n_params, k]."""
     n = len(op.x)
-    gnorm = G.norm(dim=0)
+    gnorm = column_norms(G)
     bound = divergence_factor * scale * gnorm / damping if damping > 0 else torch.full_like(gnorm, float("inf"))
     total = torch.zeros_like(G)
     Ch = torch.empty_like(G)  # every step's product, in one buffer
@@ -82,11 +82,11 @@ def lissa_solve(op: CurvatureOperator, G: torch.Tensor, damping: float, scale: f
             if t % check_every == 0 or t == depth:
                 if progress.due():
                     log.info("lissa: scale %g, repeat %d of %d, step %d of %d", scale, r + 1, repeat, t, depth)
-                norms = h.norm(dim=0)
+                norms = column_norms(h)
                 bad = ~torch.isfinite(norms) | (norms > bound)
                 if bad.any():
-                    raise DivergedError(f"scale {scale}: {int(bad.sum())} of {len(bad)} columns diverged at step {t} "
-                                   f"of repeat {r}")
+                    raise DivergedError(f"scale {scale}: {int(bad.sum())} of {len(bad)} columns diverged at step "
+                                        f"{t} of repeat {r}")
         if on_final is not None:
             on_final(h, step)
             del step

@@ -160,6 +160,7 @@ class MLPCurvature:
                 t, ri = t.mul_(masks[ri].unsqueeze(1)), ri + 1  # (a pre-activation tangent is not kept)
         Rg = apply_output_hessian(out.unsqueeze(1), t, self.task)
         g = state["grad_out"]  # [m, d_out] for the Hessian, shared by the columns
+
         def write(dest, value):  # a block's first contribution
             return dest.add_(value) if accumulate else dest.copy_(value)
 
