@@ -48,12 +48,13 @@ def guide(tiny, tmp_path, monkeypatch):
             if path.startswith("tda/"):
                 package = importlib.import_module(path.rsplit("/", 1)[0].replace("/", "."))
                 monkeypatch.setattr(package, "__path__", [*package.__path__, str((tree / path).parent)])
-                added.append(path.removesuffix(".py").replace("/", "."))
+                added.append((package, path.removesuffix(".py").rsplit("/", 1)[1]))
         return results
 
     yield run
-    for module in added:  # the next test imports nothing of this one's
-        sys.modules.pop(module, None)
+    for package, name in added:  # the next test imports nothing of this one's
+        sys.modules.pop(f"{package.__name__}.{name}", None)
+        vars(package).pop(name, None)
 
 
 def run_command(command: str, settings: list[str]):
