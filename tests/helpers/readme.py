@@ -11,11 +11,21 @@ FENCE = re.compile(r"^( *)```(\w*)\n(.*?)^\1```$", re.MULTILINE | re.DOTALL)
 
 
 def section(title: str) -> str:
-    """The text under the heading `## <title>` up to the next heading of any level."""
-    text = (ROOT / "README.md").read_text()
-    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^#+ |\Z)", text, re.MULTILINE | re.DOTALL)
-    assert match, f"README.md has no section '## {title}'"
-    return match.group(1)
+    """The text under the heading `## <title>` up to the next heading of any level (a `#` line
+    inside a code block is no heading)."""
+    lines, inside, in_code = [], False, False
+    for line in (ROOT / "README.md").read_text().splitlines(keepends=True):
+        if line.lstrip().startswith("```"):
+            in_code = not in_code
+        elif not in_code and line.startswith("#"):
+            if inside:
+                break
+            inside = line.rstrip("\n") == f"## {title}"
+            continue
+        if inside:
+            lines.append(line)
+    assert lines, f"README.md has no section '## {title}'"
+    return "".join(lines)
 
 
 def code_blocks(text: str) -> list[tuple[str, str]]:
