@@ -48,7 +48,7 @@ def curve_rows(target: torch.Tensor, scores: dict[str, torch.Tensor]) -> list[tu
     (NaN is reserved for a metric that is undefined on a constant vector)."""
     if not bool(torch.isfinite(target).all()):
         raise ValueError(f"the gold-standard attribution holds {int((~torch.isfinite(target)).sum())} NaN/inf entries; "
-                         f"delete the gold standard's diverged seed files and re-run attribute.py method=further_training")
+                         f"delete the gold standard's diverged seed files and re-run tda-further-train (the further_train stage)")
     rows = []
     for name, s in scores.items():
         _check_shape(name, s, target)

@@ -154,7 +154,7 @@ def job_files(ft: DictConfig, gold_dir: Path) -> list[Path]:
 def check_seed_header(path: Path, header: dict, identity: dict, seed: int, part: tuple[int, int],
                       block: tuple[int, int]) -> None:
     """A seed file is what its name and its gold standard say: same identity, seed, part, block."""
-    fix = f"Delete {path} and re-run `python attribute.py method=further_training <same overrides>` to recompute it."
+    fix = f"Delete {path} and re-run the further_train stage (`tda-further-train <same overrides>`) to recompute it."
     require_match(header, identity, f"the gold-standard file {path}", fix)
     require_match(header, {"seed": seed, "part": list(part), "left_out_block": list(block)},
                   f"the gold-standard file {path} (its header names another seed or part than its file name: "
@@ -207,15 +207,15 @@ class GoldStandard:
             return "epoch", [float(i + 1) for i in range(self.n_checkpoints)]
         if "n_train" not in self.meta:
             raise ValueError("the gold standard's meta.json records no n_train, which the steps of its checkpoints "
-                             "are computed from; delete it and re-run `python attribute.py method=further_training "
-                             "<same overrides>`")
+                             "are computed from; delete it and re-run the further_train stage (`tda-further-train "
+                             "<same overrides>`)")
         spe = steps_per_epoch(self.meta["n_train"], ft["batch_size"])
         steps = checkpoint_steps(int(ft["epochs"]) * spe, spe, int(k), ft.get("checkpoint_first_step"),
                                  bool(ft.get("checkpoint_last_step", False)))
         if len(steps) != self.n_checkpoints:
             raise ValueError(f"the gold standard's settings give {len(steps)} checkpoints but its files hold "
-                             f"{self.n_checkpoints}; delete it and re-run `python attribute.py "
-                             f"method=further_training <same overrides>`")
+                             f"{self.n_checkpoints}; delete it and re-run the further_train stage "
+                             f"(`tda-further-train <same overrides>`)")
         return "step", [float(s) for s in steps]
 
     def attribution(self, center: bool = True, adjust: bool = True,
@@ -315,10 +315,10 @@ def load_gold_standard(gold_dir: Path, expected: dict | None = None, seeds: list
     gold_dir = Path(gold_dir)
     meta_path = gold_dir / "meta.json"
     if not meta_path.is_file():
-        raise FileNotFoundError(f"no gold standard in {gold_dir}; run `python attribute.py method=further_training` "
-                                f"with the same overrides first")
+        raise FileNotFoundError(f"no gold standard in {gold_dir}; run the further_train stage "
+                                f"(`tda-further-train` with the same overrides) first")
     meta = load_json(meta_path)
-    fix = f"Delete {gold_dir} and re-run `python attribute.py method=further_training <same overrides>`."
+    fix = f"Delete {gold_dir} and re-run the further_train stage (`tda-further-train <same overrides>`)."
     lacking = [k for k in ("final_model", "further_training", "further_optimizer", "left_out_indices", "test_indices",
                            "seeds") if k not in meta]
     if lacking:
@@ -346,7 +346,7 @@ def load_gold_standard(gold_dir: Path, expected: dict | None = None, seeds: list
         raise ValueError(f"gold standard in {gold_dir} has conflicting files:\n  - " + "\n  - ".join(duplicated))
     if not merged or (require_all and missing):
         raise FileNotFoundError(f"gold standard in {gold_dir} is incomplete: missing {'; '.join(missing)}. "
-                                f"Re-run `python attribute.py method=further_training` with the same overrides "
+                                f"Re-run the further_train stage (`tda-further-train`) with the same overrides "
                                 f"(and the same further_training.left_out_shard for missing parts) to finish them")
     present = [s for s in seeds if s in merged]
     distances = [merged[s]["distance_from_start"] for s in present]
