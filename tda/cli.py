@@ -13,11 +13,14 @@ interruption says what was kept (exit 128 + signal; tda.interrupt).
 from __future__ import annotations
 
 import os
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
 import tda.stages
+from tda.exits import USER_ERROR_EXIT
+from tda.extras import launcher_message
 from tda.interrupt import FULL_ERROR, exit_on_user_error, run_entry_point
 from tda.resources import config_dir
 
@@ -26,6 +29,10 @@ def run_stage(stage: str) -> None:
     """Run the Hydra app of `stage` (a function of tda.stages; config `<stage>.yaml`) on the
     command line's overrides."""
     fn = getattr(tda.stages, stage)
+    missing_launcher = launcher_message(sys.argv[1:])
+    if missing_launcher:
+        print(f"Error: {missing_launcher}", file=sys.stderr, flush=True)
+        raise SystemExit(USER_ERROR_EXIT)
     users_setting = os.environ.get(FULL_ERROR)
 
     def task(cfg: DictConfig) -> None:

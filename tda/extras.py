@@ -25,7 +25,9 @@ EXTRAS: dict[str, dict[str, str]] = {
     "launchers": {"hydra_plugins.hydra_joblib_launcher": "hydra-joblib-launcher",  # hydra/launcher=joblib
                   "hydra_plugins.hydra_submitit_launcher": "hydra-submitit-launcher"},  # =submitit_*
 }
-LAUNCHERS = {"joblib": "launchers", "submitit_local": "launchers", "submitit_slurm": "launchers"}
+# hydra/launcher=<name> -> the plugin's module (in the `launchers` extra)
+LAUNCHERS = {"joblib": "hydra_plugins.hydra_joblib_launcher", "submitit_local": "hydra_plugins.hydra_submitit_launcher",
+             "submitit_slurm": "hydra_plugins.hydra_submitit_launcher"}
 
 T = TypeVar("T")
 
@@ -88,10 +90,13 @@ def missing_extras_message(nodes: dict[str, Any]) -> str | None:
             f"not installed: {install_command(extras)}")
 
 
-def launcher_message(launcher: str) -> str | None:
-    """One line for a `hydra/launcher=<launcher>` whose plugin is not installed, else None."""
-    extra = LAUNCHERS.get(launcher)
-    if extra is None or not missing_packages(extra):
-        return None
-    return f"hydra/launcher={launcher} needs {', '.join(missing_packages(extra))}, not installed: " \
-           f"{install_command([extra])}"
+def launcher_message(overrides: Iterable[str]) -> str | None:
+    """One line for a `hydra/launcher=<name>` among the command line's overrides whose plugin is
+    not installed (Hydra itself would only say that the option does not exist), else None."""
+    for override in overrides:
+        key, _, launcher = override.partition("=")
+        module = LAUNCHERS.get(launcher)
+        if key.lstrip("+~") == "hydra/launcher" and module and not _installed(module):
+            return (f"hydra/launcher={launcher} needs {EXTRAS['launchers'][module]}, not installed: "
+                    f"{install_command(['launchers'])}")
+    return None

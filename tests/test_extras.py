@@ -20,7 +20,7 @@ from helpers.config import ROOT, TINY, compose_config
 from helpers.runs import no_run_dir
 
 from tda.config import ConfigError
-from tda.extras import EXTRAS, install_command, missing_extras_message
+from tda.extras import EXTRAS, install_command, launcher_message, missing_extras_message
 from tda.preflight import TARGET_NODES
 from tda.stages import train
 
@@ -70,6 +70,17 @@ def test_a_config_needing_a_missing_extra_is_refused_in_one_line_before_training
     assert message == f"{named}: {install_command([extra])}"
     assert message.endswith(f"[{extra}]'")
     assert no_run_dir(cfg)
+
+
+def test_a_launcher_whose_plugin_is_missing_is_named_with_the_fix(monkeypatch):
+    overrides = ["-m", "method=further_training", "hydra/launcher=joblib"]
+    assert launcher_message(overrides) is None  # the test extra installs the launchers
+    hide(monkeypatch, "hydra_plugins")
+    assert launcher_message(overrides) == f"hydra/launcher=joblib needs hydra-joblib-launcher, not installed: " \
+                                          f"{install_command(['launchers'])}"
+    assert launcher_message(["hydra/launcher=submitit_slurm"]).startswith("hydra/launcher=submitit_slurm needs "
+                                                                          "hydra-submitit-launcher, not installed")
+    assert launcher_message(["hydra/launcher=basic"]) is None  # Hydra's own
 
 
 def test_the_install_command_names_the_checkout_tda_runs_from(monkeypatch, tmp_path):
