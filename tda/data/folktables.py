@@ -39,7 +39,7 @@ def folktables_income(state: str = "MA", year: int = 2018, horizon: str = "1-Yea
                       download_dir: str = "~/.cache/tda/folktables", test_size: float = 0.25, split_seed: int = 0,
                       max_train: int | None = None, max_test: int | None = None,
                       subsample_seed: int = 0) -> DataBundle:
-    from folktables import ACSDataSource, ACSIncome, generate_categories  # noqa: PLC0415 - the tda[folktables] extra
+    from folktables import ACSDataSource, ACSIncome, generate_categories  # noqa: PLC0415 - optional: the tda[folktables] extra
 
     local = data_root("folktables", root)
     base = Path(local if local is not None else Path(download_dir).expanduser())
