@@ -62,8 +62,8 @@ def copy_checkout(ref: str | None, dest: Path) -> None:
 def fresh_env(home: Path, pip_cache: str) -> dict[str, str]:
     """A newcomer's environment: a new HOME (empty caches), no virtual environment active,
     none of tda's or the tests' variables."""
-    drop = ("VIRTUAL_ENV", "PYTHONPATH", "TDA_", "WANDB_", "HF_", "XDG_", "MPLCONFIGDIR", "OMP_NUM_THREADS",
-            "MKL_NUM_THREADS", "PIP_CACHE_DIR")
+    drop = ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE", "TDA_", "WANDB_", "HF_", "XDG_", "MPLCONFIGDIR",
+            "OMP_NUM_THREADS", "MKL_NUM_THREADS", "PIP_CACHE_DIR")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     venv = os.environ.get("VIRTUAL_ENV")
     if venv:  # the caller's venv off PATH, so that `python3` is the system's, as for a newcomer
@@ -128,7 +128,7 @@ def main() -> None:
     parts = []
     for part in (p.strip() for p in command.split("&&")):
         parts.append(timed(part, checkout, env, log) | {"kind": kind(part)})
-        print(f"{parts[-1]['seconds']:8.1f} s  {part}", flush=True)
+        print(f"{parts[-1]['seconds']:8.1f} s ({parts[-1]['cpu_seconds']:.1f} CPU-s)  {part}", flush=True)
         if parts[-1]["exit"] != 0:
             print(log.read_text()[-4000:], file=sys.stderr)
             raise SystemExit(f"`{part}` failed (exit {parts[-1]['exit']}); log: {log}")
@@ -159,7 +159,7 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in result["stage_seconds"].items())
     print(f"cold start: {result['total_seconds']:.0f} s = install {result['install_seconds']:.0f} s "
-          f"({result['packages_installed']} packages) + {stages}; "
+          f"({result['packages_installed']} packages) + {stages} ({result['total_cpu_seconds']:.0f} CPU-s); "
           f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after; {args.out}")
     for r in refusals:
         print(f"  {r['override']}: exit {r['exit']}, {'one line with the fix' if r['one_line_fix'] else 'NOT one line'}"

@@ -151,12 +151,14 @@ def _core_only(body: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_the_default_job_runs_without_any_extra():
     proc = _core_only(_JOB.format(conf=str(ROOT / "conf"), tiny=TINY))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "EVALUATED" in proc.stdout and "LOADED []" in proc.stdout, proc.stdout
 
 
+@pytest.mark.slow
 def test_the_command_line_refuses_a_missing_extra_in_one_line(tmp_path):
     proc = _core_only(_CLI)
     assert proc.returncode == 2, proc.stderr[-4000:]
