@@ -66,7 +66,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -95,6 +95,38 @@ class DerivativeResult:
     plan: dict[str, Any] = field(default_factory=dict)
 
 
+class TangentSteps(Protocol):
+    """What forward mode carries along the run: WeightedRun's generic steps, or MLPTangents.
+    States are tuples / lists of tensors in the path's own layout; tangents have a leading [K]."""
+
+    def initial_state(self) -> Sequence[torch.Tensor]: ...
+
+    def tangent_step(self, state, tangents, clock: int, tw: torch.Tensor) -> tuple[Any, Any]:
+        """(state, tangents) after step `clock`; tw [K, B]: the tangents of the batch's loss weights."""
+
+    def test_tangents(self, state, tangents) -> tuple[torch.Tensor, torch.Tensor]:
+        """Test losses [n_test] and their tangents [K, n_test]."""
+
+
+class AdjointSteps(Protocol):
+    """What reverse mode carries back along the run: WeightedRun's generic steps, or MLPAdjoint.
+    Adjoints λ have a leading [M] (one per (checkpoint, test instance) pair)."""
+
+    def initial_state(self) -> Sequence[torch.Tensor]: ...
+
+    def step(self, state, clock: int) -> Sequence[torch.Tensor]:
+        """The state after step `clock` of the full run (w = 1)."""
+
+    def test_losses(self, state) -> torch.Tensor:
+        """[n_test] test losses at `state`."""
+
+    def seed_adjoints(self, after, lam, rows: torch.Tensor, zs: list[int]) -> Any:
+        """λ with the gradients of the test losses of instances zs added at rows [len(zs)]."""
+
+    def adjoint_step(self, before, after, lam, clock: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """(λ before step `clock`, ∂⟨λ, state after⟩/∂w_batch [M, B], the batch's rows [B])."""
+
+
 class WeightedTrajectory(WeightedRun):
     """The full-data further-training run of one seed (:class:`~tda.further_training.weighted_run.
     WeightedRun`: the constructor's arguments, the run as a function of the loss weights) and its
@@ -111,7 +143,7 @@ class WeightedTrajectory(WeightedRun):
             raise ValueError(f"instances must be training indices in 0..{self.n - 1}")
         K = int(chunk) if chunk else max(1, int(memory_budget_mb * 2 ** 20 // self._per_vector_bytes()))
         K = max(1, min(K, max(len(J), 1)))
-        steps = self if self.fast is None else MLPTangents(self.fast)
+        steps: TangentSteps = self if self.fast is None else MLPTangents(self.fast)
         parts, full, distance = [], None, None
         for c0 in range(0, max(len(J), 1), K):  # every pass retraces the same full-data run
             d, full, distance = self._forward_pass(steps, J[c0:c0 + K])
@@ -123,11 +155,10 @@ class WeightedTrajectory(WeightedRun):
                                  "passes": -(-len(J) // K) if len(J) else 1, "normalisation": self.normalisation,
                                  "scale": self.scale})
 
-    def _forward_pass(self, steps, J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _forward_pass(self, steps: TangentSteps, J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One pass of K = max(len(J), 1) tangents, the derivatives in the loss weights of the
         training instances J [K], along the full run: (derivative [T, n_test, K], full losses
-        [T, n_test], distance from the start [T]), float64. `steps`: the path's initial_state,
-        tangent_step and test_tangents (the generic ones below, or derivative_mlp.MLPTangents)."""
+        [T, n_test], distance from the start [T]), float64."""
         K = max(len(J), 1)
         Jd = J.to(self.device)
         state = start = steps.initial_state()
@@ -164,7 +195,7 @@ class WeightedTrajectory(WeightedRun):
         M = min(M, len(pairs))
         end = max(self.checkpoint_steps[c] for c in chosen)
         k = int(store_every) if store_every else max(1, math.isqrt(end - 1) + 1)
-        steps = self if self.fast is None else MLPAdjoint(self.fast)
+        steps: AdjointSteps = self if self.fast is None else MLPAdjoint(self.fast)
         # forward sweep: stored states every k steps, the full run's test losses (and distance from
         # the start) at every checkpoint
         stored, full, distance = {}, [], []
@@ -187,11 +218,11 @@ class WeightedTrajectory(WeightedRun):
                                  "sweeps": -(-len(pairs) // M), "store_every": k, "stored_states": len(stored),
                                  "normalisation": self.normalisation, "scale": self.scale})
 
-    def _backward_sweep(self, steps, pairs: list[tuple[int, int]], stored: dict, k: int, end: int) -> torch.Tensor:
+    def _backward_sweep(self, steps: AdjointSteps, pairs: list[tuple[int, int]], stored: dict, k: int,
+                        end: int) -> torch.Tensor:
         """∂ℓ_z(θ_{T_c}) / ∂w [len(pairs), n] float64 for the (checkpoint c, test instance z) pairs:
         the adjoints carried back from the last checkpoint, each segment of `k` steps recomputed
-        from its stored state. `steps`: the path's step, seed_adjoints and adjoint_step (the
-        generic ones below, or derivative_mlp_reverse.MLPAdjoint)."""
+        from its stored state."""
         m = len(pairs)
         inject: dict[int, list[tuple[int, int]]] = {}  # clock -> [(row, z)]
         for row, (c, z) in enumerate(pairs):

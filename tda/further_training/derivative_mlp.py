@@ -1,6 +1,6 @@
 """Forward mode of the derivative gold standard for a Linear/ReLU stack, tangents batched by hand.
 
-The generic path of tda.further_training.derivative differentiates one step with
+The generic tangent step (tda.further_training.weighted_run) differentiates one step with
 ``vmap(jvp(grad(step)))``; for the paper's MLP on one-hot inputs (Folktables: 791 inputs, 10
 non-zeros per row) that spends its time on the dense first layer and on vmap's copies. Here the
 same step is written out over the stack's op list (tda.models.structure.LinearReLUStack): the
@@ -67,9 +67,9 @@ class StackTrajectory:
 
 
 class MLPTangents:
-    """The primal step and K tangents of the full-data run of a Linear/ReLU stack: the
-    `initial_state`, `tangent_step` and `test_tangents` that forward mode
-    (WeightedTrajectory.forward_mode) carries along the run, in an internal layout."""
+    """The primal step and K tangents of the full-data run of a Linear/ReLU stack: the steps
+    forward mode carries along the run (tda.further_training.derivative.TangentSteps), in an
+    internal layout."""
 
     def __init__(self, run: StackTrajectory):
         self.t = run

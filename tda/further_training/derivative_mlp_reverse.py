@@ -1,6 +1,6 @@
 """Reverse mode of the derivative gold standard for a Linear/ReLU stack, cotangents batched by hand.
 
-The generic reverse mode of tda.further_training.derivative differentiates one step with
+The generic adjoint step (tda.further_training.weighted_run) differentiates one step with
 ``vmap(vjp(step))`` over M (checkpoint, test instance) cotangents: every cotangent pays a dense
 first layer and vmap's copies of parameter-sized tensors. Here the vector-Jacobian product of one
 optimizer step is written out over the op list the forward fast path runs
@@ -19,9 +19,10 @@ optimizer step is written out over the op list the forward fast path runs
 
 Per step that is a few batched matmuls over the batch ([M, B, width]); on one-hot inputs the first
 layer's cotangent is read by gathering the active rows (embedding_bag) and H u is scattered back
-into those rows only. States are stored every k steps and each segment recomputed (the primal step
-here, same arithmetic as the generic path). Equality with the generic path (float64, 1e-10) and
-with forward mode is tested in tests/test_further_training_derivative.py.
+into those rows only. Reverse mode (tda.further_training.derivative) stores the state every k steps
+and recomputes each segment with the primal step here (the generic path's arithmetic). Equality
+with the generic path (float64, 1e-10) and with forward mode is tested in
+tests/test_further_training_derivative.py.
 """
 
 from __future__ import annotations
@@ -35,9 +36,8 @@ from tda.models.structure import LinearOp, ReLUOp
 
 class MLPAdjoint:
     """Primal steps and the adjoint of one step of the full-data run of a Linear/ReLU stack: the
-    `initial_state`, `step`, `test_losses`, `seed_adjoints` and `adjoint_step` that reverse mode
-    (WeightedTrajectory.reverse_mode) carries back along the run; states in MLPTangents' internal
-    layout (first weight transposed)."""
+    steps reverse mode carries back along the run (tda.further_training.derivative.AdjointSteps);
+    states in MLPTangents' internal layout (first weight transposed)."""
 
     def __init__(self, run: StackTrajectory):
         self.t = run

@@ -206,6 +206,7 @@ class WeightedRun:
         return "linear_relu_sparse" if self.fast.sparse else "linear_relu"
 
     # ------------------------------------------------------------------ the generic path's steps
+    # (torch.func; tda.further_training.derivative.TangentSteps and AdjointSteps)
     def tangent_step(self, state, tangents, clock: int, tw: torch.Tensor):
         """(state, tangents [K, ...]) after step `clock`; tw [K, B]: the tangents of the batch's weights."""
         f, idx = self.step_function(clock)

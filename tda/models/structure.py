@@ -34,17 +34,19 @@ class LinearReLUStack:
 
     `names`: the module's parameters in `named_parameters()` order (all trainable, each used by
     one layer), so a list of tensors in this order is indexed by the ops; `ops`: forward order,
-    the first a :class:`LinearOp`; a leading Flatten is not an op (the paths take inputs as
-    [n, features]); `flattens`: whether the module has one."""
+    the first a :class:`LinearOp`. A leading Flatten is not an op: the paths take inputs as
+    [n, features]."""
 
     names: tuple[str, ...]
     ops: tuple[LinearOp | ReLUOp, ...]
-    flattens: bool = False
 
     @property
     def first(self) -> LinearOp:
         """The first layer (the one a row-sparse input meets)."""
-        return self.ops[0]  # type: ignore[return-value]
+        op = self.ops[0]
+        if not isinstance(op, LinearOp):
+            raise ValueError("a Linear/ReLU stack starts with a Linear layer")
+        return op
 
     def is_weight(self, position: int) -> bool:
         """Whether parameter `position` is a layer's weight matrix (not a bias)."""
@@ -72,8 +74,7 @@ def linear_relu_stack(module: nn.Module) -> LinearReLUStack | None:
 
     if not walk(module):
         return None
-    flattens = bool(leaves) and isinstance(leaves[0], nn.Flatten)
-    layers = leaves[1:] if flattens else leaves
+    layers = leaves[1:] if leaves and isinstance(leaves[0], nn.Flatten) else leaves
     if not layers or not isinstance(layers[0], nn.Linear) or any(isinstance(m, nn.Flatten) for m in layers):
         return None
     named = list(module.named_parameters())
@@ -89,7 +90,7 @@ def linear_relu_stack(module: nn.Module) -> LinearReLUStack | None:
     used = [i for op in ops if isinstance(op, LinearOp) for i in (op.weight, op.bias) if i is not None]
     if sorted(used) != list(range(len(named))):
         return None  # a layer used twice, or parameters outside the layers
-    return LinearReLUStack(tuple(k for k, _ in named), tuple(ops), flattens)
+    return LinearReLUStack(tuple(k for k, _ in named), tuple(ops))
 
 
 def sparse_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
