@@ -144,7 +144,7 @@ class MLPStacked(StackedModel):
         if stack is None:
             raise ValueError(f"{type(module).__name__} is not a Linear/ReLU stack; use FuncStacked")
         self.R, self.task, self.ops = R, task, stack.ops
-        # one [R, ...] tensor per parameter, in the op list's order (weights transposed)
+        # one [R, ...] tensor per parameter of the stack, in stack.names order (the ops index it), weights transposed
         named = dict(module.named_parameters())
         self.params = [_stack(named[k].t() if stack.is_weight(i) else named[k], R) for i, k in enumerate(stack.names)]
         self.x = x.reshape(len(x), -1)
