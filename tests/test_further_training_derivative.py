@@ -316,6 +316,8 @@ def test_bad_arguments():
     model, data = mlp(), tabular()
     with pytest.raises(ValueError, match="drop"):
         trajectory(model, OPTIMIZERS["adam"], data, removal="drop")
+    with pytest.raises(ValueError, match="Nesterov momentum requires a momentum"):  # as torch.optim.SGD refuses it
+        trajectory(model, {"_target_": "torch.optim.SGD", "lr": 0.1, "nesterov": True}, data)
     traj = trajectory(model, OPTIMIZERS["adam"], data)
     with pytest.raises(ValueError, match="training indices"):
         traj.forward_mode([len(data[0])])
