@@ -8,6 +8,11 @@
 - :mod:`~tda.further_training.engine`, :mod:`~tda.further_training.stacked`,
   :mod:`~tda.further_training.optim`: the stacked engine (all runs of a seed as one model);
   :mod:`~tda.further_training.reference`: the plain one-run-at-a-time loop it must equal.
+- :mod:`~tda.further_training.derivative`: the derivative estimator (forward and reverse mode) of
+  :mod:`~tda.further_training.weighted_run` (the run as a function of per-instance loss weights,
+  batch norm made functional by :mod:`~tda.further_training.functional_model`), with hand-written
+  steps for Linear/ReLU stacks in :mod:`~tda.further_training.derivative_mlp` and
+  :mod:`~tda.further_training.derivative_mlp_reverse`.
 - :mod:`~tda.further_training.progress`: one progress bar per job, Lightning's per-group output silenced.
 - :mod:`~tda.further_training.checkpoints`: the checkpoint steps every engine and the store use, and
   the full-data run's distance from its start.

@@ -48,7 +48,7 @@ from tda.further_training.store import (
     verified_seed,
 )
 from tda.memory import activation_numel
-from tda.models.structure import mlp_layers, should_use_sparse
+from tda.models.structure import linear_relu_stack, should_use_sparse
 from tda.problem import AttributionProblem
 from tda.provenance import require_match
 
@@ -171,7 +171,7 @@ class FurtherTraining:
         self._write_meta(problem, gold_dir, identity)
         seeds = job_seeds(ft)
         sparse = (should_use_sparse(x.reshape(len(x), -1), ft.get("sparse_input", "auto"))
-                  and mlp_layers(model) is not None)
+                  and linear_relu_stack(model) is not None)
         group = ft.get("max_runs_per_group")
         group = int(group) if group else runs_per_group(model, x, int(ft.batch_size), dtype, problem.memory_budget_mb,
                                                         sparse)
@@ -283,11 +283,8 @@ class FurtherTraining:
         in the seed file's header."""
         ft = self.ft
         bar.start(seed, 0)
-        traj = WeightedTrajectory(model, optimizer, x, y, x_test, y_test, task, int(ft.epochs), seed,
-                                  int(ft.batch_size), normalisation=str(ft.removal), epsilon=ft.epsilon,
-                                  clip_grad_norm=ft.clip_grad_norm, device=_torch_device(self.trainer.get(
-                                      "accelerator", "cpu")), sparse_input=ft.get("sparse_input", "auto"),
-                                  **self._schedule())
+        traj = WeightedTrajectory(model, optimizer, x, y, x_test, y_test, task, FurtherTrainingSettings.from_config(ft),
+                                  seed, device=_torch_device(self.trainer.get("accelerator", "cpu")))
         if mode == "forward":
             result = traj.forward_mode(left_out, memory_budget_mb)
             diff = result.derivative
