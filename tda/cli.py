@@ -30,7 +30,7 @@ def run_stage(stage: str) -> None:
 
     def task(cfg: DictConfig) -> None:
         _set_full_error(users_setting)  # from here on Hydra reports errors as the user asked
-        run_entry_point(stage, fn, cfg)
+        run_entry_point(stage, fn, cfg, tda.stages.KEPT[stage])
 
     app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=stage)(task)
     # Until the task starts (composing the config), Hydra raises its errors instead of printing
@@ -64,8 +64,8 @@ def attribute() -> None:
 
 
 def further_train() -> None:
-    """`tda-further-train [overrides]`: the further-training gold standard (tda.stages.further_train);
-    the same as `attribute.py method=further_training`."""
+    """`tda-further-train [overrides]`: the gold standard (tda.stages.further_train); the alias
+    `attribute.py method=further_training` runs the same stage."""
     run_stage("further_train")
 
 

@@ -49,7 +49,7 @@ def init_wandb(cfg: DictConfig, stage: str, name: str):
                            "or keep the default logger.mode=offline and `wandb sync` later")
     wandb_dir = Path(lg.dir).expanduser().resolve()
     keep_wandb_files_under(wandb_dir)
-    import wandb
+    import wandb  # noqa: PLC0415 - slow to import, and only after its directories are set (above)
 
     run = wandb.init(project=lg.project, entity=lg.get("entity"), group=wandb_group(cfg),
                      job_type=stage, name=name, tags=wandb_tags(cfg, stage), mode=mode, dir=str(wandb_dir),

@@ -28,6 +28,11 @@ class ExamplesSettings(Section):
         c.positive("k")
         c.non_negative("n_test")
 
+    @property
+    def shown(self) -> bool:
+        """Whether any test instance is shown (n_test > 0 or explicit positions)."""
+        return self.n_test > 0 or bool(self.test_positions)
+
 
 @dataclass
 class EvaluateSettings(Section):
