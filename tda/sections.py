@@ -48,10 +48,11 @@ def _copy(value: Any) -> Any:
 S = TypeVar("S", bound="Section")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Section:
-    """A plain config section. Constructing one checks it: the types of its fields (from their
-    annotations), then :meth:`check`; every problem goes into one ConfigError."""
+    """A plain config section (frozen: built once, read everywhere). Constructing one checks it:
+    the types of its fields (from their annotations), then :meth:`check`; every problem goes into
+    one ConfigError. Subclasses are `@dataclass(frozen=True)` too."""
 
     PATH: ClassVar[str] = ""  # where the section lives in the config, e.g. "evaluate.examples"
 

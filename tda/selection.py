@@ -24,7 +24,7 @@ from tda.sections import KEYED_UNLESS_DEFAULT, Checks, Section, setting
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SelectionSettings(Section):
     """`selection`: which instances are attributed and evaluated (recorded in selection.json
     and part of the run directory's key)."""

@@ -39,9 +39,10 @@ def wandb_tags(cfg: DictConfig, stage: str) -> list[str]:
 
 
 def init_wandb(cfg: DictConfig, stage: str, name: str):
-    """A W&B run for this stage, or None when `logger=none`. Finish it with :func:`finish`."""
+    """A W&B run for this stage, or None when `logger=none` (`mode: disabled`, conf/logger/none.yaml)
+    or the config has no logger. Finish it with :func:`finish`."""
     lg = cfg.get("logger")
-    if lg is None or lg.get("mode", "disabled") == "disabled":
+    if lg is None or lg.mode == "disabled":
         return None
     mode = os.environ.get("WANDB_MODE") or lg.mode
     if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _has_netrc_key()):

@@ -22,7 +22,7 @@ from tda.sections import KEYED_UNLESS_DEFAULT, NOT_KEYED, Checks, Section, setti
 PRECISION = {"float32": "32-true", "float64": "64-true", "bf16": "bf16-mixed"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainSettings(Section):
     """`train`: final training (its :meth:`keyed` settings are part of the run directory's key)."""
 
@@ -58,7 +58,7 @@ SET_BY_TDA = {"max_epochs": "train.epochs", "precision": "train.dtype", "gradien
 TRAINER_ARGS = tuple(p for p in inspect.signature(L.Trainer.__init__).parameters if p != "self")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainerSettings(Section):
     """`trainer`: tda's own keys (`progress_bar`, `attribution_device`) and the arguments of
     Lightning's `Trainer` for final training: `accelerator`, `devices`, `strategy` with tda's

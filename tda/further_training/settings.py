@@ -33,7 +33,7 @@ def shard_block(n_left_out: int, index: int, count: int) -> tuple[int, int]:
     return index * n_left_out // count, (index + 1) * n_left_out // count
 
 
-@dataclass
+@dataclass(frozen=True)
 class LeftOutShard(Section):
     """`further_training.left_out_shard`: this job's contiguous block of the left-out instances."""
 
@@ -50,7 +50,7 @@ class LeftOutShard(Section):
                   f"(left_out_shard.count={count})")
 
 
-@dataclass
+@dataclass(frozen=True)
 class FurtherTrainingSettings(Section):
     """`further_training`: the gold standard (docs/method.md) and how a job computes it."""
 
