@@ -190,29 +190,41 @@ class RunDir:
         return self.path / "superseded"
 
     @property
+    def _gold(self) -> Path:
+        return self.path / "gold"
+
+    @property
+    def _methods(self) -> Path:
+        return self.path / "methods"
+
+    @property
+    def _eval(self) -> Path:
+        return self.path / "eval"
+
+    @property
     def dependents(self) -> list[Path]:
         """Everything in the directory computed from its final model."""
-        return [self.path / "gold", self.path / "methods", self.path / "eval", self.cache, self.features]
+        return [self._gold, self._methods, self._eval, self.cache, self.features]
 
     def gold_dir(self, key: str) -> Path:
         """`gold/<key>/`; key: tda.further_training.store.GoldStandardSpec.key of the config."""
-        return self._inside(self.path / "gold" / safe_name(key, "the gold-standard key"))
+        return self._inside(self._gold / safe_name(key, "the gold-standard key"))
 
     def gold_dirs(self) -> list[Path]:
         """Every gold standard's directory present, in order of key."""
-        return _subdirectories(self.path / "gold")
+        return _subdirectories(self._gold)
 
     def method_dir(self, cfg: DictConfig) -> Path:
         """`methods/<key>/` of the config's method (:func:`method_key`)."""
-        return self._inside(self.path / "methods" / method_key(cfg))
+        return self._inside(self._methods / method_key(cfg))
 
     def method_dirs(self) -> list[Path]:
         """Every method's directory present, in order of key."""
-        return _subdirectories(self.path / "methods")
+        return _subdirectories(self._methods)
 
     def eval_dir(self, key: str) -> Path:
         """`eval/<key>/`: the evaluation against the gold standard `key`."""
-        return self._inside(self.path / "eval" / safe_name(key, "the evaluation key"))
+        return self._inside(self._eval / safe_name(key, "the evaluation key"))
 
     def require_final_model(self) -> None:
         if not self.final_model.is_file() or not self.selection.is_file():
