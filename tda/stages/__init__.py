@@ -1,12 +1,12 @@
 """The stages, each one module; the entry points (`train.py`, `attribute.py`, `evaluate.py`, the
 `tda-*` console scripts of tda.cli) only parse the config and call them.
 
-    stage          entry points                     module         writes (tda.runs.RunDir)
-    train          train.py, tda-train              final_model    the final and initial model, selection.json, ...
-    further_train  tda-further-train (also          gold           gold/<key>/: the gold standard, seed by seed
-                   attribute.py method=further_training)
-    attribute      attribute.py, tda-attribute      method_scores  methods/<key>/: one method's scores
-    evaluate       evaluate.py, tda-evaluate        evaluation     eval/<key>/ (evaluate.compare: compare/<name>/)
+    stage          entry points                   module         writes (paths: tda.runs.RunDir)
+    train          train.py, tda-train            final_model    the final and initial model, selection.json, ...
+    further_train  tda-further-train, or          gold           gold/<key>/: the gold standard, seed by seed
+                   attribute.py method=further_training
+    attribute      attribute.py, tda-attribute    method_scores  methods/<key>/: one method's scores
+    evaluate       evaluate.py, tda-evaluate      evaluation     eval/<key>/ (evaluate.compare: compare/<name>/)
 
 Each stage checks the whole config first (tda.preflight.check_config), builds the typed sections
 once and passes them down; what the stages share (the data, the model, the selection, the
