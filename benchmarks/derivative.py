@@ -1,6 +1,6 @@
 """The derivative gold standard (issue 16) against the difference gold standard.
 
-    python benchmarks/derivative.py [--out FILE] [--rows 30085] [--epochs 1] [--optimizers sgd,adam]
+    python -m benchmarks.derivative [--out FILE] [--rows 30085] [--epochs 1] [--optimizers sgd,adam]
                                     [--instances 100] [--no-reverse] [--threads N]
 
 Folktables-shaped synthetic problem (benchmarks/further_training.py `folktables_like`: 791 inputs,
@@ -27,20 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from further_training import BATCH, N_IN, N_TEST, N_TRAIN, _loadavg, engine_ms, folktables_like  # noqa: E402
-
-from tda.further_training.derivative import WeightedTrajectory  # noqa: E402
-from tda.models.mlp import MLP  # noqa: E402
+from benchmarks.further_training import BATCH, N_IN, N_TEST, N_TRAIN, _loadavg, engine_ms, folktables_like
+from tda.further_training.derivative import WeightedTrajectory
+from tda.models.mlp import MLP
 
 OPTIMIZERS = {"sgd": {"_target_": "torch.optim.SGD", "lr": 1e-4},
               "adam": {"_target_": "torch.optim.Adam", "lr": 1e-6}}

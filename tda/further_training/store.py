@@ -224,7 +224,7 @@ def load_gold_standard(gold_dir: Path, expected: dict | None = None, seeds: list
     gold_dir = Path(gold_dir)
     meta_path = gold_dir / META
     if not meta_path.is_file():
-        raise FileNotFoundError(f"no gold standard in {gold_dir}; compute it first: {FURTHER_TRAIN_COMMAND}")
+        raise FileNotFoundError(f"no gold standard in {gold_dir}; run {FURTHER_TRAIN_COMMAND} first")
     meta = load_json(meta_path)
     fix = f"Delete {gold_dir} and re-run {FURTHER_TRAIN_COMMAND}."
     lacking = [k for k in ("final_model", "further_training", "further_optimizer", "left_out_indices", "test_indices",
