@@ -40,7 +40,7 @@ def run_stage(stage: str) -> None:
         _set_full_error(users_setting)  # from here on Hydra reports errors as the user asked
         import tda.stages  # noqa: PLC0415 - heavy: only once the command line has composed into a config
 
-        run_entry_point(stage, getattr(tda.stages, stage), cfg)
+        run_entry_point(stage, getattr(tda.stages, stage), cfg, tda.stages.KEPT[stage])
 
     app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=stage)(task)
     # Until the task starts (composing the config), Hydra raises its errors instead of printing
@@ -74,8 +74,8 @@ def attribute() -> None:
 
 
 def further_train() -> None:
-    """`tda-further-train [overrides]`: the further-training gold standard (tda.stages.further_train);
-    the same as `attribute.py method=further_training`."""
+    """`tda-further-train [overrides]`: the gold standard (tda.stages.further_train); the alias
+    `attribute.py method=further_training` runs the same stage."""
     run_stage("further_train")
 
 

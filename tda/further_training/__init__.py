@@ -1,8 +1,10 @@
 """The further-training gold standard (docs/method.md §2), its own stage (tda.stages.further_train).
 
-- :mod:`~tda.further_training.store`: the gold standard on disk — its key, seed files,
-  identity checks, and reading / merging it back (:func:`load_gold_standard`, GoldStandard).
-  The only module the rest of tda uses to find or read a gold standard.
+- :mod:`~tda.further_training.store`: the gold standard on disk — what defines it and its key
+  (GoldStandardSpec), seed files and meta.json, identity checks, and reading / merging it back
+  (:func:`load_gold_standard`). With :mod:`~tda.further_training.attribution` (GoldStandard: the
+  merged seeds and the attribution a_t(j, z) they give) and :mod:`~tda.further_training.related`
+  (the other gold standards of a final model), what the rest of tda uses to find or read one.
 - :mod:`~tda.further_training.gold_standard`: the job that writes it (FurtherTraining: groups
   of runs, engines, per-seed locks and files).
 - :mod:`~tda.further_training.engine`, :mod:`~tda.further_training.stacked`,
@@ -17,5 +19,6 @@
 - :mod:`~tda.further_training.checkpoints`: the checkpoint steps every engine and the store use, and
   the full-data run's distance from its start.
 - :mod:`~tda.further_training.settings`: the `further_training` settings, their defaults and checks
-  (among them `start`: from θᶠ, or retraining from the final model's initial weights).
+  (among them `start`: from θᶠ, or retraining from the final model's initial weights), and the
+  seeds and left-out block of one job.
 """
