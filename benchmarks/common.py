@@ -29,7 +29,6 @@ Problems:
                        or ../shared/data/cifar10; built once and cached); the first 100 test
                        images, 100 left-out training images.
 
-Import it after putting the repository root on sys.path (as the benchmark scripts do).
 """
 
 from __future__ import annotations
@@ -44,15 +43,21 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch._dynamo  # torch imports it lazily on a first torch.func transform: before any clock
+from safetensors import safe_open
 
-from tda.artifacts import load_tensors, save_tensors
+from tda.artifacts import IntegrityError, load_tensors, load_tensors_with_metadata, save_tensors
+from tda.data.cifar10 import cifar10
 from tda.memory import PeakMemory
 from tda.models.mlp import MLP
+from tda.models.resnet9 import ResNet9
 from tda.problem import AttributionProblem
+from tda.provenance import ProvenanceError, require_match
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN, GROUPS, N_TEST, N_LEFT_OUT = 30_085, [80] * 9 + [71], 100, 100
@@ -80,11 +85,6 @@ def _build_folktables_sized(path: Path) -> None:
 
 
 def _build_resnet9_cifar(path: Path) -> None:
-    import os
-
-    from tda.data.cifar10 import cifar10
-    from tda.models.resnet9 import ResNet9
-
     root = Path(os.environ.get("TDA_DATA_DIR", ROOT.parent / "shared" / "data")) / "cifar10"
     data = cifar10(root=str(root))
     x, y = data.tensors("train")
@@ -112,8 +112,6 @@ def problem_file(name: str, cache: Path) -> Path:
 
 def load_problem(name: str, cache: Path, budget_mb: float) -> AttributionProblem:
     if name == "resnet9_cifar":
-        from tda.models.resnet9 import ResNet9
-
         path = cache / "resnet9_cifar.safetensors"
         if not path.is_file():
             _build_resnet9_cifar(path)
@@ -184,8 +182,6 @@ PEERS = ("dattri", "kronfluence", "traker")
 
 
 def _versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {"python": sys.version.split()[0], "torch": torch.__version__, "threads": str(torch.get_num_threads()),
            "cpus": str(os.cpu_count()), "memory_gb": str(round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
                                                                / 2**30))}
@@ -212,7 +208,7 @@ def baseline_key(case: Case, which: str, script: str, problem_checksum: str, con
     tda's own source for tda's reference formulations, whose results it determines)."""
     runner = case.baselines[which]
     package = runner.package if isinstance(runner, Staged) else None
-    code = [Path(script), Path(__file__), ROOT / "tests" / "helpers" / "peers.py", ROOT / "benchmarks" / "methods.py",
+    code = [Path(script), Path(__file__), ROOT / "benchmarks" / "peers.py", ROOT / "benchmarks" / "methods.py",
             ROOT / "benchmarks" / "methods_influence.py"]
     if package is None:
         code += list((ROOT / "tda").rglob("*.py"))
@@ -240,9 +236,6 @@ def _cache_path(cache: Path, key: dict[str, Any]) -> Path:
 
 def _cached(cache: Path, key: dict[str, Any]) -> dict | None:
     """The stored row for `key`, verified (content checksum, and the key it records)."""
-    from tda.artifacts import IntegrityError, load_tensors_with_metadata
-    from tda.provenance import ProvenanceError, require_match
-
     path = _cache_path(cache, key)
     if not path.is_file():
         return None
@@ -260,10 +253,8 @@ def measure(case: Case, which: str, cache: Path, budget_mb: float, out: Path, de
             script: str | None = None) -> None:
     """Child process: run one runner of one case, write scores + time + memory to `out` (and a
     baseline's row to the baseline cache). One-time imports happen before the clock starts: a
-    Staged runner's setup, and torch._dynamo, which torch imports lazily on a process's first
-    torch.func transform (seconds of import, not of the method)."""
-    import torch._dynamo
-
+    Staged runner's setup, and torch._dynamo (imported with this module), which torch imports
+    lazily on a process's first torch.func transform (seconds of import, not of the method)."""
     problem = load_problem(case.problem, cache, budget_mb)
     problem.device = torch.device(device)  # where our methods run (peers choose their own)
     runner = case.run if which == "__ours__" else case.baselines[which]
@@ -287,8 +278,6 @@ def measure(case: Case, which: str, cache: Path, budget_mb: float, out: Path, de
 
 
 def problem_checksum(name: str, cache: Path) -> str:
-    from tda.artifacts import load_tensors_with_metadata
-
     return load_tensors_with_metadata(problem_file(name, cache))[2]
 
 
@@ -305,15 +294,15 @@ def _now() -> str:
 
 def run_child(script: str, case_index: int, which: str, cache: Path, budget_mb: float, timeout: float,
               device: str = "cpu") -> dict:
-    """Run `script --child case_index which ...` (a subprocess that calls :func:`measure`) and
-    read back its row: scores, seconds, peak_mb, test_rows, note, phases; or {"error": ...}."""
-    from safetensors import safe_open
+    """Run `python -m benchmarks.<script> --child case_index which ...` (a subprocess that calls
+    :func:`measure`; `script` is the benchmark's file) and read back its row: scores, seconds,
+    peak_mb, test_rows, note, phases; or {"error": ...}."""
     out = cache / f"result_{os.getpid()}_{case_index}.safetensors"  # this run's own: runs may share a cache
     out.unlink(missing_ok=True)
-    cmd = [sys.executable, script, "--child", str(case_index), which, str(out), "--cache", str(cache),
-           "--budget-mb", str(budget_mb), "--device", device, "--threads", str(torch.get_num_threads())]
+    threads = str(torch.get_num_threads())  # the parent's (--threads), for every library's pool
+    cmd = [sys.executable, "-m", f"{__package__}.{Path(script).stem}", "--child", str(case_index), which, str(out),
+           "--cache", str(cache), "--budget-mb", str(budget_mb), "--device", device, "--threads", threads]
     try:
-        threads = str(torch.get_num_threads())  # the parent's (--threads), for every library's pool
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:

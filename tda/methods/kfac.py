@@ -173,6 +173,14 @@ def compute_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: st
                            * batch[layer.name][0][:, 0].pow(2).sum(1).double()).sum()) for layer, g in zip(layers, gs)))
             yield batch
 
+    def kept_batches(kept: list[dict], what: str):
+        """The kept batches again, with the progress lines of a pass."""
+        progress = Progress()
+        for j, batch in enumerate(kept):
+            if progress.due():
+                log.info("%s: %s, row %d of %d", kind, what, j * batch_size, n)
+            yield batch
+
     # EK-FAC's second pass needs the same a and δ again: kept from the first pass when every
     # layer sees one vector per example and they take under a quarter of the memory budget
     # (the Folktables-sized MLP: ~190 MB for 30,085 rows), else recomputed
@@ -202,7 +210,8 @@ def compute_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: st
         out.update({f"{layer.name}.QA": QA, f"{layer.name}.QS": QS, f"{layer.name}.eA": eA, f"{layer.name}.eS": eS})
     if kind == "ekfac":
         lam = {layer.name: torch.zeros(layer.d_out, layer.d_in, dtype=torch.float64, device=dev) for layer in layers}
-        for batch in kept if kept is not None else batches("eigenvalue correction pass"):
+        what = "eigenvalue correction pass"
+        for batch in kept_batches(kept, what) if kept is not None else batches(what):
             for layer in layers:
                 a, d = batch[layer.name]
                 QA, QS = out[f"{layer.name}.QA"], out[f"{layer.name}.QS"]
@@ -383,7 +392,6 @@ class EKFAC(InfluenceMethod):
             X = inverse_apply(model, factors, self.kind, solve.double(), lam)  # [k, n_params]
             s = other.double() @ X.T / problem.n_train  # [m, k]
             return (s.T if not transposed else s).contiguous()
-
 
     def _factors_and_lambda0(self, problem: AttributionProblem, model: nn.Module) -> tuple[dict, float]:
         """(the factors, λ₀), λ₀ summed by the factor pass itself when it runs (one more backward

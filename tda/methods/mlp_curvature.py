@@ -30,24 +30,20 @@ import torch
 from torch import nn
 
 from tda.methods.output_hessian import apply_output_hessian, output_grad
-from tda.models.structure import mlp_layers, should_use_sparse
+from tda.models.structure import LinearOp, LinearReLUStack, linear_relu_stack, should_use_sparse
 
 
 class MLPCurvature:
     """Block products of the Gauss–Newton or Hessian of a Linear/ReLU stack's summed loss.
     `slices[name]` places each parameter in the flat vector (:meth:`ParamLayout.slices`)."""
 
-    def __init__(self, layers: list[nn.Module], names: dict[int, str], slices: dict[str, slice],
+    def __init__(self, model: nn.Module, stack: LinearReLUStack, slices: dict[str, slice],
                  task: str, curvature: str, dtype: torch.dtype, device: torch.device):
-        self.task, self.curvature = task, curvature
-        self.ops: list[tuple] = []  # ("linear", W [out, in], b or None, W slice, b slice) / ("relu",)
-        for m in layers:
-            if isinstance(m, nn.Linear):
-                b = None if m.bias is None else m.bias.detach().to(device, dtype)
-                self.ops.append(("linear", m.weight.detach().to(device, dtype), b, slices[names[id(m.weight)]],
-                                 None if m.bias is None else slices[names[id(m.bias)]]))
-            elif isinstance(m, nn.ReLU):
-                self.ops.append(("relu",))
+        self.task, self.curvature, self.ops = task, curvature, stack.ops
+        named = dict(model.named_parameters())
+        # per parameter of the stack (indexed by the ops): the tensor, and its slice of the flat vector
+        self.tensors = [named[k].detach().to(device, dtype) for k in stack.names]
+        self.slices = [slices[k] for k in stack.names]
         self._states: dict = {}
         self._buffers: dict[str, torch.Tensor] = {}
 
@@ -55,21 +51,15 @@ class MLPCurvature:
     def of(cls, model: nn.Module, slices: dict[str, slice], task: str, curvature: str,
            dtype: torch.dtype, device: torch.device) -> "MLPCurvature | None":
         """The fast path for `model`, or None where it does not apply (not a Linear/ReLU stack,
-        partly frozen, or other trainable parameters than its layers')."""
-        layers = mlp_layers(model)
-        if layers is None or not isinstance([m for m in layers if not isinstance(m, nn.Flatten)][0], nn.Linear):
-            return None
-        by_id = {id(p): k for k, p in model.named_parameters() if p.requires_grad}
-        covered = {id(p) for m in layers if isinstance(m, nn.Linear) for p in m.parameters()}
-        if covered != set(by_id):
-            return None
-        return cls(layers, by_id, slices, task, curvature, dtype, device)
+        tda.models.structure.linear_relu_stack)."""
+        stack = linear_relu_stack(model)
+        return None if stack is None else cls(model, stack, slices, task, curvature, dtype, device)
 
     def column_bytes(self, rows: int) -> int:
         """Memory one column of a product over `rows` rows holds: its tangent at every linear
         layer's output and the cotangents and their scratch (~3 such per layer), and its
         prepared directions, product and input (~4 parameter vectors)."""
-        linears = [op[1] for op in self.ops if op[0] == "linear"]
+        linears = [self.tensors[op.weight] for op in self.ops if isinstance(op, LinearOp)]
         return linears[0].element_size() * (3 * rows * sum(W.shape[0] for W in linears)
                                             + 4 * sum(W.numel() + W.shape[0] for W in linears))
 
@@ -80,9 +70,10 @@ class MLPCurvature:
         x = x.reshape(len(x), -1)
         inputs, masks, h = [], [], x
         for op in self.ops:
-            if op[0] == "linear":
+            if isinstance(op, LinearOp):
+                W = self.tensors[op.weight]
                 inputs.append(h.to_sparse() if h is x and should_use_sparse(x, "auto") else h)
-                h = inputs[-1] @ op[1].T if op[2] is None else torch.addmm(op[2], inputs[-1], op[1].T)
+                h = inputs[-1] @ W.T if op.bias is None else torch.addmm(self.tensors[op.bias], inputs[-1], W.T)
             else:
                 masks.append((h > 0).to(h.dtype))  # in the tangents' dtype: an in-place multiply, no cast
                 h = torch.relu(h)
@@ -98,11 +89,12 @@ class MLPCurvature:
         k = V.shape[1]
         out = []
         for op in self.ops:
-            if op[0] == "linear":
-                d_out, d_in = op[1].shape
+            if isinstance(op, LinearOp):
+                W, ws, _ = self._linear(op)
+                d_out, d_in = W.shape
                 dest = (self._buffer(f"prepared{len(out)}", d_in, k, d_out, dtype=V.dtype, device=V.device) if scratch
                         else torch.empty(d_in, k, d_out, dtype=V.dtype, device=V.device))
-                out.append(dest.copy_(V[op[3]].view(d_out, d_in, k).permute(1, 2, 0)).view(d_in, k * d_out))
+                out.append(dest.copy_(V[ws].view(d_out, d_in, k).permute(1, 2, 0)).view(d_in, k * d_out))
         return out
 
     def batch_sum(self, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor, key=None, out: torch.Tensor | None = None,
@@ -122,6 +114,10 @@ class MLPCurvature:
             out, accumulate = torch.empty(V.shape, dtype=V.dtype, device=V.device), False
         self._product(state, V, out, prepared or self.prepare(V, scratch=True), accumulate)
         return out
+
+    def _linear(self, op: LinearOp) -> tuple[torch.Tensor, slice, slice | None]:
+        """W [out, in] of a linear op, and the slices of W and b (None: no bias) in the flat vector."""
+        return self.tensors[op.weight], self.slices[op.weight], None if op.bias is None else self.slices[op.bias]
 
     def _buffer(self, role: str, *shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Scratch space of `shape` kept for the next product: a product's temporaries are a
@@ -145,8 +141,8 @@ class MLPCurvature:
         # R-forward: tangents [m, k, d]; the input's tangent is zero
         tangents, t, li, ri = [], None, 0, 0
         for op in self.ops:
-            if op[0] == "linear":
-                _, W, _, ws, bs = op
+            if isinstance(op, LinearOp):
+                W, ws, bs = self._linear(op)
                 d_out, d_in = W.shape
                 tangents.append(t)
                 z = torch.mm(inputs[li], prepared[li], out=buf(f"z{li}", m, k * d_out))  # [m, k·d_out]
@@ -166,12 +162,12 @@ class MLPCurvature:
 
         # R-backward, writing each layer's block of the product
         for op in reversed(self.ops):
-            if op[0] == "relu":
+            if not isinstance(op, LinearOp):  # ReLU
                 ri -= 1
                 Rg.mul_(masks[ri].unsqueeze(1))
                 g = g * masks[ri] if hessian else None
                 continue
-            _, W, _, ws, bs = op
+            W, ws, bs = self._linear(op)
             li -= 1
             d_out, d_in = W.shape
             block = result[ws].view(d_out, d_in, k)
