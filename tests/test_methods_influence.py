@@ -23,6 +23,7 @@ from tda.methods.if_corrected import IFCorrected
 from tda.methods.kfac import EKFAC, KFAC, _factored_grads, compute_factors, factored_scores, find_layers
 from tda.methods.layout import ParamLayout, trainable_params
 from tda.methods.lissa import LiSSA, LiSSAH
+from tda.methods.output_hessian import output_hessian_sqrt
 from tda.models.base import per_example_loss
 from tda.models.mlp import MLP
 from tda.models.structure import should_use_sparse
@@ -373,13 +374,36 @@ def _cnn_with_batchnorm():
                          nn.Conv2d(2, 3, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(3, 3)).to(D).eval()
 
 
-@pytest.mark.parametrize("arch", ["mlp", "one_hot_mlp", "cnn"])
+@pytest.mark.parametrize("task,classes", [("classification", 2), ("classification", 3), ("regression", 2)])
+def test_output_hessian_sqrt_squares_to_the_loss_hessian(task, classes):
+    """Σ_c u_c u_cᵀ equals the Hessian of the per-example loss in the output, by autograd (two
+    classes: one column, the Hessian's rank)."""
+    out = torch.randn(5, classes, dtype=D)
+    y = torch.randint(0, classes, (5,)) if task == "classification" else torch.randn(5, classes, dtype=D)
+    U = output_hessian_sqrt(out, task)
+    assert U.shape[1] == (1 if (task, classes) == ("classification", 2) else classes)
+    def loss(o, target):
+        return F.cross_entropy(o, target) if task == "classification" else (o - target).pow(2).sum()
+
+    for i in range(5):
+        H = torch.autograd.functional.hessian(lambda o, t=y[i]: loss(o, t), out[i])
+        assert torch.allclose(U[i].T @ U[i], H, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "two_class_mlp", "one_hot_mlp", "cnn"])
 def test_ekfac_eigenvalues_are_exact_diagonal_in_kronecker_basis(mlp_problem, relu_problem, arch):
     """EK-FAC's corrected eigenvalues equal diag((Q_A⊗Q_S)ᵀ G_l (Q_A⊗Q_S)) of the dense GN block;
     K-FAC's factors equal their definitions; parameters outside Linear/Conv2d (batch norm)
     get the exact diagonal of G."""
     if arch == "mlp":
         p = mlp_problem
+    elif arch == "two_class_mlp":  # the output Hessian's one column
+        torch.manual_seed(0)
+        x, y = _data(classes=2)
+        model = _fit(nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 2)).to(D), x, y, "classification",
+                     steps=100)
+        p = AttributionProblem(model=model, task="classification", x_train=x, y_train=y, x_test=x[:2], y_test=y[:2],
+                               left_out_indices=torch.arange(4), test_indices=torch.arange(2))
     elif arch == "one_hot_mlp":  # the first layer's rows go through the sparse products
         p = relu_problem
     else:
@@ -397,7 +421,7 @@ def test_ekfac_eigenvalues_are_exact_diagonal_in_kronecker_basis(mlp_problem, re
     f = compute_factors(p.model, p.x_train, p.y_train, p.task, "ekfac", batch_size=17, memory_budget_mb=budget)
     space = ParamLayout.of(p.model)
     layers, others = find_layers(p.model, space)
-    assert len(layers) == (2 if arch == "mlp" else 3)
+    assert len(layers) == (3 if arch in ("one_hot_mlp", "cnn") else 2)
     for layer in layers:
         W = torch.arange(*layer.w_range).reshape(layer.d_out, -1)
         if layer.b:
@@ -411,7 +435,7 @@ def test_ekfac_eigenvalues_are_exact_diagonal_in_kronecker_basis(mlp_problem, re
     for k in others:
         assert torch.allclose(f[f"diag.{k}"], torch.diagonal(G)[offs[k]], atol=1e-12, rtol=1e-9)
     # K-FAC's A factor of the first MLP layer is the mean of [x, 1][x, 1]ᵀ
-    if arch == "mlp":
+    if arch in ("mlp", "two_class_mlp"):
         a = torch.cat([p.x_train, torch.ones(len(p.x_train), 1, dtype=D)], 1)
         QA, eA = f["0.QA"], f["0.eA"]
         assert torch.allclose(QA @ torch.diag(eA) @ QA.T, a.T @ a / len(a), atol=1e-12)

@@ -194,9 +194,11 @@ def compute_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: st
                 # one-hot rows (Folktables: 11 non-zeros of 792 with the bias column): aᵀa costs
                 # its non-zeros, not d_in² per row
                 A[layer.name] += (a[:, 0].T.to_sparse() @ a[:, 0]).double()
-            else:
-                A[layer.name] += torch.einsum("bti,btj->ij", a, a).double() / a.shape[1]
-            S[layer.name] += torch.einsum("bcti,bctj->ij", d, d).double()
+            else:  # Σ over rows and positions as one GEMM (einsum's batched route is ~2x slower here)
+                a2 = a.reshape(-1, a.shape[-1])
+                A[layer.name] += (a2.T @ a2).double() / a.shape[1]
+            d2 = d.reshape(-1, d.shape[-1])
+            S[layer.name] += (d2.T @ d2).double()
         if kept is not None:
             kept.append(batch)
             per_batch = sum(t.numel() * t.element_size() for a, d in batch.values() for t in (a, d))
