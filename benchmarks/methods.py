@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import Case, Result, Runner, arguments, run
+from benchmarks.common import ROOT, Case, Result, Runner, Staged, arguments, run
 from benchmarks.methods_influence import influence_cases
 from tda.methods.datainf import DataInf
 from tda.methods.grad_dot import GradCos, GradDot
@@ -103,11 +103,17 @@ def authors_datainf_loop(p: AttributionProblem, n_test: int = 10, c: float = 10.
                   f"authors' loop run on {n_test} of {len(p.x_test)} test instances, time extrapolated linearly")
 
 
-def dattri_datainf(p: AttributionProblem, damping: float) -> torch.Tensor:
+def dattri_datainf(p: AttributionProblem, damping: float, n_test: int = 10) -> Result:
+    """dattri's DataInf on the first `n_test` test instances, its time extrapolated linearly:
+    for every test batch it forms [test batch × train batch × layer size] tensors (4 GB per
+    batch of the first layer with all 100 test instances at once, over 12 GB in all, and more
+    than 7 minutes here), and its work is linear in the test instances."""
     from dattri.algorithm.influence_function import IFAttributorDataInf
     att = IFAttributorDataInf(task=_dattri_task(p), regularization=damping)
     att.cache(_loader(p.x_train, p.y_train))
-    return att.attribute(_loader(p.x_left_out, p.y_left_out), _loader(p.x_test, p.y_test)).T
+    s = att.attribute(_loader(p.x_left_out, p.y_left_out), _loader(p.x_test[:n_test], p.y_test[:n_test])).T
+    return Result(s, list(range(n_test)), len(p.x_test) / n_test,
+                  f"dattri run on {n_test} of {len(p.x_test)} test instances, time extrapolated linearly")
 
 
 # Grad-Dot-Adam's further training on the Folktables-sized problems: Adam's ε, batch 128
@@ -168,37 +174,52 @@ def traker_trak(p: AttributionProblem, proj_dim: int, same_projection: bool = Fa
     return torch.as_tensor(s).T[:, p.left_out_indices]
 
 
+def peer(package: str, fn: Runner, module: str) -> Staged:
+    """A public library's runner: `module` imported before the clock starts, its rows cached
+    per problem and `package` version."""
+    import importlib
+
+    def setup(p: AttributionProblem) -> None:
+        importlib.import_module(module)
+
+    return Staged(lambda p, _: fn(p), setup, package)
+
+
 def cases() -> list[Case]:
     """Every case: the first-order methods' here, then the influence functions'."""
     return [
         Case("grad_dot", "folktables_sized", ours(GradDot),
              {"explicit per-instance loop": ref_grad_dot, "vmap (materialised)": materialised(GradDot),
-              "dattri TracIn (no projection)": dattri_grad_dot}),
+              "dattri TracIn (no projection)": peer("dattri", dattri_grad_dot, "dattri.algorithm.tracin")}),
         Case("grad_cos", "folktables_sized", ours(GradCos),
              {"explicit per-instance loop": lambda p: ref_grad_dot(p, True),
-              "dattri Grad-Cos (no projection)": lambda p: dattri_grad_dot(p, True)}),
+              "dattri Grad-Cos (no projection)": peer("dattri", lambda p: dattri_grad_dot(p, True),
+                                                      "dattri.algorithm.tracin")}),
         # the materialised baselines stream 30,085 × 118k-float gradients: run them on 3k rows
         Case("datainf", "folktables_sized", ours(DataInf), {}),
         Case("datainf", "folktables_sized_3k", ours(DataInf),
              {"authors' per-instance loop": authors_datainf_loop,
               "vmap (materialised, streamed)": materialised(DataInf)}),
         Case("datainf[module blocks, λ=1e-3]", "folktables_sized_3k", ours(DataInf, damping=1e-3, blocks="module"),
-             {"dattri DataInf": lambda p: dattri_datainf(p, 1e-3)}),
+             {"dattri DataInf": peer("dattri", lambda p: dattri_datainf(p, 1e-3),
+                                     "dattri.algorithm.influence_function")}),
         Case("grad_dot_adam", "folktables_sized", ours(GradDotAdam, **ADAM), {}),
         Case("grad_dot_adam", "folktables_sized_3k", ours(GradDotAdam, **ADAM),
              {"vmap (materialised, streamed)": materialised_grad_dot_adam}),
         Case("trak[k=2048]", "folktables_sized", ours(TRAK, proj_dim=2048), {}),
         Case("trak[k=512]", "folktables_sized_3k", ours(TRAK, proj_dim=512),
              {"vmap (materialised) + dense projection": materialised(TRAK, proj_dim=512),
-              "traker 0.3.2 (its BasicProjector: another random matrix)": lambda p: traker_trak(p, 512),
-              "traker 0.3.2 (given our projection matrix)": lambda p: traker_trak(p, 512, True)}),
+              "traker 0.3.2 (its BasicProjector: another random matrix)": peer("traker", lambda p: traker_trak(p, 512),
+                                                                               "trak"),
+              "traker 0.3.2 (given our projection matrix)": peer("traker", lambda p: traker_trak(p, 512, True),
+                                                                 "trak")}),
         *influence_cases(),
     ]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = arguments(__doc__.split("\n\n")[0], "folktables_sized,folktables_sized_3k",
-                     Path("/tmp/tda_bench_methods")).parse_args(argv)
+                     Path("/tmp/tda_bench_methods"), ROOT / "benchmarks" / "results" / "methods.json").parse_args(argv)
     return run(cases, __file__, args)
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import Case, Result, arguments, load_problem, run
+from benchmarks.common import ROOT, Case, Result, Staged, arguments, load_problem, run
 from benchmarks.peers import kronfluence_scores
 from tda.methods.arnoldi import Arnoldi
 from tda.methods.cg import CG
@@ -64,7 +64,8 @@ CNN_CG_ROWS = 128  # ... and of its CG case (100 of them left out)
 CG_TOL, CG_MAXITER, CG_BATCH = 1e-5, 500, 4096  # float32 models: 1e-5 is well above the round-off floor
 CG_SWEEP = (10.0, 1.0, 0.1)  # further damping multiples, on the 3k problem
 DATTRI_CG_ITERS = 5  # what one-column CG needs for CG_TOL on the 3k problem at λ = PEER_DAMPING (all 100 columns)
-CNN_CG_TOL = 1e-4  # a column product over 128 images costs ~0.6 s: keeps the one-at-a-time reference ~7 min
+CNN_CG_TOL = 1e-4  # a column product over 128 images costs ~0.6 s: keeps the one-at-a-time reference short
+CG_SINGLE_COLUMNS = 10  # test instances the one-at-a-time reference solves (its time extrapolated to 100)
 ARNOLDI_ITERS, ARNOLDI_K = 30, 20
 # LiSSA-H against dattri's LiSSA: 10 is the scale `auto` picks at PEER_DAMPING (dattri takes a fixed one)
 LISSA_DEPTH, LISSA_BATCH, LISSA_SCALE = 100, 128, 10.0
@@ -78,8 +79,20 @@ def _slice(p: AttributionProblem, n_test: int | None = None, rows: int = N_ROWS)
                                  "x_test": p.x_test[:k], "y_test": p.y_test[:k], "test_indices": p.test_indices[:k]})
 
 
-def _multiple_for(p: AttributionProblem, lam: float) -> float:
-    return lam / base_damping(p.model, p.x_train, p.y_train, p.task)
+def _multiple_for(rows: int, lam: float):
+    """Setup of a true-Hessian case: the multiple of λ₀ (on the first `rows` rows) that gives
+    the peers' absolute λ — the damping our method is then asked for, as a user would."""
+    def setup(p: AttributionProblem) -> float:
+        q = _slice(p, rows=rows)
+        return lam / base_damping(q.model, q.x_train, q.y_train, q.task)
+    return setup
+
+
+def _ours(method, p: AttributionProblem, note: str = "", test_rows: list[int] | None = None,
+          extrapolate: float = 1.0) -> Result:
+    """`method`'s scores on p, with the phases it timed (record["seconds"])."""
+    scores = method.scores(p)
+    return Result(scores, test_rows, extrapolate, note, dict(method.record.get("seconds", {})))
 
 
 def _cg(block: bool, multiple: float = MULTIPLE, curvature: str = "gn", n_test: int | None = None,
@@ -87,47 +100,52 @@ def _cg(block: bool, multiple: float = MULTIPLE, curvature: str = "gn", n_test: 
     """CG to tolerance `tol` (equal agreement: every column meets the same residual bound), at
     damping `multiple` × λ₀ (Gauss–Newton) or PEER_DAMPING (true Hessian); on the problem's
     first `rows` training rows (None: all of them, with the problem's own left-out set)."""
-    def run(p: AttributionProblem):
+    def run(p: AttributionProblem, hessian_multiple: float | None):
         if rows is None:
             k = len(p.x_test) if n_test is None else n_test
             q = AttributionProblem(**{**p.__dict__, "x_test": p.x_test[:k], "y_test": p.y_test[:k],
                                       "test_indices": p.test_indices[:k]})
         else:
             q = _slice(p, n_test, rows)
-        multiple_ = _multiple_for(q, PEER_DAMPING) if curvature == "hessian" else multiple
-        m = CG(curvature=curvature, damping_multiple=multiple_, tol=tol, maxiter=CG_MAXITER, block=block,
-               batch_size=min(CG_BATCH, len(q.x_train)))
-        s = m.scores(q)
+        m = CG(curvature=curvature, damping_multiple=multiple if hessian_multiple is None else hessian_multiple,
+               tol=tol, maxiter=CG_MAXITER, block=block, batch_size=min(CG_BATCH, len(q.x_train)))
+        scores = m.scores(q)
         info = m.record["cg"]
         work = (f"{'block' if block else 'one at a time'}: {info['max_iterations']} iterations at most, "
                 f"{m.record['curvature_products']} column products, {info['converged']}/{info['n_columns']} "
                 f"converged")
+        phases = dict(m.record["seconds"])
         if n_test is None:
-            return Result(s, note=work)
-        return Result(s, list(range(n_test)), len(p.x_test) / n_test,
-                      f"{work}; on {n_test} of {len(p.x_test)} test instances, time extrapolated linearly")
-    return run
+            return Result(scores, note=work, phases=phases)
+        return Result(scores, list(range(n_test)), len(p.x_test) / n_test,
+                      f"{work}; on {n_test} of {len(p.x_test)} test instances, time extrapolated linearly", phases)
+    setup = _multiple_for(rows or N_ROWS, PEER_DAMPING) if curvature == "hessian" else None
+    return Staged(run, setup)
 
 
 def _cnn_cg(block: bool, n_test: int | None = None):
     return _cg(block, n_test=n_test, rows=CNN_CG_ROWS, tol=CNN_CG_TOL)
 
 
-def _arnoldi_rows(rows: int, lam: float = PEER_DAMPING):
-    def run(p: AttributionProblem):
-        q = _slice(p, rows=rows)
-        return Arnoldi(curvature="hessian", damping_multiple=_multiple_for(q, lam), n_iters=ARNOLDI_ITERS,
-                       top_k=ARNOLDI_K, batch_size=rows).scores(q)
-    return run
+def _arnoldi_rows(rows: int, lam: float = PEER_DAMPING) -> Staged:
+    def run(p: AttributionProblem, multiple: float):
+        return _ours(Arnoldi(curvature="hessian", damping_multiple=multiple, n_iters=ARNOLDI_ITERS, top_k=ARNOLDI_K,
+                             batch_size=rows), _slice(p, rows=rows))
+    return Staged(run, _multiple_for(rows, lam))
 
 
 _arnoldi = _arnoldi_rows(N_ROWS)
 
 
-def _lissa_h(p: AttributionProblem):
-    q = _slice(p)
-    return LiSSAH(damping_multiple=_multiple_for(q, PEER_DAMPING), depth=LISSA_DEPTH, batch_size=LISSA_BATCH,
-                  scale=LISSA_SCALE).scores(q)
+def _lissa_h() -> Staged:
+    def run(p: AttributionProblem, multiple: float):
+        return _ours(LiSSAH(damping_multiple=multiple, depth=LISSA_DEPTH, batch_size=LISSA_BATCH, scale=LISSA_SCALE),
+                     _slice(p))
+    return Staged(run, _multiple_for(N_ROWS, PEER_DAMPING))
+
+
+def _kfac(cls):
+    return lambda p: _ours(cls(damping_multiple=MULTIPLE), p)
 
 
 def _dattri_task(p: AttributionProblem):
@@ -148,8 +166,12 @@ def _loader(x, y, bs):
     return DataLoader(TensorDataset(x, y), batch_size=bs, shuffle=False)
 
 
-def _dattri(kind: str, rows: int = N_ROWS, lam: float = PEER_DAMPING):
-    def run(p: AttributionProblem):
+def _import_dattri(p: AttributionProblem) -> None:
+    import dattri.algorithm.influence_function  # noqa: F401 - the library's import, before the clock
+
+
+def _dattri(kind: str, rows: int = N_ROWS, lam: float = PEER_DAMPING) -> Staged:
+    def run(p: AttributionProblem, _):
         from dattri.algorithm import influence_function as inf
 
         q = _slice(p, rows=rows)
@@ -165,15 +187,21 @@ def _dattri(kind: str, rows: int = N_ROWS, lam: float = PEER_DAMPING):
         att.cache(_loader(q.x_train, q.y_train, len(q.x_train)))
         s = att.attribute(_loader(q.x_left_out, q.y_left_out, 100), _loader(q.x_test, q.y_test, 100)).T
         return s / q.n_train  # dattri omits the 1/n of g_testᵀ(H+λI)⁻¹g_j / n
-    return run
+    return Staged(run, _import_dattri, "dattri")
 
 
-def _kronfluence(strategy: str):
-    """kronfluence's EK-FAC / K-FAC (`tests/helpers/peers.py`) at the same absolute damping λ = MULTIPLE × λ₀."""
-    def run(p: AttributionProblem):
+def _kronfluence(strategy: str) -> Staged:
+    """kronfluence's EK-FAC / K-FAC (`benchmarks/peers.py`) at the same absolute damping λ =
+    MULTIPLE × λ₀, which its setup computes (kronfluence is given λ, as a user would give it)."""
+    def setup(p: AttributionProblem) -> float:
+        import kronfluence.analyzer  # noqa: F401 - the library's import, before the clock
+
+        return MULTIPLE * base_damping(p.model, p.x_train, p.y_train, p.task)
+
+    def run(p: AttributionProblem, damping: float):
         torch.manual_seed(0)
-        return kronfluence_scores(p, strategy, MULTIPLE * base_damping(p.model, p.x_train, p.y_train, p.task))
-    return run
+        return kronfluence_scores(p, strategy, damping)
+    return Staged(run, setup, "kronfluence")
 
 
 def influence_cases() -> list[Case]:
@@ -182,27 +210,27 @@ def influence_cases() -> list[Case]:
         # block CG against the same solver one column at a time, both to tolerance CG_TOL: on the
         # full problem at the paper's damping, then the damping sweep on its first 3,000 rows
         Case(f"cg[gn, {MULTIPLE:g}·λ₀, tol {CG_TOL:g}, block of 100]", "folktables_sized", _cg(True),
-             {"cg one test instance at a time": _cg(False, n_test=10)}),
+             {"cg one test instance at a time": _cg(False, n_test=CG_SINGLE_COLUMNS)}),
         *[Case(f"cg[gn, {m:g}·λ₀, tol {CG_TOL:g}, block of 100]", "folktables_sized_3k", _cg(True, m),
-               {"cg one test instance at a time": _cg(False, m, n_test=10)}) for m in CG_SWEEP],
+               {"cg one test instance at a time": _cg(False, m, n_test=CG_SINGLE_COLUMNS)}) for m in CG_SWEEP],
         Case(f"cg[hessian λ={PEER_DAMPING}, tol {CG_TOL:g}]", "folktables_sized_3k", _cg(True, curvature="hessian"),
              {f"dattri IFAttributorCG ({DATTRI_CG_ITERS} it)": _dattri("cg")}),
         Case(f"arnoldi[hessian λ={PEER_DAMPING}, {ARNOLDI_ITERS} it, top {ARNOLDI_K}, {N_ROWS} rows]",
              "folktables_sized_3k", _arnoldi, {"dattri IFAttributorArnoldi": _dattri("arnoldi")}),
-        Case("ekfac", "folktables_sized", lambda p: EKFAC(damping_multiple=MULTIPLE).scores(p),
+        Case("ekfac", "folktables_sized", _kfac(EKFAC),
              {"kronfluence EK-FAC (sampled Fisher)": _kronfluence("ekfac")}),
-        Case("kfac", "folktables_sized", lambda p: KFAC(damping_multiple=MULTIPLE).scores(p),
+        Case("kfac", "folktables_sized", _kfac(KFAC),
              {"kronfluence K-FAC (sampled Fisher)": _kronfluence("kfac")}),
         # ResNet-9 on CIFAR-10 images: curvature products over CNN_ROWS training images
         Case(f"arnoldi[hessian λ={CNN_PEER_DAMPING:g}, {ARNOLDI_ITERS} it, top {ARNOLDI_K}, {CNN_ROWS} rows]",
              "resnet9_cifar", _arnoldi_rows(CNN_ROWS, CNN_PEER_DAMPING),
              {"dattri IFAttributorArnoldi": _dattri("arnoldi", CNN_ROWS, CNN_PEER_DAMPING)}),
         Case(f"cg[gn, {MULTIPLE:g}·λ₀, tol {CNN_CG_TOL:g}, block of 100, {CNN_CG_ROWS} rows]", "resnet9_cifar",
-             _cnn_cg(True), {"cg one test instance at a time": _cnn_cg(False, 10)}),
-        Case("ekfac[4,000 rows]", "resnet9_cifar", lambda p: EKFAC(damping_multiple=MULTIPLE).scores(p), {}),
-        Case("kfac[4,000 rows]", "resnet9_cifar", lambda p: KFAC(damping_multiple=MULTIPLE).scores(p), {}),
+             _cnn_cg(True), {"cg one test instance at a time": _cnn_cg(False, CG_SINGLE_COLUMNS)}),
+        Case("ekfac[4,000 rows]", "resnet9_cifar", _kfac(EKFAC), {}),
+        Case("kfac[4,000 rows]", "resnet9_cifar", _kfac(KFAC), {}),
         Case(f"lissa_h[λ={PEER_DAMPING}, depth {LISSA_DEPTH}, batch {LISSA_BATCH}, scale {LISSA_SCALE:g}, "
-             f"{N_ROWS} rows]", "folktables_sized_3k", _lissa_h, {"dattri IFAttributorLiSSA": _dattri("lissa")}),
+             f"{N_ROWS} rows]", "folktables_sized_3k", _lissa_h(), {"dattri IFAttributorLiSSA": _dattri("lissa")}),
     ]
 
 
@@ -256,7 +284,7 @@ def curvature_products(cache: Path, rows: int = 3000, reps: int = 3, rounds: int
 
 if __name__ == "__main__":
     ap = arguments(__doc__.split("\n\n")[0], "folktables_sized_3k,folktables_sized",
-                   Path("/tmp/tda_bench_methods_influence"))
+                   Path("/tmp/tda_bench_methods_influence"), ROOT / "benchmarks" / "results" / "methods_influence.json")
     ap.add_argument("--products", action="store_true",
                     help="only time the curvature products: MLP fast path vs torch.func, one column vs 100")
     a = ap.parse_args()

@@ -25,8 +25,9 @@ class RefusedError(UserError, ValueError):
 
 
 class DivergedError(UserError, FloatingPointError):
-    """A training run whose loss left the finite, sane range (too large a learning rate, no
-    clipping); nothing of it was written."""
+    """A run that left the finite, sane range: a training run's loss (too large a learning rate,
+    no clipping; nothing of it was written), or an iterative solver's iterates (LiSSA's
+    recursion at too small a scale)."""
 
 
 def is_user_error(err: BaseException) -> bool:

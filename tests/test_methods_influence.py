@@ -20,9 +20,10 @@ from tda.methods.curvature import CurvatureOperator, mean_grad
 from tda.methods.damping import base_damping
 from tda.methods.gradients import per_example_grads
 from tda.methods.if_corrected import IFCorrected
-from tda.methods.kfac import EKFAC, KFAC, compute_factors, find_layers
+from tda.methods.kfac import EKFAC, KFAC, _factored_grads, compute_factors, factored_scores, find_layers
 from tda.methods.layout import ParamLayout, trainable_params
 from tda.methods.lissa import LiSSA, LiSSAH
+from tda.methods.output_hessian import output_hessian_sqrt
 from tda.models.base import per_example_loss
 from tda.models.mlp import MLP
 from tda.models.structure import should_use_sparse
@@ -172,6 +173,9 @@ def test_mlp_fast_path_matches_generic_products(relu_problem, curvature, inputs)
     assert torch.allclose(fast.matvec(V[:, 1]), ref[:, 1], rtol=1e-10, atol=1e-13)
     idx = torch.tensor([3, 3, 17, 40])
     assert torch.allclose(fast.batch_matvec(idx, V), slow.batch_matvec(idx, V), rtol=1e-10, atol=1e-13)
+    out = torch.full_like(V, float("nan"))  # LiSSA's reused buffer: overwritten, not added to
+    for _ in range(2):
+        assert torch.allclose(fast.batch_matvec(idx, V, out=out), slow.batch_matvec(idx, V), rtol=1e-10, atol=1e-13)
     fast.max_columns = 3  # what a small memory budget sets: the block in column slices of [n_params, 3]
     assert torch.allclose(fast.matvec(V), ref, rtol=1e-10, atol=1e-13)
 
@@ -370,13 +374,36 @@ def _cnn_with_batchnorm():
                          nn.Conv2d(2, 3, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(3, 3)).to(D).eval()
 
 
-@pytest.mark.parametrize("arch", ["mlp", "one_hot_mlp", "cnn"])
+@pytest.mark.parametrize("task,classes", [("classification", 2), ("classification", 3), ("regression", 2)])
+def test_output_hessian_sqrt_squares_to_the_loss_hessian(task, classes):
+    """Σ_c u_c u_cᵀ equals the Hessian of the per-example loss in the output, by autograd (two
+    classes: one column, the Hessian's rank)."""
+    out = torch.randn(5, classes, dtype=D)
+    y = torch.randint(0, classes, (5,)) if task == "classification" else torch.randn(5, classes, dtype=D)
+    U = output_hessian_sqrt(out, task)
+    assert U.shape[1] == (1 if (task, classes) == ("classification", 2) else classes)
+    def loss(o, target):
+        return F.cross_entropy(o, target) if task == "classification" else (o - target).pow(2).sum()
+
+    for i in range(5):
+        H = torch.autograd.functional.hessian(lambda o, t=y[i]: loss(o, t), out[i])
+        assert torch.allclose(U[i].T @ U[i], H, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "two_class_mlp", "one_hot_mlp", "cnn"])
 def test_ekfac_eigenvalues_are_exact_diagonal_in_kronecker_basis(mlp_problem, relu_problem, arch):
     """EK-FAC's corrected eigenvalues equal diag((Q_A⊗Q_S)ᵀ G_l (Q_A⊗Q_S)) of the dense GN block;
     K-FAC's factors equal their definitions; parameters outside Linear/Conv2d (batch norm)
     get the exact diagonal of G."""
     if arch == "mlp":
         p = mlp_problem
+    elif arch == "two_class_mlp":  # the output Hessian's one column
+        torch.manual_seed(0)
+        x, y = _data(classes=2)
+        model = _fit(nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 2)).to(D), x, y, "classification",
+                     steps=100)
+        p = AttributionProblem(model=model, task="classification", x_train=x, y_train=y, x_test=x[:2], y_test=y[:2],
+                               left_out_indices=torch.arange(4), test_indices=torch.arange(2))
     elif arch == "one_hot_mlp":  # the first layer's rows go through the sparse products
         p = relu_problem
     else:
@@ -394,7 +421,7 @@ def test_ekfac_eigenvalues_are_exact_diagonal_in_kronecker_basis(mlp_problem, re
     f = compute_factors(p.model, p.x_train, p.y_train, p.task, "ekfac", batch_size=17, memory_budget_mb=budget)
     space = ParamLayout.of(p.model)
     layers, others = find_layers(p.model, space)
-    assert len(layers) == (2 if arch == "mlp" else 3)
+    assert len(layers) == (3 if arch in ("one_hot_mlp", "cnn") else 2)
     for layer in layers:
         W = torch.arange(*layer.w_range).reshape(layer.d_out, -1)
         if layer.b:
@@ -408,7 +435,7 @@ def test_ekfac_eigenvalues_are_exact_diagonal_in_kronecker_basis(mlp_problem, re
     for k in others:
         assert torch.allclose(f[f"diag.{k}"], torch.diagonal(G)[offs[k]], atol=1e-12, rtol=1e-9)
     # K-FAC's A factor of the first MLP layer is the mean of [x, 1][x, 1]ᵀ
-    if arch == "mlp":
+    if arch in ("mlp", "two_class_mlp"):
         a = torch.cat([p.x_train, torch.ones(len(p.x_train), 1, dtype=D)], 1)
         QA, eA = f["0.QA"], f["0.eA"]
         assert torch.allclose(QA @ torch.diag(eA) @ QA.T, a.T @ a / len(a), atol=1e-12)
@@ -423,6 +450,66 @@ def test_kfac_input_factor_of_one_hot_rows(relu_problem):
     name = find_layers(p.model, ParamLayout.of(p.model))[0][0].name
     QA, eA = f[f"{name}.QA"], f[f"{name}.eA"]
     assert torch.allclose(QA @ torch.diag(eA) @ QA.T, a.T @ a / len(a), atol=1e-12)
+
+
+def test_ekfac_second_pass_from_kept_activations_equals_recomputed(relu_problem):
+    """EK-FAC's eigenvalue correction from the first pass's kept activations (what fits a
+    quarter of the budget) equals the one from a second forward/backward pass."""
+    p = relu_problem
+    kept = compute_factors(p.model, p.x_train, p.y_train, p.task, "ekfac", batch_size=50, memory_budget_mb=1024)
+    again = compute_factors(p.model, p.x_train, p.y_train, p.task, "ekfac", batch_size=50, memory_budget_mb=1e-6)
+    assert kept.keys() == again.keys()
+    for k in kept:
+        assert torch.allclose(kept[k], again[k], rtol=1e-13, atol=1e-16), k
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_lambda0_summed_by_the_factor_pass_equals_base_damping(relu_problem, mlp_problem, cls):
+    """(E)K-FAC's factor pass sums the squared per-example gradients on the way (‖δ‖²‖[a, 1]‖²
+    per layer, one more backward per batch): the same λ₀ as base_damping's pass, for a one-hot
+    ReLU MLP, a tanh MLP with a bias-free layer and squared error; a CNN with batch norm (whose
+    norms do not factorise) takes base_damping's. The method records which, and caches it."""
+    torch.manual_seed(4)
+    regression = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1, bias=False)).to(D)
+    cnn = _cnn_with_batchnorm()
+    xc = torch.randn(30, 1, 8, 8, dtype=D)
+    for model, x, y, task in [(relu_problem.model, relu_problem.x_train, relu_problem.y_train, "classification"),
+                              (mlp_problem.model, mlp_problem.x_train, mlp_problem.y_train, "classification"),
+                              (regression, mlp_problem.x_train, mlp_problem.x_train[:, 0], "regression"),
+                              (cnn, xc, torch.randint(0, 3, (30,)), "classification")]:
+        sink = {}
+        compute_factors(model, x, y, task, cls.kind, batch_size=37, lambda0=sink)
+        if model is cnn:
+            assert sink == {}
+            continue
+        assert sink["lambda0"] == pytest.approx(base_damping(model, x, y, task), rel=1e-12)
+    p = relu_problem
+    m = cls(damping_multiple=3.0)
+    m.scores(p)
+    assert m.record["lambda0_from_factor_pass"] is True
+    assert m.record["lambda0"] == pytest.approx(base_damping(p.model, p.x_train, p.y_train, p.task), rel=1e-12)
+
+
+def test_factored_scores_in_pieces_equal_one_block(relu_problem):
+    """The weighted [test rows, d_out, d_in'] block formed a few rows at a time (what fits the
+    scratch size) gives the scores of one block."""
+    p = relu_problem
+    layers, others = find_layers(p.model, ParamLayout.of(p.model))
+    f = compute_factors(p.model, p.x_train, p.y_train, p.task, "ekfac")
+    grads = _factored_grads(p, p.model, layers, others)
+    whole = factored_scores(layers, f, "ekfac", *grads, 1e-2, scratch_mb=1024)
+    assert torch.allclose(factored_scores(layers, f, "ekfac", *grads, 1e-2, scratch_mb=1e-4), whole, rtol=1e-13)
+
+
+@pytest.mark.parametrize("which", ["relu", "tanh"])
+def test_per_example_grads_from_factors_equal_vmap(relu_problem, mlp_problem, which):
+    """Influence methods take linear models' test and left-out gradients from the layers'
+    factors b aᵀ; they equal torch.func's per-example gradients."""
+    p = relu_problem if which == "relu" else mlp_problem
+    x, y = p.x_train[:37], p.y_train[:37]
+    ref = per_example_grads(p.model, x, y, p.task)
+    assert torch.allclose(per_example_grads(p.model, x, y, p.task, chunk_size=16, factored=True), ref,
+                          rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("arch", ["cnn_batchnorm", "mlp"])

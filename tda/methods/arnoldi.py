@@ -38,32 +38,33 @@ def arnoldi_eigs(matvec: Matvec, n: int, n_iters: int, top_k: int, generator: to
                  dtype: torch.dtype, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k (by |μ|) Ritz pairs of the symmetric operator: (μ [k] float64, U [n, k])."""
     n_iters = min(int(n_iters), n)
-    Q = torch.zeros(n, n_iters + 1, dtype=dtype, device=device)
+    # the basis as rows [m, n]: each step reads only the vectors so far, each a contiguous row
+    Q = torch.zeros(n_iters + 1, n, dtype=dtype, device=device)
     Hs = torch.zeros(n_iters + 1, n_iters, dtype=torch.float64)
     v = torch.randn(n, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
-    Q[:, 0] = v / v.norm()
+    Q[0] = v / v.norm()
     m = n_iters
     progress = Progress()
     for j in range(n_iters):
         if progress.due():
             log.info("arnoldi: step %d of %d", j, n_iters)
-        w = matvec(Q[:, j:j + 1]).squeeze(1)
+        w = matvec(Q[j].unsqueeze(1)).squeeze(1)
         # two passes of Gram–Schmidt: one loses orthogonality in float32
         for _ in range(2):
-            c = Q[:, :j + 1].T @ w
-            w = w - Q[:, :j + 1] @ c
+            c = Q[:j + 1] @ w
+            w = w - c @ Q[:j + 1]
             Hs[:j + 1, j] += c.double().cpu()
         beta = w.norm()
         Hs[j + 1, j] = float(beta)
         if float(beta) < 1e-10 * float(Hs[:j + 1, :j + 1].abs().max().clamp_min(1e-300)):
             m = j + 1  # invariant subspace found: the Ritz pairs are exact
             break
-        Q[:, j + 1] = w / beta
+        Q[j + 1] = w / beta
     T = Hs[:m, :m]
     mu, V = torch.linalg.eigh((T + T.T) / 2)  # C symmetric: Qᵀ C Q is symmetric tridiagonal up to rounding
     k = min(int(top_k), m)
     order = mu.abs().argsort(descending=True)[:k]
-    U = Q[:, :m] @ V[:, order].to(dtype=dtype, device=Q.device)
+    U = Q[:m].T @ V[:, order].to(dtype=dtype, device=Q.device)
     return mu[order], U
 
 
@@ -95,16 +96,18 @@ class Arnoldi(InfluenceMethod):
         model, dtype, g_test, g_lo, lam = self._prepare(problem)
         op = self._curvature_operator(problem, model, dtype)
         gen = torch.Generator().manual_seed(int(self.seed))
-        mu, U = arnoldi_eigs(op.matvec, op.n_params, self.n_iters, self.top_k, gen, dtype, op.device)
-        if (mu + lam <= 0).any():
+        with self.phase("solve"):
+            mu, U = arnoldi_eigs(op.matvec, op.n_params, self.n_iters, self.top_k, gen, dtype, op.device)
+        if (mu + lam <= 0).any():  # the check is the Ritz values the solve returns: free
             raise RefusedError(f"arnoldi: {int((mu + lam <= 0).sum())} Ritz values μ have μ + λ ≤ 0 "
                              f"(curvature={self.curvature}, λ={lam:.3g}, min μ={float(mu.min()):.3g}); "
                              f"use method.curvature=gn or a larger method.damping_multiple")
-        inv = (1.0 / (mu + lam)).to(U.device, dtype)
-        pt, pl = g_test.to(dtype) @ U, g_lo.to(dtype) @ U  # [n_test, k], [n_left_out, k]
-        s = (pt * inv) @ pl.T
-        if self.complement:
-            s = s + (g_test.to(dtype) @ g_lo.to(dtype).T - pt @ pl.T) / lam
+        with self.phase("scores"):
+            inv = (1.0 / (mu + lam)).to(U.device, dtype)
+            pt, pl = g_test.to(dtype) @ U, g_lo.to(dtype) @ U  # [n_test, k], [n_left_out, k]
+            s = (pt * inv) @ pl.T
+            if self.complement:
+                s = s + (g_test.to(dtype) @ g_lo.to(dtype).T - pt @ pl.T) / lam
         self.record.update({"curvature": self.curvature, "n_eigs": len(mu), "eig_max": float(mu.abs().max()),
                             "eig_min_kept": float(mu.abs().min()), "n_iters": self.n_iters,
                             "curvature_products": op.n_matvecs})

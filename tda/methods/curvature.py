@@ -70,8 +70,11 @@ class CurvatureOperator:
         self.max_columns = None
         if memory_budget_mb is not None:
             nbytes = torch.finfo(self.dtype).bits // 8
-            act = activation_numel(model, x[:1])
-            per_column = self.batch_size * act * nbytes * 4 + self.layout.n_params * nbytes * 2
+            if self.fast is not None:
+                per_column = self.fast.column_bytes(min(self.batch_size, len(x)))
+            else:
+                act = activation_numel(model, x[:1])
+                per_column = self.batch_size * act * nbytes * 4 + self.layout.n_params * nbytes * 2
             self.max_columns = max(1, int(memory_budget_mb * 2**20 // per_column))
 
     @property
@@ -88,14 +91,10 @@ class CurvatureOperator:
         y = y.to(self.dtype) if y.is_floating_point() else y
         return x, y
 
-    def _batch_sum(self, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor, key: int | None = None) -> torch.Tensor:
-        """Σ over the rows of the per-example curvature times V: [n_params, k]. `key`: the
-        batch's start row in a full pass (the fast path keeps its forward pass)."""
+    def _batch_sum(self, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """Σ over the rows of the per-example curvature times V: [n_params, k] (the generic path)."""
         x, y = self._prep(x, y)
         step = self.max_columns or V.shape[1]
-        if self.fast is not None:
-            parts = [self.fast.batch_sum(x, y, V[:, c:c + step], key) for c in range(0, V.shape[1], step)]
-            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         if self.curvature == "hessian":
             def loss_sum(p):
                 return per_example_loss(self._fwd(p, x), y, self.task).sum()
@@ -127,19 +126,52 @@ class CurvatureOperator:
             parts.append(torch.cat([out[k].reshape(W.shape[1], -1) for k in self.layout.names], dim=1).T)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
-    def batch_matvec(self, idx: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-        """Mean over the rows `idx` of the per-example curvature, times V [n_params, k]."""
-        return self._batch_sum(self.x[idx], self.y[idx], V) / len(idx)
+    def _chunks(self, k: int) -> list[slice]:
+        """The column chunks a block of k columns is multiplied in (`max_columns` at a time)."""
+        step = self.max_columns or k
+        return [slice(c, min(c + step, k)) for c in range(0, k, step)]
+
+    def batch_matvec(self, idx: torch.Tensor, V: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean over the rows `idx` of the per-example curvature, times V [n_params, k]; written
+        into `out` ([n_params, k], contiguous) if given (the fast path then allocates nothing of
+        V's size: LiSSA calls this once per step)."""
+        if self.fast is None:
+            r = self._batch_sum(self.x[idx], self.y[idx], V).div_(len(idx))
+            return r if out is None else out.copy_(r)
+        x, y = self._prep(self.x[idx], self.y[idx])
+        V = V.to(self.device, self.dtype)
+        if out is None:
+            out = torch.empty(V.shape, dtype=self.dtype, device=self.device)
+        chunks = self._chunks(V.shape[1])
+        if len(chunks) == 1:
+            self.fast.batch_sum(x, y, V, out=out)
+        else:
+            for c in chunks:
+                out[:, c] = self.fast.batch_sum(x, y, V[:, c])
+        return out.div_(len(idx))
 
     def matvec(self, V: torch.Tensor) -> torch.Tensor:
         """Curvature of the mean loss over all rows, times V [n_params, k]."""
         squeeze = V.dim() == 1
         V = V.reshape(len(V), -1).to(self.device, self.dtype)
-        out = None
         n = len(self.x)
-        for i in range(0, n, self.batch_size):
-            part = self._batch_sum(self.x[i:i + self.batch_size], self.y[i:i + self.batch_size], V, key=i)
-            out = part if out is None else out.add_(part)
+        batches = range(0, n, self.batch_size)
+        if self.fast is not None:
+            # each column chunk accumulates every batch's product in one buffer, its weight
+            # directions prepared once for all batches
+            chunks = [V[:, c].contiguous() for c in self._chunks(V.shape[1])]
+            prepared = [self.fast.prepare(W) for W in chunks]
+            sums = [torch.empty(W.shape, dtype=self.dtype, device=self.device) for W in chunks]
+            for i in batches:
+                x, y = self._prep(self.x[i:i + self.batch_size], self.y[i:i + self.batch_size])
+                for W, p, s in zip(chunks, prepared, sums):
+                    self.fast.batch_sum(x, y, W, key=i, out=s, accumulate=i > 0, prepared=p)
+            out = sums[0] if len(sums) == 1 else torch.cat(sums, dim=1)
+        else:
+            out = None
+            for i in batches:
+                part = self._batch_sum(self.x[i:i + self.batch_size], self.y[i:i + self.batch_size], V)
+                out = part if out is None else out.add_(part)
         self.n_matvecs += V.shape[1]
         out.div_(n)
         return out.squeeze(1) if squeeze else out

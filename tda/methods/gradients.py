@@ -92,9 +92,21 @@ def per_example_target_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 
 def per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str,
-                      chunk_size: int = 256) -> torch.Tensor:
+                      chunk_size: int = 256, factored: bool = False) -> torch.Tensor:
     """Flattened per-example loss gradients, shape [n, n_params] (trainable parameters,
-    in `named_parameters` order)."""
+    in `named_parameters` order). `factored`: where every trainable parameter belongs to an
+    `nn.Linear` applied once per example, form them from the layers' factors b aᵀ (one
+    batched backward per chunk, no torch.func transform: equal up to float rounding, and
+    without vmap's overhead or its first call's import of torch._dynamo)."""
+    if factored and factorable_linears(model):
+        target, rows = loss_target(task), []
+        try:
+            for i in range(0, len(x), chunk_size):
+                rows.append(linear_factors(model, x[i:i + chunk_size], y[i:i + chunk_size], target).dense())
+            if rows:
+                return torch.cat(rows)
+        except NotFactorable:  # a linear layer applied to a sequence or twice per forward
+            pass
     return per_example_target_grads(model, x, y, loss_target(task), chunk_size)
 
 
@@ -184,8 +196,17 @@ class FactoredGrads:
         return (lf.B.unsqueeze(2) * A.unsqueeze(1)).flatten(1)
 
     def dense(self) -> torch.Tensor:
-        """[n, n_params] in the layout's order."""
-        return torch.cat([self.block(name) for name in self.layout.names], dim=1)
+        """[n, n_params] in the layout's order (each block written in place)."""
+        first = self.layers[0].B
+        out = torch.empty(len(self), self.layout.n_params, dtype=first.dtype, device=first.device)
+        for name, sl in self.layout.slices().items():
+            lf, kind = self._find(name)
+            if kind == "bias":
+                out[:, sl] = lf.B
+            else:
+                A = _dense(lf.A)
+                torch.mul(lf.B.unsqueeze(2), A.unsqueeze(1), out=out[:, sl].view(len(out), *lf.B.shape[1:], A.shape[1]))
+        return out
 
 
 def as_sparse_if_sparse(A: torch.Tensor, max_density: float = 0.25) -> torch.Tensor:

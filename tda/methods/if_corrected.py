@@ -45,16 +45,19 @@ class IFCorrected(CG):
     def scores(self, problem: AttributionProblem) -> torch.Tensor:
         model, dtype, g_test, g_lo, lam = self._prepare(problem)
         op = self._curvature_operator(problem, model, dtype)
-        gbar = mean_grad(model, problem.x_train, problem.y_train, problem.task, self.batch_size, dtype)
+        with self.phase("gradients"):
+            gbar = mean_grad(model, problem.x_train, problem.y_train, problem.task, self.batch_size, dtype)
         B = torch.cat([g_test.T, gbar[:, None]], dim=1).to(op.device, dtype)
-        X, info = block_cg(op.matvec, B, lam, self.tol, self.maxiter)
+        with self.phase("solve"):
+            X, info = block_cg(op.matvec, B, lam, self.tol, self.maxiter)
         if info["breakdown"]:
             raise RefusedError(f"if_corrected: C + λI is not positive definite (curvature={self.curvature}, "
                              f"λ={lam:.3g}); use method.curvature=gn or a larger method.damping_multiple")
         s_test, delta = X[:, :-1], -X[:, -1]  # K⁻¹g_test [n_params, n_test], Δθ(D) [n_params]
-        c_delta = op.per_example_matvec(problem.x_left_out, problem.y_left_out, delta)  # [n_left_out, n_params]
-        plain = s_test.T @ g_lo.to(dtype).T / problem.n_train
-        correction = s_test.T @ c_delta.T / problem.n_train
+        with self.phase("scores"):
+            c_delta = op.per_example_matvec(problem.x_left_out, problem.y_left_out, delta)  # [n_left_out, n_params]
+            plain = s_test.T @ g_lo.to(dtype).T / problem.n_train
+            correction = s_test.T @ c_delta.T / problem.n_train
         ratio = float(correction.norm() / plain.norm().clamp_min(1e-300))
         self.record.update({"cg": info, "curvature": self.curvature, "displacement_norm": float(delta.norm()),
                             "mean_grad_norm": float(gbar.norm()), "correction_to_plain_norm_ratio": ratio})

@@ -9,10 +9,17 @@ factors. :class:`InfluenceMethod` owns the settings they share — curvature, da
 solver dtype, batch and chunk sizes, each checked when the method is built — and the steps they
 share: gradients in the solver dtype, λ₀ and λ, the curvature operator, and (with
 :func:`solve_side` / :func:`scores_from_solution`) which side of the score to solve for.
+
+Where the time goes: every method times its steps with :meth:`InfluenceMethod.phase` into
+`record["seconds"]` (gradients, lambda0, factors, solve, scores, and the safety checks as
+`check_*`), which `benchmarks/methods_influence.py` reports as the checks' share.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -20,6 +27,7 @@ from torch import nn
 
 from tda.config import ConfigError
 from tda.methods.base import Method
+from tda.methods.cache import CurvatureCache
 from tda.methods.checks import non_negative, positive_int
 from tda.methods.curvature import CURVATURES, CurvatureOperator
 from tda.methods.damping import base_damping, resolve_damping
@@ -67,6 +75,23 @@ class InfluenceMethod(Method):
         self.chunk_size = positive_int("chunk_size", chunk_size, "rows per per-example-gradient chunk", 256)
         self.dtype = check_dtype(dtype)
 
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Add the seconds the block takes, less those of the phases nested in it, to
+        `record["seconds"][name]`; safety checks are named `check_*`."""
+        nested = self.__dict__.setdefault("_nested_seconds", [])
+        nested.append(0.0)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - t0
+            inner = nested.pop()
+            if nested:
+                nested[-1] += elapsed
+            seconds = self.record.setdefault("seconds", {})
+            seconds[name] = seconds.get(name, 0.0) + elapsed - inner
+
     def _prepare(self, problem: AttributionProblem) -> tuple[nn.Module, torch.dtype, torch.Tensor, torch.Tensor,
                                                                float]:
         """The first steps of every `scores`: (the model on the problem's device in eval mode, the
@@ -75,22 +100,39 @@ class InfluenceMethod(Method):
         model = problem.model.to(problem.device)
         model.eval()
         dtype = DTYPES[self.dtype] or next(model.parameters()).dtype
-        g_test = per_example_grads(model, problem.x_test, problem.y_test, problem.task, self.chunk_size).to(dtype)
-        g_lo = per_example_grads(model, problem.x_left_out, problem.y_left_out, problem.task,
-                                 self.chunk_size).to(dtype)
+        with self.phase("gradients"):
+            g_test = per_example_grads(model, problem.x_test, problem.y_test, problem.task, self.chunk_size,
+                                       factored=True).to(dtype)
+            g_lo = per_example_grads(model, problem.x_left_out, problem.y_left_out, problem.task, self.chunk_size,
+                                     factored=True).to(dtype)
         return model, dtype, g_test, g_lo, self._damping(problem, model)
 
     def _damping(self, problem: AttributionProblem, model: nn.Module) -> float:
-        """λ = damping_multiple × λ₀ (both recorded); λ₀ cached in the problem's cache directory."""
-        lam0 = base_damping(model, problem.x_train, problem.y_train, problem.task, self.chunk_size, problem.cache_dir)
+        """λ = damping_multiple × λ₀ (both recorded). Every `scores` calls this first: it opens
+        the problem's cache of per-model quantities (`self._cache`: λ₀ here, the factors and
+        spectra of the subclasses; :mod:`tda.methods.cache`)."""
+        self._cache = CurvatureCache(problem.cache_dir, model, problem.x_train, problem.y_train)
+        with self.phase("lambda0"):
+            lam0 = base_damping(model, problem.x_train, problem.y_train, problem.task, self.chunk_size,
+                                cache=self._cache)
         return resolve_damping(self.damping_multiple, lam0, self.record)
 
-    def _curvature_operator(self, problem: AttributionProblem, model: nn.Module,
-                            dtype: torch.dtype) -> CurvatureOperator:
+    def _curvature_operator(self, problem: AttributionProblem, model: nn.Module, dtype: torch.dtype,
+                            batch_size: int | None = None) -> CurvatureOperator:
         """The method's curvature of the mean training loss, in batches of `batch_size` training
-        rows, its column blocks bounded by the memory budget."""
+        rows (default: the method's), its column blocks bounded by the memory budget."""
         return CurvatureOperator(model, problem.x_train, problem.y_train, problem.task, self.curvature,
-                                 self.batch_size, dtype, problem.device, problem.memory_budget_mb)
+                                 batch_size or self.batch_size, dtype, problem.device, problem.memory_budget_mb)
+
+
+def column_norms(X: torch.Tensor, rows: int = 8192) -> torch.Tensor:
+    """‖X[:, j]‖ [k] in float64 for X [n, k]: squares summed over blocks of rows (norm(dim=0)
+    reduces across the rows of a row-major matrix ~5× slower)."""
+    total = torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
+    for r in range(0, len(X), rows):
+        block = X[r:r + rows].double()
+        total += (block * block).sum(0)
+    return total.sqrt()
 
 
 def solve_side(g_test: torch.Tensor, g_lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:

@@ -19,8 +19,8 @@ in the Kronecker eigenbasis, Λ = 1/n Σᵢ Σ_c (Q_Sᵀ M_ic Q_A)² (a second p
 
 Trainable parameters outside supported layers (batch norm, layer norm, embeddings, grouped
 convolutions) get the exact diagonal of G (1/n Σᵢ Σ_c (Jᵢᵀu_ic)²), recorded in `record`.
-Factors are cached in `problem.cache_dir` (safetensors, keyed by model, data and kind), so a
-sweep over damping computes them once.
+Factors are cached in `problem.cache_dir` (safetensors, keyed by model, data, kind and batch
+size, checked on load: :mod:`tda.methods.cache`), so a sweep over damping computes them once.
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from tda.artifacts import load_tensors, save_tensors
-from tda.methods.damping import model_fingerprint
-from tda.methods.gradients import FactoredGrads, NotFactorable, compute_grads, loss_target
+from tda.methods.cache import CurvatureCache
+from tda.methods.damping import base_damping, checked_lambda0, resolve_damping
+from tda.methods.gradients import FactoredGrads, NotFactorable, compute_grads, loss_target, to_csr
 from tda.methods.influence import InfluenceMethod, solve_side
 from tda.methods.layout import ParamLayout, frozen_state, trainable_params
-from tda.methods.output_hessian import output_hessian_sqrt
+from tda.methods.output_hessian import output_grad, output_hessian_sqrt
 from tda.methods.progress import Progress
 from tda.models.structure import should_use_sparse
 from tda.problem import AttributionProblem
@@ -105,20 +105,31 @@ def find_layers(model: nn.Module, layout: ParamLayout) -> tuple[list[Layer], lis
 
 
 def compute_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, kind: str,
-                    batch_size: int = 512, memory_budget_mb: float | None = None) -> dict[str, torch.Tensor]:
+                    batch_size: int = 512, memory_budget_mb: float | None = None,
+                    lambda0: dict | None = None) -> dict[str, torch.Tensor]:
     """Eigendecomposed factors over all rows (float64): per layer `<l>.QA/.QS/.eA/.eS` and, for
     EK-FAC, `<l>.lam`; `diag.<param>` for the other trainable parameters. `memory_budget_mb`
     bounds EK-FAC's per-example gradient matrices for layers applied at several positions
-    (convolutions, sequences), which are formed for a few rows of a batch at a time."""
+    (convolutions, sequences), which are formed for a few rows of a batch at a time.
+
+    `lambda0`: if given, and every trainable parameter belongs to a layer applied once per
+    example, the pass also backpropagates each batch's loss gradient and sets
+    `lambda0["lambda0"]` = Σᵢ‖gᵢ‖² / (n · n_params) (a layer's gradient δ aᵀ has squared norm
+    ‖δ‖²‖a‖², its bias included in a): :func:`tda.methods.damping.base_damping`'s λ₀, summed
+    in this pass's batches."""
     model.eval()
-    layers, others = find_layers(model, ParamLayout.of(model))
+    layout = ParamLayout.of(model)
+    layers, others = find_layers(model, layout)
     dev = next(model.parameters()).device
     A = {layer.name: torch.zeros(layer.d_in, layer.d_in, dtype=torch.float64, device=dev) for layer in layers}
     S = {layer.name: torch.zeros(layer.d_out, layer.d_out, dtype=torch.float64, device=dev) for layer in layers}
     n = len(x)
+    sparse: dict[str, bool] = {}  # one-hot inputs (per layer, decided on the first batch)
+    squared_norms = {"batches": [], "factorable": lambda0 is not None and not others}  # Σᵢ‖gᵢ‖² per batch
 
-    def passes(fn, what: str):
-        """Run fn(layer, a [b,T,d_in'], δ [b,C,T,d_out]) on every batch."""
+    def batches(what: str, norms: bool = False):
+        """Every batch's (a [b,T,d_in'], δ [b,C,T,d_out]) per layer; with `norms`, the sum of its
+        squared per-example loss gradients into `squared_norms`."""
         progress = Progress()
         for i in range(0, n, batch_size):
             if progress.due():
@@ -145,21 +156,55 @@ def compute_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: st
                 gs = torch.autograd.grad(out, outs, grad_outputs=U[:, c].reshape(out.shape), retain_graph=True)
                 for layer, g in zip(layers, gs):
                     deltas[layer.name].append(layer.out_grads(g))
+            batch = {layer.name: (layer.patches(inputs[layer.name]), torch.stack(deltas[layer.name], dim=1))
+                     for layer in layers}
             for layer in layers:
-                fn(layer, layer.patches(inputs[layer.name]), torch.stack(deltas[layer.name], dim=1))
+                if layer.name not in sparse:
+                    a = batch[layer.name][0]
+                    sparse[layer.name] = a.shape[1] == 1 and should_use_sparse(a[:, 0], "auto")
+            # a layer applied at several positions: ‖Σ_t δ_t a_tᵀ‖² does not factorise
+            squared_norms["factorable"] &= all(a.shape[1] == 1 for a, _ in batch.values())
+            if norms and squared_norms["factorable"]:
+                yb = y[i:i + batch_size].to(dev)
+                gs = torch.autograd.grad(out, outs, grad_outputs=output_grad(out.detach(), yb, task))
+                # per row in the model's dtype (as base_damping's factored chunks), summed in float64
+                squared_norms["batches"].append(sum(
+                    float((layer.out_grads(g)[:, 0].pow(2).sum(1).double()
+                           * batch[layer.name][0][:, 0].pow(2).sum(1).double()).sum()) for layer, g in zip(layers, gs)))
+            yield batch
 
-    def accumulate(layer, a, d):
-        # each batch's products in the model's dtype (float32 GEMMs are the faster kind on CPU),
-        # summed over batches in float64
-        if a.shape[1] == 1 and should_use_sparse(a[:, 0], "auto"):
-            # one-hot rows (Folktables: 11 non-zeros of 792 with the bias column): aᵀa costs its
-            # non-zeros, not d_in² per row
-            A[layer.name] += (a[:, 0].T.to_sparse() @ a[:, 0]).double()
-        else:
-            A[layer.name] += torch.einsum("bti,btj->ij", a, a).double() / a.shape[1]
-        S[layer.name] += torch.einsum("bcti,bctj->ij", d, d).double()
+    def kept_batches(kept: list[dict], what: str):
+        """The kept batches again, with the progress lines of a pass."""
+        progress = Progress()
+        for j, batch in enumerate(kept):
+            if progress.due():
+                log.info("%s: %s, row %d of %d", kind, what, j * batch_size, n)
+            yield batch
 
-    passes(accumulate, "factor pass")
+    # EK-FAC's second pass needs the same a and δ again: kept from the first pass when every
+    # layer sees one vector per example and they take under a quarter of the memory budget
+    # (the Folktables-sized MLP: ~190 MB for 30,085 rows), else recomputed
+    kept: list[dict] | None = [] if kind == "ekfac" else None
+    for batch in batches("factor pass", norms=True):
+        for layer in layers:
+            a, d = batch[layer.name]
+            # each batch's products in the model's dtype (float32 GEMMs are the faster kind on
+            # CPU), summed over batches in float64
+            if sparse[layer.name]:
+                # one-hot rows (Folktables: 11 non-zeros of 792 with the bias column): aᵀa costs
+                # its non-zeros, not d_in² per row
+                A[layer.name] += (a[:, 0].T.to_sparse() @ a[:, 0]).double()
+            else:  # Σ over rows and positions as one GEMM (einsum's batched route is ~2x slower here)
+                a2 = a.reshape(-1, a.shape[-1])
+                A[layer.name] += (a2.T @ a2).double() / a.shape[1]
+            d2 = d.reshape(-1, d.shape[-1])
+            S[layer.name] += (d2.T @ d2).double()
+        if kept is not None:
+            kept.append(batch)
+            per_batch = sum(t.numel() * t.element_size() for a, d in batch.values() for t in (a, d))
+            if any(a.shape[1] > 1 for a, _ in batch.values()) or (
+                    memory_budget_mb is not None and per_batch * -(-n // batch_size) > memory_budget_mb * 2**18):
+                kept = None
     out: dict[str, torch.Tensor] = {}
     for layer in layers:
         eA, QA = torch.linalg.eigh(A[layer.name] / n)
@@ -167,26 +212,30 @@ def compute_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: st
         out.update({f"{layer.name}.QA": QA, f"{layer.name}.QS": QS, f"{layer.name}.eA": eA, f"{layer.name}.eS": eS})
     if kind == "ekfac":
         lam = {layer.name: torch.zeros(layer.d_out, layer.d_in, dtype=torch.float64, device=dev) for layer in layers}
-
-        def correct(layer, a, d):
-            QA, QS = out[f"{layer.name}.QA"], out[f"{layer.name}.QS"]
-            a64, d64 = a.double(), d.double()
-            if a.shape[1] == 1:  # M = δ aᵀ: the rotated square is an outer product of squares
-                a1 = a64[:, 0].to_sparse() if should_use_sparse(a64[:, 0], "auto") else a64[:, 0]
-                ar, dr = (a1 @ QA) ** 2, (d64[:, :, 0] @ QS) ** 2  # [b, d_in'], [b, C, d_out]
-                lam[layer.name] += torch.einsum("bco,bi->oi", dr, ar)
-            else:
-                # M is [rows, C, d_out, d_in'] float64 and its rotation holds two more of its size
-                # (~14 GB for 512 rows of a MiniLM feed-forward layer): rows in chunks within the budget
-                per_row = 3 * d.shape[1] * layer.d_out * a.shape[-1] * 8
-                rows = len(a) if memory_budget_mb is None else max(1, int(memory_budget_mb * 2**20 // per_row))
-                for r in range(0, len(a), rows):
-                    M = torch.einsum("bcto,bti->bcoi", d64[r:r + rows], a64[r:r + rows])
-                    lam[layer.name] += ((QS.T @ M @ QA) ** 2).sum((0, 1))
-
-        passes(correct, "eigenvalue correction pass")
+        what = "eigenvalue correction pass"
+        for batch in kept_batches(kept, what) if kept is not None else batches(what):
+            for layer in layers:
+                a, d = batch[layer.name]
+                QA, QS = out[f"{layer.name}.QA"], out[f"{layer.name}.QS"]
+                a64, d64 = a.double(), d.double()
+                if a.shape[1] == 1:  # M = δ aᵀ: the rotated square is an outer product of squares
+                    a1 = to_csr(a64[:, 0]) if sparse[layer.name] else a64[:, 0]  # CSR: ~2.5x COO's product
+                    ar, dr = (a1 @ QA).pow_(2), (d64[:, :, 0] @ QS).pow_(2).sum(1)  # [b, d_in'], [b, d_out]
+                    lam[layer.name] += dr.T @ ar
+                else:
+                    # M is [rows, C, d_out, d_in'] float64 and its rotation holds two more of its
+                    # size (~14 GB for 512 rows of a MiniLM feed-forward layer): rows in chunks
+                    # within the budget
+                    per_row = 3 * d.shape[1] * layer.d_out * a.shape[-1] * 8
+                    rows = len(a) if memory_budget_mb is None else max(1, int(memory_budget_mb * 2**20 // per_row))
+                    for r in range(0, len(a), rows):
+                        M = torch.einsum("bcto,bti->bcoi", d64[r:r + rows], a64[r:r + rows])
+                        lam[layer.name] += ((QS.T @ M @ QA) ** 2).sum((0, 1))
+        del kept
         for layer in layers:
             out[f"{layer.name}.lam"] = lam[layer.name] / n
+    if squared_norms["factorable"]:
+        lambda0["lambda0"] = sum(squared_norms["batches"]) / (n * layout.n_params)
     if others:
         out.update(diagonal_gn(model, others, x, task, batch_size))
     return out
@@ -221,23 +270,20 @@ def diagonal_gn(model: nn.Module, names: list[str], x: torch.Tensor, task: str,
 
 
 def load_or_compute_factors(problem: AttributionProblem, model: nn.Module, kind: str, batch_size: int,
-                            record: dict) -> dict[str, torch.Tensor]:
-    path = None
-    if problem.cache_dir is not None:
-        fp = model_fingerprint(model, problem.x_train, problem.y_train)
-        path = problem.cache_dir / f"{kind}-factors-{fp}.safetensors"
-        if path.is_file():
-            record.update({"factors_cached": True, "factors_path": str(path)})
-            dev = next(model.parameters()).device
-            return {k: v.to(dev) for k, v in load_tensors(path).items()}
+                            record: dict, cache: CurvatureCache,
+                            lambda0: dict | None = None) -> dict[str, torch.Tensor]:
+    """The factors of `model` on the problem's training set, from `cache` (entry
+    `<kind>-factors`, keyed by model, data, task and batch size) or computed and stored (with
+    λ₀ into `lambda0` on the way where possible: :func:`compute_factors`); `record` says which
+    (`factors_cached`, `factors_path`, `factors_seconds`)."""
     t0 = time.perf_counter()
-    factors = compute_factors(model, problem.x_train, problem.y_train, problem.task, kind, batch_size,
-                              problem.memory_budget_mb)
-    record.update({"factors_cached": False, "factors_seconds": time.perf_counter() - t0})
-    if path is not None:
-        save_tensors(path, factors, metadata={"kind": kind, "n_train": problem.n_train})
-        record["factors_path"] = str(path)
-    return factors
+    settings = {"kind": kind, "task": problem.task, "batch_size": batch_size}
+    factors, path, cached = cache.tensors(f"{kind}-factors", settings, lambda: compute_factors(
+        model, problem.x_train, problem.y_train, problem.task, kind, batch_size, problem.memory_budget_mb, lambda0))
+    record.update({"factors_cached": cached} | ({} if cached else {"factors_seconds": time.perf_counter() - t0})
+                  | ({"factors_path": str(path)} if path is not None else {}))
+    dev = next(model.parameters()).device
+    return {k: v.to(dev) for k, v in factors.items()}
 
 
 def kronecker_eigenvalues(factors: dict[str, torch.Tensor], layer: Layer, kind: str) -> torch.Tensor:
@@ -267,12 +313,14 @@ def inverse_apply(model: nn.Module, factors: dict[str, torch.Tensor], kind: str,
 
 
 def factored_scores(layers: list[Layer], factors: dict[str, torch.Tensor], kind: str, g_test: FactoredGrads,
-                    g_lo: FactoredGrads, damping: float, scratch_mb: float = 256.0) -> torch.Tensor:
+                    g_lo: FactoredGrads, damping: float, scratch_mb: float = 4.0) -> torch.Tensor:
     """Σ_l g_test,lᵀ (G̃_l + λI)⁻¹ g_j,l for every pair [n_test, n_left_out], float64, from the
     per-example factors of linear layers. In the Kronecker eigenbasis a per-example weight
     gradient b aᵀ becomes (QSᵀb)(QAᵀa)ᵀ, so each example costs two small rotations instead of
     the d_out × d_in' products :func:`inverse_apply` spends on a dense gradient; the damped
-    eigenvalues then weight the pairs: Σ_{o,i} bt_o at_i bj_o aj_i / (Λ_oi + λ)."""
+    eigenvalues then weight the pairs: Σ_{o,i} bt_o at_i bj_o aj_i / (Λ_oi + λ). The weighted
+    [test rows, d_out, d_in'] block is formed `scratch_mb` at a time: pieces that stay in the
+    CPU's cache are ~2x faster than one large block."""
     by_weight = lambda g: {lf.weight: lf for lf in g.layers}
     tests, lefts = by_weight(g_test), by_weight(g_lo)
     total = torch.zeros(len(g_test), len(g_lo), dtype=torch.float64, device=factors[f"{layers[0].name}.QA"].device)
@@ -291,7 +339,7 @@ def factored_scores(layers: list[Layer], factors: dict[str, torch.Tensor], kind:
         bj, aj = rotate(lefts[layer.w])
         rows = max(1, int(scratch_mb * 2**20 // (8 * W.numel())))
         for r in range(0, len(bt), rows):
-            X = bt[r:r + rows, :, None] * W * at[r:r + rows, None, :]  # [t, d_out, d_in']
+            X = (bt[r:r + rows, :, None] * W).mul_(at[r:r + rows, None, :])  # [t, d_out, d_in']
             Y = (X.reshape(-1, X.shape[-1]) @ aj.T).reshape(len(X), layer.d_out, len(aj))  # [t, d_out, j]
             total[r:r + rows] += (Y * bj.T).sum(1)
     return total
@@ -327,18 +375,44 @@ class EKFAC(InfluenceMethod):
         model.eval()
         layers, others = find_layers(model, ParamLayout.of(model))
         self.record.update({"kind": self.kind, "diagonal_params": others})
-        if self.dtype is None and (grads := _factored_grads(problem, model, layers, others)) is not None:
-            lam = self._damping(problem, model)
-            factors = load_or_compute_factors(problem, model, self.kind, self.batch_size, self.record)
+        with self.phase("gradients"):
+            grads = _factored_grads(problem, model, layers, others) if self.dtype is None else None
+        if grads is not None:
+            self._cache = CurvatureCache(problem.cache_dir, model, problem.x_train, problem.y_train)
+            with self.phase("factors"):
+                factors, lam0 = self._factors_and_lambda0(problem, model)
+            lam = resolve_damping(self.damping_multiple, lam0, self.record)
             self.record["factored_scores"] = True
-            return factored_scores(layers, factors, self.kind, *grads, lam) / problem.n_train
+            with self.phase("scores"):
+                return factored_scores(layers, factors, self.kind, *grads, lam) / problem.n_train
         model, _, g_test, g_lo, lam = self._prepare(problem)
-        factors = load_or_compute_factors(problem, model, self.kind, self.batch_size, self.record)
-        solve, other, transposed = solve_side(g_test, g_lo)
-        X = inverse_apply(model, factors, self.kind, solve.double(), lam)  # [k, n_params]
-        s = other.double() @ X.T / problem.n_train  # [m, k]
+        with self.phase("factors"):
+            factors = load_or_compute_factors(problem, model, self.kind, self.batch_size, self.record, self._cache)
         self.record["factored_scores"] = False
-        return (s.T if not transposed else s).contiguous()
+        with self.phase("scores"):
+            solve, other, transposed = solve_side(g_test, g_lo)
+            X = inverse_apply(model, factors, self.kind, solve.double(), lam)  # [k, n_params]
+            s = other.double() @ X.T / problem.n_train  # [m, k]
+            return (s.T if not transposed else s).contiguous()
+
+    def _factors_and_lambda0(self, problem: AttributionProblem, model: nn.Module) -> tuple[dict, float]:
+        """(the factors, λ₀), λ₀ summed by the factor pass itself when it runs (one more backward
+        per batch instead of a pass of its own: the same mean squared gradient entry, in the
+        pass's batches) and cached beside them as `lambda0` for this batch size; else
+        :func:`base_damping`'s."""
+        settings = {"task": problem.task, "summed_by": f"factor pass, batch {self.batch_size}"}
+        lam0 = self._cache.get_json("lambda0", settings)
+        from_pass = {} if lam0 is None else None
+        factors = load_or_compute_factors(problem, model, self.kind, self.batch_size, self.record, self._cache,
+                                          from_pass)
+        if lam0 is None and from_pass:
+            lam0 = self._cache.json("lambda0", settings, lambda: {**from_pass, "n_rows": problem.n_train})
+        if lam0 is None:
+            with self.phase("lambda0"):
+                return factors, base_damping(model, problem.x_train, problem.y_train, problem.task, self.chunk_size,
+                                             cache=self._cache)
+        self.record["lambda0_from_factor_pass"] = True
+        return factors, checked_lambda0(float(lam0["lambda0"]))
 
 
 class KFAC(EKFAC):

@@ -12,14 +12,17 @@ only if K = C + λI (the full-data curvature) is positive definite: along an eig
 eigenvalue μ ≤ 0 each step multiplies h by 1 + |μ|/s, a growth slow enough (1 + 0.09/500 per
 step for the default MLP's Hessian at 100·λ₀) to stay under any norm bound for thousands of
 steps while the result is already wrong. So before the recursion, `lanczos_steps` Lanczos
-steps on K (full data, float64, :func:`tda.methods.spectrum.lanczos_extremes`) estimate its
-smallest eigenvalue, and after each run the smallest Ritz value of K on the span of the final
-iterates and increments (the increments are power iterations of I − K/s, so they line up with
-any growing direction: :func:`tda.methods.spectrum.span_ritz_min`) is computed; either one
-≤ 0 (up to the operator's rounding) proves K is not positive definite and the method
-refuses, as CG and Arnoldi do. Both are recorded (`spectrum`), with the full-data relative residual
-‖g − K x‖/‖g‖ of the returned solution.
-Cost: `lanczos_steps` one-column and ≤ 3·k·`repeat` column products over the training set.
+steps (full data, float64, :func:`tda.methods.spectrum.lanczos_extremes`) estimate the
+smallest eigenvalue of K — run on C and shifted by λ (the same Krylov space), cached per final
+model and curvature (:mod:`tda.methods.cache`) so that a damping sweep runs them once — and
+after each run the smallest Ritz value of K on the span of the final iterates and increments
+(the increments are power iterations of I − K/s, so they line up with any growing direction:
+:func:`tda.methods.spectrum.span_ritz`) is computed; either one ≤ 0 (up to the operator's
+rounding) proves K is not positive definite and the method refuses, as CG and Arnoldi do.
+Both are recorded (`spectrum`), with the full-data relative residual ‖g − K x‖/‖g‖ of the
+returned solution, whose products K h come from those of the span's check.
+Cost: `lanczos_steps` one-column products once per final model, and ≤ 2·k·`repeat` column
+products over the training set (in batches of at least CHECK_ROWS rows).
 
 Divergence of a run. If every batch curvature C_b is positive semi-definite and its eigenvalues are
 below 2s − λ, each step contracts by (1 − λ/s) and ‖h_t‖ ≤ s‖g‖/λ for all t. A column whose
@@ -39,34 +42,32 @@ from collections.abc import Callable
 import torch
 
 from tda.config import ConfigError
-from tda.exits import RefusedError
+from tda.exits import DivergedError, RefusedError
 from tda.methods.checks import positive, positive_int
 from tda.methods.curvature import CurvatureOperator
-from tda.methods.influence import InfluenceMethod, scores_from_solution, solve_side
+from tda.methods.influence import InfluenceMethod, column_norms, scores_from_solution, solve_side
 from tda.methods.progress import Progress
-from tda.methods.spectrum import definiteness_tolerance, lanczos_extremes, span_ritz_min
+from tda.methods.spectrum import definiteness_tolerance, lanczos_extremes, span_ritz
 from tda.problem import AttributionProblem
 
 log = logging.getLogger(__name__)
 
 AUTHORS_SCALES = (10, 20, 50, 100, 150, 200, 250, 300, 400, 500)
-
-
-class Diverged(RuntimeError):
-    pass
+CHECK_ROWS = 1024  # training rows per batch of the definiteness checks' full-data products
 
 
 def lissa_solve(op: CurvatureOperator, G: torch.Tensor, damping: float, scale: float, depth: int, repeat: int,
                 batch_size: int, generator: torch.Generator, divergence_factor: float = 10.0,
                 check_every: int = 10,
                 on_final: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """≈ (C + λI)⁻¹ G for G [n_params, k]; raises :class:`Diverged` (naming the step).
+    """≈ (C + λI)⁻¹ G for G [n_params, k]; raises :class:`tda.exits.DivergedError` (naming the step).
     `on_final`, if given, is called after each repeat that did not diverge with its last
     iterate and last increment (h_depth, h_depth − h_depth−1), both [n_params, k]."""
     n = len(op.x)
-    gnorm = G.norm(dim=0)
+    gnorm = column_norms(G)
     bound = divergence_factor * scale * gnorm / damping if damping > 0 else torch.full_like(gnorm, float("inf"))
     total = torch.zeros_like(G)
+    Ch = torch.empty_like(G)  # every step's product, in one buffer
     progress = Progress()
     for r in range(repeat):
         h = G.clone()
@@ -74,18 +75,18 @@ def lissa_solve(op: CurvatureOperator, G: torch.Tensor, damping: float, scale: f
             if batch_size >= n:  # the whole set: the deterministic Neumann series of C
                 Ch = op.matvec(h)
             else:
-                Ch = op.batch_matvec(torch.randint(n, (batch_size,), generator=generator), h)
+                Ch = op.batch_matvec(torch.randint(n, (batch_size,), generator=generator), h, out=Ch)
             # the last increment G − (C_b + λI)h/s, formed apart (not as a difference of iterates)
             step = G - Ch / scale - h * (damping / scale) if on_final is not None and t == depth else None
             h.mul_(1 - damping / scale).add_(G).add_(Ch, alpha=-1 / scale)  # G + h − (C_b + λI)h/s, in place
             if t % check_every == 0 or t == depth:
                 if progress.due():
                     log.info("lissa: scale %g, repeat %d of %d, step %d of %d", scale, r + 1, repeat, t, depth)
-                norms = h.norm(dim=0)
+                norms = column_norms(h)
                 bad = ~torch.isfinite(norms) | (norms > bound)
                 if bad.any():
-                    raise Diverged(f"scale {scale}: {int(bad.sum())} of {len(bad)} columns diverged at step {t} "
-                                   f"of repeat {r}")
+                    raise DivergedError(f"scale {scale}: {int(bad.sum())} of {len(bad)} columns diverged at step "
+                                        f"{t} of repeat {r}")
         if on_final is not None:
             on_final(h, step)
             del step
@@ -126,20 +127,23 @@ class LiSSA(InfluenceMethod):
 
     def scores(self, problem: AttributionProblem) -> torch.Tensor:
         model, dtype, g_test, g_lo, lam = self._prepare(problem)
-        op = self._curvature_operator(problem, model, dtype)
+        op = self._curvature_operator(problem, model, dtype)  # the recursion's mini-batch products
+        # the checks' full-data products, in batches of at least CHECK_ROWS rows
+        full = self._curvature_operator(problem, model, dtype, max(self.batch_size, CHECK_ROWS))
 
         def K(V: torch.Tensor) -> torch.Tensor:  # (C + λI) V over the whole training set
-            return op.matvec(V).add_(V.to(op.dtype), alpha=lam)
+            return full.matvec(V).add_(V.to(full.dtype), alpha=lam)
 
-        # before the recursion: Lanczos on the full-data K
-        est = lanczos_extremes(K, op.n_params, self.lanczos_steps, torch.Generator().manual_seed(int(self.seed)),
-                               op.dtype, op.device)
-        tol = definiteness_tolerance(est["max"], op.dtype)
-        spectrum = {"lanczos_min": est["min"], "lanczos_max": est["max"], "lanczos_steps": est["steps"],
-                    "lanczos_exact": est["exact"], "tolerance": tol}
+        # before the recursion: Lanczos' extreme Ritz values of C (cached per model), shifted by λ
+        with self.phase("check_lanczos"):
+            est, cached = self._spectrum(problem, full)
+        lanczos_min, lanczos_max = est["min"] + lam, est["max"] + lam
+        tol = definiteness_tolerance(lanczos_max, full.dtype)
+        spectrum = {"lanczos_min": lanczos_min, "lanczos_max": lanczos_max, "lanczos_steps": est["steps"],
+                    "lanczos_exact": est["exact"], "lanczos_cached": cached, "tolerance": tol}
         self.record["spectrum"] = spectrum
-        if est["min"] <= tol:
-            self._refuse(est["min"], lam, tol, f"{est['steps']} Lanczos steps on the full-data operator")
+        if lanczos_min <= tol:
+            self._refuse(lanczos_min, lam, tol, f"{est['steps']} Lanczos steps on the full-data operator")
 
         solve, other, transposed = solve_side(g_test, g_lo)
         G = solve.T.contiguous()
@@ -149,19 +153,21 @@ class LiSSA(InfluenceMethod):
         for s in candidates:
             gen = torch.Generator().manual_seed(int(self.seed))  # same batches for every scale tried
             # after each run: K on the span of its last iterate and increment (a growing
-            # direction, if any), and K h for the full-data residual of the result
-            finals = {"ritz_min": float("inf"), "Kh": torch.zeros_like(G)}
+            # direction, if any), and, from the same products, K h for the full-data residual
+            finals = {"ritz_min": float("inf"), "Kh": torch.zeros(G.shape, dtype=torch.float64, device=G.device)}
 
             def on_final(h: torch.Tensor, step: torch.Tensor, finals=finals) -> None:
-                found = span_ritz_min(torch.cat([h, step], dim=1), K)
+                with self.phase("check_ritz"):
+                    found, Kh = span_ritz(torch.cat([h, step], dim=1), K, first=h.shape[1])
                 finals["ritz_min"] = min(finals["ritz_min"], found)
-                finals["Kh"] += K(h)
+                finals["Kh"] += Kh
 
             try:
-                X = lissa_solve(op, G, lam, s, self.depth, self.repeat, self.batch_size, gen, self.divergence_factor,
-                                on_final=on_final)
+                with self.phase("solve"):
+                    X = lissa_solve(op, G, lam, s, self.depth, self.repeat, self.batch_size, gen,
+                                    self.divergence_factor, on_final=on_final)
                 break
-            except Diverged as err:
+            except DivergedError as err:
                 log.info("%s: %s", self.name, err)
                 tried.append(str(err))
         else:
@@ -170,7 +176,7 @@ class LiSSA(InfluenceMethod):
                              f"or a larger method.damping_multiple")
         found = finals["ritz_min"]
         KX = finals["Kh"] / (self.repeat * s)  # K x for x = the mean of h/s over the repeats
-        residual = (G - KX).double().norm(dim=0) / G.double().norm(dim=0).clamp_min(1e-300)
+        residual = (G.double() - KX).norm(dim=0) / G.double().norm(dim=0).clamp_min(1e-300)
         spectrum.update({"recursion_ritz_min": found if found < float("inf") else None,
                          "relative_residual_max": float(residual.max()) if k else 0.0,
                          "relative_residual_mean": float(residual.mean()) if k else 0.0})
@@ -179,8 +185,27 @@ class LiSSA(InfluenceMethod):
                                        f"increments at scale {s:g}")
         self.record.update({"scale": s, "scales_diverged": tried, "curvature": self.curvature,
                             "depth": self.depth, "repeat": self.repeat, "batch_size": self.batch_size,
-                            "solved_side": "left_out" if transposed else "test", "curvature_products": op.n_matvecs})
-        return scores_from_solution(X, other.to(X.dtype), problem.n_train, transposed).to(torch.float64)
+                            "solved_side": "left_out" if transposed else "test",
+                            "curvature_products": op.n_matvecs + full.n_matvecs})
+        with self.phase("scores"):
+            return scores_from_solution(X, other.to(X.dtype), problem.n_train, transposed).to(torch.float64)
+
+    def _spectrum(self, problem: AttributionProblem, full: CurvatureOperator) -> tuple[dict, bool]:
+        """(`lanczos_steps` Lanczos steps on C from the seeded start: its extreme Ritz values,
+        whether they came from the cache). On C, not C + λI: the Krylov space is the same and
+        every Ritz value moves by λ, so one entry serves every damping of a sweep."""
+        settings = {"curvature": self.curvature, "task": problem.task, "dtype": str(full.dtype),
+                    "device": full.device.type, "steps": self.lanczos_steps, "seed": int(self.seed),
+                    "rows_per_product": full.batch_size}
+        computed = []
+
+        def compute() -> dict:
+            computed.append(True)
+            return lanczos_extremes(full.matvec, full.n_params, self.lanczos_steps,
+                                    torch.Generator().manual_seed(int(self.seed)), full.dtype, full.device)
+
+        est = self._cache.json("spectrum", settings, compute)
+        return est, not computed
 
     def _refuse(self, mu: float, lam: float, tol: float, how: str) -> None:
         """The one message for a C + λI that is not positive definite (as CG and Arnoldi word it)."""

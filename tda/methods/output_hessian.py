@@ -21,10 +21,15 @@ def output_grad(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
 
 def output_hessian_sqrt(out: torch.Tensor, task: str) -> torch.Tensor:
     """Columns u_c with Σ_c u_c u_cᵀ = Λ, the Hessian of the loss in the model output.
-    out [b, C] -> [b, C, C] (index 1: the column c). Cross-entropy: Λ = diag(p) − ppᵀ and
-    u_c = √p_c (e_c − p); squared error on [b, 1] / [b]: Λ = 2."""
+    out [b, C] -> [b, K, C] (index 1: the column c). Cross-entropy: Λ = diag(p) − ppᵀ and
+    u_c = √p_c (e_c − p), K = C, except for two classes, where Λ = p₀p₁ (1, −1)(1, −1)ᵀ has
+    rank one and K = 1 column, u = √(p₀p₁) (1, −1), halves the backward passes that use them;
+    squared error on [b, 1] / [b]: Λ = 2."""
     if task == "classification":
         p = torch.softmax(out, dim=-1)
+        if p.shape[-1] == 2:
+            return (p[:, 0] * p[:, 1]).sqrt()[:, None, None] * torch.tensor([1.0, -1.0], dtype=p.dtype,
+                                                                            device=p.device)
         eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
         return p.sqrt().unsqueeze(-1) * (eye.unsqueeze(0) - p.unsqueeze(1))
     if task == "regression":
