@@ -10,9 +10,12 @@ Grad-Dot-Adam, TRAK) below, then the influence functions' of `benchmarks/methods
 
 from __future__ import annotations
 
+import importlib
+import tempfile
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.common import ROOT, Case, Result, Runner, Staged, arguments, run
 from benchmarks.methods_influence import influence_cases
@@ -44,7 +47,7 @@ def ref_grad_dot(p: AttributionProblem, normalize: bool = False) -> torch.Tensor
 
 
 def _dattri_task(p: AttributionProblem):
-    from dattri.task import AttributionTask
+    from dattri.task import AttributionTask  # noqa: PLC0415 - optional peer, imported where measured
     model = p.model
 
     def loss(params, data):
@@ -57,12 +60,11 @@ def _dattri_task(p: AttributionProblem):
 
 
 def _loader(x, y, bs=256):
-    from torch.utils.data import DataLoader, TensorDataset
     return DataLoader(TensorDataset(x, y), batch_size=bs, shuffle=False)
 
 
 def dattri_grad_dot(p: AttributionProblem, normalize: bool = False) -> torch.Tensor:
-    from dattri.algorithm.tracin import TracInAttributor
+    from dattri.algorithm.tracin import TracInAttributor  # noqa: PLC0415 - optional peer, imported where measured
     att = TracInAttributor(task=_dattri_task(p), weight_list=torch.ones(1), normalized_grad=normalize)
     att.projector_kwargs = None  # dattri projects to 512 dims by default; exact Grad-Dot needs it off
     return att.attribute(_loader(p.x_left_out, p.y_left_out), _loader(p.x_test, p.y_test)).T
@@ -108,7 +110,7 @@ def dattri_datainf(p: AttributionProblem, damping: float, n_test: int = 10) -> R
     for every test batch it forms [test batch × train batch × layer size] tensors (4 GB per
     batch of the first layer with all 100 test instances at once, over 12 GB in all, and more
     than 7 minutes here), and its work is linear in the test instances."""
-    from dattri.algorithm.influence_function import IFAttributorDataInf
+    from dattri.algorithm.influence_function import IFAttributorDataInf  # noqa: PLC0415 - optional peer, imported where measured
     att = IFAttributorDataInf(task=_dattri_task(p), regularization=damping)
     att.cache(_loader(p.x_train, p.y_train))
     s = att.attribute(_loader(p.x_left_out, p.y_left_out), _loader(p.x_test[:n_test], p.y_test[:n_test])).T
@@ -137,11 +139,10 @@ def ours(method_cls, **kw) -> Runner:
 def traker_trak(p: AttributionProblem, proj_dim: int, same_projection: bool = False) -> torch.Tensor:
     """MadryLab's TRAKer on CPU with one model, full precision; its BasicProjector, or (with
     `same_projection`) a projector applying our seeded matrix, so that the scores must agree."""
-    import tempfile
 
-    from trak import TRAKer
-    from trak.projectors import AbstractProjector, BasicProjector, ProjectionType
-    from trak.utils import vectorize
+    from trak import TRAKer  # noqa: PLC0415 - optional peer, imported where measured
+    from trak.projectors import AbstractProjector, BasicProjector, ProjectionType  # noqa: PLC0415 - optional peer, imported where measured
+    from trak.utils import vectorize  # noqa: PLC0415 - optional peer, imported where measured
     layout = ParamLayout.of(p.model)
     n_params = layout.n_params
 
@@ -177,7 +178,6 @@ def traker_trak(p: AttributionProblem, proj_dim: int, same_projection: bool = Fa
 def peer(package: str, fn: Runner, module: str) -> Staged:
     """A public library's runner: `module` imported before the clock starts, its rows cached
     per problem and `package` version."""
-    import importlib
 
     def setup(p: AttributionProblem) -> None:
         importlib.import_module(module)

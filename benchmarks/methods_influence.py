@@ -38,9 +38,12 @@ column against a block of 100 (benchmarks/results/curvature_products.json).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
+from torch.func import functional_call, grad, jvp, vmap
+from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.common import ROOT, Case, Result, Staged, arguments, load_problem, run
 from benchmarks.peers import kronfluence_scores
@@ -149,7 +152,7 @@ def _kfac(cls):
 
 
 def _dattri_task(p: AttributionProblem):
-    from dattri.task import AttributionTask
+    from dattri.task import AttributionTask  # noqa: PLC0415 - optional peer, imported where measured
 
     model = p.model
 
@@ -161,18 +164,17 @@ def _dattri_task(p: AttributionProblem):
 
 
 def _loader(x, y, bs):
-    from torch.utils.data import DataLoader, TensorDataset
 
     return DataLoader(TensorDataset(x, y), batch_size=bs, shuffle=False)
 
 
 def _import_dattri(p: AttributionProblem) -> None:
-    import dattri.algorithm.influence_function  # noqa: F401 - the library's import, before the clock
+    import dattri.algorithm.influence_function  # noqa: F401, PLC0415 - the library's import, before the clock
 
 
 def _dattri(kind: str, rows: int = N_ROWS, lam: float = PEER_DAMPING) -> Staged:
     def run(p: AttributionProblem, _):
-        from dattri.algorithm import influence_function as inf
+        from dattri.algorithm import influence_function as inf  # noqa: PLC0415 - optional peer, imported where measured
 
         q = _slice(p, rows=rows)
         task = _dattri_task(q)
@@ -194,7 +196,7 @@ def _kronfluence(strategy: str) -> Staged:
     """kronfluence's EK-FAC / K-FAC (`benchmarks/peers.py`) at the same absolute damping λ =
     MULTIPLE × λ₀, which its setup computes (kronfluence is given λ, as a user would give it)."""
     def setup(p: AttributionProblem) -> float:
-        import kronfluence.analyzer  # noqa: F401 - the library's import, before the clock
+        import kronfluence.analyzer  # noqa: F401, PLC0415 - the library's import, before the clock
 
         return MULTIPLE * base_damping(p.model, p.x_train, p.y_train, p.task)
 
@@ -242,9 +244,7 @@ def curvature_products(cache: Path, rows: int = 3000, reps: int = 3, rounds: int
       JVP then VJP for the Gauss–Newton, vmapped over the columns of a block;
     - `forward_over_reverse_vmap` (Hessian): `jvp` of `grad` under vmap, the operator's first form.
     Also the largest relative difference of each way from the fast path."""
-    import time
 
-    from torch.func import functional_call, grad, jvp, vmap
 
     p = load_problem("folktables_sized_3k", cache, 2048.0)
     x, y = p.x_train[:rows], p.y_train[:rows]
@@ -254,12 +254,12 @@ def curvature_products(cache: Path, rows: int = 3000, reps: int = 3, rounds: int
         generic = CurvatureOperator(p.model, x, y, p.task, curvature, rows, fast_path=False)
 
         def loss_sum(params):
-            return per_example_loss(functional_call(generic.model, (params, generic.const), (x,)), y, p.task).sum()
+            return per_example_loss(functional_call(generic.model, (params, generic.const), (x,)), y, p.task).sum()  # noqa: B023 - called within this iteration
 
         def fwd_over_rev(V):
-            tangents = vmap(generic.layout.unflatten, in_dims=1)(V)
-            o = vmap(lambda t: jvp(grad(loss_sum), (generic.params,), (t,))[1])(tangents)
-            return torch.cat([o[k].reshape(V.shape[1], -1) for k in generic.layout.names], dim=1).T / len(x)
+            tangents = vmap(generic.layout.unflatten, in_dims=1)(V)  # noqa: B023 - called within this iteration
+            o = vmap(lambda t: jvp(grad(loss_sum), (generic.params,), (t,))[1])(tangents)  # noqa: B023 - called within this iteration
+            return torch.cat([o[k].reshape(V.shape[1], -1) for k in generic.layout.names], dim=1).T / len(x)  # noqa: B023 - called within this iteration
 
         for k in (1, 100):
             V = torch.randn(fast.n_params, k, generator=torch.Generator().manual_seed(0))

@@ -54,8 +54,11 @@ class CurvatureOperator:
         trainable = trainable_params(model)
         self.device = device or next(iter(trainable.values())).device
         self.dtype = dtype or next(iter(trainable.values())).dtype
-        cast = lambda d: {k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
-                          for k, v in d.items()}
+
+        def cast(d):
+            return {k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
+                    for k, v in d.items()}
+
         self.params = cast(trainable)
         self.const = cast(frozen_state(model))
         self.x, self.y = x, y

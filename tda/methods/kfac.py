@@ -139,7 +139,7 @@ def compute_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: st
 
             def keep(name):
                 def hook(mod, inp, out):  # must return None: a returned value replaces the output
-                    inputs[name], outputs[name] = inp[0].detach(), out
+                    inputs[name], outputs[name] = inp[0].detach(), out  # noqa: B023 - called within this iteration
                 return hook
 
             hooks = [layer.module.register_forward_hook(keep(layer.name)) for layer in layers]
@@ -321,7 +321,9 @@ def factored_scores(layers: list[Layer], factors: dict[str, torch.Tensor], kind:
     eigenvalues then weight the pairs: Σ_{o,i} bt_o at_i bj_o aj_i / (Λ_oi + λ). The weighted
     [test rows, d_out, d_in'] block is formed `scratch_mb` at a time: pieces that stay in the
     CPU's cache are ~2x faster than one large block."""
-    by_weight = lambda g: {lf.weight: lf for lf in g.layers}
+    def by_weight(g):
+        return {lf.weight: lf for lf in g.layers}
+
     tests, lefts = by_weight(g_test), by_weight(g_lo)
     total = torch.zeros(len(g_test), len(g_lo), dtype=torch.float64, device=factors[f"{layers[0].name}.QA"].device)
     for layer in layers:
@@ -331,9 +333,9 @@ def factored_scores(layers: list[Layer], factors: dict[str, torch.Tensor], kind:
         def rotate(lf):
             a = lf.A.to_dense() if lf.A.layout != torch.strided else lf.A
             a = a.double()
-            if layer.b:
+            if layer.b:  # noqa: B023 - called within this iteration
                 a = torch.cat([a, a.new_ones(len(a), 1)], dim=1)
-            return lf.B.double() @ QS, a @ QA  # [n, d_out], [n, d_in']
+            return lf.B.double() @ QS, a @ QA  # [n, d_out], [n, d_in']  # noqa: B023 - called within this iteration
 
         bt, at = rotate(tests[layer.w])
         bj, aj = rotate(lefts[layer.w])
