@@ -14,7 +14,6 @@ import hashlib
 import importlib
 import inspect
 import json
-import math
 import re
 import types
 import typing
@@ -25,6 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from tda.exits import UserError
+from tda.ranges import SEED, Range, non_finite
 
 
 class ConfigError(UserError, ValueError):
@@ -120,13 +120,14 @@ def _widths(v: Any) -> bool:
 
 
 # Constructor arguments that mean the same whichever `_target_` takes them (torch's optimizers,
-# tda's datasets and models): name -> (the check, the message if it fails). Null is left to the
-# constructor (e.g. max_train=null keeps every row), except for `lr`.
-ARGUMENT_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+# tda's datasets and models): name -> (the check, the message if it fails), or a Range. Null is
+# left to the constructor (e.g. max_train=null keeps every row), except for `lr`. A constructor
+# declares the range of its own arguments beside them (`Annotated[int, Range(...)]`, tda.ranges).
+ARGUMENT_RULES: dict[str, tuple[Callable[[Any], bool], str] | Range] = {
     "lr": (lambda v: v > 0, "must be positive; e.g. {key}=1e-3"),
     "eps": (lambda v: v > 0, "must be positive"),
-    "momentum": (lambda v: v >= 0, "must not be negative"),
-    "dampening": (lambda v: v >= 0, "must not be negative"),
+    "momentum": Range(0, 1, high_open=True, why=" (the fraction of the last update kept; 1 or more never decays)"),
+    "dampening": Range(0, 1, why=" (the fraction of the gradient held back from the momentum)"),
     "weight_decay": (lambda v: v >= 0, "must not be negative"),
     "test_size": (lambda v: 0 < v < 1, "must be below 1 (and positive); it is the test fraction, e.g. 0.25"),
     "max_train": (lambda v: v > 0, "must be positive; null keeps every row"),
@@ -136,13 +137,36 @@ ARGUMENT_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
               "must be two numbers in [0, 1), e.g. {key}=[0.9,0.999]"),
     "hidden": (_widths, "must be a list of positive layer widths, e.g. {key}=[128,128]"),
     "channels": (_widths, "must be a list of positive layer widths, e.g. {key}=[8,16]"),
+    "seed": SEED, "split_seed": SEED, "subsample_seed": SEED,
 }
 
 
-def _param_kind(p: inspect.Parameter) -> Any:
-    """int / float / bool when a constructor parameter clearly wants one of them, else None."""
+def _hints(obj: Any) -> dict[str, Any]:
+    """The resolved annotations of a constructor's parameters, `Annotated` ranges kept ({} when
+    they cannot be resolved, e.g. a third-party signature)."""
+    try:
+        return typing.get_type_hints(obj.__init__ if isinstance(obj, type) else obj, include_extras=True)
+    except Exception:  # noqa: BLE001 - a library's annotations may name what its module never imports
+        return {}
+
+
+def declared_range(hint: Any) -> Range | None:
+    """The Range in an `Annotated[..., Range(...)]` annotation, or None."""
+    if typing.get_origin(hint) is typing.Annotated:
+        return next((a for a in hint.__metadata__ if isinstance(a, Range)), None)
+    return None
+
+
+def _param_kind(p: inspect.Parameter, hint: Any = None) -> Any:
+    """int / float / bool when a constructor parameter clearly wants one of them (its annotation
+    is one of them, or one of them or None), else None."""
     names = {"int": int, "float": float, "bool": bool}
-    ann = names.get(p.annotation, p.annotation)
+    ann = hint if hint is not None else names.get(p.annotation, p.annotation)
+    if typing.get_origin(ann) is typing.Annotated:
+        ann = typing.get_args(ann)[0]
+    if typing.get_origin(ann) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        ann = args[0] if len(args) == 1 else None
     if ann in (int, float, bool):  # not str: a string is often one choice among kinds (`auto` | true)
         return ann
     d = p.default
@@ -154,8 +178,10 @@ def _param_kind(p: inspect.Parameter) -> Any:
 def target_problems(node: Any, key: str) -> list[str]:
     """What is wrong with a `_target_` node `key` (e.g. `optimizer`): a target that cannot be
     imported, keys that are not constructor parameters (with a "did you mean"), values of the
-    wrong type (from the parameter's annotation or default) and impossible values
-    (ARGUMENT_RULES). Cheap: imports the target, builds nothing."""
+    wrong type (from the parameter's annotation or default), numbers that are not finite, and
+    values outside their range (ARGUMENT_RULES, the Range a parameter declares, and for a class
+    with an `argument_problems(arguments, key)` classmethod, what it finds: a range that
+    depends on other arguments). Cheap: imports the target, builds nothing."""
     values = dict(to_container(node))
     target = values.get("_target_")
     obj = import_target(str(target))
@@ -166,6 +192,7 @@ def target_problems(node: Any, key: str) -> list[str]:
         params = inspect.signature(obj).parameters
     except (TypeError, ValueError):
         params = None
+    hints = _hints(obj)
     open_ended = params is None or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     problems = []
     for arg, value in values.items():
@@ -178,30 +205,39 @@ def target_problems(node: Any, key: str) -> list[str]:
             problems.append(f"{path} is not a parameter of {target}"
                             + (f" — did you mean {key}.{hint[0]}?" if hint else f"; it accepts {accepted}"))
             continue
-        kind = _param_kind(params[arg]) if params is not None and arg in params else None
+        kind = _param_kind(params[arg], hints.get(arg)) if params is not None and arg in params else None
         if value is not None and kind is not None and not accepts(kind, value):
             default = params[arg].default
             shown = default if default is not inspect.Parameter.empty else kind.__name__
             problems.append(f"{path}={value!r} is a {kind_of(value)}, but it must be a {kind.__name__} (default: "
                             f"{shown!r}); pass e.g. {path}={shown}")
             continue
-        rule = ARGUMENT_RULES.get(arg)
-        if rule is None:
-            continue
-        check, why = rule
-        if value is None:
-            if arg == "lr":
-                problems.append(f"{path} must be set, got null; e.g. {path}=1e-3")
-        elif isinstance(value, float) and not math.isfinite(value):
+        if non_finite(value):  # NaN / inf is never a setting, whatever the constructor would make of it
             problems.append(f"{path}={value} is not a finite number")
-        else:
-            try:
-                ok = bool(check(value))
-            except TypeError:  # e.g. a list where a number belongs: the type check above names it
-                ok = False
-            if not ok:
-                problems.append(f"{path}={value!r} {why.format(key=path)}")
+            continue
+        problem = _rule_problem(path, arg, value) or (declared_range(hints.get(arg)) or Range()).problem(path, value)
+        if problem:
+            problems.append(problem)
+    if not problems and isinstance(obj, type) and hasattr(obj, "argument_problems"):
+        problems += obj.argument_problems(values, key)
     return problems
+
+
+def _rule_problem(path: str, arg: str, value: Any) -> str | None:
+    """What ARGUMENT_RULES says of an argument named `arg` (None: nothing wrong, or no rule)."""
+    rule = ARGUMENT_RULES.get(arg)
+    if rule is None:
+        return None
+    if isinstance(rule, Range):
+        return rule.problem(path, value)
+    check, why = rule
+    if value is None:
+        return f"{path} must be set, got null; e.g. {path}=1e-3" if arg == "lr" else None
+    try:
+        ok = bool(check(value))
+    except TypeError:  # e.g. a list where a number belongs: the type check above names it
+        ok = False
+    return None if ok else f"{path}={value!r} {why.format(key=path)}"
 
 
 def build(node: DictConfig | dict, key: str | None = None, **kwargs: Any) -> Any:

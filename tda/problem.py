@@ -15,6 +15,7 @@ from torch import nn
 
 from tda.artifacts import tensor_checksum
 from tda.provenance import data_fingerprint, identity, selection_fingerprint
+from tda.ranges import Range, format_bytes, physical_memory_bytes
 from tda.sections import Checks, Section, setting
 
 
@@ -27,6 +28,9 @@ class AttributionSettings(Section):
 
     def check(self, c: Checks) -> None:
         c.positive("memory_budget_mb")
+        total_mb = physical_memory_bytes() / 2**20
+        c.in_range("memory_budget_mb", Range(high=total_mb, why=f" MB, this machine's memory ({format_bytes(total_mb * 2**20)}): "
+                                              f"a budget the machine cannot hold bounds nothing"))
 
 
 @dataclass
