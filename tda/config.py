@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from tda.exits import UserError
-from tda.ranges import SEED, Range, non_finite
+from tda.ranges import SEED, Range, count, memory_problem, non_finite
 
 
 class ConfigError(UserError, ValueError):
@@ -138,6 +138,24 @@ ARGUMENT_RULES: dict[str, tuple[Callable[[Any], bool], str] | Range] = {
     "hidden": (_widths, "must be a list of positive layer widths, e.g. {key}=[128,128]"),
     "channels": (_widths, "must be a list of positive layer widths, e.g. {key}=[8,16]"),
     "seed": SEED, "split_seed": SEED, "subsample_seed": SEED,
+    # sizes and iteration counts of the methods and models
+    **{name: count(what) for name, what in [
+        ("batch_size", "rows per batch"), ("chunk_size", "rows per chunk of per-example gradients"),
+        ("max_train_rows_per_chunk", "training rows per chunk"), ("micro_batch", "rows per forward pass"),
+        ("maxiter", "iterations"), ("n_iters", "iterations"), ("depth", "recursion steps"),
+        ("repeat", "repetitions"), ("top_k", "eigenpairs kept"), ("proj_dim", "projection dimensions"),
+        ("trainable_k", "blocks trained"), ("max_length", "tokens per sentence")]},
+    "damping": Range(0, why=" (λ added to the curvature; 0: none)"),
+    "damping_multiple": Range(0, why=" (λ = this × the curvature's mean eigenvalue; 0: none)"),
+    "c": Range(0, low_open=True, why=" (λ_l = mean squared gradient / c)"),
+    "tol": Range(0, 1, low_open=True, high_open=True, why=" (the relative residual at which to stop)", example=1e-6),
+    # LiSSA's guard: the recursion converges to at most s‖g‖/λ (factor 1); a factor far above
+    # that lets a diverging recursion pass as converged
+    "divergence_factor": Range(1, 1e6, why=" (the converged recursion is bounded by factor 1; a larger factor "
+                                            "lets diverged scores through)", example=10),
+    "scale": Range(0, low_open=True, why=" (a multiplier: LiSSA's s, ResNet-9's logit scale)"),
+    "scales": (lambda v: all(_is_number(s) and s > 0 for s in v), "must hold positive scales, e.g. {key}=[10,50]"),
+    "width": Range(0, low_open=True, why=" (the multiple of the standard layer widths)"),
 }
 
 
@@ -237,7 +255,17 @@ def _rule_problem(path: str, arg: str, value: Any) -> str | None:
         ok = bool(check(value))
     except TypeError:  # e.g. a list where a number belongs: the type check above names it
         ok = False
+    if ok and arg in ("hidden", "channels"):
+        return _widths_memory(path, value)
     return None if ok else f"{path}={value!r} {why.format(key=path)}"
+
+
+def _widths_memory(path: str, widths: list[int]) -> str | None:
+    """The weights between consecutive layers of these widths (a lower bound on the model's
+    parameters: in float32, before inputs, outputs and kernels) against this machine's memory."""
+    n = sum(a * b for a, b in zip(widths[:-1], widths[1:])) + max(widths)
+    return memory_problem(f"{path}={widths}", 4.0 * n, f"at least {n:.3g} weights",
+                          "use narrower layers, e.g. the default widths")
 
 
 def build(node: DictConfig | dict, key: str | None = None, **kwargs: Any) -> Any:

@@ -28,9 +28,9 @@ class AttributionSettings(Section):
 
     def check(self, c: Checks) -> None:
         c.positive("memory_budget_mb")
-        total_mb = physical_memory_bytes() / 2**20
-        c.in_range("memory_budget_mb", Range(high=total_mb, why=f" MB, this machine's memory ({format_bytes(total_mb * 2**20)}): "
-                                              f"a budget the machine cannot hold bounds nothing"))
+        total = physical_memory_bytes()
+        why = f" MB, this machine's memory ({format_bytes(total)}): a budget the machine cannot hold bounds nothing"
+        c.in_range("memory_budget_mb", Range(high=total // 2**20, why=why))
 
 
 @dataclass

@@ -82,6 +82,18 @@ SEED = Range(0, SEED_MAX, why=" (numpy, scikit-learn and Lightning take seeds in
 POSITIVE = Range(0, low_open=True)
 NON_NEGATIVE = Range(0)
 
+# The largest count (of epochs, seeds, rows, iterations, ...) a setting may ask for: a 32-bit
+# index. Nothing tda runs in a job comes near it; a larger value is a typo (1e12 for 1e2) that
+# would otherwise run for days or fail deep inside torch.
+COUNT_MAX = 2**31 - 1
+COUNT_WHY = " (a count beyond 2³¹ − 1 is more than any job of tda can hold or finish)"
+
+
+def count(what: str = "", example: Any = None) -> Range:
+    """A positive whole count bounded by COUNT_MAX; `what` says what it counts."""
+    return Range(1, COUNT_MAX, why=f" ({what}; more than 2³¹ − 1 is more than any job can hold or finish)"
+                 if what else COUNT_WHY, example=example)
+
 
 # ------------------------------------------------------------------------------ memory
 def physical_memory_bytes() -> int:

@@ -18,7 +18,7 @@ import typing
 from typing import Any, ClassVar, Literal, TypeVar, Union
 
 from tda.config import ConfigError, accepts, kind_of, to_container
-from tda.ranges import Range, non_finite
+from tda.ranges import COUNT_MAX, COUNT_WHY, Range, non_finite
 
 # A setting's place in the key (a directory name, an artifact's recorded identity) of what its
 # section defines (the run directory for `train` / `selection`, the gold standard for
@@ -171,9 +171,12 @@ class Checks:
         return value
 
     def positive(self, name: str) -> None:
+        """Positive; a whole number also at most COUNT_MAX (a count no job can reach)."""
         value = self._number(name)
         if value is not None and not value > 0:
             self.add(f"{self.path(name)}={value} must be positive{self.fix(name)}")
+        elif isinstance(value, int) and value > COUNT_MAX:
+            self.add(f"{self.path(name)}={value} must be at most {COUNT_MAX}{COUNT_WHY}{self.fix(name)}")
 
     def non_negative(self, name: str) -> None:
         value = self._number(name)

@@ -101,7 +101,7 @@ class FurtherTrainingSettings(Section):
                                            key=NOT_KEYED)
 
     def check(self, c: Checks) -> None:
-        for name in ("epochs", "batch_size", "n_seeds", "checkpoint_every_steps", "checkpoint_first_step", "epsilon",
+        for name in ("epochs", "batch_size", "n_seeds", "checkpoint_every_steps", "checkpoint_first_step",
                      "clip_grad_norm", "max_runs_per_group"):
             c.positive(name)
         if c.value("checkpoint_first_step") is not None and self.checkpoint_every_steps is None:
