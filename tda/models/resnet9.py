@@ -97,9 +97,11 @@ class ResNet9(TDAModel):
         if arguments.get("trainable") == "last_k" and isinstance(k, int) and not 0 < k <= 3:
             return [f"{key}.trainable_k={k} must be in 1..3 (of the 4 conv stages of ResNet-9, at least the first "
                     f"stays frozen); use {key}.trainable=all to train everything"]
-        # the conv weights grow with width² (6.5M parameters at width 1), in float32
-        problem = memory_problem(f"{key}.width={width}", 4.0 * 6.5e6 * max(1.0, float(width)) ** 2,
-                                 f"about {6.5e6 * max(1.0, float(width)) ** 2:.3g} weights",
+        # the conv weights grow with width² (6.5M parameters at width 1), in float32 (a product,
+        # not `**`, which raises OverflowError where the product becomes inf)
+        w = max(1.0, float(width))
+        n_weights = 6.5e6 * w * w
+        problem = memory_problem(f"{key}.width={width}", 4.0 * n_weights, f"about {n_weights:.3g} weights",
                                  f"lower {key}.width (1.0 is the standard network)")
         return [problem] if problem else []
 
