@@ -15,8 +15,9 @@ status and last line of stderr are recorded.
     python -m benchmarks.settings_faults                    # pre-flight only (a minute)
     python -m benchmarks.settings_faults --run --out benchmarks/results/settings_faults.json
 
-tests/test_settings_faults.py runs the pre-flight part and asserts that no value ends in a
-traceback and that NaN and ∞ are refused everywhere.
+tests/test_settings_faults.py runs the pre-flight part and asserts that no value ends in an
+exception other than a refusal naming the setting, that NaN and ∞ are refused everywhere and
+that huge counts are refused.
 """
 
 from __future__ import annotations
