@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from tda.exits import UserError
-from tda.ranges import SEED, Range, count, memory_problem, non_finite
+from tda.ranges import SEED, Range, count, magnitude_problem, memory_problem
 
 
 class ConfigError(UserError, ValueError):
@@ -230,8 +230,9 @@ def target_problems(node: Any, key: str) -> list[str]:
             problems.append(f"{path}={value!r} is a {kind_of(value)}, but it must be a {kind.__name__} (default: "
                             f"{shown!r}); pass e.g. {path}={shown}")
             continue
-        if non_finite(value):  # NaN / inf is never a setting, whatever the constructor would make of it
-            problems.append(f"{path}={value} is not a finite number")
+        magnitude = magnitude_problem(path, value)  # NaN / inf / 1e300 is never a setting
+        if magnitude:
+            problems.append(magnitude)
             continue
         problem = _rule_problem(path, arg, value) or (declared_range(hints.get(arg)) or Range()).problem(path, value)
         if problem:

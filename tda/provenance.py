@@ -58,7 +58,9 @@ def code_version() -> dict[str, Any]:
     try:
         commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True,
                                 text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+        # --no-optional-locks: a stage killed mid-way never leaves the checkout's index.lock behind
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "--no-optional-locks", "status", "--porcelain",
+                                "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
         out["git_commit"], out["git_dirty"] = commit, bool(dirty)
     except Exception:  # noqa: BLE001 - no git, or not a checkout: the package version is all we have

@@ -32,6 +32,28 @@ def non_finite(value: Any) -> bool:
     return isinstance(value, float) and not math.isfinite(value)
 
 
+# The largest float32: a setting beyond it overflows the models' float32 arithmetic (torch
+# raises "value cannot be converted to type float without overflow", or the run turns to inf).
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def beyond_float32(value: Any) -> bool:
+    """A number (anywhere in a list) whose magnitude float32 cannot hold."""
+    if isinstance(value, (list, tuple)):
+        return any(beyond_float32(v) for v in value)
+    return is_number(value) and math.isfinite(value) and abs(value) > FLOAT32_MAX
+
+
+def magnitude_problem(path: str, value: Any) -> str | None:
+    """The message for a number that is NaN, ±inf or beyond float32 (anywhere in a list), or None."""
+    if non_finite(value):
+        return f"{path}={value} is not a finite number"
+    if beyond_float32(value):
+        return (f"{path}={value} is beyond float32's largest number (3.4e38), which the models compute in; "
+                f"use a finite setting of a sensible size")
+    return None
+
+
 @dataclass(frozen=True)
 class Range:
     """The values a numeric setting may take: [low, high] (either end open, either end

@@ -18,7 +18,7 @@ import typing
 from typing import Any, ClassVar, Literal, TypeVar, Union
 
 from tda.config import ConfigError, accepts, kind_of, to_container
-from tda.ranges import COUNT_MAX, COUNT_WHY, Range, non_finite
+from tda.ranges import COUNT_MAX, COUNT_WHY, Range, magnitude_problem
 
 # A setting's place in the key (a directory name, an artifact's recorded identity) of what its
 # section defines (the run directory for `train` / `selection`, the gold standard for
@@ -141,8 +141,9 @@ class Checks:
         hints = typing.get_type_hints(type(section))
         for f in dataclasses.fields(section):
             problem = _type_problem(self.path(f.name), getattr(section, f.name), hints[f.name], f)
-            if problem is None and non_finite(getattr(section, f.name)):
-                problem = f"{self.path(f.name)}={getattr(section, f.name)} is not a finite number{self.fix(f.name)}"
+            magnitude = magnitude_problem(self.path(f.name), getattr(section, f.name))
+            if problem is None and magnitude:
+                problem = magnitude + self.fix(f.name)
             if problem:
                 self.problems.append(problem)
                 self._mistyped.add(f.name)

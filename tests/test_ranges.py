@@ -28,8 +28,13 @@ def refusal(stage: str, overrides: list[str]) -> str:
 # (stage, overrides, the setting named, the fix or the reason the message must give)
 PLANTED = [
     # guards that could be switched off, and NaN where a number is meant
-    ("attribute", ["method=lissa", "method.divergence_factor=1e300"], "method.divergence_factor=1e+300",
+    ("attribute", ["method=lissa", "method.divergence_factor=1e9"], "method.divergence_factor=1000000000.0",
      "must be in [1, 1000000]"),
+    ("attribute", ["method=lissa", "method.divergence_factor=1e300"], "method.divergence_factor=1e+300",
+     "beyond float32's largest number"),
+    ("train", ["optimizer.lr=1e300"], "optimizer.lr=1e+300", "beyond float32's largest number"),
+    ("further_train", ["further_training.clip_grad_norm=1e300"], "further_training.clip_grad_norm=1e+300",
+     "null disables clipping"),
     ("attribute", ["method=trak", "method.damping=nan"], "method.damping=nan", "is not a finite number"),
     ("attribute", ["method=datainf", "method.c=nan"], "method.c=nan", "is not a finite number"),
     ("attribute", ["method=datainf", "method.c=-1"], "method.c=-1", "must be positive"),
@@ -45,7 +50,8 @@ PLANTED = [
     ("further_train", ["further_training.n_seeds=1000000000"], "further_training.n_seeds=1000000000",
      "lower further_training.n_seeds"),
     ("train", ["train.epochs=1000000000000"], "train.epochs=1000000000000", f"must be at most {COUNT_MAX}"),
-    ("train", ["attribution.memory_budget_mb=1e12"], "attribution.memory_budget_mb=1000000000000.0", "this machine's memory"),
+    ("train", ["attribution.memory_budget_mb=1e12"], "attribution.memory_budget_mb=1000000000000.0",
+     "this machine's memory"),
     ("train", ["model.hidden=[1000000000000,128]"], "model.hidden=[1000000000000, 128]",
      "use narrower layers"),
     ("train", ["evaluate.top_k=[10,1000000000000]"], "evaluate.top_k=[10, 1000000000000]", "at most"),
