@@ -151,7 +151,7 @@ ARGUMENT_RULES: dict[str, tuple[Callable[[Any], bool], str] | Range] = {
     "tol": Range(0, 1, low_open=True, high_open=True, why=" (the relative residual at which to stop)", example=1e-6),
     # LiSSA's guard: the recursion converges to at most s‖g‖/λ (factor 1); a factor far above
     # that lets a diverging recursion pass as converged
-    "divergence_factor": Range(1, 1e6, why=" (the converged recursion is bounded by factor 1; a larger factor "
+    "divergence_factor": Range(1, 1e3, why=" (the converged recursion is bounded by factor 1; a larger factor "
                                             "lets diverged scores through)", example=10),
     "scale": Range(0, low_open=True, why=" (a multiplier: LiSSA's s, ResNet-9's logit scale)"),
     "scales": (lambda v: all(_is_number(s) and s > 0 for s in v), "must hold positive scales, e.g. {key}=[10,50]"),

@@ -29,7 +29,7 @@ def refusal(stage: str, overrides: list[str]) -> str:
 PLANTED = [
     # guards that could be switched off, and NaN where a number is meant
     ("attribute", ["method=lissa", "method.divergence_factor=1e9"], "method.divergence_factor=1000000000.0",
-     "must be in [1, 1000000]"),
+     "must be in [1, 1000]"),
     ("attribute", ["method=lissa", "method.divergence_factor=1e300"], "method.divergence_factor=1e+300",
      "beyond float32's largest number"),
     ("train", ["optimizer.lr=1e300"], "optimizer.lr=1e+300", "beyond float32's largest number"),
