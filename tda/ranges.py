@@ -1,11 +1,14 @@
 """The range of a numeric setting, declared once and checked before anything runs.
 
-Every number in a config is checked to be finite (a NaN or inf is never a setting) and inside
-its range: the typed sections check theirs (tda.sections.Checks), a `_target_` node's arguments
-are checked against the rules that hold for an argument name wherever it appears
-(tda.config.ARGUMENT_RULES) and against the :class:`Range` a constructor declares next to the
-parameter, `split_seed: Annotated[int, SEED] = 0` (tda.config.target_problems reads it). A bound
-that follows from memory is said with its estimate (:func:`memory_problem`).
+Every number in a config is checked to be finite and within float32 (:func:`magnitude_problem`:
+NaN, inf or 1e300 is never a setting) and inside its range: the typed sections check theirs
+(tda.sections.Checks), a `_target_` node's arguments are checked against the rules that hold for
+an argument name wherever it appears (tda.config.ARGUMENT_RULES), against the :class:`Range` a
+constructor declares next to the parameter, `crop_padding: Annotated[int, CROP_PADDING] = 0`
+(tda.config.target_problems reads it), and by a class's `argument_problems` where the range
+depends on other arguments. Counts are bounded by COUNT_MAX, seeds by SEED_MAX; a bound that
+follows from memory is said with its estimate (:func:`memory_problem`). docs/scale_out.md lists
+the ranges and the fault sweep that checks them (benchmarks/settings_faults.py).
 """
 
 from __future__ import annotations
@@ -101,8 +104,6 @@ def _num(x: float) -> str:
 
 
 SEED = Range(0, SEED_MAX, why=" (numpy, scikit-learn and Lightning take seeds in [0, 2³²−1])", example=0)
-POSITIVE = Range(0, low_open=True)
-NON_NEGATIVE = Range(0)
 
 # The largest count (of epochs, seeds, rows, iterations, ...) a setting may ask for: a 32-bit
 # index. Nothing tda runs in a job comes near it; a larger value is a typo (1e12 for 1e2) that
