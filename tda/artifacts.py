@@ -143,20 +143,14 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Each floating-point tensor with NaN / inf, with how many: "diff (3 of 40 values)"."""
+def require_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Raise :class:`NonFiniteError` naming every floating-point tensor with NaN / inf."""
     bad = []
     for name, t in tensors.items():
         if t.is_floating_point() or t.is_complex():
             n = int((~torch.isfinite(t)).sum())
             if n:
                 bad.append(f"{name} ({n} of {t.numel()} values)")
-    return bad
-
-
-def require_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
-    """Raise :class:`NonFiniteError` naming every floating-point tensor with NaN / inf."""
-    bad = _non_finite(tensors)
     if bad:
         raise NonFiniteError(f"refusing to write {what}: non-finite values (NaN/inf) in {', '.join(bad)}")
 
@@ -209,10 +203,6 @@ def load_tensors_with_metadata(path: str | Path) -> tuple[dict[str, torch.Tensor
     if checksum != header[_HEADER_CHECKSUM]:
         raise IntegrityError(f"{path} is damaged: its data does not match the checksum recorded when it was written "
                              f"(a changed byte or a partial copy); {_fix(path)}")
-    bad = _non_finite(tensors)  # save_tensors never writes them: another tool or a bug did, checksum and all
-    if bad:
-        raise IntegrityError(f"{path} holds non-finite values (NaN/inf) in {', '.join(bad)}, which tda never writes "
-                             f"(another tool wrote it, checksum included); {_fix(path)}")
     meta = json.loads(header["json"]) if "json" in header else {}
     return tensors, meta, checksum
 
