@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from tda.exits import UserError
+from tda.exits import UserError, os_error_of
 
 CHECKSUM_KEY = "_sha256"  # in a JSON artifact's top-level object
 _HEADER_CHECKSUM = "sha256"  # in a safetensors header's metadata
@@ -166,7 +166,10 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     if metadata is not None:
         header["json"] = json.dumps(_plain(metadata), sort_keys=True)
     with _atomic_file(path) as tmp:
-        save_file(contiguous, tmp, metadata=header)
+        try:
+            save_file(contiguous, tmp, metadata=header)
+        except SafetensorError as err:  # a full disk or a size limit, as the OSError it is
+            raise (os_error_of(err, path) or err) from err
     return checksum
 
 

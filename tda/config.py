@@ -14,7 +14,6 @@ import hashlib
 import importlib
 import inspect
 import json
-import math
 import re
 import types
 import typing
@@ -25,6 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from tda.exits import UserError
+from tda.ranges import SEED, Range, count, magnitude_problem, memory_problem
 
 
 class ConfigError(UserError, ValueError):
@@ -120,13 +120,14 @@ def _widths(v: Any) -> bool:
 
 
 # Constructor arguments that mean the same whichever `_target_` takes them (torch's optimizers,
-# tda's datasets and models): name -> (the check, the message if it fails). Null is left to the
-# constructor (e.g. max_train=null keeps every row), except for `lr`.
-ARGUMENT_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+# tda's datasets and models): name -> (the check, the message if it fails), or a Range. Null is
+# left to the constructor (e.g. max_train=null keeps every row), except for `lr`. A constructor
+# declares the range of its own arguments beside them (`Annotated[int, Range(...)]`, tda.ranges).
+ARGUMENT_RULES: dict[str, tuple[Callable[[Any], bool], str] | Range] = {
     "lr": (lambda v: v > 0, "must be positive; e.g. {key}=1e-3"),
     "eps": (lambda v: v > 0, "must be positive"),
-    "momentum": (lambda v: v >= 0, "must not be negative"),
-    "dampening": (lambda v: v >= 0, "must not be negative"),
+    "momentum": Range(0, 1, high_open=True, why=" (the fraction of the last update kept; 1 or more never decays)"),
+    "dampening": Range(0, 1, why=" (the fraction of the gradient held back from the momentum)"),
     "weight_decay": (lambda v: v >= 0, "must not be negative"),
     "test_size": (lambda v: 0 < v < 1, "must be below 1 (and positive); it is the test fraction, e.g. 0.25"),
     "max_train": (lambda v: v > 0, "must be positive; null keeps every row"),
@@ -136,13 +137,54 @@ ARGUMENT_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
               "must be two numbers in [0, 1), e.g. {key}=[0.9,0.999]"),
     "hidden": (_widths, "must be a list of positive layer widths, e.g. {key}=[128,128]"),
     "channels": (_widths, "must be a list of positive layer widths, e.g. {key}=[8,16]"),
+    "seed": SEED, "split_seed": SEED, "subsample_seed": SEED,
+    # sizes and iteration counts of the methods and models
+    **{name: count(what) for name, what in [
+        ("batch_size", "rows per batch"), ("chunk_size", "rows per chunk of per-example gradients"),
+        ("max_train_rows_per_chunk", "training rows per chunk"), ("micro_batch", "rows per forward pass"),
+        ("maxiter", "iterations"), ("n_iters", "iterations"), ("depth", "recursion steps"),
+        ("repeat", "repetitions"), ("top_k", "eigenpairs kept"), ("proj_dim", "projection dimensions"),
+        ("trainable_k", "blocks trained"), ("max_length", "tokens per sentence")]},
+    "damping": Range(0, why=" (λ added to the curvature; 0: none)"),
+    "damping_multiple": Range(0, why=" (λ = this × the curvature's mean eigenvalue; 0: none)"),
+    "c": Range(0, low_open=True, why=" (λ_l = mean squared gradient / c)"),
+    "tol": Range(0, 1, low_open=True, high_open=True, why=" (the relative residual at which to stop)", example=1e-6),
+    # LiSSA's guard: the recursion converges to at most s‖g‖/λ (factor 1); a factor far above
+    # that lets a diverging recursion pass as converged
+    "divergence_factor": Range(1, 1e3, why=" (the converged recursion is bounded by factor 1; a larger factor "
+                                            "lets diverged scores through)", example=10),
+    "scale": Range(0, low_open=True, why=" (a multiplier: LiSSA's s, ResNet-9's logit scale)"),
+    "scales": (lambda v: all(_is_number(s) and s > 0 for s in v), "must hold positive scales, e.g. {key}=[10,50]"),
+    "width": Range(0, low_open=True, why=" (the multiple of the standard layer widths)"),
 }
 
 
-def _param_kind(p: inspect.Parameter) -> Any:
-    """int / float / bool when a constructor parameter clearly wants one of them, else None."""
+def _hints(obj: Any) -> dict[str, Any]:
+    """The resolved annotations of a constructor's parameters, `Annotated` ranges kept ({} when
+    they cannot be resolved, e.g. a third-party signature)."""
+    try:
+        return typing.get_type_hints(obj.__init__ if isinstance(obj, type) else obj, include_extras=True)
+    except Exception:  # noqa: BLE001 - a library's annotations may name what its module never imports
+        return {}
+
+
+def declared_range(hint: Any) -> Range | None:
+    """The Range in an `Annotated[..., Range(...)]` annotation, or None."""
+    if typing.get_origin(hint) is typing.Annotated:
+        return next((a for a in hint.__metadata__ if isinstance(a, Range)), None)
+    return None
+
+
+def _param_kind(p: inspect.Parameter, hint: Any = None) -> Any:
+    """int / float / bool when a constructor parameter clearly wants one of them (its annotation
+    is one of them, or one of them or None), else None."""
     names = {"int": int, "float": float, "bool": bool}
-    ann = names.get(p.annotation, p.annotation)
+    ann = hint if hint is not None else names.get(p.annotation, p.annotation)
+    if typing.get_origin(ann) is typing.Annotated:
+        ann = typing.get_args(ann)[0]
+    if typing.get_origin(ann) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        ann = args[0] if len(args) == 1 else None
     if ann in (int, float, bool):  # not str: a string is often one choice among kinds (`auto` | true)
         return ann
     d = p.default
@@ -154,8 +196,10 @@ def _param_kind(p: inspect.Parameter) -> Any:
 def target_problems(node: Any, key: str) -> list[str]:
     """What is wrong with a `_target_` node `key` (e.g. `optimizer`): a target that cannot be
     imported, keys that are not constructor parameters (with a "did you mean"), values of the
-    wrong type (from the parameter's annotation or default) and impossible values
-    (ARGUMENT_RULES). Cheap: imports the target, builds nothing."""
+    wrong type (from the parameter's annotation or default), numbers that are not finite, and
+    values outside their range (ARGUMENT_RULES, the Range a parameter declares, and for a class
+    with an `argument_problems(arguments, key)` classmethod, what it finds: a range that
+    depends on other arguments). Cheap: imports the target, builds nothing."""
     values = dict(to_container(node))
     target = values.get("_target_")
     obj = import_target(str(target))
@@ -166,6 +210,7 @@ def target_problems(node: Any, key: str) -> list[str]:
         params = inspect.signature(obj).parameters
     except (TypeError, ValueError):
         params = None
+    hints = _hints(obj)
     open_ended = params is None or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     problems = []
     for arg, value in values.items():
@@ -178,30 +223,50 @@ def target_problems(node: Any, key: str) -> list[str]:
             problems.append(f"{path} is not a parameter of {target}"
                             + (f" — did you mean {key}.{hint[0]}?" if hint else f"; it accepts {accepted}"))
             continue
-        kind = _param_kind(params[arg]) if params is not None and arg in params else None
+        kind = _param_kind(params[arg], hints.get(arg)) if params is not None and arg in params else None
         if value is not None and kind is not None and not accepts(kind, value):
             default = params[arg].default
             shown = default if default is not inspect.Parameter.empty else kind.__name__
             problems.append(f"{path}={value!r} is a {kind_of(value)}, but it must be a {kind.__name__} (default: "
                             f"{shown!r}); pass e.g. {path}={shown}")
             continue
-        rule = ARGUMENT_RULES.get(arg)
-        if rule is None:
+        magnitude = magnitude_problem(path, value)  # NaN / inf / 1e300 is never a setting
+        if magnitude:
+            problems.append(magnitude)
             continue
-        check, why = rule
-        if value is None:
-            if arg == "lr":
-                problems.append(f"{path} must be set, got null; e.g. {path}=1e-3")
-        elif isinstance(value, float) and not math.isfinite(value):
-            problems.append(f"{path}={value} is not a finite number")
-        else:
-            try:
-                ok = bool(check(value))
-            except TypeError:  # e.g. a list where a number belongs: the type check above names it
-                ok = False
-            if not ok:
-                problems.append(f"{path}={value!r} {why.format(key=path)}")
+        problem = _rule_problem(path, arg, value) or (declared_range(hints.get(arg)) or Range()).problem(path, value)
+        if problem:
+            problems.append(problem)
+    if not problems and isinstance(obj, type) and hasattr(obj, "argument_problems"):
+        problems += obj.argument_problems(values, key)
     return problems
+
+
+def _rule_problem(path: str, arg: str, value: Any) -> str | None:
+    """What ARGUMENT_RULES says of an argument named `arg` (None: nothing wrong, or no rule)."""
+    rule = ARGUMENT_RULES.get(arg)
+    if rule is None:
+        return None
+    if isinstance(rule, Range):
+        return rule.problem(path, value)
+    check, why = rule
+    if value is None:
+        return f"{path} must be set, got null; e.g. {path}=1e-3" if arg == "lr" else None
+    try:
+        ok = bool(check(value))
+    except TypeError:  # e.g. a list where a number belongs: the type check above names it
+        ok = False
+    if ok and arg in ("hidden", "channels"):
+        return _widths_memory(path, value)
+    return None if ok else f"{path}={value!r} {why.format(key=path)}"
+
+
+def _widths_memory(path: str, widths: list[int]) -> str | None:
+    """The weights between consecutive layers of these widths (a lower bound on the model's
+    parameters: in float32, before inputs, outputs and kernels) against this machine's memory."""
+    n = sum(a * b for a, b in zip(widths[:-1], widths[1:])) + max(widths)
+    return memory_problem(f"{path}={widths}", 4.0 * n, f"at least {n:.3g} weights",
+                          "use narrower layers, e.g. the default widths")
 
 
 def build(node: DictConfig | dict, key: str | None = None, **kwargs: Any) -> Any:

@@ -4,6 +4,8 @@ error; 128 + signal for an interruption; 1 for anything else, a bug). Shared by 
 
 from __future__ import annotations
 
+import errno
+import re
 import signal
 
 from hydra.errors import CompactHydraException, InstantiationException
@@ -32,11 +34,56 @@ class DivergedError(UserError, FloatingPointError):
 
 def is_user_error(err: BaseException) -> bool:
     """A UserError, a missing file (every FileNotFoundError tda raises names the file and the
-    fix) or one of Hydra's own config errors (an unknown key, group option or override syntax);
-    a constructor's failure that Hydra wraps counts only when its cause does."""
+    fix), one of Hydra's own config errors (an unknown key, group option or override syntax) or
+    an environment that refuses the work (:func:`environment_problem`); a constructor's failure
+    that Hydra wraps counts only when its cause does."""
     if isinstance(err, InstantiationException):
         return err.__cause__ is not None and is_user_error(err.__cause__)
-    return isinstance(err, (UserError, FileNotFoundError, CompactHydraException))
+    if isinstance(err, (UserError, FileNotFoundError, CompactHydraException)):
+        return True
+    return environment_problem(err) is not None
+
+
+# What the machine refused (errno of an OSError) -> the problem and the fix. Files are written
+# atomically (a temporary file renamed into place), so what was complete stays complete.
+_ENVIRONMENT = {
+    errno.ENOSPC: "the disk is full writing {path}: free space, or point TDA_RUNS_DIR at a disk with room",
+    errno.EDQUOT: "the disk quota is used up writing {path}: free space, or point TDA_RUNS_DIR at a disk with room",
+    errno.EFBIG: "{path} would exceed the file-size limit (`ulimit -f`): raise it (`ulimit -f unlimited`) or "
+                 "lower the sizes that make the file large",
+    errno.EROFS: "{path} is on a read-only file system: point TDA_RUNS_DIR (and wandb.dir) at a writable directory",
+    errno.EACCES: "permission denied for {path}: make it writable, or point TDA_RUNS_DIR at a writable directory",
+    errno.EPERM: "permission denied for {path}: make it writable, or point TDA_RUNS_DIR at a writable directory",
+    errno.EISDIR: "{path} is a directory where tda writes a file: remove or rename it",
+    errno.ENOTDIR: "a part of {path} is a file where tda needs a directory: remove or rename it, or point "
+                   "TDA_RUNS_DIR elsewhere",
+    errno.EEXIST: "{path} exists and is not a directory where tda needs one: remove or rename it, or point "
+                  "TDA_RUNS_DIR elsewhere",
+}
+
+
+def environment_problem(err: BaseException) -> str | None:
+    """One line for an error of the environment rather than of tda (a full disk, a file-size
+    limit, a read-only or wrong-kind path, memory exhausted), naming the problem and the fix;
+    None for anything else. Completed artifacts are kept, so a re-run after the fix resumes."""
+    if isinstance(err, MemoryError):
+        return ("out of memory: the job needs more memory than this machine has free; lower "
+                "attribution.memory_budget_mb or the sizes of the config (method.chunk_size, method.proj_dim, "
+                "further_training.n_seeds, the selection), or free memory; completed work is kept, re-run to resume")
+    if not isinstance(err, OSError):
+        return None
+    code, path, reason = err.errno, err.filename or "a file", err.strerror
+    template = _ENVIRONMENT.get(code)
+    if template is None:
+        return None
+    return template.format(path=path) + f" ({reason}); completed work is kept, re-run the command after the fix"
+
+
+def os_error_of(err: Exception, path: object) -> OSError | None:
+    """The OSError a library written in Rust (safetensors) reports only in its message, "... File
+    too large (os error 27)", as an OSError naming `path`; None if the message holds none."""
+    found = re.search(r"([^:]+) \(os error (\d+)\)", str(err))
+    return OSError(int(found.group(2)), found.group(1).strip(), str(path)) if found else None
 
 
 class Interrupted(BaseException):

@@ -41,7 +41,15 @@ from hydra.errors import CompactHydraException, InstantiationException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from tda.exits import HANDLED, USER_ERROR_EXIT, Interrupted, exit_code_of, is_lightning_sigterm, is_user_error
+from tda.exits import (
+    HANDLED,
+    USER_ERROR_EXIT,
+    Interrupted,
+    environment_problem,
+    exit_code_of,
+    is_lightning_sigterm,
+    is_user_error,
+)
 from tda.tracking import finish_open_runs
 
 FULL_ERROR = "HYDRA_FULL_ERROR"  # =1: tracebacks for user errors too
@@ -141,7 +149,7 @@ def exit_on_user_error(err: BaseException) -> None:
         return
     if isinstance(err, InstantiationException) and err.__cause__ is not None:
         err = err.__cause__  # the constructor's own error, without Hydra's preamble
-    text = str(err)
+    text = environment_problem(err) or str(err)
     if isinstance(err, CompactHydraException) and isinstance(err.__cause__, OmegaConfBaseException):
         text += "\n" + str(err.__cause__)  # e.g. "Key 'epochz' is not in struct", as Hydra prints it
     print(f"Error: {text}", file=sys.stderr, flush=True)

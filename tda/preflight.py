@@ -22,6 +22,7 @@ from tda.evaluation.settings import EvaluateSettings
 from tda.extras import missing_extras_message
 from tda.further_training.settings import FurtherTrainingSettings
 from tda.problem import AttributionSettings
+from tda.ranges import SEED
 from tda.runs import RunSettings
 from tda.sections import Section
 
@@ -53,6 +54,11 @@ class Settings(RunSettings):
         seed = cfg.get("seed")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             problems.append(SEED_PROBLEM.format(seed))
+        elif SEED.problem("seed", seed):
+            problems.append(SEED.problem("seed", seed))
+        if not problems:  # the gold standard's size, from the selection's sizes (before the data is loaded)
+            problems += values["further_training"].memory_problems(values["selection"].n_test,
+                                                                   values["selection"].n_left_out)
         return (None, problems) if problems else (cls(seed=seed, **values), [])
 
     @classmethod

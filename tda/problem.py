@@ -15,6 +15,7 @@ from torch import nn
 
 from tda.artifacts import tensor_checksum
 from tda.provenance import data_fingerprint, identity, selection_fingerprint
+from tda.ranges import Range, format_bytes, physical_memory_bytes
 from tda.sections import Checks, Section, setting
 
 
@@ -27,6 +28,9 @@ class AttributionSettings(Section):
 
     def check(self, c: Checks) -> None:
         c.positive("memory_budget_mb")
+        total = physical_memory_bytes()
+        why = f" MB, this machine's memory ({format_bytes(total)}): a budget the machine cannot hold bounds nothing"
+        c.in_range("memory_budget_mb", Range(high=total // 2**20, why=why))
 
 
 @dataclass

@@ -58,7 +58,9 @@ def code_version() -> dict[str, Any]:
     try:
         commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True,
                                 text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+        # --no-optional-locks: a stage killed mid-way never leaves the checkout's index.lock behind
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "--no-optional-locks", "status", "--porcelain",
+                                "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
         out["git_commit"], out["git_dirty"] = commit, bool(dirty)
     except Exception:  # noqa: BLE001 - no git, or not a checkout: the package version is all we have
@@ -66,12 +68,37 @@ def code_version() -> dict[str, Any]:
     return out
 
 
+def environment() -> dict[str, Any]:
+    """What of the machine a computation's last bits depend on: torch's version and its number
+    of intra-op threads (a float sum split over more threads rounds differently; docs/scale_out.md,
+    "Reproducing a number bit for bit")."""
+    return {"torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
 def stamp(stage: str, config: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """A provenance record: `config` maps config-node names to nodes (resolved here); `extra`
     holds shapes, index lists, fingerprints."""
     resolved = {k: to_container(v) for k, v in config.items()}
-    return {"stage": stage, "code_version": code_version(), "created": datetime.now(timezone.utc).isoformat(),
+    return {"stage": stage, "code_version": code_version(), "environment": environment(),
+            "created": datetime.now(timezone.utc).isoformat(),
             "config_hash": config_hash(*(resolved[k] for k in sorted(resolved))), "config": resolved, **extra}
+
+
+def reproduction_note(previous: dict[str, Any], weights: str) -> str | None:
+    """What to say when a retrained final model (checksum `weights`) replaces `previous` (the
+    header of the model it replaces) and differs from it: the thread counts or torch versions
+    that differ, with the command that reproduces the old model; None when it is the same model
+    bit for bit."""
+    if previous.get("identity", {}).get("weights") == weights:
+        return None
+    was, now = previous.get("environment") or {}, environment()
+    changed = [f"{k} {was.get(k, 'unrecorded')} then, {now[k]} now" for k in now if was.get(k) != now[k]]
+    if not changed:
+        return ("the retrained final model differs from the one it replaces although torch and the thread count "
+                "are the same; the data, the code or the machine's CPU changed")
+    fix = f"; run with OMP_NUM_THREADS={was['threads']} to reproduce it bit for bit" if "threads" in was else ""
+    return (f"the retrained final model differs from the one it replaces in its last bits ({'; '.join(changed)}): "
+            f"final training's float sums depend on them{fix}")
 
 
 def require_match(found: dict[str, Any], expected: dict[str, Any], what: str, fix: str) -> None:

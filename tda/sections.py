@@ -18,6 +18,7 @@ import typing
 from typing import Any, ClassVar, Literal, TypeVar, Union
 
 from tda.config import ConfigError, accepts, kind_of, to_container
+from tda.ranges import COUNT_MAX, COUNT_WHY, Range, magnitude_problem
 
 # A setting's place in the key (a directory name, an artifact's recorded identity) of what its
 # section defines (the run directory for `train` / `selection`, the gold standard for
@@ -130,7 +131,8 @@ def unknown_key(path: str, valid: Any, what: str = "a setting") -> str:
 
 class Checks:
     """The problems found in one section. A field's type is checked against its annotation when
-    the section is built; the value checks below skip a value of the wrong type."""
+    the section is built, and every number in it (lists included) to be finite; the value checks
+    below skip a value of the wrong type or a non-finite one."""
 
     def __init__(self, section: Section):
         self.section = section
@@ -139,6 +141,9 @@ class Checks:
         hints = typing.get_type_hints(type(section))
         for f in dataclasses.fields(section):
             problem = _type_problem(self.path(f.name), getattr(section, f.name), hints[f.name], f)
+            magnitude = magnitude_problem(self.path(f.name), getattr(section, f.name))
+            if problem is None and magnitude:
+                problem = magnitude + self.fix(f.name)
             if problem:
                 self.problems.append(problem)
                 self._mistyped.add(f.name)
@@ -167,9 +172,12 @@ class Checks:
         return value
 
     def positive(self, name: str) -> None:
+        """Positive; a whole number also at most COUNT_MAX (a count no job can reach)."""
         value = self._number(name)
         if value is not None and not value > 0:
             self.add(f"{self.path(name)}={value} must be positive{self.fix(name)}")
+        elif isinstance(value, int) and value > COUNT_MAX:
+            self.add(f"{self.path(name)}={value} must be at most {COUNT_MAX}{COUNT_WHY}{self.fix(name)}")
 
     def non_negative(self, name: str) -> None:
         value = self._number(name)
@@ -180,6 +188,14 @@ class Checks:
         value = self._number(name)
         if value is not None and not low <= value <= high:
             self.add(f"{self.path(name)}={value} must be in [{low}, {high}]{why}{self.fix(name)}")
+
+    def in_range(self, name: str, allowed: Range) -> bool:
+        """Whether the setting (unset, mistyped or in `allowed`) passes; adds the problem if not."""
+        value = self._number(name)
+        problem = allowed.problem(self.path(name), value) if value is not None else None
+        if problem:
+            self.add(problem + self.fix(name))
+        return problem is None
 
 
 def _describe(hint: Any) -> str:

@@ -19,6 +19,7 @@ import torch
 from tda.artifacts import file_sha256
 from tda.config import ConfigError
 from tda.data.base import DataBundle
+from tda.ranges import SEED_MAX, Range
 from tda.sections import KEYED_UNLESS_DEFAULT, Checks, Section, setting
 
 log = logging.getLogger(__name__)
@@ -46,11 +47,20 @@ class SelectionSettings(Section):
     def check(self, c: Checks) -> None:
         c.positive("n_left_out")
         c.positive("n_test")
-        c.non_negative("seed")
+        c.in_range("seed", Range(0, SEED_MAX - 1, why=" (the test instances are drawn with seed + 1; numpy takes seeds "
+                                                     "in [0, 2³²−1])", example=0))
         c.positive("left_out_every")
         if self.left_out_every is not None and self.left_out_file is not None:
             c.add("selection.left_out_every and selection.left_out_file both choose the left-out instances; set one "
                   "of them to null")
+
+    def left_out_count(self, n_train: int) -> int | None:
+        """How many instances are left out of `n_train` training rows (None: as many as the file
+        lists, unknown before it is read)."""
+        if self.left_out_file is not None:
+            return self.n_left_out
+        every = n_train if self.left_out_every is None else -(-n_train // self.left_out_every)
+        return min(self.n_left_out or every, every)
 
     def fit_problems(self, n_train: int, n_test: int, dataset: str) -> list[str]:
         """The selection against the data's size: no more instances than rows."""

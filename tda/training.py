@@ -5,6 +5,7 @@ Lightning's `Trainer`, passed through)."""
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, Literal
@@ -79,6 +80,10 @@ class TrainerSettings(Section):
         devices = c.value("devices")
         if isinstance(devices, int) and not (devices == -1 or devices > 0):
             c.add(f"trainer.devices={devices!r} must be a positive count, -1 (all), 'auto' or a list of ids")
+        cores = os.cpu_count() or 1
+        if isinstance(devices, int) and devices > cores and c.value("accelerator") == "cpu":
+            c.add(f"trainer.devices={devices} asks for {devices} CPU processes (one copy of the model each), more "
+                  f"than this machine's {cores} cores; use at most trainer.devices={cores}, or -1 (all)")
         for key in self.lightning:
             if key not in TRAINER_ARGS:
                 c.add(unknown_key(f"trainer.{key}", TRAINER_OWN_KEYS + TRAINER_ARGS,

@@ -42,7 +42,7 @@ def test_added_key_that_nothing_reads_is_rejected(tiny, override, expect):
     ("further_training.epochs=0", r"further_training.epochs=0 must be positive"),
     ("further_training.batch_size=-4", r"further_training.batch_size=-4 must be positive"),
     ("selection.n_left_out=0", r"selection.n_left_out=0 must be positive"),
-    ("optimizer.momentum=-0.9", r"optimizer.momentum=-0.9 must not be negative"),
+    ("optimizer.momentum=-0.9", r"optimizer.momentum=-0.9 must be in \[0, 1\)"),
     ("dataset.test_size=1.5", r"dataset.test_size=1.5 must be below 1"),
     ("model.dropout=1.0", r"model.dropout=1.0 must be below 1"),
     ("model.hidden=[128,0]", r"model.hidden=\[128, 0\] must be a list of positive layer widths"),

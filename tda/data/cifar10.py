@@ -13,6 +13,8 @@ instances out of.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import datasets
 import numpy as np
 import torch
@@ -20,14 +22,18 @@ import torch.nn.functional as F
 
 from tda.data.base import DataBundle, subsample
 from tda.data.hub import load_splits
+from tda.ranges import Range
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
+# pixels of padding around the 32×32 image before a random 32×32 crop
+CROP_PADDING = Range(0, 31, why=" (pixels of padding before a random crop; at 32 or more a crop can miss the image "
+                                "entirely)", example=4)
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 def cifar10(root: str | None = None, max_train: int | None = None, max_test: int | None = None,
-            subsample_seed: int = 0, flip: bool = False, crop_padding: int = 0) -> DataBundle:
+            subsample_seed: int = 0, flip: bool = False, crop_padding: Annotated[int, CROP_PADDING] = 0) -> DataBundle:
     raw = load_splits("cifar10", "uoft-cs/cifar10", {"train": "train", "test": "test"}, root)
     mean = np.asarray(MEAN, np.float32)[:, None, None]
     std = np.asarray(STD, np.float32)[:, None, None]

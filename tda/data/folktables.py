@@ -21,7 +21,9 @@ features for MA 2018), only AGEP and WKHP standardised with training-split stati
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
@@ -30,12 +32,16 @@ from tda.data.base import DataBundle, data_root
 from tda.data.tabular import split_standardise
 from tda.env import offline
 from tda.extras import requires_extra
+from tda.ranges import Range
 
 NUMERIC = ("AGEP", "WKHP")  # the only standardised columns in the paper
+# the American Community Survey years folktables serves: 2014 to the last completed year
+SURVEY_YEAR = Range(2014, datetime.date.today().year - 1, why=" (the ACS years folktables serves)", example=2018)
 
 
 @requires_extra("folktables")
-def folktables_income(state: str = "MA", year: int = 2018, horizon: str = "1-Year", root: str | None = None,
+def folktables_income(state: str = "MA", year: Annotated[int, SURVEY_YEAR] = 2018, horizon: str = "1-Year",
+                      root: str | None = None,
                       download_dir: str = "~/.cache/tda/folktables", test_size: float = 0.25, split_seed: int = 0,
                       max_train: int | None = None, max_test: int | None = None,
                       subsample_seed: int = 0) -> DataBundle:

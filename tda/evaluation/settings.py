@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from tda.ranges import COUNT_MAX, COUNT_WHY, Range
 from tda.sections import Checks, Section, setting
 
 # a gold-standard checkpoint: a named position or an index (negative counts from the end)
@@ -26,7 +27,7 @@ class ExamplesSettings(Section):
 
     def check(self, c: Checks) -> None:
         c.positive("k")
-        c.non_negative("n_test")
+        c.in_range("n_test", Range(0, COUNT_MAX, why=COUNT_WHY))
 
     @property
     def shown(self) -> bool:
@@ -58,10 +59,12 @@ class EvaluateSettings(Section):
         if centering is not None and not centering:
             c.add("evaluate.centering=[] must be a non-empty list of booleans, e.g. [true,false]")
         windows = c.value("seed_windows")
-        if windows is not None and not all(k > 0 for k in windows):
-            c.add(f"evaluate.seed_windows={windows} must hold positive numbers of seeds, e.g. [1,2,5]")
+        if windows is not None and not all(0 < k <= COUNT_MAX for k in windows):
+            c.add(f"evaluate.seed_windows={windows} must hold positive numbers of seeds (at most {COUNT_MAX}), "
+                  f"e.g. [1,2,5]")
         top_k = c.value("top_k")
-        if top_k is not None and not all(k > 0 for k in top_k):
-            c.add(f"evaluate.top_k={top_k} must hold positive numbers of instances, e.g. [10,100]")
+        if top_k is not None and not all(0 < k <= COUNT_MAX for k in top_k):
+            c.add(f"evaluate.top_k={top_k} must hold positive numbers of instances (at most {COUNT_MAX}), "
+                  f"e.g. [10,100]")
         c.positive("top_k_recall_within")
         c.within("top_k_recall_within", 0, 1, " (a fraction of the left-out instances, e.g. 0.1)")

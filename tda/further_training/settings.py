@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from tda.further_training.checkpoints import checkpoint_steps, steps_per_epoch
+from tda.ranges import SEED, SEED_MAX, Range, memory_problem
 from tda.sections import KEYED_UNLESS_DEFAULT, NOT_KEYED, Checks, Section, setting
 from tda.training import TrainSettings
 
@@ -100,14 +101,21 @@ class FurtherTrainingSettings(Section):
                                            key=NOT_KEYED)
 
     def check(self, c: Checks) -> None:
-        for name in ("epochs", "batch_size", "n_seeds", "checkpoint_every_steps", "checkpoint_first_step", "epsilon",
+        for name in ("epochs", "batch_size", "n_seeds", "checkpoint_every_steps", "checkpoint_first_step",
                      "clip_grad_norm", "max_runs_per_group"):
             c.positive(name)
         if c.value("checkpoint_first_step") is not None and self.checkpoint_every_steps is None:
             c.add(f"further_training.checkpoint_first_step={self.checkpoint_first_step} needs "
                   f"further_training.checkpoint_every_steps (the steps after the first); set it, or leave "
                   f"checkpoint_first_step null for a checkpoint after every epoch")
-        c.non_negative("seed_offset")
+        c.in_range("epsilon", Range(0, 1, low_open=True, why=" (the weight of j's loss taken off at every step; "
+                                                             "the batch mean weighs each instance 1/batch_size)"))
+        offset, n_seeds = c.value("seed_offset"), c.value("n_seeds")
+        if c.in_range("seed_offset", SEED) and offset is not None and n_seeds is not None and n_seeds > 0 \
+                and offset + n_seeds - 1 > SEED_MAX:
+            c.add(f"further_training.seed_offset={offset} with n_seeds={n_seeds} reaches seed {offset + n_seeds - 1}, "
+                  f"beyond the largest seed {SEED_MAX} (numpy, scikit-learn and Lightning take seeds in [0, 2³²−1]); "
+                  f"lower further_training.seed_offset or n_seeds")
         c.within("batchnorm_momentum", 0, 1, " (0 freezes the running statistics)")
         if c.value("estimator") == "derivative":
             if c.value("removal") == "drop":
@@ -160,10 +168,40 @@ class FurtherTrainingSettings(Section):
         return shard_block(n_left_out, self.left_out_shard.index, self.left_out_shard.count)
 
     # ------------------------------------------------------------------ against the data
-    def fit_problems(self, n_left_out: int, n_train: int | None = None) -> list[str]:
+    def n_checkpoints(self, n_train: int | None = None) -> int:
+        """How many checkpoints the schedule records on `n_train` instances, counted without
+        listing them (None: a lower bound, before the data is loaded)."""
+        if n_train is None:
+            return self.epochs if self.checkpoint_every_steps is None else 1
+        total = self.epochs * self.steps_per_epoch(n_train)
+        if self.checkpoint_every_steps is None:
+            return self.epochs
+        start = self.checkpoint_first_step or self.checkpoint_every_steps
+        return max(1, (total - start) // self.checkpoint_every_steps + 1 + int(self.checkpoint_last_step))
+
+    def memory_problems(self, n_test: int | None, n_left_out: int | None, n_train: int | None = None) -> list[str]:
+        """The merged gold standard's size against this machine's memory: the evaluate stage holds
+        `diff` [n_checkpoints, n_test, n_left_out, n_seeds] in float64 (a job holds a seed's share).
+        Sizes not known yet (null before the data is loaded) count as 1, a lower bound."""
+        n_checkpoints = self.n_checkpoints(n_train)
+        nbytes = 8.0 * n_checkpoints * (n_test or 1) * (n_left_out or 1) * self.n_seeds
+        sizes = (f"{n_checkpoints} checkpoints × {n_test or '≥ 1'} test × {n_left_out or '≥ 1'} left-out instances "
+                 f"× {self.n_seeds} seeds")
+        problem = memory_problem(f"further_training.n_seeds={self.n_seeds} with epochs={self.epochs}", nbytes,
+                                 f"a gold standard of {sizes} in float64",
+                                 "lower further_training.n_seeds (the paper averages 100; 10-20 capture most of the "
+                                 "benefit), the epochs or the checkpoints, or the selection's sizes")
+        return [problem] if problem else []
+
+    def fit_problems(self, n_left_out: int, n_train: int | None = None, n_test: int | None = None) -> list[str]:
         """The left-out shards against the number of left-out instances; the checkpoint schedule
-        against the steps of further training on `n_train` instances."""
+        against the steps of further training on `n_train` instances; the gold standard's memory
+        (:meth:`memory_problems`) once `n_test` is known."""
         problems = []
+        if n_train and n_test:
+            problems += self.memory_problems(n_test, n_left_out, n_train)
+            if problems:
+                return problems
         count = self.left_out_shard.count
         if n_left_out and count > n_left_out:
             problems.append(f"further_training.left_out_shard.count={count} splits the {n_left_out} left-out "

@@ -37,6 +37,15 @@ class MLP(TDAModel):
         if self.trainable == "last_k" and not 0 < self.trainable_k <= len(hidden):
             raise ValueError(f"model.trainable_k={trainable_k} must be in 1..{len(hidden)} for this MLP")
 
+    @classmethod
+    def argument_problems(cls, arguments: dict, key: str) -> list[str]:
+        """`trainable_k` against the hidden layers (checked before anything is built)."""
+        hidden, k = arguments.get("hidden", (128, 128)), arguments.get("trainable_k", 1)
+        if arguments.get("trainable") == "last_k" and isinstance(k, int) and not 0 < k <= len(hidden):
+            return [f"{key}.trainable_k={k} must be in 1..{len(hidden)}: this MLP has {len(hidden)} hidden layers "
+                    f"({key}.hidden={list(hidden)}); lower {key}.trainable_k or add layers"]
+        return []
+
     def forward(self, x):
         return self.head(self.body(x))
 

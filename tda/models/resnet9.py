@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from tda.models.base import TDAModel, check_input_shape, check_trainable, match_mode
+from tda.ranges import memory_problem
 
 
 def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
@@ -87,6 +88,22 @@ class ResNet9(TDAModel):
         if self.trainable == "last_k" and not 0 < self.trainable_k <= 3:
             raise ValueError(f"model.trainable_k={trainable_k} must be in 1..3 (of the 4 conv stages of ResNet-9, "
                              f"at least the first stays frozen; use model.trainable=all to train everything)")
+
+    @classmethod
+    def argument_problems(cls, arguments: dict, key: str) -> list[str]:
+        """`trainable_k` against the stages and `width` against this machine's memory (checked
+        before anything is built)."""
+        k, width = arguments.get("trainable_k", 1), arguments.get("width", 1.0)
+        if arguments.get("trainable") == "last_k" and isinstance(k, int) and not 0 < k <= 3:
+            return [f"{key}.trainable_k={k} must be in 1..3 (of the 4 conv stages of ResNet-9, at least the first "
+                    f"stays frozen); use {key}.trainable=all to train everything"]
+        # the conv weights grow with width² (6.5M parameters at width 1), in float32 (a product,
+        # not `**`, which raises OverflowError where the product becomes inf)
+        w = max(1.0, float(width))
+        n_weights = 6.5e6 * w * w
+        problem = memory_problem(f"{key}.width={width}", 4.0 * n_weights, f"about {n_weights:.3g} weights",
+                                 f"lower {key}.width (1.0 is the standard network)")
+        return [problem] if problem else []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.stages(x))

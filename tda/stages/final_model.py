@@ -11,12 +11,27 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from tda.artifacts import remove_stale_temp_files, require_finite, save_json, save_tensors, save_text, tensor_checksum
+from tda.artifacts import (
+    load_tensor_metadata,
+    remove_stale_temp_files,
+    require_finite,
+    save_json,
+    save_tensors,
+    save_text,
+    tensor_checksum,
+)
 from tda.config import ConfigError, build
 from tda.interrupt import Kept
 from tda.models.base import compute_features
 from tda.preflight import check_config
-from tda.provenance import identity, read_final_model, selection_fingerprint, stamp, supersede_dependents
+from tda.provenance import (
+    identity,
+    read_final_model,
+    reproduction_note,
+    selection_fingerprint,
+    stamp,
+    supersede_dependents,
+)
 from tda.runs import RUN_KEYS, RunDir, RunSettings
 from tda.stages.inputs import build_model, load_data, select
 from tda.tracking import finish, init_wandb, mark_cached
@@ -36,6 +51,8 @@ def train(cfg: DictConfig) -> RunDir:
         log.info("final model already trained in %s (train.overwrite=true retrains)", run.path)
         finish(mark_cached(init_wandb(cfg, "train", run.path.name)))  # a W&B run with no timings
         return run
+    # the model a retraining replaces: said below if the new one differs from it (thread count)
+    previous = _header_or_none(run)
     L.seed_everything(settings.seed, workers=True, verbose=False)
     data = load_data(cfg, settings)
     selection = select(settings.selection, data)
@@ -103,11 +120,23 @@ def train(cfg: DictConfig) -> RunDir:
     save_tensors(run.initial_model, changed, metadata={"identity": final}, what="the initial weights")
     # the model file is written last: its presence marks the run as complete
     save_tensors(run.final_model, state, metadata={"identity": final, "config_hash": provenance["config_hash"],
-                                                   "code_version": provenance["code_version"]}, what="the final model")
+                                                   "code_version": provenance["code_version"],
+                                                   "environment": provenance["environment"]}, what="the final model")
+    note = reproduction_note(previous, final["weights"]) if previous is not None else None
+    if note:
+        log.warning(note)
     if wb is not None:
         wb.summary.update({f"final/{split}_{k}": v for split in ("test", "train") for k, v in metrics[split].items()})
     finish(wb)
     return run
+
+
+def _header_or_none(run: RunDir) -> dict | None:
+    """The header of the final model in `run` (display only), or None: none, or unreadable."""
+    try:
+        return load_tensor_metadata(run.final_model) if run.final_model.is_file() else None
+    except Exception:  # noqa: BLE001 - a damaged model is what train.overwrite=true replaces
+        return None
 
 
 def kept(cfg: DictConfig, started: float) -> Kept:

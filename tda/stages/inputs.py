@@ -40,7 +40,8 @@ def load_data(cfg: DictConfig, settings: Settings) -> DataBundle:
     n_train, n_test = len(data.train), len(data.test)
     problems = data_problems(data, name) + _model_input_problems(cfg, data, name)
     problems += settings.selection.fit_problems(n_train, n_test, name)
-    problems += settings.further_training.fit_problems(settings.selection.n_left_out or n_train, n_train)
+    problems += settings.further_training.fit_problems(settings.selection.left_out_count(n_train), n_train,
+                                                       min(settings.selection.n_test or n_test, n_test))
     if problems:
         raise ConfigError.listing("the configuration does not fit the data", problems)
     return data
