@@ -8,13 +8,18 @@ checkpoints stand behind it. The overrides are those given to `evaluate.py`:
 
 Tables: similarity (cosine per checkpoint, centred gold standard, `--at` checkpoints; `--metric`),
 seeds (peak vs seeds averaged, the authors' definition), adjustment (adjusted vs unadjusted,
-uncentred), distance (‖θ_t − θ_start‖), class (class structure), retraining (further training
-vs retraining), reliability (split-half).
+uncentred), contrast (the paper's two gold standards side by side: centred, eq. 13, against
+eq. 17's subtraction of the full-data run uncentred, with no subtraction as a third column),
+distance (‖θ_t − θ_start‖), class (class structure), retraining (further training vs
+retraining), reliability (split-half), agreement (method vs method; `--methods`), solver (the
+iterative solvers' records: damping, scale, residual), sorted (sorted-score profiles, the
+paper's Figure 10, as numbers), examples (examples.md, the paper's Table 2; `--test` ids).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -54,10 +59,10 @@ def pick(df: pd.DataFrame, at: list[float] | None) -> list[float]:
     return xs if not at else [x for x in xs if x in at]
 
 
-def similarity(d: Path, at: list[float] | None, metric: str) -> str:
+def similarity(d: Path, at: list[float] | None, metric: str, only: list[str] | None = None) -> str:
     df = pd.read_csv(d / "similarity.csv")
     df = df[df.centered & (df.metric == metric)]
-    methods = list(dict.fromkeys(df.method))
+    methods = [m for m in dict.fromkeys(df.method) if not only or m in only]
     xs = pick(df, at)
     x_name = df.x_name.iloc[0]
     rows = [caption(d, "similarity.csv", f"{metric}, centred gold standard, mean over test instances"), "",
@@ -94,6 +99,135 @@ def adjustment(d: Path, metric: str) -> str:
         rows.append(f"| {m} | {fmt(a['mean'].iloc[-1])} | {fmt(u['mean'].iloc[-1])} | {fmt(a['mean'].max())} | "
                     f"{fmt(u['mean'].max())} |")
     return "\n".join(rows)
+
+
+def contrast(d: Path, metric: str) -> str:
+    """The paper's adjustment contrast on the same runs: the centred gold standard (eq. 13, its
+    main figures) against eq. 17's subtraction of the full-data run without centring (its
+    other figure), and, as a third variant, no subtraction at all (loss(D∖j) − loss(θᶠ))."""
+    sim = pd.read_csv(d / "similarity.csv")
+    sim = sim[sim.centered & (sim.metric == metric)]
+    adj = pd.read_csv(d / "adjustment.csv")
+    adj = adj[adj.metric == metric]
+    rows = [caption(d, "similarity.csv` and `adjustment.csv",
+                    f"{metric}: eq. 13 = centred gold standard; eq. 17 = full-data run subtracted, not centred; "
+                    f"none = neither; first / peak / last checkpoint"), "",
+            "| method | eq. 13 first | eq. 17 first | eq. 13 peak | eq. 17 peak | eq. 13 last | eq. 17 last | "
+            "none, peak |", "|---|---|---|---|---|---|---|---|"]
+    for m, g in sim.groupby("method", sort=False):
+        c = g.sort_values("checkpoint")["mean"]
+        a = adj[(adj.method == m) & adj.adjusted].sort_values("checkpoint")["mean"]
+        u = adj[(adj.method == m) & ~adj.adjusted]["mean"]
+        rows.append(f"| {m} | {fmt(c.iloc[0])} | {fmt(a.iloc[0])} | {fmt(c.max())} | {fmt(a.max())} | "
+                    f"{fmt(c.iloc[-1])} | {fmt(a.iloc[-1])} | {fmt(u.max())} |")
+    return "\n".join(rows)
+
+
+def agreement(d: Path, methods: list[str] | None, metric: str) -> str:
+    """Method against method (`agreement.csv`: per test instance, mean over test instances)."""
+    df = pd.read_csv(d / "agreement.csv")
+    df = df[df.metric == metric]
+    names = methods or list(dict.fromkeys([*df.method_a, *df.method_b]))
+    rows = [caption(d, "agreement.csv", f"{metric} between two methods' score vectors, mean over test instances"), "",
+            "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for a in names:
+        cells = []
+        for b in names:
+            hit = df[((df.method_a == a) & (df.method_b == b)) | ((df.method_a == b) & (df.method_b == a))]
+            cells.append("1" if a == b else fmt(hit["mean"].iloc[0]) if len(hit) else "—")
+        rows.append(f"| {a} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+SOLVER_KEYS = ["lambda0", "damping_multiple", "damping", "scale", "depth", "repeat", "batch_size", "seed"]
+
+
+def solver(d: Path) -> str:
+    """The records (`methods/<key>/record.json`) of the methods the evaluation read that solve
+    (C + λI)x = g iteratively (CG, LiSSA): λ₀, the multiple, λ, LiSSA's scale / depth / repeat /
+    batch / seed, the largest eigenvalue of C + λI (LiSSA's Lanczos estimate) and the relative
+    residual ‖g − (C + λI)x‖/‖g‖ of the returned solutions (mean, max over columns)."""
+    done = load_json(d / "evaluated.json")
+    run = Path(done["run"])
+    rows = [f"`{run.name}/methods/*/record.json` of the methods in `{d.name}/evaluated.json`", "",
+            "| method | " + " | ".join(SOLVER_KEYS)
+            + " | largest eigenvalue of C + λI | residual mean | residual max |",
+            "|---|" + "---|" * (len(SOLVER_KEYS) + 3)]
+    for label, m in done["methods"].items():
+        record = load_json(run / "methods" / m["key"] / "record.json")
+        rec = {**record.get("config", {}), **record.get("extra", {})}  # what ran: the config, then what it chose
+        spec = rec.get("spectrum") or {}
+        if "cg" in rec:
+            r = pd.Series(rec["cg"]["relative_residual"], dtype=float)
+            res = (r.mean(), r.max())
+        elif "relative_residual_max" in spec:
+            res = (spec["relative_residual_mean"], spec["relative_residual_max"])
+        else:
+            continue
+        cells = [f"{rec[k]:.3g}" if isinstance(rec.get(k), float) else str(rec.get(k, "—")) if k in rec else "—"
+                 for k in SOLVER_KEYS]
+        top = spec.get("lanczos_max")
+        rows.append(f"| {label} | " + " | ".join(cells) + f" | {'—' if top is None else f'{top:.3g}'} | "
+                    + " | ".join(f"{v:.2g}" for v in res) + " |")
+    return "\n".join(rows)
+
+
+def sorted_profiles(d: Path) -> str:
+    """The sorted-score profiles (sorted_scores.csv; the paper's Figure 10): each test
+    instance's scores sorted, averaged over test instances, L2-normalised; a few ranks, and
+    each profile's cosine with the centred gold standard's profile at its first and last
+    checkpoint shown (how well the method reproduces the shape of the attribution)."""
+    df = pd.read_csv(d / "sorted_scores.csv")
+    gold = df[(df.source == "gold standard") & (df.centered == True)]  # noqa: E712 (methods: NaN)
+    n = int(df["rank"].max())
+    ranks = sorted({1, 2, 3, (n + 1) // 2, n - 2, n - 1, n})
+    cps = sorted(gold.checkpoint.unique())
+    ref = {t: gold[gold.checkpoint == t].sort_values("rank")["value"].to_numpy() for t in (cps[0], cps[-1])}
+    x = {t: gold[gold.checkpoint == t].x.iloc[0] for t in cps}
+    rows = [caption(d, "sorted_scores.csv", "sorted-score profiles (unit norm); the gold standard centred"), "",
+            "| profile | " + " | ".join(f"rank {r}" for r in ranks)
+            + f" | cosine with gold at {x[cps[0]]:g} | cosine with gold at {x[cps[-1]]:g} |",
+            "|---|" + "---|" * (len(ranks) + 2)]
+    series = [(f"gold standard, {x[t]:g}", gold[gold.checkpoint == t]) for t in cps]
+    series += [(m, g) for m, g in df[df.source != "gold standard"].groupby("source", sort=False)]
+    for name, g in series:
+        v = g.sort_values("rank")["value"].to_numpy()
+        cos = [float(v @ r) for r in ref.values()]  # both unit norm
+        rows.append(f"| {name} | " + " | ".join(f"{v[r - 1]:+.3f}" for r in ranks) + " | "
+                    + " | ".join(fmt(c) for c in cos) + " |")
+    return "\n".join(rows)
+
+
+def examples_md(d: Path, tests: list[int] | None, methods: list[str] | None) -> str:
+    """examples.md (the evaluate stage's rendering of the most helpful and harmful left-out
+    instances, the paper's Table 2), whole or only the sections of the given test ids; with
+    `methods`, only those methods' ranks (`<method>:rank`, 1 = its most helpful) are kept."""
+    text = (d / "examples.md").read_text()
+    head, *sections = text.split("\n## Test instance ")
+    keep = [s for s in sections if tests is None or int(s.split(" ", 1)[0]) in tests]
+    where = d.relative_to(ROOT) if d.is_relative_to(ROOT) else d
+    body = "\n".join(f"\n### Test instance {s.strip()}" for s in keep)
+    if methods:
+        body = "\n".join(_drop_columns(body.splitlines(), methods))
+    return "\n".join([f"`{where}/examples.md`:", "", head.strip(), body])
+
+
+CELL = re.compile(r"(?<!\\)\|")  # a cell border: a | that md_escape did not escape
+
+
+def _drop_columns(lines: list[str], methods: list[str]) -> list[str]:
+    """Markdown table lines with, of the per-method columns, only the ranks of `methods`."""
+    out, keep = [], None
+    for line in lines:
+        if not line.startswith("|"):
+            out.append(line)
+            keep = None
+            continue
+        cells = CELL.split(line)[1:-1]
+        if keep is None:  # the header
+            keep = [":" not in c or (c.strip().split(":")[0] in methods and c.strip().endswith(":rank")) for c in cells]
+        out.append("|" + "|".join(c for c, k in zip(cells, keep) if k) + "|")
+    return out
 
 
 def distance(d: Path, at: list[float] | None) -> str:
@@ -152,17 +286,26 @@ def main() -> None:
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("tables", nargs="+", choices=["similarity", "seeds", "adjustment", "distance", "class",
-                                                      "retraining", "reliability"])
+    parser.add_argument("tables", nargs="+", choices=["similarity", "seeds", "adjustment", "contrast", "distance",
+                                                      "class", "retraining", "reliability", "agreement", "solver",
+                                                      "sorted", "examples"])
     parser.add_argument("--at", nargs="*", type=float, help="checkpoints (x values) to show; default: all")
     parser.add_argument("--metric", default="cosine", choices=["cosine", "spearman"])
+    parser.add_argument("--methods", nargs="*",
+                        help="similarity, agreement, examples: the methods (labels) to show; default: all")
+    parser.add_argument("--test", nargs="*", type=int, help="examples: test instance ids to show; default: all")
     args = parser.parse_args(argv[split + 1:])
     d = eval_dir(argv[:split])
     for table in args.tables:
-        print({"similarity": lambda: similarity(d, args.at, args.metric), "seeds": lambda: seeds(d, args.metric),
+        print({"similarity": lambda: similarity(d, args.at, args.metric, args.methods),
+               "seeds": lambda: seeds(d, args.metric),
                "adjustment": lambda: adjustment(d, args.metric), "distance": lambda: distance(d, args.at),
                "class": lambda: class_structure(d, args.at), "retraining": lambda: retraining(d, args.metric),
-               "reliability": lambda: reliability(d, args.at, args.metric)}[table](), end="\n\n")
+               "reliability": lambda: reliability(d, args.at, args.metric),
+               "contrast": lambda: contrast(d, args.metric),
+               "agreement": lambda: agreement(d, args.methods, args.metric),
+               "solver": lambda: solver(d), "sorted": lambda: sorted_profiles(d),
+               "examples": lambda: examples_md(d, args.test, args.methods)}[table](), end="\n\n")
 
 
 if __name__ == "__main__":
