@@ -59,10 +59,16 @@ def pick(df: pd.DataFrame, at: list[float] | None) -> list[float]:
     return xs if not at else [x for x in xs if x in at]
 
 
+def pick_methods(labels, only: list[str] | None) -> list[str]:
+    """The method labels present, in file order, or those of `only` that are present, in its order."""
+    present = list(dict.fromkeys(labels))
+    return present if not only else [m for m in only if m in present]
+
+
 def similarity(d: Path, at: list[float] | None, metric: str, only: list[str] | None = None) -> str:
     df = pd.read_csv(d / "similarity.csv")
     df = df[df.centered & (df.metric == metric)]
-    methods = [m for m in dict.fromkeys(df.method) if not only or m in only]
+    methods = pick_methods(df.method, only)
     xs = pick(df, at)
     x_name = df.x_name.iloc[0]
     rows = [caption(d, "similarity.csv", f"{metric}, centred gold standard, mean over test instances"), "",
@@ -73,15 +79,18 @@ def similarity(d: Path, at: list[float] | None, metric: str, only: list[str] | N
     return "\n".join(rows)
 
 
-def seeds(d: Path, metric: str) -> str:
+def seeds(d: Path, metric: str, only: list[str] | None = None, uncentred: bool = False) -> str:
+    """Peak against seeds averaged, the authors' definition; the centred gold standard (eq. 13),
+    or with `uncentred` eq. 17's (the full-data run subtracted, not centred)."""
     df = pd.read_csv(d / "seed_windows.csv")
-    df = df[df.centered & (df.metric == metric) & (df.definition == "peak_of_mean_curve")]
+    df = df[(df.centered != uncentred) & (df.metric == metric) & (df.definition == "peak_of_mean_curve")]
     ks = sorted(df.n_seeds_averaged.unique())
+    gold = "not centred (eq. 17)" if uncentred else "centred"
     rows = [caption(d, "seed_windows.csv", f"peak {metric} over checkpoints against seeds averaged K, the authors' "
-                                           f"definition (peak of the window-averaged curve), centred"), "",
+                                           f"definition (peak of the window-averaged curve), gold standard {gold}"), "",
             "| method | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
-    for m, g in df.groupby("method", sort=False):
-        v = g.set_index("n_seeds_averaged")["peak_mean"]
+    for m in pick_methods(df.method, only):
+        v = df[df.method == m].set_index("n_seeds_averaged")["peak_mean"]
         rows.append(f"| {m} | " + " | ".join(fmt(v.get(k)) for k in ks) + " |")
     return "\n".join(rows)
 
@@ -101,7 +110,7 @@ def adjustment(d: Path, metric: str) -> str:
     return "\n".join(rows)
 
 
-def contrast(d: Path, metric: str) -> str:
+def contrast(d: Path, metric: str, only: list[str] | None = None) -> str:
     """The paper's adjustment contrast on the same runs: the centred gold standard (eq. 13, its
     main figures) against eq. 17's subtraction of the full-data run without centring (its
     other figure), and, as a third variant, no subtraction at all (loss(D∖j) − loss(θᶠ))."""
@@ -114,8 +123,8 @@ def contrast(d: Path, metric: str) -> str:
                     f"none = neither; first / peak / last checkpoint"), "",
             "| method | eq. 13 first | eq. 17 first | eq. 13 peak | eq. 17 peak | eq. 13 last | eq. 17 last | "
             "none, peak |", "|---|---|---|---|---|---|---|---|"]
-    for m, g in sim.groupby("method", sort=False):
-        c = g.sort_values("checkpoint")["mean"]
+    for m in pick_methods(sim.method, only):
+        c = sim[sim.method == m].sort_values("checkpoint")["mean"]
         a = adj[(adj.method == m) & adj.adjusted].sort_values("checkpoint")["mean"]
         u = adj[(adj.method == m) & ~adj.adjusted]["mean"]
         rows.append(f"| {m} | {fmt(c.iloc[0])} | {fmt(a.iloc[0])} | {fmt(c.max())} | {fmt(a.max())} | "
@@ -139,40 +148,57 @@ def agreement(d: Path, methods: list[str] | None, metric: str) -> str:
     return "\n".join(rows)
 
 
-SOLVER_KEYS = ["lambda0", "damping_multiple", "damping", "scale", "depth", "repeat", "batch_size", "seed"]
+SOLVER_KEYS = ["damping_multiple", "damping", "scale", "batch_size", "seed"]
 
 
-def solver(d: Path) -> str:
-    """The records (`methods/<key>/record.json`) of the methods the evaluation read that solve
-    (C + λI)x = g iteratively (CG, LiSSA): λ₀, the multiple, λ, LiSSA's scale / depth / repeat /
-    batch / seed, the largest eigenvalue of C + λI (LiSSA's Lanczos estimate) and the relative
-    residual ‖g − (C + λI)x‖/‖g‖ of the returned solutions (mean, max over columns)."""
+def solver(d: Path, metric: str) -> str:
+    """The methods of the evaluation that solve (C + λI)x = g iteratively (CG, LiSSA), one row
+    each, from their records (`methods/<key>/record.json`: the multiple of λ₀, λ, LiSSA's scale
+    (the one used), rows per step and seed; depth and repeat in the caption; LiSSA's Lanczos
+    estimate of the largest eigenvalue of C + λI (the scale must exceed half of it); the relative residual
+    ‖g − (C + λI)x‖/‖g‖ of the returned solutions, mean and max over columns), beside their
+    agreement with the gold standard (similarity.csv: first, peak, last checkpoint) and with CG at
+    the same λ (agreement.csv, mean over test instances)."""
     done = load_json(d / "evaluated.json")
     run = Path(done["run"])
-    rows = [f"`{run.name}/methods/*/record.json` of the methods in `{d.name}/evaluated.json`", "",
-            "| method | " + " | ".join(SOLVER_KEYS)
-            + " | largest eigenvalue of C + λI | residual mean | residual max |",
-            "|---|" + "---|" * (len(SOLVER_KEYS) + 3)]
+    sim = pd.read_csv(d / "similarity.csv")
+    sim = sim[sim.centered & (sim.metric == metric)]
+    agr = pd.read_csv(d / "agreement.csv")
+    agr = agr[agr.metric == metric]
+    solvers = {}
     for label, m in done["methods"].items():
         record = load_json(run / "methods" / m["key"] / "record.json")
         rec = {**record.get("config", {}), **record.get("extra", {})}  # what ran: the config, then what it chose
-        spec = rec.get("spectrum") or {}
+        if "cg" in rec or "relative_residual_max" in (rec.get("spectrum") or {}):
+            solvers[label] = rec | {"method": record["method"]}
+    cg_at = {rec["damping_multiple"]: label for label, rec in solvers.items() if rec["method"] == "cg"}
+    depths = sorted({(r["depth"], r["repeat"]) for r in solvers.values() if "depth" in r})
+    rows = [caption(d, "similarity.csv`, `agreement.csv` and the methods' `record.json",
+                    f"{metric}; LiSSA depth / repeat {', '.join(f'{a} / {b}' for a, b in depths)}"), "",
+            "| method | " + " | ".join(SOLVER_KEYS) + " | largest eigenvalue of C + λI | residual mean | "
+            "residual max | with gold, first | with gold, peak | with gold, last | with CG at the same λ |",
+            "|---|" + "---|" * (len(SOLVER_KEYS) + 7)]
+    for label, rec in solvers.items():
         if "cg" in rec:
             r = pd.Series(rec["cg"]["relative_residual"], dtype=float)
             res = (r.mean(), r.max())
-        elif "relative_residual_max" in spec:
-            res = (spec["relative_residual_mean"], spec["relative_residual_max"])
         else:
-            continue
-        cells = [f"{rec[k]:.3g}" if isinstance(rec.get(k), float) else str(rec.get(k, "—")) if k in rec else "—"
+            res = (rec["spectrum"]["relative_residual_mean"], rec["spectrum"]["relative_residual_max"])
+        cells = [f"{rec[k]:.3g}" if isinstance(rec.get(k), float) else str(rec[k]) if k in rec else "—"
                  for k in SOLVER_KEYS]
-        top = spec.get("lanczos_max")
+        c = sim[sim.method == label].sort_values("checkpoint")["mean"]
+        ref = cg_at.get(rec["damping_multiple"])
+        pair = agr[((agr.method_a == label) & (agr.method_b == ref))
+                   | ((agr.method_a == ref) & (agr.method_b == label))]
+        with_cg = "1" if ref == label else fmt(pair["mean"].iloc[0]) if len(pair) else "—"
+        top = (rec.get("spectrum") or {}).get("lanczos_max")  # LiSSA's Lanczos estimate; CG records none
         rows.append(f"| {label} | " + " | ".join(cells) + f" | {'—' if top is None else f'{top:.3g}'} | "
-                    + " | ".join(f"{v:.2g}" for v in res) + " |")
+                    + " | ".join(f"{v:.2g}" for v in res)
+                    + f" | {fmt(c.iloc[0])} | {fmt(c.max())} | {fmt(c.iloc[-1])} | {with_cg} |")
     return "\n".join(rows)
 
 
-def sorted_profiles(d: Path) -> str:
+def sorted_profiles(d: Path, only: list[str] | None = None) -> str:
     """The sorted-score profiles (sorted_scores.csv; the paper's Figure 10): each test
     instance's scores sorted, averaged over test instances, L2-normalised; a few ranks, and
     each profile's cosine with the centred gold standard's profile at its first and last
@@ -189,7 +215,7 @@ def sorted_profiles(d: Path) -> str:
             + f" | cosine with gold at {x[cps[0]]:g} | cosine with gold at {x[cps[-1]]:g} |",
             "|---|" + "---|" * (len(ranks) + 2)]
     series = [(f"gold standard, {x[t]:g}", gold[gold.checkpoint == t]) for t in cps]
-    series += [(m, g) for m, g in df[df.source != "gold standard"].groupby("source", sort=False)]
+    series += [(m, df[df.source == m]) for m in pick_methods(df[df.source != "gold standard"].source, only)]
     for name, g in series:
         v = g.sort_values("rank")["value"].to_numpy()
         cos = [float(v @ r) for r in ref.values()]  # both unit norm
@@ -209,9 +235,13 @@ def examples_md(d: Path, tests: list[int] | None, methods: list[str] | None) -> 
     body = "\n".join(f"\n### Test instance {s.strip()}" for s in keep)
     if methods:
         body = "\n".join(_drop_columns(body.splitlines(), methods))
+        head = OVERLAP.sub(lambda m: "; ".join(f"{name} {h} / {b}" for name, h, b in OVERLAP_ITEM.findall(m[1])
+                                                if name in methods) + ".", head)
     return "\n".join([f"`{where}/examples.md`:", "", head.strip(), body])
 
 
+OVERLAP = re.compile(r"(?<=\(helpful / harmful\): )(.*)$", re.M)  # examples.md's list of every method's overlap
+OVERLAP_ITEM = re.compile(r"(\S+) (\d\.\d+) / (\d\.\d+)")
 CELL = re.compile(r"(?<!\\)\|")  # a cell border: a | that md_escape did not escape
 
 
@@ -271,14 +301,17 @@ def retraining(d: Path, metric: str) -> str:
 
 
 def reliability(d: Path, at: list[float] | None, metric: str) -> str:
+    """Split-half reliability of the gold standard, centred (eq. 13) and not (eq. 17)."""
     df = pd.read_csv(d / "reliability.csv")
-    df = df[df.centered & (df.metric == metric)]
+    df = df[df.metric == metric]
     k, p = int(df.seeds_per_half.iloc[0]), int(df.projected_seeds.iloc[0])
-    rows = [caption(d, "reliability.csv", f"split-half {metric} of the centred gold standard"), "",
-            f"| {df.x_name.iloc[0]} | {k} vs {k} seeds | projected to {p} seeds |", "|---|---|---|"]
-    for x in pick(df, at):
-        r = df[df.x == x].iloc[0]
-        rows.append(f"| {x:g} | {fmt(r['mean'])} | {fmt(r['projected'])} |")
+    rows = [caption(d, "reliability.csv", f"split-half {metric} of the gold standard, centred (eq. 13) and not "
+                                          f"(eq. 17)"), "",
+            f"| {df.x_name.iloc[0]} | {k} vs {k} seeds, centred | projected to {p} seeds | {k} vs {k} seeds, "
+            f"not centred | projected to {p} seeds |", "|---|---|---|---|---|"]
+    for x in pick(df[df.centered], at):
+        c, u = (df[(df.x == x) & (df.centered == centred)].iloc[0] for centred in (True, False))
+        rows.append(f"| {x:g} | {fmt(c['mean'])} | {fmt(c['projected'])} | {fmt(u['mean'])} | {fmt(u['projected'])} |")
     return "\n".join(rows)
 
 
@@ -291,20 +324,21 @@ def main() -> None:
                                                       "sorted", "examples"])
     parser.add_argument("--at", nargs="*", type=float, help="checkpoints (x values) to show; default: all")
     parser.add_argument("--metric", default="cosine", choices=["cosine", "spearman"])
-    parser.add_argument("--methods", nargs="*",
-                        help="similarity, agreement, examples: the methods (labels) to show; default: all")
+    parser.add_argument("--methods", nargs="*", help="the methods (labels) to show, in this order (similarity, "
+                        "seeds, contrast, agreement, sorted, examples); default: all")
+    parser.add_argument("--uncentred", action="store_true", help="seeds: eq. 17's gold standard (not centred)")
     parser.add_argument("--test", nargs="*", type=int, help="examples: test instance ids to show; default: all")
     args = parser.parse_args(argv[split + 1:])
     d = eval_dir(argv[:split])
     for table in args.tables:
         print({"similarity": lambda: similarity(d, args.at, args.metric, args.methods),
-               "seeds": lambda: seeds(d, args.metric),
+               "seeds": lambda: seeds(d, args.metric, args.methods, args.uncentred),
                "adjustment": lambda: adjustment(d, args.metric), "distance": lambda: distance(d, args.at),
                "class": lambda: class_structure(d, args.at), "retraining": lambda: retraining(d, args.metric),
                "reliability": lambda: reliability(d, args.at, args.metric),
-               "contrast": lambda: contrast(d, args.metric),
+               "contrast": lambda: contrast(d, args.metric, args.methods),
                "agreement": lambda: agreement(d, args.methods, args.metric),
-               "solver": lambda: solver(d), "sorted": lambda: sorted_profiles(d),
+               "solver": lambda: solver(d, args.metric), "sorted": lambda: sorted_profiles(d, args.methods),
                "examples": lambda: examples_md(d, args.test, args.methods)}[table](), end="\n\n")
 
 
