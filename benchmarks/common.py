@@ -29,7 +29,6 @@ Problems:
                        or ../shared/data/cifar10; built once and cached); the first 100 test
                        images, 100 left-out training images.
 
-Import it after putting the repository root on sys.path (as the benchmark scripts do).
 """
 
 from __future__ import annotations
@@ -37,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -45,10 +45,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from tda.artifacts import load_tensors, save_tensors
+from tda.data.cifar10 import cifar10
 from tda.memory import PeakMemory
 from tda.models.mlp import MLP
+from tda.models.resnet9 import ResNet9
 from tda.problem import AttributionProblem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,11 +80,6 @@ def _build_folktables_sized(path: Path) -> None:
 
 
 def _build_resnet9_cifar(path: Path) -> None:
-    import os
-
-    from tda.data.cifar10 import cifar10
-    from tda.models.resnet9 import ResNet9
-
     root = Path(os.environ.get("TDA_DATA_DIR", ROOT.parent / "shared" / "data")) / "cifar10"
     data = cifar10(root=str(root))
     x, y = data.tensors("train")
@@ -104,8 +102,6 @@ def _build_resnet9_cifar(path: Path) -> None:
 
 def load_problem(name: str, cache: Path, budget_mb: float) -> AttributionProblem:
     if name == "resnet9_cifar":
-        from tda.models.resnet9 import ResNet9
-
         path = cache / "resnet9_cifar.safetensors"
         if not path.is_file():
             _build_resnet9_cifar(path)
@@ -177,13 +173,13 @@ def measure(case: Case, which: str, cache: Path, budget_mb: float, out: Path, de
 
 def run_child(script: str, case_index: int, which: str, cache: Path, budget_mb: float, timeout: float,
               device: str = "cpu") -> dict | None:
-    """Run `script --child case_index which ...` (a subprocess that calls :func:`measure`) and
-    read back its row: scores, seconds, peak_mb, test_rows, note; or {"error": ...}."""
-    from safetensors import safe_open
+    """Run `python -m benchmarks.<script> --child case_index which ...` (a subprocess that calls
+    :func:`measure`; `script` is the benchmark's file) and read back its row: scores, seconds,
+    peak_mb, test_rows, note; or {"error": ...}."""
     out = cache / f"result_{case_index}.safetensors"
     out.unlink(missing_ok=True)
-    cmd = [sys.executable, script, "--child", str(case_index), which, str(out), "--cache", str(cache),
-           "--budget-mb", str(budget_mb), "--device", device]
+    cmd = [sys.executable, "-m", f"{__package__}.{Path(script).stem}", "--child", str(case_index), which, str(out),
+           "--cache", str(cache), "--budget-mb", str(budget_mb), "--device", device]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -1,6 +1,6 @@
 """The derivative gold standard (issue 16) against the difference gold standard.
 
-    python benchmarks/derivative.py [--out FILE] [--rows 30085] [--epochs 1] [--optimizers sgd,adam]
+    python -m benchmarks.derivative [--out FILE] [--rows 30085] [--epochs 1] [--optimizers sgd,adam]
                                     [--instances 100] [--no-reverse] [--threads N]
 
 Folktables-shaped synthetic problem (benchmarks/further_training.py `folktables_like`: 791 inputs,
@@ -27,20 +27,15 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from further_training import BATCH, N_IN, N_TEST, N_TRAIN, _loadavg, engine_ms, folktables_like  # noqa: E402
-
-from tda.further_training.derivative import WeightedTrajectory  # noqa: E402
-from tda.models.mlp import MLP  # noqa: E402
+from benchmarks.further_training import BATCH, N_IN, N_TEST, N_TRAIN, _loadavg, engine_ms, folktables_like
+from tda.further_training.derivative import WeightedTrajectory
+from tda.further_training.settings import FurtherTrainingSettings
+from tda.models.mlp import MLP
 
 OPTIMIZERS = {"sgd": {"_target_": "torch.optim.SGD", "lr": 1e-4},
               "adam": {"_target_": "torch.optim.Adam", "lr": 1e-6}}
@@ -55,6 +50,7 @@ def agreement(approx: torch.Tensor, truth: torch.Tensor) -> dict:
 
 def one_optimizer(name, model, x, y, xt, yt, instances, epochs, reverse: bool) -> dict:
     opt = OPTIMIZERS[name]
+    settings = FurtherTrainingSettings(epochs=epochs, batch_size=BATCH, removal="mask")
     R = 1 + len(instances)
     out: dict = {"optimizer": opt}
     timings = {}
@@ -67,7 +63,7 @@ def one_optimizer(name, model, x, y, xt, yt, instances, epochs, reverse: bool) -
         timings[f"difference_{tag}_ms"] = ms_run * R  # per seed-epoch
         timings[f"difference_{tag}_ms_per_run_epoch"] = ms_run
         results[f"difference_{tag}"] = (losses[..., 1:] - losses[..., :1])[-1]
-        traj = WeightedTrajectory(m, opt, xd, y, xtd, yt, "classification", epochs, 0, BATCH)
+        traj = WeightedTrajectory(m, opt, xd, y, xtd, yt, "classification", settings, 0)
         t = time.perf_counter()
         fw = traj.forward_mode(instances, chunk=len(instances))
         timings[f"forward_{tag}_ms"] = (time.perf_counter() - t) * 1e3 / epochs
@@ -96,7 +92,7 @@ def one_optimizer(name, model, x, y, xt, yt, instances, epochs, reverse: bool) -
           f"(min {d64['cosine_min']:.6f}, wrong signs {d64['wrong_signs']:.4f})", flush=True)
     if reverse:
         m, xd, xtd = model.float(), x.float(), xt.float()
-        traj = WeightedTrajectory(m, opt, xd, y, xtd, yt, "classification", epochs, 0, BATCH)
+        traj = WeightedTrajectory(m, opt, xd, y, xtd, yt, "classification", settings, 0)
         t = time.perf_counter()
         rv = traj.reverse_mode(checkpoints=[len(traj.checkpoint_steps) - 1], memory_budget_mb=4096)
         reverse_s = time.perf_counter() - t

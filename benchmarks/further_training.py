@@ -1,6 +1,6 @@
 """Further-training gold standard: the plain reference loop vs the stacked engine, side by side.
 
-    python benchmarks/further_training.py [--out FILE] [--ref-runs 3] [--optimizer sgd|adam] [--quick]
+    python -m benchmarks.further_training [--out FILE] [--ref-runs 3] [--optimizer sgd|adam] [--quick]
 
 Folktables-shaped synthetic problem (docs/method.md §5): 30,085 training rows of 791 inputs with 10
 non-zeros per row (8 one-hot blocks and 2 standardised columns), MLP 791-128-128-2, batch
@@ -25,23 +25,22 @@ steps, reference vs engine. Figures go to stdout and, with --out, to a JSON file
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import json
 import math
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tda.further_training.engine import GroupTrainer
 from tda.further_training.optim import optimizer_spec
 from tda.further_training.reference import epoch_permutations, further_train_run
 from tda.further_training.stacked import build_stacked
 from tda.models.mlp import MLP
+from tda.models.resnet9 import ResNet9
 
 N_TRAIN, N_TEST, N_IN, BATCH, N_LEFT_OUT = 30_085, 100, 791, 128, 100
 BLOCKS = [9, 24, 5, 526, 196, 18, 2, 9]  # one-hot blocks; + 2 standardised columns = 791
@@ -117,8 +116,6 @@ def shape_benchmarks(args, results):
     out = {}
     opt = OPTIMIZERS["sgd"]
     try:
-        from tda.models.resnet9 import ResNet9
-
         torch.manual_seed(0)
         model = ResNet9([3, 32, 32], 10, width=0.25)
         n = 2048
@@ -130,7 +127,6 @@ def shape_benchmarks(args, results):
 
         def ref():
             t = time.perf_counter()
-            import copy
             m = copy.deepcopy(model).train()
             o = getattr(torch.optim, kind)([p for p in m.parameters() if p.requires_grad], **hp)
             perm = epoch_permutations(n, 1, 0)[0]
@@ -152,7 +148,7 @@ def shape_benchmarks(args, results):
         e_ms = (time.perf_counter() - t) * 1e3 / (steps * (1 + len(left_out)))
         out["resnet9_w0.25"] = {"reference_ms_per_run_step": r_ms, "engine_ms_per_run_step": e_ms,
                                 "runs_stacked": 1 + len(left_out), "batch": batch, "path": type(stacked).__name__}
-    except Exception as err:  # report, never hide: the table says why the row is missing
+    except Exception as err:  # noqa: BLE001 - report, never hide: the table says why the row is missing
         out["resnet9_w0.25"] = {"error": f"{type(err).__name__}: {err}"}
     # frozen-encoder text head: cached 768-d features, Linear(768, 2), SST-2 size, batch 64
     torch.manual_seed(0)
@@ -162,7 +158,6 @@ def shape_benchmarks(args, results):
     head = torch.nn.Linear(d, 2)
     steps = 50
     kind, hp = optimizer_spec({"_target_": "torch.optim.AdamW", "lr": 1e-6, "weight_decay": 0.0})
-    import copy
     m = copy.deepcopy(head)
     o = torch.optim.AdamW(m.parameters(), **hp)
     perm = epoch_permutations(n, 1, 0)[0]

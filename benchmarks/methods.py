@@ -1,6 +1,6 @@
 """Benchmark of the attribution methods against their reference formulations and public peers.
 
-    python benchmarks/methods.py [--problems folktables_sized,folktables_sized_3k] [--cases grad_dot,datainf]
+    python -m benchmarks.methods [--problems folktables_sized,folktables_sized_3k] [--cases grad_dot,datainf]
                                  [--out rows.json] [--budget-mb 2048] [--device cpu]
 
 The problems, the row format and the subprocess per measurement are those of
@@ -10,25 +10,19 @@ Grad-Dot-Adam, TRAK) below, then the influence functions' of `benchmarks/methods
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from common import Case, Result, Runner, arguments, run  # noqa: E402
-from methods_influence import influence_cases  # noqa: E402
-
-from tda.methods.datainf import DataInf  # noqa: E402
-from tda.methods.grad_dot import GradCos, GradDot  # noqa: E402
-from tda.methods.grad_dot_adam import GradDotAdam  # noqa: E402
-from tda.methods.gradients import per_example_grads  # noqa: E402
-from tda.methods.layout import ParamLayout  # noqa: E402
-from tda.methods.trak import TRAK, projection_matrix  # noqa: E402
-from tda.problem import AttributionProblem  # noqa: E402
+from benchmarks.common import Case, Result, Runner, arguments, run
+from benchmarks.methods_influence import influence_cases
+from tda.methods.datainf import DataInf
+from tda.methods.grad_dot import GradCos, GradDot
+from tda.methods.grad_dot_adam import GradDotAdam
+from tda.methods.gradients import per_example_grads
+from tda.methods.layout import ParamLayout
+from tda.methods.trak import TRAK, projection_matrix
+from tda.problem import AttributionProblem
 
 
 # --- references and peers -------------------------------------------------------------------

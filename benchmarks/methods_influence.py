@@ -1,6 +1,6 @@
 """Benchmark of the influence-function methods (issue 5), in the rows of benchmarks/common.py.
 
-    python benchmarks/methods_influence.py [--out rows.json] [--problems folktables_sized_3k,folktables_sized]
+    python -m benchmarks.methods_influence [--out rows.json] [--problems folktables_sized_3k,folktables_sized]
                                            [--cases cg,arnoldi,lissa_h,ekfac,kfac]
 
 `benchmarks/methods.py` runs :func:`influence_cases` after its own cases; run this file alone
@@ -30,7 +30,7 @@ dattri's on its first CNN_ROWS images, block CG against one-at-a-time CG on its 
 CNN_CG_ROWS (100 of them left out, so that both variants solve the test side), and EK-FAC /
 K-FAC on all 4,000.
 
-    python benchmarks/methods_influence.py --products
+    python -m benchmarks.methods_influence --products
 
 times the curvature products alone: the MLP's hand-written path against `torch.func`, one
 column against a block of 100 (benchmarks/results/curvature_products.json).
@@ -38,27 +38,20 @@ column against a block of 100 (benchmarks/results/curvature_products.json).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT / "tests"))  # tests/helpers (not `tests.helpers`: folktables installs a `tests` package)
-
-from common import Case, Result, arguments, load_problem, run  # noqa: E402
-from helpers.peers import kronfluence_scores  # noqa: E402
-
-from tda.methods.arnoldi import Arnoldi  # noqa: E402
-from tda.methods.cg import CG  # noqa: E402
-from tda.methods.curvature import CurvatureOperator  # noqa: E402
-from tda.methods.damping import base_damping  # noqa: E402
-from tda.methods.kfac import EKFAC, KFAC  # noqa: E402
-from tda.methods.lissa import LiSSAH  # noqa: E402
-from tda.models.base import per_example_loss  # noqa: E402
-from tda.problem import AttributionProblem  # noqa: E402
+from benchmarks.common import Case, Result, arguments, load_problem, run
+from benchmarks.peers import kronfluence_scores
+from tda.methods.arnoldi import Arnoldi
+from tda.methods.cg import CG
+from tda.methods.curvature import CurvatureOperator
+from tda.methods.damping import base_damping
+from tda.methods.kfac import EKFAC, KFAC
+from tda.methods.lissa import LiSSAH
+from tda.models.base import per_example_loss
+from tda.problem import AttributionProblem
 
 MULTIPLE = 100.0  # the paper's reported damping, 100·λ₀ (Gauss–Newton cases)
 # absolute λ for the true-Hessian comparisons with dattri

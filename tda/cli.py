@@ -8,16 +8,21 @@ a missing final model, a refused artifact, and Hydra's own config errors such as
 or option) prints one message naming the problem and the fix to stderr and exits 2;
 `HYDRA_FULL_ERROR=1` shows its traceback instead. A bug shows its traceback (exit 1), an
 interruption says what was kept (exit 128 + signal; tda.interrupt).
+
+The stages (torch, Lightning, datasets) are imported once Hydra has composed the config, so that
+a mistake on the command line is reported at once.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
-import tda.stages
+from tda.exits import USER_ERROR_EXIT
+from tda.extras import launcher_message
 from tda.interrupt import FULL_ERROR, exit_on_user_error, run_entry_point
 from tda.resources import config_dir
 
@@ -25,12 +30,17 @@ from tda.resources import config_dir
 def run_stage(stage: str) -> None:
     """Run the Hydra app of `stage` (a function of tda.stages; config `<stage>.yaml`) on the
     command line's overrides."""
-    fn = getattr(tda.stages, stage)
+    missing_launcher = launcher_message(sys.argv[1:])
+    if missing_launcher:
+        print(f"Error: {missing_launcher}", file=sys.stderr, flush=True)
+        raise SystemExit(USER_ERROR_EXIT)
     users_setting = os.environ.get(FULL_ERROR)
 
     def task(cfg: DictConfig) -> None:
         _set_full_error(users_setting)  # from here on Hydra reports errors as the user asked
-        run_entry_point(stage, fn, cfg)
+        import tda.stages  # noqa: PLC0415 - heavy: only once the command line has composed into a config
+
+        run_entry_point(stage, getattr(tda.stages, stage), cfg, tda.stages.KEPT[stage])
 
     app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=stage)(task)
     # Until the task starts (composing the config), Hydra raises its errors instead of printing
@@ -64,8 +74,8 @@ def attribute() -> None:
 
 
 def further_train() -> None:
-    """`tda-further-train [overrides]`: the further-training gold standard (tda.stages.further_train);
-    the same as `attribute.py method=further_training`."""
+    """`tda-further-train [overrides]`: the gold standard (tda.stages.further_train); the alias
+    `attribute.py method=further_training` runs the same stage."""
     run_stage("further_train")
 
 

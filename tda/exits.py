@@ -75,7 +75,7 @@ def exit_code_of(err: BaseException | None) -> int:
 
 def is_lightning_sigterm(err: BaseException) -> bool:
     try:
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
+        from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: PLC0415 - tda.config imports exits: no lightning there
     except ImportError:  # pragma: no cover - lightning is a dependency
         return False
     return isinstance(err, SIGTERMException)

@@ -35,14 +35,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from hydra.errors import CompactHydraException, InstantiationException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from tda.exits import HANDLED, USER_ERROR_EXIT, Interrupted, exit_code_of, is_lightning_sigterm, is_user_error
+from tda.tracking import finish_open_runs
 
 FULL_ERROR = "HYDRA_FULL_ERROR"  # =1: tracebacks for user errors too
 
@@ -106,13 +106,13 @@ def signals_raise() -> Iterator[None]:
             signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
-def run_entry_point(stage: str, fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """Run `fn(cfg)` (tda.stages.<stage>) as an entry point does: on SIGTERM / SIGINT print
-    "interrupted by <signal> during <what>: <what was kept>; <how to resume>" to stderr and
-    exit 128 + signal; on a user error print its message and exit 2 (:func:`exit_on_user_error`).
-    Any other error propagates unchanged (Hydra prints its traceback, exit status 1)."""
-    from tda.tracking import finish_open_runs
-
+def run_entry_point(stage: str, fn: Callable[[DictConfig], Any], cfg: DictConfig,
+                    kept: Callable[[DictConfig, float], Kept]) -> Any:
+    """Run `fn(cfg)` (the stage `stage`) as an entry point does: on SIGTERM / SIGINT print
+    "interrupted by <signal> during <what>: <what was kept>; <how to resume>" (the stage's
+    `kept(cfg, started)`, :class:`Kept`) to stderr and exit 128 + signal; on a user error print its
+    message and exit 2 (:func:`exit_on_user_error`). Any other error propagates unchanged (Hydra
+    prints its traceback, exit status 1)."""
     started = time.time()
     try:
         with signals_raise():
@@ -124,8 +124,8 @@ def run_entry_point(stage: str, fn: Callable[[DictConfig], Any], cfg: DictConfig
         if not (isinstance(err, (Interrupted, KeyboardInterrupt)) or is_lightning_sigterm(err)):
             raise
         sig = signal.Signals(code - 128).name
-    what, kept, resume = describe(stage, cfg, started)
-    print(f"interrupted by {sig} during {what}: {kept}; {resume}", file=sys.stderr, flush=True)
+    doing, on_disk, resume = describe(kept, stage, cfg, started)
+    print(f"interrupted by {sig} during {doing}: {on_disk}; {resume}", file=sys.stderr, flush=True)
     raise SystemExit(code)
 
 
@@ -149,59 +149,20 @@ def exit_on_user_error(err: BaseException) -> None:
 
 
 # ---------------------------------------------------------------------------------- what was kept
-def describe(stage: str, cfg: DictConfig, started: float = 0.0) -> tuple[str, str, str]:
-    """(what was running, what is kept on disk, how to resume) for the interruption message.
-    Read from the disk at the moment of the interruption (`started`: when the stage began, as
-    time.time()); never raises."""
+class Kept(NamedTuple):
+    """What an interrupted stage leaves, as each stage says it (tda.stages.KEPT)."""
+
+    doing: str  # what was running, e.g. "further training"
+    kept: str  # what is on disk, e.g. "3 of 4 seeds are complete in ..."
+    resume: str  # how to go on, e.g. "re-run the same command to resume"
+
+
+def describe(kept: Callable[[DictConfig, float], Kept], stage: str, cfg: DictConfig, started: float = 0.0) -> Kept:
+    """The interruption message's parts from the stage's `kept(cfg, started)`, read from the disk
+    at the moment of the interruption (`started`: when the stage began, as time.time()); never
+    raises."""
     try:
-        return _describe(stage, cfg, started)
-    except Exception as err:  # the message must come out whatever the config
-        return (stage, f"completed artifacts are kept (their state could not be read: {err})",
-                "re-run the same command to resume")
-
-
-def _describe(stage: str, cfg: DictConfig, started: float) -> tuple[str, str, str]:
-    from tda.config import node_name
-    from tda.further_training.store import further_training_key, job_files
-    from tda.runs import RunDir
-
-    run = RunDir.from_config(cfg)
-    if stage == "train":
-        model = run.final_model
-        if model.is_file() and (not cfg.train.get("overwrite") or model.stat().st_mtime >= started):
-            return "training", f"the final model is complete in {run.path}", "nothing is left to do"
-        if model.is_file():  # train.overwrite=true stopped before the new model was written
-            kept = f"the new final model was not written; the previous one in {run.path} is unchanged"
-            return "training", kept, "re-run the same command to retrain"
-        return ("training", "no final model was written (training does not resume mid-way)",
-                "re-run the same command to train it")
-    if stage == "further_train" or (stage == "attribute" and cfg.method.get("stage") == "further_train"):
-        # the gold-standard stage, also reached as `attribute.py method=further_training`
-        gold = run.gold_dir(further_training_key(cfg))
-        files = job_files(cfg.further_training, gold)
-        n = sum(p.is_file() for p in files)
-        unit = "seeds" if files and ".part_" not in files[0].name else "seeds of this left-out shard"
-        kept = f"{n} of {len(files)} {unit} are complete in {gold} (the seed in progress was not written)"
-        return "further training", kept, "re-run the same command to resume"
-    if stage == "attribute":
-        name = node_name(cfg.method)
-        out = run.method_dir(cfg)
-        if (out / "scores.safetensors").is_file():
-            return f"attribution ({name})", f"the scores are complete in {out}", "nothing is left to do"
-        return (f"attribution ({name})", f"no scores were written to {out}",
-                "re-run the same command to compute them")
-    return ("evaluation", f"the final model, gold standard and method scores in {run.path} are unchanged",
-            "re-run the same command to evaluate again")
-
-
-def file_states(paths: list[Path]) -> dict[Path, tuple[int, int] | None]:
-    """(inode, mtime) of each file, None when absent: equal before and after a job when the job
-    wrote none of them (a cached job)."""
-    out: dict[Path, tuple[int, int] | None] = {}
-    for p in paths:
-        try:
-            st = p.stat()
-            out[p] = (st.st_ino, st.st_mtime_ns)
-        except FileNotFoundError:
-            out[p] = None
-    return out
+        return kept(cfg, started)
+    except Exception as err:  # noqa: BLE001 - the message must come out whatever the config or the disk
+        return Kept(stage, f"completed artifacts are kept (their state could not be read: {err})",
+                    "re-run the same command to resume")

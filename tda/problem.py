@@ -18,7 +18,7 @@ from tda.provenance import data_fingerprint, identity, selection_fingerprint
 from tda.sections import Checks, Section, setting
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttributionSettings(Section):
     """`attribution`: what every method and the gold standard share (AttributionProblem)."""
 

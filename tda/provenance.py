@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import json
+import logging
+import shutil
 import subprocess
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -28,11 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
-from tda.artifacts import IntegrityError, load_json, load_tensors_with_metadata, tensor_checksum
+from tda.artifacts import IntegrityError, load_json, load_tensor_metadata, load_tensors_with_metadata, tensor_checksum
 from tda.config import config_hash, to_container
 from tda.exits import UserError
+
+log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IDENTITY_FIELDS = ("weights", "data", "selection", "run")
@@ -48,9 +52,7 @@ def code_version() -> dict[str, Any]:
     code lives in a git checkout, else the installed package version."""
     out: dict[str, Any] = {}
     try:
-        from importlib.metadata import version
-
-        out["package_version"] = version("tda")
+        out["package_version"] = importlib.metadata.version("tda")
     except Exception:  # noqa: BLE001 - not installed as a distribution (e.g. run from a source tree)
         out["package_version"] = None
     try:
@@ -132,12 +134,13 @@ class FinalModel:
     header: dict[str, Any]
 
 
-def read_final_model(run, cfg: DictConfig) -> FinalModel:
-    """Load and verify the final model of `run` for the config `cfg`: the weights against their
-    checksum, the model's recorded run key against this config's, and `selection.json` against
-    its own checksum and the selection the model records. Raises naming the problem and the fix."""
-    from tda.runs import run_key  # runs imports nothing of ours but config; kept local for clarity
-    from tda.selection import validate_indices
+def read_final_model(run) -> FinalModel:
+    """Load and verify the final model of `run` (a tda.runs.RunDir, derived from the config): the
+    weights against their checksum, the model's recorded run key against the directory's, and
+    `selection.json` against its own checksum and the selection the model records. Raises naming
+    the problem and the fix."""
+    # the checks of recorded indices live with the selection, whose module loads the data libraries
+    from tda.selection import validate_indices  # noqa: PLC0415 - keeps `datasets` out of importing provenance
 
     run.require_final_model()
     retrain = "retrain it with `python train.py <same overrides> train.overwrite=true`"
@@ -146,7 +149,7 @@ def read_final_model(run, cfg: DictConfig) -> FinalModel:
     except IntegrityError as err:
         raise IntegrityError(f"the final model {run.final_model} is damaged or truncated ({err}); {retrain}") from err
     have = header.get("identity", {})
-    require_match(have, {"run": run_key(cfg)}, f"the final model {run.final_model}",
+    require_match(have, {"run": run.key}, f"the final model {run.final_model}",
                   f"It was trained for other dataset/model/optimizer/train/selection/seed settings (copied from "
                   f"another run directory?); {retrain}, or point paths.runs_dir at the folder it belongs to.")
     if have.get("weights") != weights:
@@ -189,20 +192,11 @@ def read_initial_model(run, final: FinalModel) -> dict[str, torch.Tensor]:
     return state
 
 
-# Everything in a run directory that was computed from its final model.
-DEPENDENTS = ("gold", "methods", "eval", "cache", "features.safetensors")
-
-
 def supersede_dependents(run, new_identity: dict[str, str]) -> Path | None:
     """Before a retrained final model replaces the one in `run` (`train.overwrite=true`): if the
     new model differs, move everything computed from the old one into
     `superseded/<old weights>/`, so that nothing of it is reused with the new model (and
     nothing is lost). Returns where it went, or None when nothing had to move."""
-    import logging
-    import shutil
-
-    from tda.artifacts import load_tensor_metadata
-
     if not run.final_model.is_file():
         return None  # whatever is there records its own final model and is checked on load
     try:
@@ -211,16 +205,16 @@ def supersede_dependents(run, new_identity: dict[str, str]) -> Path | None:
         old = None
     if old == new_identity:
         return None  # retrained to the same weights: every result still belongs to it
-    present = [run.path / d for d in DEPENDENTS if (run.path / d).exists()]
+    present = [p for p in run.dependents if p.exists()]
     if not present:
         return None
-    dest = run.path / "superseded" / str((old or {}).get("weights", "unreadable"))[:12]
+    dest = run.superseded / str((old or {}).get("weights", "unreadable"))[:12]
     while dest.exists():
         dest = dest.with_name(dest.name + "+")
     dest.mkdir(parents=True)
     for p in present:
         shutil.move(str(p), str(dest / p.name))
-    logging.getLogger(__name__).warning(
+    log.warning(
         "the retrained final model differs from the one in %s; what was computed from the old one (%s) moved to %s",
         run.path, ", ".join(p.name for p in present), dest)
     return dest

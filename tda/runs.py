@@ -14,6 +14,12 @@ One run directory per final model, derived from the resolved training config, so
         gold/<key>/            gold standard (further training or retraining): one file per seed + meta.json
         methods/<key>/         one gradient method: scores.safetensors + record.json
         eval/<key>/            CSV, PNG, report.md of the evaluate stage
+        cache/                 methods' caches keyed by model and data (damping λ₀, K-FAC factors)
+        superseded/<weights>/  what was computed from a final model that train.overwrite replaced
+
+    runs/compare/<name>-<hash>/  several experiments in one figure (evaluate.compare)
+
+RunDir hands out every one of these paths; a stage says what it wrote into them (tda.stages).
 
 Every name from the config that becomes a path component (the dataset / model / optimizer /
 further_optimizer / method names and the experiment `name`) is checked by `check_names` before
@@ -26,12 +32,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig
 
 from tda.artifacts import file_sha256
 from tda.config import SAFE_NAME_RULE, config_hash, node_name, safe_name, to_container
+from tda.selection import SelectionSettings
+from tda.training import TrainerSettings, TrainSettings
 
 # The parts of the config that determine the final model and the selections.
 RUN_KEYS = ("dataset", "model", "optimizer", "train", "selection", "seed")
@@ -80,33 +87,39 @@ TRAINER_KEYS_OUTSIDE_RUN = frozenset({
 })
 
 
-# Settings added after runs had been trained, with the value that means what a run was before
-# they existed: at that value they are left out of the run key, so existing run directories keep
-# their names.
-OMITTED_AT_DEFAULT: dict[str, dict[str, Any]] = {
-    "train": {"final_checkpoint": "last"},
-    "selection": {"left_out_every": None, "left_out_file": None},
-}
+@dataclass(frozen=True)
+class RunSettings:
+    """The typed sections a run directory's key is derived from (tda.preflight.Settings, a stage's
+    checked sections, extends it)."""
+
+    train: TrainSettings
+    selection: SelectionSettings
+    trainer: TrainerSettings
+    seed: int
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> "RunSettings":
+        return cls(TrainSettings.from_config(cfg.train), SelectionSettings.from_config(cfg.selection),
+                   TrainerSettings.from_config(cfg.get("trainer")), int(cfg.seed))
 
 
-def run_key(cfg: DictConfig) -> str:
+def run_key(cfg: DictConfig, settings: RunSettings | None = None) -> str:
+    """The run directory's name: the dataset / model / optimizer names and a hash of those nodes
+    and of the keyed `train` and `selection` settings (Section.keyed), the seed and the
+    Lightning arguments passed through that change what final training computes. `settings`:
+    the config's sections, when the caller has built (and checked) them already."""
+    settings = settings if settings is not None else RunSettings.from_config(cfg)
     names = [node_name(cfg.dataset), node_name(cfg.model), node_name(cfg.optimizer)]
-    nodes = [to_container(cfg[k]) for k in RUN_KEYS]
-    for i, key in enumerate(RUN_KEYS):
-        omitted = OMITTED_AT_DEFAULT.get(key, {})
-        if isinstance(nodes[i], dict):
-            nodes[i] = {k: v for k, v in nodes[i].items() if not (k in omitted and v == omitted[k])}
-    # train.overwrite says whether to redo the run, not what the run is: it must find the same directory
-    nodes[RUN_KEYS.index("train")] = {k: v for k, v in nodes[RUN_KEYS.index("train")].items() if k != "overwrite"}
-    selection = nodes[RUN_KEYS.index("selection")]
-    if selection.get("left_out_file") is not None:  # the file's content, not its path, defines the run
+    selection = settings.selection.keyed()
+    if "left_out_file" in selection:  # the file's content, not its path, defines the run
         path = Path(selection["left_out_file"]).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"selection.left_out_file={path} does not exist; point it at the file of left-out "
                                     f"training-row indices (the run was trained with its content)")
         selection["left_out_file"] = {"sha256": file_sha256(path)}
-    trainer = to_container(cfg.get("trainer")) or {}
-    passed = {k: v for k, v in trainer.items() if k not in TRAINER_KEYS_OUTSIDE_RUN}
+    nodes = [to_container(cfg.dataset), to_container(cfg.model), to_container(cfg.optimizer), settings.train.keyed(),
+             selection, settings.seed]
+    passed = {k: v for k, v in settings.trainer.lightning.items() if k not in TRAINER_KEYS_OUTSIDE_RUN}
     if passed:  # absent for every run without such arguments, so their keys are unchanged
         nodes.append({"trainer": passed})
     return "-".join(names + [config_hash(*nodes)])
@@ -118,18 +131,28 @@ def method_key(cfg: DictConfig) -> str:
 
 @dataclass(frozen=True)
 class RunDir:
-    """One run directory. `from_config` checks the config's names and that the directory lies
-    inside paths.runs_dir; every directory it hands out is checked to lie inside it."""
+    """One run directory, the one owner of its layout: every path in it comes from here (the
+    files inside `gold/<key>/` and `methods/<key>/` are named by the modules that write and read
+    them: tda.further_training.store, tda.scores). `from_config` checks the config's names and
+    that the directory lies inside paths.runs_dir; every directory it hands out is checked to lie
+    inside it."""
     path: Path
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> "RunDir":
+    def from_config(cls, cfg: DictConfig, settings: RunSettings | None = None) -> "RunDir":
+        """The run directory of a composed config; `settings`: its sections (e.g. the stage's
+        tda.preflight.Settings), when the caller has built them already."""
         check_names(cfg)
         root = runs_root(cfg)
-        return cls(inside(root, root / run_key(cfg)))
+        return cls(inside(root, root / run_key(cfg, settings)))
 
     def _inside(self, path: Path) -> Path:
         return inside(self.path, path)
+
+    @property
+    def key(self) -> str:
+        """The run key (tda.runs.run_key) the directory is named by; the final model records it."""
+        return self.path.name
 
     @property
     def config(self) -> Path:
@@ -156,15 +179,52 @@ class RunDir:
     def features(self) -> Path:
         return self.path / "features.safetensors"
 
+    @property
+    def cache(self) -> Path:
+        """Methods' caches keyed by model and data (damping λ₀, K-FAC factors): AttributionProblem.cache_dir."""
+        return self.path / "cache"
+
+    @property
+    def superseded(self) -> Path:
+        """Where what was computed from a replaced final model goes (tda.provenance.supersede_dependents)."""
+        return self.path / "superseded"
+
+    @property
+    def _gold(self) -> Path:
+        return self.path / "gold"
+
+    @property
+    def _methods(self) -> Path:
+        return self.path / "methods"
+
+    @property
+    def _eval(self) -> Path:
+        return self.path / "eval"
+
+    @property
+    def dependents(self) -> list[Path]:
+        """Everything in the directory computed from its final model."""
+        return [self._gold, self._methods, self._eval, self.cache, self.features]
+
     def gold_dir(self, key: str) -> Path:
-        """`gold/<key>/`; key: tda.further_training.store.further_training_key of the config."""
-        return self._inside(self.path / "gold" / safe_name(key, "the gold-standard key"))
+        """`gold/<key>/`; key: tda.further_training.store.GoldStandardSpec.key of the config."""
+        return self._inside(self._gold / safe_name(key, "the gold-standard key"))
+
+    def gold_dirs(self) -> list[Path]:
+        """Every gold standard's directory present, in order of key."""
+        return _subdirectories(self._gold)
 
     def method_dir(self, cfg: DictConfig) -> Path:
-        return self._inside(self.path / "methods" / method_key(cfg))
+        """`methods/<key>/` of the config's method (:func:`method_key`)."""
+        return self._inside(self._methods / method_key(cfg))
+
+    def method_dirs(self) -> list[Path]:
+        """Every method's directory present, in order of key."""
+        return _subdirectories(self._methods)
 
     def eval_dir(self, key: str) -> Path:
-        return self._inside(self.path / "eval" / safe_name(key, "the evaluation key"))
+        """`eval/<key>/`: the evaluation against the gold standard `key`."""
+        return self._inside(self._eval / safe_name(key, "the evaluation key"))
 
     def require_final_model(self) -> None:
         if not self.final_model.is_file() or not self.selection.is_file():
@@ -172,3 +232,13 @@ class RunDir:
                 f"no final model in {self.path}. Train it first with the same dataset/model/optimizer/"
                 f"train/selection overrides: `python train.py <your overrides>` "
                 f"(or point paths.runs_dir / TDA_RUNS_DIR at the folder that holds it).")
+
+
+def _subdirectories(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
+
+
+def compare_dir(cfg: DictConfig, name: str) -> Path:
+    """`compare/<name>/` under paths.runs_dir: a comparison of several experiments (tda.evaluation.compare)."""
+    root = runs_root(cfg)
+    return inside(root, root / "compare" / name)

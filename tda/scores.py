@@ -25,6 +25,11 @@ from tda.provenance import ProvenanceError, require_match
 SCORES, RECORD = "scores.safetensors", "record.json"
 
 
+def scores_complete(out: Path) -> bool:
+    """Whether the method in `out` completed: its scores file is written last."""
+    return (out / SCORES).is_file()
+
+
 def save_method_scores(out: Path, scores: torch.Tensor, header: dict, record: dict) -> None:
     """Write `scores` [n_test, n_left_out] with `header` (method, config, final model, shape) in
     the file and `header | record` in record.json."""

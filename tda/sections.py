@@ -1,26 +1,41 @@
 """Typed config sections: each plain section of the config (`train`, `selection`, ...) is a
 :class:`Section` dataclass defined beside what it configures, in the manner of kronfluence's
-argument classes: its fields are the settings, each with its default and what it means
-(:func:`setting`), and its :meth:`Section.check` holds the section's value checks. Building one
-checks it and raises one ConfigError listing every problem with its fix."""
+argument classes: its fields are the settings, each with its default, what it means and its
+place in the key of what the section defines (:func:`setting`), and its :meth:`Section.check`
+holds the section's value checks. Building one checks it and raises one ConfigError listing
+every problem with its fix. A stage builds every section once (tda.preflight.check_config) and
+passes the objects down: they, not the raw config nodes, are what the code reads."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
 import math
 import types
 import typing
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal, TypeVar, Union
 
 from tda.config import ConfigError, accepts, kind_of, to_container
 
+# A setting's place in the key (a directory name, an artifact's recorded identity) of what its
+# section defines (the run directory for `train` / `selection`, the gold standard for
+# `further_training`); :meth:`Section.keyed` applies it.
+KEYED = "keyed"  # part of the key: another value is another artifact
+NOT_KEYED = "not keyed"  # says how, or which part of it, a job computes, not what it is
+# added after artifacts had been keyed, with the default meaning what they were before it
+# existed: left out of the key at its default, so existing directories keep their names
+KEYED_UNLESS_DEFAULT = "keyed unless default"
+KEY_ROLES = (KEYED, NOT_KEYED, KEYED_UNLESS_DEFAULT)
 
-def setting(default: Any, help: str, fix: str = "") -> Any:
-    """A field of a :class:`Section`: its default, what it means, and the fix a message about a
-    bad value ends with (e.g. "null uses 1/n")."""
-    metadata = {"help": help, "fix": fix}
+
+def setting(default: Any, help: str, fix: str = "", key: str = KEYED) -> Any:
+    """A field of a :class:`Section`: its default, what it means, the fix a message about a bad
+    value ends with (e.g. "null uses 1/n") and its place in the key (KEY_ROLES)."""
+    if key not in KEY_ROLES:
+        raise ValueError(f"key={key!r} is not one of {KEY_ROLES}")
+    metadata = {"help": help, "fix": fix, "key": key}
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         return dataclasses.field(default_factory=lambda: _copy(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -30,10 +45,14 @@ def _copy(value: Any) -> Any:
     return dataclasses.replace(value) if dataclasses.is_dataclass(value) else type(value)(value)
 
 
-@dataclasses.dataclass
+S = TypeVar("S", bound="Section")
+
+
+@dataclasses.dataclass(frozen=True)
 class Section:
-    """A plain config section. Constructing one checks it: the types of its fields (from their
-    annotations), then :meth:`check`; every problem goes into one ConfigError."""
+    """A plain config section (frozen: built once, read everywhere). Constructing one checks it:
+    the types of its fields (from their annotations), then :meth:`check`; every problem goes into
+    one ConfigError. Subclasses are `@dataclass(frozen=True)` too."""
 
     PATH: ClassVar[str] = ""  # where the section lives in the config, e.g. "evaluate.examples"
 
@@ -75,11 +94,30 @@ class Section:
             return None, problems + err.problems
 
     @classmethod
-    def from_config(cls, node: Any) -> Any:
+    def from_config(cls: type[S], node: Any) -> S:
+        """The section of a config node (None: every default), or one ConfigError listing every problem."""
         section, problems = cls.load(node)
         if problems:
             raise ConfigError.listing(f"invalid {cls.PATH} settings", problems)
         return section
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """The default of the setting `name`: what a record that leaves it out (:meth:`keyed`) means."""
+        f = next(f for f in dataclasses.fields(cls) if f.name == name)
+        return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+    def keyed(self) -> dict[str, Any]:
+        """The settings that define what the section configures, as plain values in field order:
+        every KEYED setting, and each KEYED_UNLESS_DEFAULT one away from its default (NOT_KEYED
+        ones are left out). What keys (and identities) hash and record."""
+        out = {}
+        for f in dataclasses.fields(self):
+            role, value = f.metadata.get("key", KEYED), getattr(self, f.name)
+            if role == NOT_KEYED or (role == KEYED_UNLESS_DEFAULT and value == self.default(f.name)):
+                continue
+            out[f.name] = value.keyed() if isinstance(value, Section) else copy.deepcopy(value)
+        return out
 
 
 def unknown_key(path: str, valid: Any, what: str = "a setting") -> str:

@@ -19,12 +19,12 @@ import torch
 from tda.artifacts import file_sha256
 from tda.config import ConfigError
 from tda.data.base import DataBundle
-from tda.sections import Checks, Section, setting
+from tda.sections import KEYED_UNLESS_DEFAULT, Checks, Section, setting
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SelectionSettings(Section):
     """`selection`: which instances are attributed and evaluated (recorded in selection.json
     and part of the run directory's key)."""
@@ -38,10 +38,10 @@ class SelectionSettings(Section):
                                    "target has no classes)")
     test: Literal["first", "random"] = setting("first", "which test instances (the paper evaluates the first 100)")
     left_out_every: int | None = setting(None, "left out: training rows 0, k, 2k, ... (the first n_left_out of "
-                                         "them); null: a seeded random choice")
+                                         "them); null: a seeded random choice", key=KEYED_UNLESS_DEFAULT)
     left_out_file: str | None = setting(None, "left out: the training-row indices listed in this file (JSON list, "
                                         "or a torch tensor file read with weights_only=True)",
-                                        "null: a seeded random choice")
+                                        "null: a seeded random choice", key=KEYED_UNLESS_DEFAULT)
 
     def check(self, c: Checks) -> None:
         c.positive("n_left_out")

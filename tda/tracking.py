@@ -39,9 +39,10 @@ def wandb_tags(cfg: DictConfig, stage: str) -> list[str]:
 
 
 def init_wandb(cfg: DictConfig, stage: str, name: str):
-    """A W&B run for this stage, or None when `logger=none`. Finish it with :func:`finish`."""
+    """A W&B run for this stage, or None when `logger=none` (`mode: disabled`, conf/logger/none.yaml)
+    or the config has no logger. Finish it with :func:`finish`."""
     lg = cfg.get("logger")
-    if lg is None or lg.get("mode", "disabled") == "disabled":
+    if lg is None or lg.mode == "disabled":
         return None
     mode = os.environ.get("WANDB_MODE") or lg.mode
     if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _has_netrc_key()):
@@ -49,7 +50,7 @@ def init_wandb(cfg: DictConfig, stage: str, name: str):
                            "or keep the default logger.mode=offline and `wandb sync` later")
     wandb_dir = Path(lg.dir).expanduser().resolve()
     keep_wandb_files_under(wandb_dir)
-    import wandb
+    import wandb  # noqa: PLC0415 - slow to import, and only after its directories are set (above)
 
     run = wandb.init(project=lg.project, entity=lg.get("entity"), group=wandb_group(cfg),
                      job_type=stage, name=name, tags=wandb_tags(cfg, stage), mode=mode, dir=str(wandb_dir),

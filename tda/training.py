@@ -16,15 +16,15 @@ from torch.utils.data import DataLoader, TensorDataset
 from tda.config import ConfigError, to_container
 from tda.exits import DivergedError
 from tda.models.base import TDAModel, per_example_loss
-from tda.sections import Checks, Section, setting, unknown_key
+from tda.sections import KEYED_UNLESS_DEFAULT, NOT_KEYED, Checks, Section, setting, unknown_key
 
 # float16 mixed precision is not offered: Lightning silently runs it as bf16 on a CPU
 PRECISION = {"float32": "32-true", "float64": "64-true", "bf16": "bf16-mixed"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainSettings(Section):
-    """`train`: final training (part of the run directory's key, except `overwrite`)."""
+    """`train`: final training (its :meth:`keyed` settings are part of the run directory's key)."""
 
     PATH = "train"
     epochs: int = setting(30, "epochs of final training", "train for at least one epoch")
@@ -33,10 +33,12 @@ class TrainSettings(Section):
                                                            "for mixed precision use train.dtype=bf16")
     gradient_clip_val: float | None = setting(None, "gradient norm clipping (Lightning's); null: none")
     eval_every_epochs: int = setting(1, "test-set metrics every this many epochs")
-    overwrite: bool = setting(False, "retrain even if the run directory holds a final model")
+    # whether to redo the run, not what the run is: the same directory either way
+    overwrite: bool = setting(False, "retrain even if the run directory holds a final model", key=NOT_KEYED)
     final_checkpoint: Literal["last", "best_accuracy", "best_loss"] = setting(
         "last", "the final model: the weights after the last epoch, or those of the evaluated epoch with the best "
-                "test-split accuracy / loss (the paper's SST-2 model is its best validation checkpoint)")
+                "test-split accuracy / loss (the paper's SST-2 model is its best validation checkpoint)",
+        key=KEYED_UNLESS_DEFAULT)
 
     def check(self, c: Checks) -> None:
         for name in ("epochs", "batch_size", "gradient_clip_val", "eval_every_epochs"):
@@ -56,7 +58,7 @@ SET_BY_TDA = {"max_epochs": "train.epochs", "precision": "train.dtype", "gradien
 TRAINER_ARGS = tuple(p for p in inspect.signature(L.Trainer.__init__).parameters if p != "self")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainerSettings(Section):
     """`trainer`: tda's own keys (`progress_bar`, `attribution_device`) and the arguments of
     Lightning's `Trainer` for final training: `accelerator`, `devices`, `strategy` with tda's

@@ -1,6 +1,12 @@
 """Shared test fixtures: every cache (W&B, Hugging Face, matplotlib) and every run directory
 lives in a temporary directory; the tiny settings for in-process runs; cached tiny runs that a test
-copies into its own runs folder. Shared helpers are in tests/helpers/ (imported as `helpers.<module>`)."""
+copies into its own runs folder. Shared helpers are in tests/helpers/ (imported as `helpers.<module>`).
+
+The README's test command runs the tests in parallel (pytest-xdist, `-n auto`: one worker per
+core, at most MAX_WORKERS). Each test gets its own tmp_path, runs folder and caches
+(`isolated_env`), whichever worker runs it; the cached runs (`pipeline`, `runs`) are computed once
+per session for all workers (helpers.shared.built_once) and copied into the test's runs folder;
+torch in each worker uses its share of the cores."""
 
 from __future__ import annotations
 
@@ -9,11 +15,28 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from helpers.config import SHARED_DATA, TINY, compose_config
 from helpers.runs import BASE, LR
+from helpers.shared import built_once, worker_count
 
 from tda.runs import RunDir
 from tda.stages import attribute, train
+
+MAX_WORKERS = 4  # `-n auto` on a larger machine: every worker holds its own torch, data and runs in memory
+
+
+def pytest_xdist_auto_num_workers(config):
+    return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
+
+
+def pytest_configure(config):
+    """Under xdist, torch in each worker (and the processes tests start) gets its share of the
+    cores instead of all of them, unless OMP_NUM_THREADS says otherwise."""
+    if worker_count() > 1 and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // worker_count())
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -41,17 +64,20 @@ def tiny():
 
 
 # ------------------------------------------------------------------ cached tiny runs
-# Each is computed once per session; a test gets a copy in its own TDA_RUNS_DIR to damage at will.
-@pytest.fixture(scope="session")
-def _pipeline_cache(tmp_path_factory):
-    """One TINY final model with its 2-seed gold standard and Grad-Dot scores, computed once."""
-    root = tmp_path_factory.mktemp("pipeline")
+# Each is computed once per session (for every worker); a test gets a copy in its own TDA_RUNS_DIR
+# to damage at will.
+def _build_pipeline(root: Path) -> None:
+    """One TINY final model with its 2-seed gold standard and Grad-Dot scores."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TDA_RUNS_DIR", str(root))
         train(compose_config("train", TINY))
         attribute(compose_config("attribute", TINY + ["method=further_training"]))
         attribute(compose_config("attribute", TINY + ["method=grad_dot"]))
-    return root
+
+
+@pytest.fixture(scope="session")
+def _pipeline_cache(tmp_path_factory):
+    return built_once(tmp_path_factory, "pipeline", _build_pipeline)
 
 
 @pytest.fixture
@@ -62,12 +88,10 @@ def pipeline(_pipeline_cache, tiny):
     return RunDir.from_config(compose_config("train", tiny))
 
 
-@pytest.fixture(scope="session")
-def _runs_cache(tmp_path_factory):
+def _build_runs(root: Path) -> None:
     """One tiny final model (helpers.runs.BASE) with its 3-seed gold standard (whole, and with
     another lr in two parts) and Grad-Dot scores, and a second final model (OTHER: train.epochs=4)
-    with the same, computed once."""
-    root = tmp_path_factory.mktemp("faults")
+    with the same."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TDA_RUNS_DIR", str(root))
         for extra in ([], ["train.epochs=4"]):
@@ -79,7 +103,11 @@ def _runs_cache(tmp_path_factory):
             attribute(compose_config("attribute", BASE + ["method=further_training", *LR,
                                                           f"further_training.left_out_shard.index={index}",
                                                           "further_training.left_out_shard.count=2"]))
-    return root
+
+
+@pytest.fixture(scope="session")
+def _runs_cache(tmp_path_factory):
+    return built_once(tmp_path_factory, "faults", _build_runs)
 
 
 @pytest.fixture

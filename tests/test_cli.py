@@ -27,7 +27,7 @@ from tda.artifacts import load_tensors
 from tda.further_training.store import further_training_key, load_gold_standard, seed_file
 from tda.interrupt import describe
 from tda.runs import RunDir
-from tda.stages import attribute, evaluate, train
+from tda.stages import KEPT, attribute, evaluate, train
 
 
 # ------------------------------------------------------------------ user errors
@@ -216,9 +216,13 @@ def test_sigint_stops_a_multirun_sweep_with_130_and_the_rerun_completes_it(isola
 
 def test_interruption_message_names_the_gold_stage(tiny):
     cfg = compose_config("further_train", tiny)
-    what, kept, resume = describe("further_train", cfg)
+    what, kept, resume = describe(KEPT["further_train"], "further_train", cfg)
     assert what == "further training" and kept.startswith("0 of 2 seeds are complete in ")
-    assert describe("attribute", compose_config("attribute", tiny + ["method=further_training"]))[:2] == (what, kept)
+    alias = compose_config("attribute", tiny + ["method=further_training"])
+    assert describe(KEPT["attribute"], "attribute", alias)[:2] == (what, kept)
+    # a stage whose state cannot be read still says what was running
+    unreadable = describe(KEPT["attribute"], "attribute", compose_config("attribute", tiny + ["method.name=a/b"]))
+    assert unreadable.doing == "attribute" and "their state could not be read" in unreadable.kept
 
 
 # ------------------------------------------------------------------ SIGKILL and re-run

@@ -1,4 +1,4 @@
-"""The evaluate stage's analyses (tda.evaluation.curves, tda.evaluation.metrics) against known answers,
+"""The evaluate stage's analyses (tda.evaluation.curves, .top_k, .metrics) against known answers,
 scipy and direct computations; method scores holding NaN/inf are refused, never averaged over."""
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ from tda.evaluation.curves import (
     sorted_profile,
     sorted_scores,
     split_half_reliability,
-    top_instances,
-    top_k_overlap,
 )
 from tda.evaluation.metrics import mean_and_se, rowwise_cosine, rowwise_spearman
+from tda.evaluation.top_k import top_instances, top_k_overlap
 
 
 # ------------------------------------------------------------------ metrics vs scipy

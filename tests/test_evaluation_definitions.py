@@ -23,7 +23,8 @@ from tda.artifacts import load_tensors_with_metadata
 from tda.config import build
 from tda.evaluation.curves import seed_window_peaks, seed_windows
 from tda.evaluation.diagnostics import adjustment_curves, class_structure, distance_from_start
-from tda.further_training.store import GoldStandard, further_training_key, load_gold_standard
+from tda.further_training.attribution import GoldStandard
+from tda.further_training.store import further_training_key, load_gold_standard
 from tda.runs import RunDir
 from tda.stages import attribute, evaluate, train
 

@@ -13,9 +13,11 @@ from helpers.config import compose_config
 from helpers.evaluation import synthetic_gold
 
 from tda.artifacts import load_json
-from tda.evaluation import evaluate as evaluate_module
+from tda.config import config_hash
 from tda.evaluation.loading import load_all_method_scores
-from tda.further_training.store import GoldStandard, further_training_key, load_gold_standard
+from tda.further_training import store
+from tda.further_training.attribution import GoldStandard
+from tda.further_training.store import further_training_key, load_gold_standard
 from tda.runs import RunDir
 from tda.scores import save_method_scores
 from tda.stages import attribute, evaluate, train
@@ -119,11 +121,11 @@ def test_gold_key_computed_once_per_evaluation(tiny, monkeypatch):
         attribute(compose_config("attribute", tiny + [f"method={method}"]))
     calls = []
 
-    def counted(cfg):
+    def counted(*nodes, **kwargs):
         calls.append(1)
-        return further_training_key(cfg)
+        return config_hash(*nodes, **kwargs)
 
-    monkeypatch.setattr(evaluate_module, "further_training_key", counted)
+    monkeypatch.setattr(store, "config_hash", counted)
     out = evaluate(compose_config("evaluate", tiny))
     assert len(calls) == 1 and out.name == further_training_key(compose_config("evaluate", tiny))
     assert load_gold_standard(out.parent.parent / "gold" / out.name).seeds == [0, 1]

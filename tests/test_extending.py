@@ -1,68 +1,93 @@
-"""Extending the framework as README.md's "Add a method" says: a module with a Method subclass
-plus one YAML file that names it by `_target_`, both outside the repository (a folder on
-PYTHONPATH, a config folder on `hydra.searchpath`); nothing else is registered anywhere. Also:
-every package and config group ships in the wheel."""
+"""README.md's extension guides ("Add a method", "Add a dataset", "Add a model") run as written:
+their code blocks in order, from a fresh runs directory. A file block is written where its first
+line (`# <path>`) says, under a temporary folder that the package (`tda.<package>.__path__`) and
+Hydra (`hydra.searchpath`) also search, so the checkout stays untouched; a command runs the stage
+it names in-process, on the tiny settings. Also: every package and config group ships in the wheel."""
 
 from __future__ import annotations
 
 import csv
-import textwrap
+import importlib
+import json
+import shlex
+import sys
 import tomllib
 
+import pytest
 from helpers.config import ROOT, compose_config
+from helpers.readme import code_blocks, section
+from safetensors.torch import load_file
 
-from tda.stages import attribute, evaluate, train
+import tda.stages
 
-# README.md, "Add a method", step 1: the module (here outside the repository).
-TOY_METHOD = '''
-"""A baseline any method should beat: seeded standard-normal scores."""
-
-import torch
-
-from tda.methods.base import Method
-from tda.problem import AttributionProblem
+# the commands a guide may run, and the stage each runs (as tda.cli does)
+STAGES = {"python train.py": "train", "tda-train": "train", "tda-further-train": "further_train",
+          "python attribute.py": "attribute", "tda-attribute": "attribute",
+          "python evaluate.py": "evaluate", "tda-evaluate": "evaluate"}
 
 
-class RandomScores(Method):
-    def __init__(self, seed: int = 0):
-        super().__init__()
-        self.seed = seed
+@pytest.fixture
+def guide(tiny, tmp_path, monkeypatch):
+    """Run a README guide: returns what each of its commands' stages returned, in order."""
+    tree, added = tmp_path / "guide", []
+    settings = tiny + [f"hydra.searchpath=[file://{tree / 'conf'}]"]
 
-    def scores(self, problem: AttributionProblem) -> torch.Tensor:
-        """[n_test, n_left_out], positive = helpful."""
-        generator = torch.Generator().manual_seed(self.seed)
-        shape = (len(problem.test_indices), len(problem.left_out_indices))
-        self.record["seed"] = self.seed  # anything worth keeping goes to record.json
-        return torch.randn(shape, generator=generator, dtype=torch.float64)
-'''
+    def run(title: str) -> list:
+        results = []
+        for language, code in code_blocks(section(title)):
+            if language == "bash":
+                results += [run_command(line.split("#")[0], settings) for line in code.splitlines()
+                            if line.split("#")[0].strip()]
+                continue
+            first = code.splitlines()[0]
+            path = first.removeprefix("# ")
+            assert path != first and path.startswith(("tda/", "conf/")), \
+                f"README.md, {title}: a {language} block starts with `# <its path>`, not {first!r}"
+            (tree / path).parent.mkdir(parents=True, exist_ok=True)
+            (tree / path).write_text(code)
+            if path.startswith("tda/"):
+                package = importlib.import_module(path.rsplit("/", 1)[0].replace("/", "."))
+                monkeypatch.setattr(package, "__path__", [*package.__path__, str((tree / path).parent)])
+                added.append((package, path.removesuffix(".py").rsplit("/", 1)[1]))
+        return results
 
-# Step 2: its config, `conf/method/<name>.yaml` (here in a config folder of one's own).
-TOY_CONFIG = """
-_target_: toy_methods.RandomScores
-name: random_scores
-seed: 0
-"""
+    yield run
+    for package, name in added:  # the next test imports nothing of this one's
+        sys.modules.pop(f"{package.__name__}.{name}", None)
+        vars(package).pop(name, None)
 
 
-def test_a_method_added_from_outside_the_repository_is_attributed_and_evaluated(tiny, tmp_path, monkeypatch):
-    code, conf = tmp_path / "code", tmp_path / "my_conf"
-    (conf / "method").mkdir(parents=True)
-    code.mkdir()
-    (code / "toy_methods.py").write_text(textwrap.dedent(TOY_METHOD))
-    (conf / "method" / "random_scores.yaml").write_text(textwrap.dedent(TOY_CONFIG))
-    monkeypatch.syspath_prepend(str(code))  # PYTHONPATH=code on the command line
-    search = f"hydra.searchpath=[file://{conf}]"
+def run_command(command: str, settings: list[str]):
+    words = shlex.split(command)
+    for prefix, stage in STAGES.items():
+        if words[:len(prefix.split())] == prefix.split():
+            cfg = compose_config(stage, settings + words[len(prefix.split()):])
+            return getattr(tda.stages, stage)(cfg)
+    raise AssertionError(f"README.md runs `{command.strip()}`, which is none of {sorted(STAGES)}")
 
-    # Step 3: the usual commands, with the config folder on Hydra's search path.
-    train(compose_config("train", tiny + [search]))
-    for method in ("further_training", "random_scores"):
-        attribute(compose_config("attribute", tiny + [search, f"method={method}"]))
-    out = evaluate(compose_config("evaluate", tiny + [search]))
 
+def test_add_a_method(guide):
+    *_, out = guide("Add a method")
     with open(out / "summary.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert any("random_scores" in row.values() for row in rows), rows
     assert "random_scores" in (out / "report.md").read_text()
+
+
+def test_add_a_dataset(guide):
+    (run,) = guide("Add a dataset")
+    metrics = json.loads((run.path / "metrics.json").read_text())
+    assert run.path.name.startswith("wine-")
+    assert metrics["n_train"] == 96  # the tiny settings' dataset.max_train of the 133 training wines
+    assert metrics["test"]["accuracy"] > 0.6  # 3 tiny epochs; the largest class is 37.5% of the 40 test wines
+
+
+def test_add_a_model(guide):
+    (run,) = guide("Add a model")
+    weights = load_file(run.path / "final_model.safetensors")
+    assert {k: tuple(v.shape) for k, v in weights.items()} == {"linear.weight": (2, 30), "linear.bias": (2,)}
+    # it learned: below the cross-entropy of a guess (ln 2), after 3 tiny epochs
+    assert json.loads((run.path / "metrics.json").read_text())["test"]["loss"] < 0.6
 
 
 def test_every_package_and_config_group_ships_in_the_wheel():

@@ -22,6 +22,7 @@ from torch import nn
 from tda.further_training.derivative import WeightedTrajectory
 from tda.further_training.optim import optimizer_spec
 from tda.further_training.reference import further_train_run
+from tda.further_training.settings import FurtherTrainingSettings
 from tda.models.mlp import MLP
 
 F64 = torch.float64
@@ -73,19 +74,23 @@ def cnn_bn(classes=3):
 
 
 PROBLEMS = {"mlp_dropout": (mlp, tabular), "cnn_batchnorm": (cnn_bn, images)}
-KW = dict(task="classification", epochs=2, seed=3, batch_size=8)
+SEED = 3
+SETTINGS = dict(epochs=2, batch_size=8, removal="mask")  # further_training settings unless a test says otherwise
 
 
-def trajectory(model, node, data, **kw):
+def trajectory(model, node, data, task="classification", fast_path=True, **settings):
+    """The weighted trajectory of seed SEED on `data` under the further_training `settings`."""
     x, y, xt, yt = data
-    return WeightedTrajectory(model, node, x, y, xt, yt, **(KW | kw))
+    ft = FurtherTrainingSettings(**(SETTINGS | settings))
+    return WeightedTrajectory(model, node, x, y, xt, yt, task, ft, SEED, fast_path=fast_path)
 
 
-def reference(model, node, data, left_out=None, removal="mask", **kw):
+def reference(model, node, data, left_out=None, removal="mask", task="classification", **settings):
+    """reference.py's run leaving out `left_out` (None: the full-data run) under the same settings."""
     x, y, xt, yt = data
-    kw = KW | kw
-    return further_train_run(model, torch_opt(node), x, y, xt, yt, kw["task"], kw["epochs"], kw["seed"],
-                             kw["batch_size"], left_out, removal, checkpoint_every=kw.get("checkpoint_every"),
+    kw = SETTINGS | settings
+    return further_train_run(model, torch_opt(node), x, y, xt, yt, task, kw["epochs"], SEED, kw["batch_size"],
+                             left_out, removal, checkpoint_every=kw.get("checkpoint_every_steps"),
                              clip_grad_norm=kw.get("clip_grad_norm"), epsilon=kw.get("epsilon"))
 
 
@@ -95,8 +100,8 @@ def reference(model, node, data, left_out=None, removal="mask", **kw):
 def test_trajectory_at_w_one_is_the_reference_full_run(problem, opt):
     build, data_fn = PROBLEMS[problem]
     model, data = build(), data_fn()
-    ref = reference(model, OPTIMIZERS[opt], data, clip_grad_norm=CLIP, checkpoint_every=3)
-    mine = trajectory(model, OPTIMIZERS[opt], data, clip_grad_norm=CLIP, checkpoint_every=3).losses()
+    ref = reference(model, OPTIMIZERS[opt], data, clip_grad_norm=CLIP, checkpoint_every_steps=3)
+    mine = trajectory(model, OPTIMIZERS[opt], data, clip_grad_norm=CLIP, checkpoint_every_steps=3).losses()
     assert mine.shape == ref.shape == (2, len(data[2]))
     assert float((mine - ref).abs().max()) <= 1e-12
 
@@ -129,7 +134,7 @@ def test_clipping_binds():
 def test_forward_mode_equals_finite_differences(problem, opt, normalisation):
     build, data_fn = PROBLEMS[problem]
     model, data = build(), data_fn()
-    traj = trajectory(model, OPTIMIZERS[opt], data, clip_grad_norm=CLIP, normalisation=normalisation)
+    traj = trajectory(model, OPTIMIZERS[opt], data, clip_grad_norm=CLIP, removal=normalisation)
     J = [5, 17]
     res = traj.forward_mode(J)
     n = len(data[0])
@@ -156,8 +161,8 @@ def test_forward_mode_equals_finite_differences(problem, opt, normalisation):
 def test_downweight_scaling_is_n_epsilon():
     """downweight: Δw_j = −nε, so the derivative scales with ε; at ε = 1/n it is −∂ℓ/∂w_j."""
     model, data = mlp(dropout=0.0), tabular()
-    a = trajectory(model, OPTIMIZERS["adam"], data, normalisation="downweight").forward_mode([3])
-    b = trajectory(model, OPTIMIZERS["adam"], data, normalisation="downweight",
+    a = trajectory(model, OPTIMIZERS["adam"], data, removal="downweight").forward_mode([3])
+    b = trajectory(model, OPTIMIZERS["adam"], data, removal="downweight",
                    epsilon=0.5 / len(data[0])).forward_mode([3])
     assert torch.allclose(b.derivative, 0.5 * a.derivative, rtol=1e-12, atol=0)
 
@@ -190,7 +195,7 @@ def test_reference_downweight_difference_agrees_to_first_order():
     J = [0, 4, 11, 29]
     node = {"_target_": "torch.optim.SGD", "lr": 1e-3}
     d = _reference_diffs(model, node, data, J, "downweight", batch_size=16)
-    fw = trajectory(model, node, data, batch_size=16, normalisation="downweight").forward_mode(J).derivative
+    fw = trajectory(model, node, data, batch_size=16, removal="downweight").forward_mode(J).derivative
     assert float((d - fw).abs().max() / d.abs().max()) <= 1e-3
 
 
@@ -212,7 +217,7 @@ def test_reference_difference_with_adam_agrees_only_roughly():
 def test_forward_and_reverse_mode_agree(problem, opt):
     build, data_fn = PROBLEMS[problem]
     model, data = build(), data_fn()
-    traj = trajectory(model, OPTIMIZERS[opt], data, clip_grad_norm=CLIP, checkpoint_every=1)
+    traj = trajectory(model, OPTIMIZERS[opt], data, clip_grad_norm=CLIP, checkpoint_every_steps=1)
     n = len(data[0])
     fw = traj.forward_mode(list(range(n)), chunk=11)  # three chunks
     rv = traj.reverse_mode(checkpoints=[0, 2, 5], store_every=3, cotangents_per_sweep=4)
@@ -246,7 +251,7 @@ def test_linear_relu_fast_reverse_equals_generic_reverse(opt, onehot):
     node = OPTIMIZERS.get(opt, {"_target_": "torch.optim.SGD", "lr": 0.05, "momentum": 0.8, "nesterov": True})
     data = tabular(onehot=onehot)
     model = mlp(d=data[0].shape[1], dropout=0.0)
-    kw = dict(clip_grad_norm=CLIP, checkpoint_every=1)
+    kw = dict(clip_grad_norm=CLIP, checkpoint_every_steps=1)
     rkw = dict(checkpoints=[0, 2, 5], store_every=3, cotangents_per_sweep=5)
     fast_traj = trajectory(model, node, data, sparse_input=onehot, **kw)
     fast = fast_traj.reverse_mode(**rkw)
@@ -270,7 +275,7 @@ def test_linear_relu_fast_reverse_regression_downweight(opt):
     torch.manual_seed(0)
     model = MLP([13], 1, hidden=(7, 6)).to(F64)
     node = OPTIMIZERS.get(opt, {"_target_": "torch.optim.SGD", "lr": 0.05})
-    kw = dict(task="regression", normalisation="downweight", checkpoint_every=2)
+    kw = dict(task="regression", removal="downweight", checkpoint_every_steps=2)
     fast = trajectory(model, node, (x, y, xt, yt), sparse_input=True, **kw).reverse_mode(store_every=2)
     generic = trajectory(model, node, (x, y, xt, yt), fast_path=False, **kw).reverse_mode(store_every=2)
     assert fast.plan["path"] == "linear_relu_sparse"
@@ -310,7 +315,9 @@ def test_float32_derivative_matches_float64():
 def test_bad_arguments():
     model, data = mlp(), tabular()
     with pytest.raises(ValueError, match="drop"):
-        trajectory(model, OPTIMIZERS["adam"], data, normalisation="drop")
+        trajectory(model, OPTIMIZERS["adam"], data, removal="drop")
+    with pytest.raises(ValueError, match="Nesterov momentum requires a momentum"):  # as torch.optim.SGD refuses it
+        trajectory(model, {"_target_": "torch.optim.SGD", "lr": 0.1, "nesterov": True}, data)
     traj = trajectory(model, OPTIMIZERS["adam"], data)
     with pytest.raises(ValueError, match="training indices"):
         traj.forward_mode([len(data[0])])
@@ -351,7 +358,7 @@ def test_resnet9_batchnorm_forward_reverse_and_finite_differences():
     run, forward = reverse (1e-10), forward = central finite differences (1e-6 relative)."""
     model, data = resnet9_problem()
     node = OPTIMIZERS["sgd_momentum"]
-    kw = dict(batch_size=4, epochs=1, clip_grad_norm=1.0, checkpoint_every=1)
+    kw = dict(batch_size=4, epochs=1, clip_grad_norm=1.0, checkpoint_every_steps=1)
     traj = trajectory(model, node, data, **kw)
     assert float((traj.losses() - reference(model, node, data, **kw)).abs().max()) <= 1e-12
     J = [1, 6]
@@ -423,7 +430,7 @@ def test_text_classifier_last_k_forward_reverse_and_finite_differences(text_prob
     data = (feats[:8], y[:8], feats[8:], y[8:])
     trainable = trainable.double()
     node = OPTIMIZERS["sgd_momentum"]
-    kw = dict(batch_size=4, epochs=1, clip_grad_norm=1.0, checkpoint_every=1)
+    kw = dict(batch_size=4, epochs=1, clip_grad_norm=1.0, checkpoint_every_steps=1)
     traj = trajectory(trainable, node, data, **kw)
     assert float((traj.losses() - reference(trainable, node, data, **kw)).abs().max()) <= 1e-12
     fw = traj.forward_mode([6])

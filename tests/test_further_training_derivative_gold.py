@@ -13,15 +13,17 @@ import pandas as pd
 import pytest
 import torch
 from helpers.config import TINY, compose_config
+from helpers.further_training import job_for
 from helpers.wandb import offline_runs, read_offline_run, wandb_on
 
 from tda.artifacts import load_tensors_with_metadata
 from tda.config import ConfigError
-from tda.evaluation.curves import recall_window, top_k_agreement, top_k_hits, top_k_sizes, top_k_summary
 from tda.evaluation.loading import load_all_method_scores
 from tda.evaluation.metrics import METRICS
+from tda.evaluation.top_k import recall_window, top_k_agreement, top_k_hits, top_k_sizes, top_k_summary
+from tda.further_training.attribution import GoldStandard
 from tda.further_training.gold_standard import FurtherTraining, derivative_mode
-from tda.further_training.store import GoldStandard, further_training_key, gold_settings, load_gold_standard, seed_file
+from tda.further_training.store import GoldStandardSpec, further_training_key, load_gold_standard, seed_file
 from tda.models.mlp import MLP
 from tda.problem import AttributionProblem
 from tda.runs import RunDir
@@ -46,7 +48,7 @@ def test_existing_gold_standards_keep_their_keys(overrides, key):
     assert further_training_key(compose_config("attribute", overrides)) == key
     assert further_training_key(compose_config("attribute", [*overrides, "further_training.estimator=difference",
                                                              "further_training.derivative_mode=reverse"])) == key
-    settings = gold_settings(compose_config("attribute", overrides).further_training)
+    settings = GoldStandardSpec.from_config(compose_config("attribute", overrides)).defining
     assert "estimator" not in settings and "derivative_mode" not in settings
 
 
@@ -56,7 +58,7 @@ def test_the_estimator_is_part_of_the_key_and_the_mode_is_not():
             for mode in ("auto", "forward", "reverse")}
     assert len(set(keys.values())) == 1
     assert keys["auto"] != further_training_key(compose_config("attribute", TINY + ["further_training.removal=mask"]))
-    assert gold_settings(compose_config("attribute", base).further_training)["estimator"] == "derivative"
+    assert GoldStandardSpec.from_config(compose_config("attribute", base)).defining["estimator"] == "derivative"
 
 
 def test_drop_and_the_reference_engine_are_refused_with_the_fix(tiny):
@@ -122,7 +124,7 @@ def _toy(overrides):
     model = MLP([6], 3, hidden=(7, 5)).to(F64)
     problem = AttributionProblem(model=model, task="classification", x_train=x[:30], y_train=y[:30], x_test=x[30:],
                                  y_test=y[30:], left_out_indices=torch.arange(6) * 5, test_indices=torch.arange(5))
-    return cfg, problem, FurtherTraining(cfg.further_training, cfg.further_optimizer, trainer=cfg.trainer)
+    return cfg, problem, job_for(cfg)
 
 
 def test_shards_and_resume_of_the_derivative_estimator(tmp_path, monkeypatch):

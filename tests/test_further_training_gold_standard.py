@@ -142,7 +142,6 @@ def test_sane_range_check_accepts_the_runs_of_a_default_gold_standard(tiny):
 
 
 def test_sane_range_is_ten_times_the_final_mean_test_loss_plus_one():
-    from tda.further_training.gold_standard import FurtherTraining
 
     initial = torch.tensor([0.1, 0.3], dtype=torch.float64)  # mean 0.2: limit 10 * 0.2 + 1 = 3
     full = torch.full((2, 2), 0.25, dtype=torch.float64)
@@ -208,7 +207,7 @@ def test_one_progress_bar_over_seeds_and_groups_and_no_lightning_banners(tmp_pat
                                            "further_training.n_seeds=2", "further_training.max_runs_per_group=2",
                                            "further_training.progress_bar=true"])
     with caplog.at_level(logging.INFO):
-        seeds = FurtherTraining(cfg.further_training, cfg.further_optimizer, cfg.trainer).run(_tiny_problem(), tmp_path)
+        seeds = job_for(cfg).run(_tiny_problem(), tmp_path)
     assert seeds == [0, 1]
     err = capfd.readouterr().err
     # 6 runs (the full run and 5 left out) in groups of 2: 3 groups per seed
@@ -224,5 +223,5 @@ def test_one_progress_bar_over_seeds_and_groups_and_no_lightning_banners(tmp_pat
 def test_progress_bar_off_prints_nothing(tmp_path, capfd):
     cfg = compose_config("further_train", ["further_training.epochs=1", "further_training.batch_size=8",
                                            "further_training.n_seeds=1", "trainer.progress_bar=false"])
-    FurtherTraining(cfg.further_training, cfg.further_optimizer, cfg.trainer).run(_tiny_problem(), tmp_path)
+    job_for(cfg).run(_tiny_problem(), tmp_path)
     assert "seed 1/1" not in capfd.readouterr().err

@@ -153,10 +153,12 @@ def test_derivative_engine_records_at_the_schedules_steps(setting, fast_path):
     s = setting
 
     def trajectory(**schedule):
-        return WeightedTrajectory(s["model"], ADAM, s["x"], s["y"], s["xt"], s["yt"], "classification", 2, 5, 8,
-                                  fast_path=fast_path, **schedule)
+        settings = FurtherTrainingSettings(epochs=2, batch_size=8, removal="mask", **schedule)
+        return WeightedTrajectory(s["model"], ADAM, s["x"], s["y"], s["xt"], s["yt"], "classification", settings, 5,
+                                  fast_path=fast_path)
 
-    traj, every_step = trajectory(**SCHEDULE), trajectory(checkpoint_every=1)
+    traj = trajectory(checkpoint_every_steps=3, checkpoint_first_step=1, checkpoint_last_step=True)
+    every_step = trajectory(checkpoint_every_steps=1)
     assert traj.checkpoint_steps == STEPS
     assert float((traj.losses() - s["full"][s["rows"]]).abs().max()) < 1e-12
     forward, forward_all = traj.forward_mode(s["left_out"]), every_step.forward_mode(s["left_out"])

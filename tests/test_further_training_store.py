@@ -16,39 +16,20 @@ from helpers.processes import finish_logged, start_logged
 from helpers.runs import BASE, gold_dir_of
 
 from tda.artifacts import load_json
-from tda.further_training.store import (
-    further_training_key,
-    is_sharded,
-    job_files,
-    load_gold_standard,
-    postprocess,
-    seed_file,
-)
+from tda.further_training.attribution import postprocess
+from tda.further_training.store import GoldStandardSpec, further_training_key, load_gold_standard, seed_file
 from tda.stages import attribute, evaluate
 
 
-def test_batchnorm_momentum_null_keeps_existing_gold_keys():
-    """A gold standard computed before a setting existed (batch-norm momentum, the estimator) keeps
-    its directory name while that setting is at its default."""
-    from tda.config import config_hash, node_name, to_container
-    from tda.further_training.store import EXECUTION_KEYS, OMITTED_AT_DEFAULT
-
-    cfg = compose_config("attribute", [])
-    old_style = {k: v for k, v in to_container(cfg.further_training).items()
-                 if k not in EXECUTION_KEYS and k not in OMITTED_AT_DEFAULT}
-    old_key = f"{node_name(cfg.further_optimizer)}-{config_hash(old_style, cfg.further_optimizer)}"
-    assert further_training_key(cfg) == old_key
-
-
 def test_job_files_follow_the_shard_settings(tmp_path):
-    cfg = compose_config("further_train", ["further_training.n_seeds=3"])
-    assert job_files(cfg.further_training, tmp_path) == [seed_file(tmp_path, s) for s in (0, 1, 2)]
-    assert not is_sharded(cfg.further_training)
-    cfg = compose_config("further_train", ["further_training.n_seeds=3", "further_training.shard_seeds=[2]",
-                                           "further_training.left_out_shard.index=1",
-                                           "further_training.left_out_shard.count=2"])
-    assert [p.name for p in job_files(cfg.further_training, tmp_path)] == ["seed_00002.part_02_of_02.safetensors"]
-    assert is_sharded(cfg.further_training)
+    spec = GoldStandardSpec.from_config(compose_config("further_train", ["further_training.n_seeds=3"]))
+    assert spec.job_files(tmp_path) == [seed_file(tmp_path, s) for s in (0, 1, 2)]
+    assert not spec.settings.is_sharded
+    spec = GoldStandardSpec.from_config(compose_config("further_train", [
+        "further_training.n_seeds=3", "further_training.shard_seeds=[2]", "further_training.left_out_shard.index=1",
+        "further_training.left_out_shard.count=2"]))
+    assert [p.name for p in spec.job_files(tmp_path)] == ["seed_00002.part_02_of_02.safetensors"]
+    assert spec.settings.is_sharded and spec.settings.left_out_block(5) == (2, 5)
 
 
 def test_postprocess_adjust_centre_and_windows():
@@ -176,15 +157,16 @@ def _imported_modules(path: Path) -> set[str]:
 
 def test_only_the_store_is_used_outside_further_training():
     """runs, tracking and the problem know nothing of further training; everything else outside
-    the package finds and reads a gold standard through tda.further_training.store (the stage also
-    runs the job; the config checks use its typed settings)."""
+    the package finds and reads a gold standard through tda.further_training.store (and its
+    attribution, and the gold standards beside it; the stage also runs the job; the config checks
+    use its typed settings)."""
     for name in ("runs.py", "tracking.py", "problem.py"):
         assert not [m for m in _imported_modules(ROOT / "tda" / name) if m.startswith("tda.further_training")], name
     for path in sorted((ROOT / "tda").rglob("*.py")):
         if "further_training" in path.parts:
             continue
         used = {m for m in _imported_modules(path) if m.startswith("tda.further_training")}
-        allowed = {"tda.further_training.store", "tda.further_training.settings"}  # and its typed settings
-        if path.name == "stages.py":
+        allowed = {f"tda.further_training.{m}" for m in ("store", "attribution", "related", "settings")}
+        if path == ROOT / "tda" / "stages" / "gold.py":
             allowed.add("tda.further_training.gold_standard")
         assert used <= allowed, (path, used - allowed)

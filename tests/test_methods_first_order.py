@@ -255,7 +255,10 @@ def ref_trak(p, proj_dim, seed, damping):
     else:
         blocks = projection_matrix(layout, proj_dim, seed)
         P = torch.cat([blocks[k] for k in layout.names]).double()
-    f = lambda x, y: ref_grads(p.model, x, y, margin) @ P
+
+    def f(x, y):
+        return ref_grads(p.model, x, y, margin) @ P
+
     phi, phi_t, phi_j = f(p.x_train, p.y_train), f(p.x_test, p.y_test), f(p.x_left_out, p.y_left_out)
     K = phi.T @ phi + damping * torch.eye(phi.shape[1], dtype=torch.float64)
     Kinv = torch.linalg.pinv(K, hermitian=True)
@@ -366,7 +369,9 @@ def test_grad_dot_and_datainf_agree_with_dattri():
 
     p = mlp_problem()
     model = p.model.float()
-    xs = lambda x, y: DataLoader(TensorDataset(x.float(), y), batch_size=16, shuffle=False)
+
+    def xs(x, y):
+        return DataLoader(TensorDataset(x.float(), y), batch_size=16, shuffle=False)
 
     def loss(params, data):
         xb, yb = data

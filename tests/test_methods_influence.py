@@ -613,11 +613,11 @@ def test_mean_grad_is_gradient_of_mean_loss(mlp_problem):
 @pytest.mark.baselines
 @pytest.mark.parametrize("cls,strategy", [(EKFAC, "ekfac"), (KFAC, "kfac")])
 def test_kfac_agrees_with_kronfluence(cls, strategy):
-    """kronfluence (`tests/helpers/peers.py`) at the same absolute damping. Its factors sample one label per
+    """kronfluence (`benchmarks/peers.py`) at the same absolute damping. Its factors sample one label per
     example (the true Fisher), whose expectation is the Gauss–Newton ours compute exactly, so the
     agreement is close to, not exactly, 1."""
     pytest.importorskip("kronfluence")
-    from helpers.peers import kronfluence_scores
+    from benchmarks.peers import kronfluence_scores
 
     torch.manual_seed(0)
     x = torch.randn(3000, 6)

@@ -1,6 +1,7 @@
 """Models (tda.models): the paper's models (MLP head options, ResNet-9, the text classifier), the
 split into a frozen part and a trainable part that final training, further training and attribution
-share, and models that cannot take the data's inputs, refused before training."""
+share, the op list of a Linear/ReLU stack that the fast paths run, and models that cannot take the
+data's inputs, refused before training."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import pytest
 import torch
 from helpers.config import compose_config
 from helpers.runs import no_run_dir
+from torch import nn
 
 from tda.config import ConfigError
 from tda.methods.gradients import per_example_grads
 from tda.models.base import compute_features, per_example_loss
 from tda.models.mlp import MLP
 from tda.models.resnet9 import ResNet9
+from tda.models.structure import LinearOp, ReLUOp, linear_relu_stack
 from tda.stages import train
 
 
@@ -48,6 +51,37 @@ def test_mlp_regression_head_and_last_k_split():
     assert torch.allclose(per_example_loss(out, y, "regression"), (out[:, 0] - y) ** 2)
     _split_matches_forward(model, x)
     assert MLP([5], 1, head_bias=False).head.bias is None
+
+
+def _run_ops(stack, module, x):
+    """The op list evaluated on x [n, features] with the module's parameters."""
+    params = [dict(module.named_parameters())[k] for k in stack.names]
+    h = x
+    for op in stack.ops:
+        if isinstance(op, LinearOp):
+            h = h @ params[op.weight].T + (0 if op.bias is None else params[op.bias])
+        else:
+            h = torch.relu(h)
+    return h
+
+
+def test_linear_relu_stack_is_the_mlps_forward_and_refuses_what_the_fast_paths_cannot_run():
+    torch.manual_seed(0)
+    model = MLP([6], 3, hidden=[5, 4], head_bias=False)
+    stack = linear_relu_stack(model)
+    assert stack.names == ("body.0.0.weight", "body.0.0.bias", "body.1.0.weight", "body.1.0.bias", "head.weight")
+    assert stack.ops == (LinearOp(0, 1), ReLUOp(), LinearOp(2, 3), ReLUOp(), LinearOp(4, None))
+    assert stack.first == LinearOp(0, 1)
+    x = torch.randn(7, 6)
+    assert torch.allclose(_run_ops(stack, model, x), model(x), atol=1e-6)
+    images = MLP([1, 2, 3], 2, hidden=[4])  # a leading Flatten is not an op
+    assert torch.allclose(_run_ops(linear_relu_stack(images), images, x[:, :6]), images(x[:, :6].reshape(7, 1, 2, 3)))
+    shared = nn.Linear(3, 3)
+    partly_frozen = MLP([6], 3)
+    partly_frozen.head.weight.requires_grad_(False)
+    for refused in (MLP([6], 3, dropout=0.1), nn.Sequential(nn.ReLU(), nn.Linear(3, 2)), partly_frozen,
+                    nn.Sequential(shared, nn.ReLU(), shared), nn.Sequential(nn.Linear(3, 3), nn.Tanh())):
+        assert linear_relu_stack(refused) is None, refused
 
 
 def test_resnet9_shapes_and_size():

@@ -7,6 +7,7 @@ key; what cannot repeat the final training is refused with the fix."""
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import lightning as L
 import numpy as np
@@ -18,10 +19,13 @@ from helpers.config import compose_config
 from tda.artifacts import IntegrityError, load_tensors, load_tensors_with_metadata, save_tensors
 from tda.config import ConfigError, build, to_container
 from tda.further_training.reference import further_train_run
+from tda.further_training.related import gold_label
 from tda.further_training.settings import FurtherTrainingSettings
-from tda.further_training.store import further_training_key, gold_label, load_gold_standard
+from tda.further_training.store import further_training_key, load_gold_standard
+from tda.preflight import Settings
 from tda.provenance import ProvenanceError, read_final_model
 from tda.stages import attribute, build_model, evaluate, load_data, select, train
+from tda.training import TrainSettings
 
 F64 = torch.float64
 SMALL = ["dataset.max_train=40", "dataset.max_test=20", "train.epochs=2", "train.batch_size=16",
@@ -38,12 +42,13 @@ def test_train_writes_the_initial_weights():
     cfg = compose_config("train", PROBLEMS["classification"])
     run = train(cfg)
     initial, header, _ = load_tensors_with_metadata(run.initial_model)
-    final = read_final_model(run, cfg)
+    final = read_final_model(run)
     assert header["identity"] == final.identity
     # the model before training, rebuilt as train.py builds it: same seed, same data and selection first
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    data = load_data(cfg)
-    select(cfg, data)
+    settings = Settings.from_config(cfg)
+    L.seed_everything(settings.seed, workers=True, verbose=False)
+    data = load_data(cfg, settings)
+    select(settings.selection, data)
     rebuilt = build_model(cfg, data).state_dict()
     assert initial.keys() == rebuilt.keys() and all(torch.equal(initial[k], rebuilt[k]) for k in rebuilt)
     assert not any(torch.equal(initial[k], final.state_dict[k]) for k in initial)  # training moved every tensor
@@ -57,7 +62,7 @@ def test_retraining_gold_standard_is_the_plain_loop_from_the_initial_weights(tas
     gold = load_gold_standard(attribute(cfg))
     # the reference engine's plain loop, started by hand from the recorded initial weights, with the
     # final training's optimizer, epochs, batch size and clipping
-    data = load_data(cfg)
+    data = load_data(cfg, Settings.from_config(cfg))
     model = build_model(cfg, data)
     model.load_state_dict(load_tensors(run.initial_model))
     model = model.to(F64)
@@ -114,13 +119,13 @@ def test_retraining_refuses_what_cannot_repeat_the_final_training():
                                               r"  - " + message):
             attribute(compose_config("attribute", overrides + RETRAIN + [override]))
     settings = FurtherTrainingSettings(start="initial_weights", epochs=2, batch_size=16)
-    train_node = {"epochs": 2, "batch_size": 16, "gradient_clip_val": None}
+    train_node = TrainSettings(epochs=2, batch_size=16)
     sgd, adam = {"_target_": "torch.optim.SGD", "lr": 0.1}, {"_target_": "torch.optim.Adam", "lr": 0.1}
     assert settings.retraining_problems(train_node, sgd, sgd) == []
     assert settings.retraining_problems(train_node, sgd, adam) == [
         f"further_optimizer {adam} differs from the final training's optimizer {sgd}; gold_standard=retraining sets "
         f"it from the final training; remove its override"]
-    assert settings.retraining_problems(train_node | {"final_checkpoint": "best_loss"}, sgd, sgd, "cifar10") == [
+    assert settings.retraining_problems(replace(train_node, final_checkpoint="best_loss"), sgd, sgd, "cifar10") == [
         "train.final_checkpoint=best_loss: the final model is the best checkpoint of its training, not the end of a "
         "schedule that could be repeated; retrain with train.final_checkpoint=last for the retraining gold standard",
         "dataset cifar10 augments its inputs in final training, which the runs of a gold standard never do; turn the "

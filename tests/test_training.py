@@ -49,7 +49,7 @@ def test_trainer_typos_and_arguments_tda_sets_are_refused(tiny, override, expect
     cfg = compose_config("train", tiny + [override])
     with pytest.raises(ConfigError, match=expect):
         train(cfg)
-    assert not RunDir.from_config(cfg).path.exists()
+    assert no_run_dir(cfg)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")

@@ -20,20 +20,17 @@ import json
 import math
 import platform
 import signal
-import sys
 import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+import torch
+from hydra import compose, initialize_config_dir
 
-import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-
-from tda.artifacts import load_json, load_tensor_metadata  # noqa: E402
-from tda.runs import RunDir  # noqa: E402
-from tda.stages import attribute, evaluate, train  # noqa: E402
+from tda.artifacts import load_json, load_tensor_metadata
+from tda.resources import config_dir
+from tda.runs import RunDir
+from tda.stages import attribute, evaluate, train
 
 EPOCHS = 4
 BASE = ["experiment=cifar10", "logger=none", "trainer.progress_bar=false", "attribution.memory_budget_mb=80000",
@@ -46,16 +43,16 @@ METHODS = [("grad_dot", []), ("grad_cos", []), ("datainf", []), ("kfac", []), ("
 RESERVE_S = {"methods": 180, "evaluate": 40}
 
 
-class Overrun(Exception):
+class OverrunError(Exception):
     pass
 
 
 def _alarm(_signum, _frame):
-    raise Overrun("step exceeded its time limit")
+    raise OverrunError("step exceeded its time limit")
 
 
 def config(stage: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(config_name=stage, overrides=overrides)
 
 
@@ -85,7 +82,7 @@ class Driver:
             result = fn(config(stage, overrides))
             entry["status"] = "ok"
             return result
-        except BaseException as err:
+        except BaseException as err:  # noqa: BLE001 - every step is guarded: recorded, and the rest go on
             entry["status"] = f"failed: {type(err).__name__}: {err}"
             entry["traceback"] = traceback.format_exc(limit=8)
             print(entry["traceback"], flush=True)
@@ -129,10 +126,11 @@ def main() -> None:
     if args.n_seeds:  # a re-run that completes an earlier one: no probes
         vmap, n_seeds = "true", args.n_seeds
     else:
-        vmap_gold = d.step("probe vmap", "attribute", base + PROBE + ["method=further_training", "further_training.vmap=true"], 120)
+        gold = base + PROBE + ["method=further_training"]
+        vmap_gold = d.step("probe vmap", "attribute", gold + ["further_training.vmap=true"], 120)
         # a different checkpoint interval gives the second probe its own gold-standard directory
-        loop_gold = d.step("probe loop", "attribute", base + PROBE + ["method=further_training", "further_training.vmap=false",
-                                                                      "further_training.checkpoint_every_steps=32"], 120)
+        loop_gold = d.step("probe loop", "attribute",
+                           gold + ["further_training.vmap=false", "further_training.checkpoint_every_steps=32"], 120)
         t_vmap, t_loop = probe_seconds(vmap_gold), probe_seconds(loop_gold)
         timed = {k: v for k, v in {"true": t_vmap, "false": t_loop}.items() if v is not None}
         if not timed:

@@ -8,19 +8,16 @@ Each table names the evaluation directory it reads.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pandas as pd
 from hydra import compose, initialize_config_dir
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from tda.further_training.store import further_training_key
+from tda.resources import config_dir
+from tda.runs import RunDir
 
-from tda.further_training.store import further_training_key  # noqa: E402
-from tda.resources import config_dir  # noqa: E402
-from tda.runs import RunDir  # noqa: E402
-
+ROOT = Path(__file__).resolve().parents[2]  # the tables name files relative to the repository
 DERIVATIVE = ["further_training.estimator=derivative", "further_training.removal=mask"]
 EPOCHS = (1, 5, 10, 25)
 ALL = ["further_training.n_seeds=3", "further_training.epochs=5"]  # every training instance: a shorter run

@@ -26,14 +26,12 @@ from pathlib import Path
 import pandas as pd
 from hydra import compose, initialize_config_dir
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from tda.artifacts import load_json
+from tda.further_training.store import further_training_key
+from tda.resources import config_dir
+from tda.runs import RunDir
 
-from tda.artifacts import load_json  # noqa: E402
-from tda.further_training.store import further_training_key  # noqa: E402
-from tda.resources import config_dir  # noqa: E402
-from tda.runs import RunDir  # noqa: E402
-
+ROOT = Path(__file__).resolve().parents[2]  # the tables name files relative to the repository
 
 def eval_dir(overrides: list[str]) -> Path:
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):

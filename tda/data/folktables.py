@@ -25,20 +25,22 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from folktables import ACSDataSource, ACSIncome, generate_categories
-from folktables.load_acs import _STATE_CODES
 
 from tda.data.base import DataBundle, data_root
 from tda.data.tabular import split_standardise
 from tda.env import offline
+from tda.extras import requires_extra
 
 NUMERIC = ("AGEP", "WKHP")  # the only standardised columns in the paper
 
 
+@requires_extra("folktables")
 def folktables_income(state: str = "MA", year: int = 2018, horizon: str = "1-Year", root: str | None = None,
                       download_dir: str = "~/.cache/tda/folktables", test_size: float = 0.25, split_seed: int = 0,
                       max_train: int | None = None, max_test: int | None = None,
                       subsample_seed: int = 0) -> DataBundle:
+    from folktables import ACSDataSource, ACSIncome, generate_categories  # noqa: PLC0415 - optional: the tda[folktables] extra
+
     local = data_root("folktables", root)
     base = Path(local if local is not None else Path(download_dir).expanduser())
     year_dir = base / str(year) / horizon
@@ -70,6 +72,8 @@ def folktables_income(state: str = "MA", year: int = 2018, horizon: str = "1-Yea
 
 
 def _state_code(state: str) -> str:
+    from folktables.load_acs import _STATE_CODES  # noqa: PLC0415 - optional: the tda[folktables] extra
+
     if state not in _STATE_CODES:
         raise ValueError(f"dataset.state={state!r} is not a US state code folktables knows (e.g. MA, CA)")
     return _STATE_CODES[state]

@@ -15,9 +15,11 @@ import numpy as np
 
 from tda.data.base import DataBundle, subsample
 from tda.data.hub import load_splits
+from tda.extras import requires_extra
 from tda.pretrained import load_tokenizer
 
 
+@requires_extra("text")
 def sst2(root: str | None = None, tokenizer: str = "minilm", tokenizer_path: str | None = None,
          max_length: int = 128, max_train: int | None = None, max_test: int | None = None,
          subsample_seed: int = 0) -> DataBundle:

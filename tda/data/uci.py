@@ -16,7 +16,7 @@ Files (the ones the authors read):
 
 They are found in `dataset.root=<folder>` or `$TDA_DATA_DIR/<name>`; with neither, in
 `dataset.download_dir`, where the zip UCI serves is downloaded and the file extracted when
-online. pandas reads .xls with `xlrd` and .xlsx with `openpyxl` (both tda dependencies); a CSV
+online. pandas reads .xls with `xlrd` and .xlsx with `openpyxl` (the `tda[uci]` extra); a CSV
 copy of the sheet (`Concrete_Data.csv`, `ENB2012_data.csv`) is read when the sheet is absent.
 """
 
@@ -34,11 +34,11 @@ import datasets
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
-from xlrd import XLRDError
 
 from tda.config import ConfigError
 from tda.data.base import DataBundle, data_root, subsample
 from tda.env import offline
+from tda.extras import requires_extra
 
 SPREADSHEET_READERS = {".xls": "xlrd", ".xlsx": "openpyxl"}  # pandas' engine per file type
 
@@ -68,6 +68,7 @@ ENERGY_FEATURES = {"X1": "relative compactness", "X2": "surface area", "X3": "wa
 ENERGY_TARGETS = {"Y1": "heating load", "Y2": "cooling load"}
 
 
+@requires_extra("uci")
 def concrete(root: str | None = None, download_dir: str = "~/.cache/tda/concrete", test_size: float = 0.1,
              split_seed: int = 0, max_train: int | None = None, max_test: int | None = None,
              subsample_seed: int = 0) -> DataBundle:
@@ -84,6 +85,7 @@ def concrete(root: str | None = None, download_dir: str = "~/.cache/tda/concrete
                              info={"source": str(path), "target": names[8]})
 
 
+@requires_extra("uci")
 def energy(root: str | None = None, download_dir: str = "~/.cache/tda/energy", target: str = "Y1",
            test_size: float = 0.1, split_seed: int = 0, max_train: int | None = None, max_test: int | None = None,
            subsample_seed: int = 0) -> DataBundle:
@@ -182,9 +184,14 @@ def _download(source: UCIFile, folder: Path) -> Path:
 
 def _read(path: Path, source: UCIFile) -> pd.DataFrame:
     suffix = path.suffix.lower()
+    damaged: tuple[type[Exception], ...] = (ValueError, OSError, zipfile.BadZipFile)
+    if suffix == ".xls":
+        from xlrd import XLRDError  # noqa: PLC0415 - optional: the tda[uci] extra
+
+        damaged += (XLRDError,)
     try:
         table = pd.read_csv(path) if suffix == ".csv" else pd.read_excel(path, engine=SPREADSHEET_READERS[suffix])
-    except (ValueError, OSError, zipfile.BadZipFile, XLRDError) as err:  # a damaged or foreign file
+    except damaged as err:  # a damaged or foreign file
         raise ConfigError(f"dataset {source.name}: {path} cannot be read ({type(err).__name__}: "
                           f"{str(err).splitlines()[0][:200]}); replace it with the file from {source.page}") from err
     return table.dropna(axis=0, how="all").dropna(axis=1, how="all").reset_index(drop=True)

@@ -10,6 +10,7 @@ exist. Inside `python evaluate.py` the overrides are the running app's (Hydra's
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import shlex
@@ -24,16 +25,17 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 
 from tda.artifacts import save_text
-from tda.config import ConfigError, config_hash, to_container
+from tda.config import ConfigError, config_hash
 from tda.evaluation import plots
-from tda.evaluation.curves import similarity_curves, split_half_reliability, summary_table
+from tda.evaluation.curves import gold_attribution, similarity_curves, split_half_reliability, summary_table
 from tda.evaluation.loading import load_experiment
 from tda.evaluation.markdown import compare_report
 from tda.evaluation.output_set import output_set
 from tda.evaluation.progress import Steps
+from tda.evaluation.settings import EvaluateSettings
 from tda.evaluation.wandb_logging import log_to_wandb
-from tda.further_training.store import further_training_key
-from tda.runs import RunDir, check_names, inside, runs_root
+from tda.further_training.store import GoldStandardSpec
+from tda.runs import RunDir, check_names, compare_dir
 
 log = logging.getLogger(__name__)
 
@@ -88,24 +90,25 @@ def _slug(s: str) -> str:
 
 
 # ---------------------------------------------------------------------------------- the flow
-def evaluate_compare(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
-    """One figure and table across experiments: `evaluate.compare` lists override strings, each
-    composed after `overrides` (default: the running Hydra app's) to find a final model, its gold
-    standard and its methods (which must already exist). Lines are `<experiment> / <method>`.
-    Written as one set into `runs/compare/<name>-<hash>/` (see `output_set`), then logged to W&B."""
+def evaluate_compare(cfg: DictConfig, settings: EvaluateSettings, overrides: list[str] | None = None) -> Path:
+    """One figure and table across experiments: `evaluate.compare` (of `settings`, the `evaluate`
+    section of `cfg`) lists override strings, each composed after `overrides` (default: the
+    running Hydra app's) to find a final model, its gold standard and its methods (which must
+    already exist). Lines are `<experiment> / <method>`. Written as one set into
+    `runs/compare/<name>-<hash>/` (see `output_set`), then logged to W&B."""
     check_names(cfg)  # `name` names the output directory: refuse an unsafe one before any work
-    entries = [str(e) for e in cfg.evaluate.compare]
+    entries = list(settings.compare)
     base = list(overrides) if overrides is not None else running_app_overrides()
-    centering = tuple(bool(c) for c in cfg.evaluate.centering)
-    wanted = cfg.evaluate.get("compare_methods")
+    centering = tuple(settings.centering)
+    wanted = settings.compare_methods
     all_curves, all_rel, all_records, x_names = [], [], {}, set()
     steps = Steps("compare")
     composed = [(entry, compose_experiment(base, entry)) for entry in entries]  # a bad entry fails before any work
     for entry, sub in composed:
         label = entry or "base"
         with steps.step(f"experiment {label!r}", "loading, similarity curves, split-half reliability"):
-            run, gold_key = RunDir.from_config(sub), further_training_key(sub)
-            gold, scores, records = load_experiment(sub, run, gold_key)
+            run, spec = RunDir.from_config(sub), GoldStandardSpec.from_config(sub)  # each entry's own sections
+            gold, scores, records = load_experiment(spec, run)
             if wanted:
                 scores = {k: v for k, v in scores.items() if k in set(wanted)}
             if not scores:
@@ -116,21 +119,19 @@ def evaluate_compare(cfg: DictConfig, overrides: list[str] | None = None) -> Pat
             c = similarity_curves(gold, scores, centering)
             c.insert(0, "experiment", label)
             all_curves.append(c)
-            rel = split_half_reliability(lambda ce, s: gold.attribution(center=ce, seeds=s), len(gold.seeds), x_name,
-                                         xs, centering)
+            rel = split_half_reliability(gold_attribution(gold), len(gold.seeds), x_name, xs, centering)
             rel.insert(0, "experiment", label)
             all_rel.append(rel)
-            all_records.update({(label, k): v | {"run": str(run.path), "gold": str(run.gold_dir(gold_key))}
+            all_records.update({(label, k): v | {"run": str(run.path), "gold": str(run.gold_dir(spec.key))}
                                 for k, v in records.items()})
     if len(x_names) > 1:
         raise ConfigError(f"evaluate.compare mixes checkpoint axes {sorted(x_names)}; compare experiments that "
-                         f"checkpoint the same way (all per epoch or all every k steps)")
+                          f"checkpoint the same way (all per epoch or all every k steps)")
     x_name = x_names.pop()
     curves = pd.concat(all_curves, ignore_index=True)
     reliability = pd.concat(all_rel, ignore_index=True)
     name = cfg.name if cfg.get("name") is not None else "unnamed"
-    root = runs_root(cfg)
-    out_dir = inside(root, root / "compare" / f"{name}-{config_hash(entries, to_container(cfg.evaluate))}")
+    out_dir = compare_dir(cfg, f"{name}-{config_hash(entries, dataclasses.asdict(settings))}")
     summary = summary_table(curves, all_records, by=("experiment", "method"))
     with steps.step("writing", "tables, similarity.png, report.md"), output_set(out_dir) as out:
         curves.to_csv(out / "similarity.csv", index=False)
@@ -138,7 +139,8 @@ def evaluate_compare(cfg: DictConfig, overrides: list[str] | None = None) -> Pat
         summary.to_csv(out / "summary.csv", index=False)
         plot_df = curves.assign(series=curves.experiment + " / " + curves.method)
         rel_lines = reliability.assign(series=reliability.experiment + " / gold split-half", method="gold_split_half")
-        both = pd.concat([plot_df, rel_lines[[c for c in plot_df.columns if c in rel_lines.columns]]], ignore_index=True)
+        both = pd.concat([plot_df, rel_lines[[c for c in plot_df.columns if c in rel_lines.columns]]],
+                         ignore_index=True)
         title = f"comparison: {' vs '.join(e or 'base' for e in entries)}"
         figure = plots.plot_curves(both, out / "similarity.png", title=title, series="series", style_by="experiment")
         experiments = {e or "base": sorted({r["run"] for (lab, _), r in all_records.items() if lab == (e or "base")})

@@ -1,5 +1,8 @@
-"""The analyses of docs/method.md §4 as tidy DataFrames (one row per number), so that the same rows
-go to CSV, to the figures and to W&B.
+"""The analyses of docs/method.md §4 that compare scores with the gold standard's curves, as tidy
+DataFrames (one row per number), so that the same rows go to CSV, to the figures and to W&B:
+similarity curves, peaks against the seeds averaged, the split-half reliability, sorted-score
+profiles, method vs method and the summary. (The top-k analyses: tda.evaluation.top_k; the gold
+standard's own diagnostics: tda.evaluation.diagnostics.)
 
 Shapes at the boundaries: method scores are [n_test, n_left_out]; a gold-standard
 attribution is [n_checkpoints, n_test, n_left_out]; raw per-seed differences are
@@ -16,16 +19,18 @@ import torch
 
 from tda.config import ConfigError
 from tda.evaluation.metrics import METRICS, mean_and_se
-from tda.further_training.store import GoldStandard
+from tda.further_training.attribution import FURTHER_TRAIN_COMMAND, GoldStandard
 
 CURVE_COLUMNS = ["method", "metric", "centered", "checkpoint", "x", "x_name", "mean", "se", "n", "n_skipped"]
-DEFAULT_WINDOWS = (1, 2, 5, 10, 20, 50, 100)
 
 
-def _check_shape(name: str, s: torch.Tensor, target: torch.Tensor) -> None:
+def check_scores_shape(name: str, s: torch.Tensor, target: torch.Tensor) -> None:
+    """Refuse method scores [n_test, n_left_out] that do not fit the gold-standard attribution
+    `target` [T, n_test, n_left_out], or that hold NaN/inf (:func:`check_finite_scores`)."""
     if tuple(s.shape) != tuple(target.shape[1:]):
         raise ValueError(f"scores of {name} have shape {tuple(s.shape)} but the gold standard has "
-                         f"[n_test, n_left_out] = {tuple(target.shape[1:])}; they were computed for a different selection")
+                         f"[n_test, n_left_out] = {tuple(target.shape[1:])}; they were computed for a different "
+                         f"selection")
     check_finite_scores(name, s)
 
 
@@ -42,16 +47,17 @@ def check_finite_scores(name: str, s: torch.Tensor) -> None:
                          f"or leave it deleted to evaluate the other methods")
 
 
-def curve_rows(target: torch.Tensor, scores: dict[str, torch.Tensor]) -> list[tuple[str, str, int, float, float, int, int]]:
+def curve_rows(target: torch.Tensor, scores: dict[str, torch.Tensor]
+               ) -> list[tuple[str, str, int, float, float, int, int]]:
     """(method, metric, checkpoint, mean, se, n, n_skipped) for a gold attribution `target`
     [T, n_test, n_left_out] and method scores [n_test, n_left_out]; both must be finite
     (NaN is reserved for a metric that is undefined on a constant vector)."""
     if not bool(torch.isfinite(target).all()):
-        raise ValueError(f"the gold-standard attribution holds {int((~torch.isfinite(target)).sum())} NaN/inf entries; "
-                         f"delete the gold standard's diverged seed files and re-run attribute.py method=further_training")
+        raise ValueError(f"the gold-standard attribution holds {int((~torch.isfinite(target)).sum())} NaN/inf "
+                         f"entries; delete the gold standard's diverged seed files and re-run {FURTHER_TRAIN_COMMAND}")
     rows = []
     for name, s in scores.items():
-        _check_shape(name, s, target)
+        check_scores_shape(name, s, target)
         for metric, fn in METRICS.items():
             for t in range(target.shape[0]):
                 rows.append((name, metric, t, *mean_and_se(fn(s, target[t]))))
@@ -72,8 +78,14 @@ def similarity_curves(gold: GoldStandard, scores: dict[str, torch.Tensor],
     return pd.DataFrame(rows, columns=CURVE_COLUMNS)
 
 
+def gold_attribution(gold: GoldStandard) -> Callable[[bool, list[int]], torch.Tensor]:
+    """attribution(center, seed_positions) -> [T, n_test, n_left_out] of `gold` over those seeds:
+    what :func:`seed_window_peaks` and :func:`split_half_reliability` take."""
+    return lambda center, seeds: gold.attribution(center=center, seeds=seeds)
+
+
 # ------------------------------------------------------------------ seeds averaged
-def seed_windows(n_seeds: int, ks: tuple[int, ...] | list[int] = DEFAULT_WINDOWS) -> dict[int, list[list[int]]]:
+def seed_windows(n_seeds: int, ks: tuple[int, ...] | list[int]) -> dict[int, list[list[int]]]:
     """Non-overlapping windows of K consecutive seed positions, for every K that fits at
     least once (docs/method.md §4); leftover seeds that do not fill a window are not used."""
     return {int(k): [list(range(i * k, (i + 1) * k)) for i in range(n_seeds // k)]
@@ -89,7 +101,7 @@ PEAK_COLUMNS = ["method", "metric", "centered", "definition", "n_seeds_averaged"
 
 
 def seed_window_peaks(attribution: Callable[[bool, list[int]], torch.Tensor], n_seeds: int,
-                      scores: dict[str, torch.Tensor], ks=DEFAULT_WINDOWS,
+                      scores: dict[str, torch.Tensor], ks: tuple[int, ...] | list[int],
                       centering: tuple[bool, ...] = (True, False)) -> pd.DataFrame:
     """Peak similarity over checkpoints against the number of seeds K averaged in the gold
     standard, under both PEAK_DEFINITIONS. For each non-overlapping window of K seeds the
@@ -220,7 +232,8 @@ def resolve_checkpoints(requested, n_checkpoints: int) -> list[int]:
         if t < 0:
             t += n_checkpoints
         if not 0 <= t < n_checkpoints:
-            raise ConfigError(f"evaluate checkpoint {c} is out of range: the gold standard has {n_checkpoints} checkpoints")
+            raise ConfigError(f"evaluate checkpoint {c} is out of range: the gold standard has {n_checkpoints} "
+                              f"checkpoints")
         if t not in out:
             out.append(t)
     return out
@@ -239,157 +252,6 @@ def method_agreement(scores: dict[str, torch.Tensor]) -> pd.DataFrame:
             for metric, fn in METRICS.items():
                 rows.append([a, b, metric, *mean_and_se(fn(scores[a], scores[b]))])
     return pd.DataFrame(rows, columns=["method_a", "method_b", "metric", "mean", "se", "n", "n_skipped"])
-
-
-# ------------------------------------------------------------------ top instances
-def top_instances(target: torch.Tensor, scores: dict[str, torch.Tensor], test_positions: list[int],
-                  left_out_indices: list[int], test_indices: list[int], k: int) -> pd.DataFrame:
-    """For each chosen test instance (position in the evaluated test set), the k most helpful
-    (largest gold score) and k most harmful (smallest) left-out instances of the gold
-    standard `target` [n_test, n_left_out], with every method's score and rank (1 = most
-    helpful by that method) for them, and whether the method also puts them in its own top k
-    (helpful) / bottom k (harmful)."""
-    n = target.shape[-1]
-    k = min(k, n)
-    rows = []
-    for p in test_positions:
-        g = target[p]
-        ranks = {name: _rank_desc(s[p]) for name, s in scores.items()}
-        for kind, order in (("helpful", g.argsort(descending=True)), ("harmful", g.argsort())):
-            for r, j in enumerate(order[:k].tolist()):
-                row = {"test_position": p, "test_index": test_indices[p], "kind": kind, "rank": r + 1,
-                       "left_out_position": j, "train_index": left_out_indices[j], "gold": float(g[j])}
-                for name, s in scores.items():
-                    mr = int(ranks[name][j])
-                    row[f"{name}:score"] = float(s[p, j])
-                    row[f"{name}:rank"] = mr
-                    row[f"{name}:agrees"] = mr <= k if kind == "helpful" else mr > n - k
-                rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def _rank_desc(v: torch.Tensor) -> torch.Tensor:
-    ranks = torch.empty(len(v), dtype=torch.long)
-    ranks[v.argsort(descending=True)] = torch.arange(1, len(v) + 1)
-    return ranks
-
-
-def top_k_overlap(target: torch.Tensor, s: torch.Tensor, k: int) -> tuple[float, float]:
-    """Mean over test instances of |top-k(method) ∩ top-k(gold)| / k for the most helpful
-    and the most harmful k. target, s: [n_test, n_left_out]."""
-    k = min(k, target.shape[-1])
-    def ov(descending):
-        a = target.argsort(dim=-1, descending=descending)[:, :k]
-        b = s.argsort(dim=-1, descending=descending)[:, :k]
-        return float(sum(len(set(x.tolist()) & set(y.tolist())) for x, y in zip(a, b)) / (k * len(a)))
-    return ov(True), ov(False)
-
-
-# ------------------------------------------------------------------ the gold standard's top k
-TOPK_COLUMNS = ["method", "kind", "k", "m", "checkpoint", "x", "x_name", "precision", "precision_se", "recall",
-                "recall_se", "n"]
-DEFAULT_TOP_K = (10, 100)
-
-
-def top_k_sizes(ks, n_left_out: int) -> list[int]:
-    """The k of the top-k analysis: each requested k capped at n_left_out, deduplicated, sorted;
-    a k that reaches n_left_out is left out (every instance is in the top k of both: precision
-    and recall are 1 by construction)."""
-    return sorted({min(int(k), n_left_out) for k in ks if int(k) > 0} - {n_left_out})
-
-
-def recall_window(k: int, n_left_out: int, within: float) -> int:
-    """m, the size of the method's list the gold standard's top k are looked for in:
-    ⌈within · n_left_out⌉ (e.g. the method's top 10%), at least k, at most n_left_out."""
-    return min(n_left_out, max(k, math.ceil(within * n_left_out - 1e-9)))
-
-
-def top_k_hits(target: torch.Tensor, s: torch.Tensor, k: int, m: int, descending: bool
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per test instance: precision@k = |top-k(method) ∩ top-k(gold)| / k and the recall of the
-    gold standard's top k within the method's top m, |top-k(gold) ∩ top-m(method)| / k (m ≥ k).
-    `descending`: the most helpful (largest scores), else the most harmful (smallest).
-    target, s: [n_test, n_left_out]; returns two [n_test] tensors. Ties are broken by position."""
-    n = s.shape[-1]
-    order = s.double().argsort(dim=-1, descending=descending, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(n).expand_as(order))  # 0 = the method's first
-    gold_top = target.double().argsort(dim=-1, descending=descending, stable=True)[:, :k]
-    r = rank.gather(-1, gold_top)
-    return (r < k).double().mean(-1), (r < m).double().mean(-1)
-
-
-def top_k_agreement(gold: GoldStandard, scores: dict[str, torch.Tensor], ks=DEFAULT_TOP_K,
-                    within: float = 0.1) -> pd.DataFrame:
-    """One row per (method, kind, k, checkpoint): mean and SE over test instances of precision@k
-    and of the recall of the gold standard's top k within the method's top m (:func:`top_k_hits`;
-    m: :func:`recall_window`), for the k most helpful and the k most harmful instances. The
-    gold standard's order is the same centred or not (centring subtracts one number per test
-    instance), so there is no centring column."""
-    x_name, xs = gold.checkpoint_axis()
-    target = gold.attribution(center=False)  # [T, n_test, n_left_out]
-    n = target.shape[-1]
-    rows = []
-    for name, s in scores.items():
-        _check_shape(name, s, target)
-        for k in top_k_sizes(ks, n):
-            m = recall_window(k, n, within)
-            for kind, descending in (("helpful", True), ("harmful", False)):
-                for t in range(target.shape[0]):
-                    precision, recall = top_k_hits(target[t], s, k, m, descending)
-                    p_mean, p_se, count, _ = mean_and_se(precision)
-                    r_mean, r_se, _, _ = mean_and_se(recall)
-                    rows.append([name, kind, k, m, t, xs[t], x_name, p_mean, p_se, r_mean, r_se, count])
-    return pd.DataFrame(rows, columns=TOPK_COLUMNS)
-
-
-def top_k_summary(topk: pd.DataFrame) -> dict[str, dict[str, float]]:
-    """Per method, the top-k numbers at the LAST checkpoint as summary columns:
-    `precision_at_<k>_<kind>` and `recall_<k>_in_top_m_<kind>` (m per k in topk.csv)."""
-    out: dict[str, dict[str, float]] = {}
-    if not len(topk):
-        return out
-    last = topk[topk.checkpoint == topk.checkpoint.max()]
-    for _, r in last.iterrows():
-        row = out.setdefault(r.method, {})
-        row[f"precision_at_{int(r.k)}_{r.kind}"] = float(r.precision)
-        row[f"recall_{int(r.k)}_in_top_m_{r.kind}"] = float(r.recall)
-    return out
-
-
-# ------------------------------------------------------------------ gold standard vs gold standard
-GOLD_AGREEMENT_COLUMNS = ["gold", "sibling", "sibling_key", "metric", "centered", "checkpoint", "x", "x_name", "mean",
-                          "se", "n", "n_skipped"]
-
-
-def rowwise_norm_ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """‖a_z‖ / ‖b_z‖ per row (NaN where ‖b_z‖ = 0): 1 when two attributions have the same scale."""
-    a, b = a.double(), b.double()
-    den = b.norm(dim=-1)
-    return torch.where(den > 0, a.norm(dim=-1) / den.clamp_min(1e-300), torch.full_like(den, math.nan))
-
-
-def gold_agreement(gold: GoldStandard, label: str, siblings: dict[str, tuple[str, GoldStandard]],
-                   centering: tuple[bool, ...] = (True, False)) -> pd.DataFrame:
-    """Per checkpoint, cosine, Spearman and norm ratio (mean and SE over test instances) between
-    the gold standard `gold` (called `label`) and each sibling gold standard of the same final
-    model, selection and further-training settings but another estimator / removal
-    (`siblings`: label -> (key, GoldStandard)): where the derivative and the difference gold
-    standards agree, the linearisation holds."""
-    x_name, xs = gold.checkpoint_axis()
-    metrics = {**METRICS, "norm_ratio": rowwise_norm_ratio}
-    rows = []
-    for centered in centering:
-        a = gold.attribution(center=centered)
-        for name, (key, other) in siblings.items():
-            b = other.attribution(center=centered)
-            if a.shape != b.shape:
-                raise ValueError(f"the gold standard {key} ({name}) has shape {tuple(b.shape)}, this one "
-                                 f"{tuple(a.shape)}; they cannot be compared")
-            for metric, fn in metrics.items():
-                for t in range(a.shape[0]):
-                    rows.append([label, name, key, metric, centered, t, xs[t], x_name, *mean_and_se(fn(a[t], b[t]))])
-    return pd.DataFrame(rows, columns=GOLD_AGREEMENT_COLUMNS)
 
 
 # ------------------------------------------------------------------ summary

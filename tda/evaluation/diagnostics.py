@@ -1,6 +1,7 @@
 """Diagnostics of the gold standard beside the main comparison: what eq. 17's adjustment changes
-(adjusted against unadjusted), how far further training moves the parameters, and, for
-classification, how much of an attribution is class structure. Tidy DataFrames, one row per
+(adjusted against unadjusted), how far further training moves the parameters, for
+classification how much of an attribution is class structure, and how it agrees with its
+sibling gold standards (another estimator or removal). Tidy DataFrames, one row per
 number, for CSV, figures and W&B alike.
 
 Shapes at the boundaries: method scores [n_test, n_left_out]; gold-standard attributions
@@ -16,7 +17,7 @@ import torch
 
 from tda.evaluation.curves import CURVE_COLUMNS, curve_rows
 from tda.evaluation.metrics import METRICS, mean_and_se, rowwise_cosine
-from tda.further_training.store import GoldStandard
+from tda.further_training.attribution import GoldStandard
 
 # ------------------------------------------------------------------ adjusted vs unadjusted
 ADJUSTMENT_COLUMNS = ["method", "metric", "adjusted", "checkpoint", "x", "x_name", "mean", "se", "n", "n_skipped"]
@@ -143,3 +144,38 @@ def further_training_vs_retraining(retraining: GoldStandard, further: dict[str, 
                     mean, se, n, skipped = mean_and_se(fn(curve[t], target))
                     rows.append([label, metric, centered, t, xs[t], x_name, mean, se, n, skipped])
     return pd.DataFrame(rows, columns=CURVE_COLUMNS)
+
+
+# ------------------------------------------------------------------ gold standard vs gold standard
+GOLD_AGREEMENT_COLUMNS = ["gold", "sibling", "sibling_key", "metric", "centered", "checkpoint", "x", "x_name", "mean",
+                          "se", "n", "n_skipped"]
+
+
+def rowwise_norm_ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """‖a_z‖ / ‖b_z‖ per row (NaN where ‖b_z‖ = 0): 1 when two attributions have the same scale."""
+    a, b = a.double(), b.double()
+    den = b.norm(dim=-1)
+    return torch.where(den > 0, a.norm(dim=-1) / den.clamp_min(1e-300), torch.full_like(den, math.nan))
+
+
+def gold_agreement(gold: GoldStandard, label: str, siblings: dict[str, tuple[str, GoldStandard]],
+                   centering: tuple[bool, ...] = (True, False)) -> pd.DataFrame:
+    """Per checkpoint, cosine, Spearman and norm ratio (mean and SE over test instances) between
+    the gold standard `gold` (called `label`) and each sibling gold standard of the same final
+    model, selection and further-training settings but another estimator / removal
+    (`siblings`: label -> (key, GoldStandard)): where the derivative and the difference gold
+    standards agree, the linearisation holds."""
+    x_name, xs = gold.checkpoint_axis()
+    metrics = {**METRICS, "norm_ratio": rowwise_norm_ratio}
+    rows = []
+    for centered in centering:
+        a = gold.attribution(center=centered)
+        for name, (key, other) in siblings.items():
+            b = other.attribution(center=centered)
+            if a.shape != b.shape:
+                raise ValueError(f"the gold standard {key} ({name}) has shape {tuple(b.shape)}, this one "
+                                 f"{tuple(a.shape)}; they cannot be compared")
+            for metric, fn in metrics.items():
+                for t in range(a.shape[0]):
+                    rows.append([label, name, key, metric, centered, t, xs[t], x_name, *mean_and_se(fn(a[t], b[t]))])
+    return pd.DataFrame(rows, columns=GOLD_AGREEMENT_COLUMNS)

@@ -17,12 +17,11 @@ import torch
 from omegaconf import DictConfig
 
 from tda.artifacts import save_json, save_text
+from tda.config import node_name
 from tda.data.base import DataBundle
 from tda.evaluation import plots
 from tda.evaluation.curves import (
-    DEFAULT_TOP_K,
-    DEFAULT_WINDOWS,
-    gold_agreement,
+    gold_attribution,
     method_agreement,
     resolve_checkpoints,
     seed_window_peaks,
@@ -30,55 +29,54 @@ from tda.evaluation.curves import (
     sorted_scores,
     split_half_reliability,
     summary_table,
-    top_k_agreement,
-    top_k_summary,
 )
 from tda.evaluation.diagnostics import (
     adjustment_curves,
     class_structure,
     distance_from_start,
     further_training_vs_retraining,
+    gold_agreement,
 )
 from tda.evaluation.examples import examples
 from tda.evaluation.loading import load_data, load_experiment
 from tda.evaluation.markdown import evaluation_report
 from tda.evaluation.output_set import output_set
 from tda.evaluation.progress import Steps
+from tda.evaluation.settings import EvaluateSettings
+from tda.evaluation.top_k import top_k_agreement, top_k_summary
 from tda.evaluation.wandb_logging import log_to_wandb
-from tda.further_training.store import (
-    GoldStandard,
-    further_training_beside,
-    further_training_key,
-    gold_label,
-    sibling_gold_standards,
-)
+from tda.further_training.attribution import GoldStandard
+from tda.further_training.related import further_training_beside, gold_label, sibling_gold_standards
+from tda.further_training.store import GoldStandardSpec
 from tda.provenance import FinalModel, read_final_model
 from tda.runs import RunDir
 
 log = logging.getLogger(__name__)
 
 
-def evaluate_run(cfg: DictConfig, run: RunDir, final: FinalModel | None = None) -> Path:
-    """Evaluate every method of `run` against its gold standard; returns `eval/<key>/`, which
-    is replaced as one set (see `output_set`) and only then logged to W&B."""
-    key = further_training_key(cfg)  # the gold standard's, and so this evaluation's, directory name
+def evaluate_run(cfg: DictConfig, settings: EvaluateSettings, spec: GoldStandardSpec, run: RunDir,
+                 final: FinalModel | None = None) -> Path:
+    """Evaluate every method of `run` against the gold standard `spec`, as `settings` say; returns
+    `eval/<key>/`, which is replaced as one set (see `output_set`) and only then logged to W&B.
+    `cfg`: the composed config (its dataset and model, the W&B logger)."""
+    key = spec.key  # the gold standard's, and so this evaluation's, directory name
     steps = Steps("evaluate")
     with steps.step("loading", f"the gold standard {key} and the method scores of {run.path.name}"):
-        final = final if final is not None else read_final_model(run, cfg)
-        gold, scores, records = load_experiment(cfg, run, key, final)
+        final = final if final is not None else read_final_model(run)
+        gold, scores, records = load_experiment(spec, run, final)
     if not scores:
         raise FileNotFoundError(f"no method scores for the final model in {run.path}; run e.g. "
                                 f"`python attribute.py method=grad_dot` with the same overrides first")
-    with steps.step("loading", f"the dataset {cfg.dataset.get('name', '')} (labels, targets, examples)"):
+    with steps.step("loading", f"the dataset {node_name(cfg.dataset, key='dataset')} (labels, targets, examples)"):
         data = load_data(cfg, run, final)
     with steps.step("loading", "sibling gold standards (another estimator or removal, otherwise the same)"):
-        siblings, skipped = sibling_gold_standards(gold, run.gold_dir(key).parent, key)
+        siblings, skipped = sibling_gold_standards(gold, run, key)
         for why in skipped:
             log.warning("not comparing with the gold standard %s", why)
     out_dir = run.eval_dir(key)
     with output_set(out_dir) as staging:
-        tables, figures, x_name = _write_evaluation(cfg, run, gold, scores, records, key, staging, steps, data,
-                                                    final.state_dict, siblings, skipped)
+        tables, figures, x_name = _write_evaluation(cfg, settings, run, gold, scores, records, key, staging, steps,
+                                                    data, final.state_dict, siblings, skipped)
     # W&B reads the files from their final place: the staging directory no longer exists
     with steps.step("W&B"):
         log_to_wandb(cfg, f"{run.path.name}/evaluate/{key}", tables, [out_dir / f.name for f in figures], x_name)
@@ -86,7 +84,8 @@ def evaluate_run(cfg: DictConfig, run: RunDir, final: FinalModel | None = None) 
     return out_dir
 
 
-def _write_evaluation(cfg: DictConfig, run: RunDir, gold: GoldStandard, scores: dict[str, torch.Tensor],
+def _write_evaluation(cfg: DictConfig, settings: EvaluateSettings, run: RunDir, gold: GoldStandard,
+                      scores: dict[str, torch.Tensor],
                       records: dict[str, dict], key: str, out: Path, steps: Steps, data: DataBundle,
                       final_weights: dict[str, torch.Tensor],
                       siblings: dict[str, tuple[str, GoldStandard]] | None = None, skipped: list[str] | None = None
@@ -98,13 +97,10 @@ def _write_evaluation(cfg: DictConfig, run: RunDir, gold: GoldStandard, scores: 
     removal (label -> (key, gold standard)), `skipped`: why others with those settings were
     not compared."""
     siblings, skipped = siblings or {}, skipped or []
-    ev = cfg.evaluate
-    centering = tuple(bool(c) for c in ev.centering)
+    centering = tuple(settings.centering)
     x_name, xs = gold.checkpoint_axis()
     n_seeds = len(gold.seeds)
-
-    def attribution(center: bool, seeds: list[int]) -> torch.Tensor:
-        return gold.attribution(center=center, seeds=seeds)
+    attribution = gold_attribution(gold)
 
     title = f"{run.path.name} vs {gold.kind} ({key}, {n_seeds} seeds, {len(gold.meta['test_indices'])} test instances)"
     tables: dict[str, pd.DataFrame] = {}
@@ -117,8 +113,9 @@ def _write_evaluation(cfg: DictConfig, run: RunDir, gold: GoldStandard, scores: 
         tables["similarity"], tables["reliability"] = curves, reliability
         figures.append(plots.plot_curves(curves, out / "similarity.png", title=title, reliability=reliability))
 
-    ks = [int(k) for k in ev.get("seed_windows", DEFAULT_WINDOWS)]
-    with steps.step("seed windows", "peak similarity vs seeds averaged, K = " + ", ".join(str(k) for k in sorted(set(ks)) if 0 < k <= n_seeds)):
+    ks = settings.seed_windows
+    fitting = ", ".join(str(k) for k in sorted(set(ks)) if 0 < k <= n_seeds)
+    with steps.step("seed windows", f"peak similarity vs seeds averaged, K = {fitting}"):
         peaks = seed_window_peaks(attribution, n_seeds, scores, ks, centering)
         tables["seed_windows"] = peaks
         if len(peaks):
@@ -129,7 +126,7 @@ def _write_evaluation(cfg: DictConfig, run: RunDir, gold: GoldStandard, scores: 
                                                       figures)
 
     with steps.step("sorted scores and agreement", "method vs method"):
-        cps = resolve_checkpoints(list(ev.get("sorted_checkpoints", ["first", "last"])), gold.n_checkpoints)
+        cps = resolve_checkpoints(settings.sorted_checkpoints, gold.n_checkpoints)
         srt = sorted_scores(gold, scores, cps, centering)
         tables["sorted_scores"] = srt
         figures.append(plots.plot_sorted_scores(srt, out / "sorted_scores.png", title=f"sorted scores — {title}",
@@ -137,12 +134,14 @@ def _write_evaluation(cfg: DictConfig, run: RunDir, gold: GoldStandard, scores: 
         agreement = method_agreement(scores)
         tables["agreement"] = agreement
         if len(agreement):
-            figures.append(plots.plot_agreement(agreement, list(scores), out / "agreement.png", title="method vs method"))
+            figures.append(plots.plot_agreement(agreement, list(scores), out / "agreement.png",
+                                                title="method vs method"))
 
-    ks = [int(k) for k in ev.get("top_k", DEFAULT_TOP_K)]
+    ks = settings.top_k
     n_left_out = len(gold.meta["left_out_indices"])
-    with steps.step("top k", f"precision@k and recall of the gold standard's top k, k = {ks} (capped at {n_left_out})"):
-        topk = top_k_agreement(gold, scores, ks, float(ev.get("top_k_recall_within", 0.1)))
+    with steps.step("top k", f"precision@k and recall of the gold standard's top k, k = {ks} "
+                             f"(capped at {n_left_out})"):
+        topk = top_k_agreement(gold, scores, ks, settings.top_k_recall_within)
         tables["topk"] = topk
 
     gold_name = gold_label(gold.meta["further_training"])
@@ -156,7 +155,7 @@ def _write_evaluation(cfg: DictConfig, run: RunDir, gold: GoldStandard, scores: 
                                                    f"another estimator / removal"))
 
     if gold.kind == "retraining":
-        further, why = further_training_beside(gold, run.gold_dir(key).parent)
+        further, why = further_training_beside(gold, run)
         for reason in why:
             log.warning("not comparing with the further-training gold standard %s", reason)
         if further:
@@ -166,12 +165,11 @@ def _write_evaluation(cfg: DictConfig, run: RunDir, gold: GoldStandard, scores: 
                                                  title=f"further training vs retraining (its last checkpoint) — "
                                                        f"{title}"))
 
-    ex_cfg = ev.get("examples") or {}
     examples_md, overlap = "", {}
-    if int(ex_cfg.get("n_test", 0)) > 0 or ex_cfg.get("test_positions"):
+    if settings.examples.shown:
         with steps.step("examples"):
-            tables["examples"], examples_md, example_figs, overlap = examples(cfg, gold, scores, out, data,
-                                                                              final_weights)
+            tables["examples"], examples_md, example_figs, overlap = examples(settings.examples, cfg.model, gold,
+                                                                              scores, out, data, final_weights)
             figures += example_figs
 
     with steps.step("writing", "tables, report.md"):

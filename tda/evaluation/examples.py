@@ -16,27 +16,30 @@ from omegaconf import DictConfig
 from tda.config import ConfigError, build
 from tda.data.base import DataBundle
 from tda.evaluation import plots
-from tda.evaluation.curves import resolve_checkpoints, top_instances, top_k_overlap
+from tda.evaluation.curves import resolve_checkpoints
 from tda.evaluation.markdown import centring, md_escape, md_table
-from tda.further_training.store import GoldStandard
+from tda.evaluation.settings import ExamplesSettings
+from tda.evaluation.top_k import top_instances, top_k_overlap
+from tda.further_training.attribution import GoldStandard
 
 
-def examples(cfg: DictConfig, gold: GoldStandard, scores: dict[str, torch.Tensor], out: Path, data: DataBundle,
-             final_weights: dict[str, torch.Tensor]) -> tuple[pd.DataFrame, str, list[Path], dict[str, tuple[float, float]]]:
-    """The chosen test instances' top-k tables (`evaluate.examples.*`), `examples.md`'s text,
-    the image figures written into `out`, and every method's mean top-k (helpful, harmful)
+def examples(settings: ExamplesSettings, model: DictConfig, gold: GoldStandard, scores: dict[str, torch.Tensor],
+             out: Path, data: DataBundle, final_weights: dict[str, torch.Tensor]
+             ) -> tuple[pd.DataFrame, str, list[Path], dict[str, tuple[float, float]]]:
+    """The chosen test instances' top-k tables (`evaluate.examples`: `settings`), `examples.md`'s
+    text, the image figures written into `out`, and every method's mean top-k (helpful, harmful)
     overlap with the gold standard over all test instances. `scores`: [n_test, n_left_out];
-    `data`: the dataset the final model was trained on; `final_weights`: its state dict (for
-    a regression model's predictions)."""
-    ex = cfg.evaluate.examples
+    `data`: the dataset the final model was trained on; `model`, `final_weights`: the final
+    model's config node and state dict (for a regression model's predictions)."""
     n_test = len(gold.meta["test_indices"])
-    positions = [int(p) for p in (ex.get("test_positions") or range(min(int(ex.n_test), n_test)))]
+    positions = list(settings.test_positions or range(min(settings.n_test, n_test)))
     bad = [p for p in positions if not 0 <= p < n_test]
     if bad:
-        raise ConfigError(f"evaluate.examples.test_positions {bad} out of range: {n_test} test instances were evaluated")
-    k = int(ex.get("k", 3))
-    t = resolve_checkpoints([ex.get("checkpoint", "last")], gold.n_checkpoints)[0]
-    centered = bool(ex.get("centered", True))
+        raise ConfigError(f"evaluate.examples.test_positions {bad} out of range: {n_test} test instances were "
+                          f"evaluated")
+    k = settings.k
+    t = resolve_checkpoints([settings.checkpoint], gold.n_checkpoints)[0]
+    centered = settings.centered
     target = gold.attribution(center=centered)[t]  # [n_test, n_left_out]
     left_out, test_idx = gold.meta["left_out_indices"], gold.meta["test_indices"]
     table = top_instances(target, scores, positions, left_out, test_idx, k)
@@ -50,7 +53,7 @@ def examples(cfg: DictConfig, gold: GoldStandard, scores: dict[str, torch.Tensor
              + ", ".join(f"{m} {h:.2f} / {b:.2f}" for m, (h, b) in overlap.items()), ""]
     regression = data.task == "regression"
     if regression:
-        predict = _predictor(cfg, data, final_weights)
+        predict = _predictor(model, data, final_weights)
         lines += [_regression_note(data), ""]
     figs = []
     for p in positions:
@@ -101,11 +104,11 @@ def _target(data: DataBundle, value: float) -> float:
     return float(value) * data.info.get("target_std", 1.0) + data.info.get("target_mean", 0.0)
 
 
-def _predictor(cfg: DictConfig, data: DataBundle, final_weights: dict[str, torch.Tensor]
+def _predictor(node: DictConfig, data: DataBundle, final_weights: dict[str, torch.Tensor]
                ) -> Callable[[str, list[int]], list[float]]:
     """predict(split, rows) -> the final model's output (one per instance: regression) for
-    those rows of that split."""
-    model = build(cfg.model, key="model", input_shape=list(data.input_shape), n_outputs=data.n_outputs)
+    those rows of that split; `node`: the model's config node."""
+    model = build(node, key="model", input_shape=list(data.input_shape), n_outputs=data.n_outputs)
     model.load_state_dict(final_weights)
     model.eval()
     dtype = next(model.parameters()).dtype
@@ -129,8 +132,9 @@ def _image_strip(data, sub: pd.DataFrame, views: dict[int, dict], test_index: in
 
     helpful, harmful = ([(picture("train", int(r.train_index), views[int(r.train_index)]), caption(r))
                          for _, r in sub[sub.kind == kind].iterrows()] for kind in ("helpful", "harmful"))
-    return plots.plot_image_examples((picture("test", test_index, test_view), f"#{test_index} y={test_view.get('label')}"),
-                                     helpful, harmful, out / f"examples_test{test_index}.png")
+    test_caption = f"#{test_index} y={test_view.get('label')}"
+    return plots.plot_image_examples((picture("test", test_index, test_view), test_caption), helpful, harmful,
+                                     out / f"examples_test{test_index}.png")
 
 
 def _feature_table(sub: pd.DataFrame, views: dict[int, dict], test_view: dict) -> list[str]:

@@ -12,22 +12,21 @@ from omegaconf import DictConfig
 
 from tda.config import build
 from tda.data.base import DataBundle
-from tda.further_training.store import GoldStandard, expected_gold, load_gold_standard, seeds_of
+from tda.further_training.attribution import GoldStandard
+from tda.further_training.store import GoldStandardSpec, load_gold_standard
 from tda.provenance import FinalModel, ProvenanceError, read_final_model
 from tda.runs import RunDir
-from tda.scores import SCORES, load_method_scores
+from tda.scores import load_method_scores, scores_complete
 
 
-def load_experiment(cfg: DictConfig, run: RunDir, gold_key: str, final: FinalModel | None = None
+def load_experiment(spec: GoldStandardSpec, run: RunDir, final: FinalModel | None = None
                     ) -> tuple[GoldStandard, dict[str, torch.Tensor], dict[str, dict]]:
-    """The gold standard of `cfg` and every method's scores [n_test, n_left_out] (float64) and
+    """The gold standard `spec` and every method's scores [n_test, n_left_out] (float64) and
     record for the final model of `run`, each verified and checked to be computed from that
-    final model (and, for the gold standard, with the settings, seeds and selection of `cfg`).
-    `gold_key`: the gold standard's key, `further_training_key(cfg)`, computed once by the caller."""
-    final = final if final is not None else read_final_model(run, cfg)
-    ft = cfg.further_training
-    gold = load_gold_standard(run.gold_dir(gold_key), expected_gold(final.identity, final.selection, ft,
-                                                                    cfg.further_optimizer), seeds_of(ft))
+    final model (and, for the gold standard, with the settings, seeds and selection of `spec`)."""
+    final = final if final is not None else read_final_model(run)
+    gold = load_gold_standard(run.gold_dir(spec.key), spec.expected(final.identity, final.selection),
+                              spec.settings.seeds)
     scores, records = load_all_method_scores(run, final.identity, gold)
     return gold, scores, records
 
@@ -53,8 +52,8 @@ def load_all_method_scores(run: RunDir, final_model: dict, gold: GoldStandard
     damping sweep), the name plus the config values that differ: `cg(damping=0.1)`."""
     shape = (len(gold.meta["test_indices"]), len(gold.meta["left_out_indices"]))
     loaded: list[tuple[Path, torch.Tensor, dict]] = []
-    for d in sorted((run.path / "methods").glob("*/")):
-        if not (d / SCORES).is_file():
+    for d in run.method_dirs():
+        if not scores_complete(d):
             continue  # unfinished method: never read a partial result
         loaded.append((d, *load_method_scores(d, final_model, shape)))
     labels = _method_labels([r for _, _, r in loaded], [d.name for d, _, _ in loaded])

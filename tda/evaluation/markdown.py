@@ -25,7 +25,8 @@ def md_table(cols: list[str], rows: list[list]) -> list[str]:
         if isinstance(v, (float, np.floating)):
             return f"{v:.4g}"
         return md_escape(str(v))
-    return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    header = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    return header + ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
 
 
 def centring(centered) -> str:
@@ -110,7 +111,8 @@ def glossary(x_name: str, summary: pd.DataFrame, reliability: bool = True, seed_
                      "(the fraction of the gold's top k found) is the same number, so **recall** "
                      "(`recall_<k>_in_top_m_<kind>`, topk.csv `recall`) looks for the gold's top k in the method's "
                      "top m = max(k, ⌈`evaluate.top_k_recall_within` × n_left_out⌉) (default: its top 10%): "
-                     "|top-k(gold) ∩ top-m(method)| / k. k is capped at n_left_out, and a k that reaches it is left out (both would be 1 by construction). "
+                     "|top-k(gold) ∩ top-m(method)| / k. k is capped at n_left_out, and a k that reaches it is left "
+                     "out (both would be 1 by construction). "
                      "Summary columns are at the last checkpoint; topk.csv has every checkpoint. Centring does not "
                      "change the gold standard's order.")
     if gold_agreement:

@@ -11,7 +11,7 @@ from tda.sections import Checks, Section, setting
 Checkpoint = Literal["first", "middle", "last"] | int
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExamplesSettings(Section):
     """`evaluate.examples`: the most helpful / harmful left-out instances shown in examples.md."""
 
@@ -28,8 +28,13 @@ class ExamplesSettings(Section):
         c.positive("k")
         c.non_negative("n_test")
 
+    @property
+    def shown(self) -> bool:
+        """Whether any test instance is shown (n_test > 0 or explicit positions)."""
+        return self.n_test > 0 or bool(self.test_positions)
 
-@dataclass
+
+@dataclass(frozen=True)
 class EvaluateSettings(Section):
     """`evaluate`: what the evaluate stage computes and shows (not part of any key but the
     evaluation's own)."""

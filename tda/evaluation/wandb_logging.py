@@ -91,7 +91,7 @@ def log_to_wandb(cfg: DictConfig, name: str, tables: dict[str, pd.DataFrame], fi
     wb = init_wandb(cfg, "evaluate", name)
     if wb is None:
         return
-    import wandb
+    import wandb  # noqa: PLC0415 - slow to import: only when the logger is on
 
     try:
         curves, reliability = tables["similarity"], tables.get("reliability")
@@ -107,7 +107,8 @@ def log_to_wandb(cfg: DictConfig, name: str, tables: dict[str, pd.DataFrame], fi
             for _, r in peaks.iterrows():
                 key = (f"peak_vs_seeds/{r.definition}/{r.metric}_{_centring(r.centered)}/"
                        + "/".join(str(r[s]) for s in series))
-                peak_rows.setdefault(int(r.n_seeds_averaged), {"seeds_averaged": int(r.n_seeds_averaged)})[key] = float(r.peak_mean)
+                by_k = peak_rows.setdefault(int(r.n_seeds_averaged), {"seeds_averaged": int(r.n_seeds_averaged)})
+                by_k[key] = float(r.peak_mean)
             for k in sorted({k for r in peak_rows.values() for k in r if k != "seeds_averaged"}):
                 wb.define_metric(k, step_metric="seeds_averaged")
         for row in rows:
@@ -121,7 +122,8 @@ def log_to_wandb(cfg: DictConfig, name: str, tables: dict[str, pd.DataFrame], fi
             xs = sorted(g.x.unique().tolist())
             ys = [[float(s.set_index("x")["mean"].get(x, math.nan)) for x in xs] for s in lines.values()]
             charts[f"charts/{metric}_{_centring(centered)}"] = wandb.plot.line_series(
-                xs=xs, ys=ys, keys=list(lines), title=f"{metric} ({_centring(centered)}) vs further training", xname=x_name)
+                xs=xs, ys=ys, keys=list(lines), title=f"{metric} ({_centring(centered)}) vs further training",
+                xname=x_name)
         wb.log(charts)
         wb.log({f"tables/{k}": wandb.Table(dataframe=_wandb_safe(df)) for k, df in tables.items() if len(df)})
         wb.log({f"figures/{p.stem}": wandb.Image(str(p)) for p in figures})

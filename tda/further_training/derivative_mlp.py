@@ -1,52 +1,98 @@
 """Forward mode of the derivative gold standard for a Linear/ReLU stack, tangents batched by hand.
 
-The generic path of tda.further_training.derivative differentiates one step with
+The generic tangent step (tda.further_training.weighted_run) differentiates one step with
 ``vmap(jvp(grad(step)))``; for the paper's MLP on one-hot inputs (Folktables: 791 inputs, 10
 non-zeros per row) that spends its time on the dense first layer and on vmap's copies. Here the
-same step is written out: the forward pass, the backward pass (δ_L = c ⊙ ∂ℓ/∂z_L, g_W = δᵀh,
-δ_in = δW ⊙ 1[z > 0]), clipping and the optimizer, each with its tangent (forward-over-reverse by
-hand: ż = ḣWᵀ + hẆᵀ + ḃ, δ̇, ġ_W = δ̇ᵀh + δᵀḣ, ...), for K tangents at once ([K, ...] tensors).
-Row-sparse inputs (tda.models.structure.sparse_rows) gather / scatter only the first layer's
-weight columns a row touches. The first layer's weight is held transposed ([d, out]) so that
-those gathers read contiguous rows. Equality with the generic path is tested in
+same step is written out over the stack's op list (tda.models.structure.LinearReLUStack): the
+forward pass, the backward pass (δ_L = c ⊙ ∂ℓ/∂z_L, g_W = δᵀh, δ_in = δW ⊙ 1[z > 0]), clipping and
+the optimizer, each with its tangent (forward-over-reverse by hand: ż = ḣWᵀ + hẆᵀ + ḃ, δ̇,
+ġ_W = δ̇ᵀh + δᵀḣ, ...), for K tangents at once ([K, ...] tensors). Row-sparse inputs
+(tda.models.structure.sparse_rows) gather / scatter only the first layer's weight columns a row
+touches. The first layer's weight is held transposed ([d, out]) so that those gathers read
+contiguous rows. Equality with the generic path is tested in
 tests/test_further_training_derivative.py (float64, 1e-10).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 from tda.further_training.functional_optim import safe_sqrt
-from tda.models.structure import sparse_rows
+from tda.models.structure import LinearOp, LinearReLUStack, ReLUOp, sparse_rows
+
+
+@dataclass(frozen=True)
+class StackTrajectory:
+    """What the Linear/ReLU fast paths (forward and reverse) read of a WeightedTrajectory: the
+    full-data run of one seed of a model with no buffers. Tensors are on the run's device, in its
+    dtype (labels excepted)."""
+
+    stack: LinearReLUStack  # the op list; parameter tensors are listed in stack.names order
+    params: tuple[torch.Tensor, ...]  # θᶠ, one per stack.names
+    optimizer: str  # SGD | Adam | AdamW (the arithmetic of tda.further_training.functional_optim)
+    hp: dict[str, Any]  # its hyper-parameters, every default filled in
+    n_slots: int  # optimizer slots per parameter (momentum buffer; Adam's m and v)
+    clip: float | None  # gradient-norm clipping
+    task: str  # classification | regression
+    normalisation: str  # mask | downweight (tda.further_training.derivative)
+    x: torch.Tensor  # training inputs [n, d]
+    y: torch.Tensor  # [n]
+    x_test: torch.Tensor  # [n_test, d]
+    y_test: torch.Tensor  # [n_test]
+    sparse: bool  # gather / scatter the first layer's weight rows of row-sparse inputs
+    batch: Callable[[int], torch.Tensor]  # the training rows [B] of step `clock` (0-based)
+
+    @property
+    def P(self) -> int:
+        """Parameters in a state (the optimizer slots follow them)."""
+        return len(self.params)
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.params[0].dtype
+
+    def initial_state(self) -> list[torch.Tensor]:
+        """(parameters..., optimizer slots...) at θᶠ, fresh optimizer (the model's layout)."""
+        p = [t.clone() for t in self.params]
+        return p + [torch.zeros_like(t) for _ in range(self.n_slots) for t in p]
 
 
 class MLPTangents:
-    """The primal step and K tangents of a WeightedTrajectory whose model is a Linear/ReLU stack
-    (`traj.mlp_ops`)."""
+    """The primal step and K tangents of the full-data run of a Linear/ReLU stack: the steps
+    forward mode carries along the run (tda.further_training.derivative.TangentSteps), in an
+    internal layout."""
 
-    def __init__(self, traj):
-        self.t = traj
-        self.ops = traj.mlp_ops
-        index = {k: i for i, k in enumerate(traj.pnames)}
-        self.ops_idx = [("linear", index[op[1]], index[op[2]] if op[2] is not None else None) if op[0] == "linear"
-                        else ("relu",) for op in self.ops]
-        self.first = self.ops_idx[0][1]  # the first layer's weight: held transposed
+    def __init__(self, run: StackTrajectory):
+        self.t = run
+        self.ops = run.stack.ops
+        self.first = run.stack.first.weight  # the first layer's weight: held transposed
         # plain SGD on row-sparse inputs: the first layer's tangent is updated by a scatter of the
         # touched rows only (its gradient tangent is never formed densely)
-        self._plain_sgd = traj.kind == "SGD" and traj.clip is None and float(traj.hp["momentum"]) == 0 \
-            and float(traj.hp["weight_decay"]) == 0
-        if traj.sparse:
-            self.x, self.x_test = sparse_rows(traj.x), sparse_rows(traj.x_test)
+        self._plain_sgd = run.optimizer == "SGD" and run.clip is None and float(run.hp["momentum"]) == 0 \
+            and float(run.hp["weight_decay"]) == 0
+        if run.sparse:
+            self.x, self.x_test = sparse_rows(run.x), sparse_rows(run.x_test)
         else:
-            self.x, self.x_test = traj.x, traj.x_test
+            self.x, self.x_test = run.x, run.x_test
 
     # ------------------------------------------------------------------ layout
     def to_internal(self, state):
         """Model state -> internal (first weight and its optimizer slots transposed)."""
-        P = len(self.t.pnames)
-        return [s.t().contiguous() if (i % P == self.first and (i < P or i >= P + len(self.t.bnames))) else s
-                for i, s in enumerate(state)]
+        P = self.t.P
+        return [s.t().contiguous() if i % P == self.first else s for i, s in enumerate(state)]
+
+    def initial_state(self):
+        """The state at θᶠ, fresh optimizer, in the internal layout."""
+        return self.to_internal(self.t.initial_state())
 
     # ------------------------------------------------------------------ first layer
     @staticmethod
@@ -87,11 +133,11 @@ class MLPTangents:
         """Inputs of every op, their tangents, and the output (and its tangent)."""
         hs, hd = [], []
         h, hdot = x, None
-        for op in self.ops_idx:
+        for op in self.ops:
             hs.append(h)
             hd.append(hdot)
-            if op[0] == "linear":
-                _, wi, bi = op
+            if isinstance(op, LinearOp):
+                wi, bi = op.weight, op.bias
                 if wi == self.first:
                     z, zdot = self._lin1(h, params[wi]), self._lin1(h, tparams[wi])
                 else:
@@ -120,13 +166,14 @@ class MLPTangents:
         r = out.reshape(y.shape) - y
         return r.pow(2), (2 * r).reshape(out.shape), 2 * outdot
 
-    def step(self, state, tstate, clock: int, tw: torch.Tensor):
-        """(state, tangents) after step `clock`; tw [K, B] the tangent of the batch's weights."""
+    @torch.no_grad()
+    def tangent_step(self, state, tstate, clock: int, tw: torch.Tensor):
+        """(state, tangents [K, ...]) after step `clock`; tw [K, B]: the tangents of the batch's weights."""
         t = self.t
         idx = t.batch(clock).to(t.device)
         x = tuple(a[idx] for a in self.x) if isinstance(self.x, tuple) else self.x[idx]
         y = t.y[idx]
-        P = len(t.pnames)
+        P = t.P
         params, tparams = state[:P], tstate[:P]
         hs, hd, out, outdot = self._forward(params, tparams, x)
         _, dl, dldot = self._loss_grad(out, outdot, y)
@@ -142,13 +189,13 @@ class MLPTangents:
         delta = dl * c.reshape(shape_c)
         ddelta = dldot * c.reshape(shape_c) + dl * cdot.reshape(cdot.shape[0], *shape_c)
         g, gd = [None] * P, [None] * P
-        for o in range(len(self.ops_idx) - 1, -1, -1):
-            op, h, hdot = self.ops_idx[o], hs[o], hd[o]
-            if op[0] == "relu":
+        for o in range(len(self.ops) - 1, -1, -1):
+            op, h, hdot = self.ops[o], hs[o], hd[o]
+            if isinstance(op, ReLUOp):
                 mask = h > 0
                 delta, ddelta = delta * mask, ddelta * mask
                 continue
-            _, wi, bi = op
+            wi, bi = op.weight, op.bias
             if bi is not None:
                 g[bi], gd[bi] = delta.sum(0), ddelta.sum(-2)
             if wi == self.first:
@@ -175,11 +222,11 @@ class MLPTangents:
 
     def _optimizer(self, state, tstate, g, gd, s, x):
         t, hp = self.t, self.t.hp
-        P = len(t.pnames)
+        P = t.P
         opt, topt = state[P:], tstate[P:]
         lr, wd = float(hp["lr"]), float(hp["weight_decay"])
         new_p, new_tp, new_o, new_to = [], [], [], []
-        if t.kind == "SGD":
+        if t.optimizer == "SGD":
             mom, damp = float(hp["momentum"]), float(hp["dampening"])
             for i in range(P):
                 p, pd, gi, gdi = state[i], tstate[i], g[i], gd[i]
@@ -207,7 +254,7 @@ class MLPTangents:
         for i in range(P):
             p, pd, gi, gdi = state[i], tstate[i], g[i], gd[i]
             if wd != 0:
-                if t.kind == "AdamW":
+                if t.optimizer == "AdamW":
                     p, pd = p * (1 - lr * wd), pd.mul_(1 - lr * wd)
                 else:
                     gi, gdi = gi + wd * p, gdi + wd * pd
@@ -228,37 +275,12 @@ class MLPTangents:
             tvs.append(vd)
         return new_p + ms + vs, new_tp + tms + tvs
 
-    def test_losses(self, state, tstate):
+    @torch.no_grad()
+    def test_tangents(self, state, tstate):
         """[n_test] losses and their tangents [K, n_test] (a Linear/ReLU stack: eval = train mode)."""
-        P = len(self.t.pnames)
+        P = self.t.P
         _, _, out, outdot = self._forward(state[:P], tstate[:P], self.x_test)
         ell, d, _ = self._loss_grad(out, outdot, self.t.y_test)
         dot = (d * outdot).reshape(*outdot.shape[:2], -1).sum(-1) if self.t.task == "classification" \
             else (d * outdot).reshape(outdot.shape[0], -1)
         return ell, dot
-
-
-def mlp_forward_chunk(traj, J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward mode on the fast path: (derivative [T, n_test, K], full losses [T, n_test], the full
-    run's distance from the start [T]) float64."""
-    if traj.bnames:
-        raise ValueError("the Linear/ReLU fast path has no buffers to carry")
-    fp = MLPTangents(traj)
-    K = max(len(J), 1)
-    Jd = J.to(traj.device)
-    state = start = fp.to_internal(traj.initial_state())
-    tstate = [torch.zeros((K, *s.shape), dtype=s.dtype, device=s.device) for s in state]
-    derivs, full, distance = [], [], []
-    with torch.no_grad():
-        for clock in range(traj.total_steps):
-            idx = traj.batch(clock).to(traj.device)
-            tw = (Jd.unsqueeze(1) == idx.unsqueeze(0)).to(traj.dtype)
-            if len(J) == 0:
-                tw = torch.zeros(K, len(idx), dtype=traj.dtype, device=traj.device)
-            state, tstate = fp.step(state, tstate, clock, tw)
-            if clock + 1 in traj.checkpoint_steps:
-                loss, dloss = fp.test_losses(state, tstate)
-                full.append(loss.double())
-                derivs.append(-traj.scale * dloss.double().T)
-                distance.append(traj.distance(state, start))
-    return torch.stack(derivs).cpu(), torch.stack(full).cpu(), torch.stack(distance)

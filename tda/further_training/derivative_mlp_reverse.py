@@ -1,10 +1,10 @@
 """Reverse mode of the derivative gold standard for a Linear/ReLU stack, cotangents batched by hand.
 
-The generic reverse mode of tda.further_training.derivative differentiates one step with
+The generic adjoint step (tda.further_training.weighted_run) differentiates one step with
 ``vmap(vjp(step))`` over M (checkpoint, test instance) cotangents: every cotangent pays a dense
 first layer and vmap's copies of parameter-sized tensors. Here the vector-Jacobian product of one
-optimizer step is written out for the models the forward fast path accepts
-(tda.further_training.derivative_mlp: `traj.mlp_ops`, no buffers), for M cotangents at once:
+optimizer step is written out over the op list the forward fast path runs
+(tda.further_training.derivative_mlp: a StackTrajectory), for M cotangents at once:
 
 - the optimizer's adjoint (SGD with momentum / dampening / Nesterov / weight decay, Adam, AdamW),
   elementwise on [M, ...] tensors: λ_p, λ_slots -> λ_p, λ_slots and λ_g, the cotangent of the
@@ -19,30 +19,34 @@ optimizer step is written out for the models the forward fast path accepts
 
 Per step that is a few batched matmuls over the batch ([M, B, width]); on one-hot inputs the first
 layer's cotangent is read by gathering the active rows (embedding_bag) and H u is scattered back
-into those rows only. States are stored every k steps and each segment recomputed (the primal step
-here, same arithmetic as the generic path). Equality with the generic path (float64, 1e-10) and
-with forward mode is tested in tests/test_further_training_derivative.py.
+into those rows only. Reverse mode (tda.further_training.derivative) stores the state every k steps
+and recomputes each segment with the primal step here (the generic path's arithmetic). Equality
+with the generic path (float64, 1e-10) and with forward mode is tested in
+tests/test_further_training_derivative.py.
 """
 
 from __future__ import annotations
 
 import torch
 
-from tda.further_training.derivative_mlp import MLPTangents
+from tda.further_training.derivative_mlp import MLPTangents, StackTrajectory
 from tda.further_training.functional_optim import optimizer_step, safe_sqrt
+from tda.models.structure import LinearOp, ReLUOp
 
 
 class MLPAdjoint:
-    """Primal steps and the adjoint of one step of a WeightedTrajectory whose model is a
-    Linear/ReLU stack; states in MLPTangents' internal layout (first weight transposed)."""
+    """Primal steps and the adjoint of one step of the full-data run of a Linear/ReLU stack: the
+    steps reverse mode carries back along the run (tda.further_training.derivative.AdjointSteps);
+    states in MLPTangents' internal layout (first weight transposed)."""
 
-    def __init__(self, traj):
-        if traj.bnames:
-            raise ValueError("the Linear/ReLU fast path has no buffers to carry")
-        self.t = traj
-        self.fp = MLPTangents(traj)
-        self.ops, self.first = self.fp.ops_idx, self.fp.first
-        self.P = len(traj.pnames)
+    def __init__(self, run: StackTrajectory):
+        self.t = run
+        self.fp = MLPTangents(run)
+        self.ops, self.first = self.fp.ops, self.fp.first
+        self.P = run.P
+
+    def initial_state(self):
+        return self.fp.initial_state()
 
     # ------------------------------------------------------------------ primal
     def _lin(self, h, params, wi):
@@ -53,10 +57,10 @@ class MLPAdjoint:
         hs, h = [], x
         for op in self.ops:
             hs.append(h)
-            if op[0] == "linear":
-                h = self._lin(h, params, op[1])
-                if op[2] is not None:
-                    h = h + params[op[2]]
+            if isinstance(op, LinearOp):
+                h = self._lin(h, params, op.weight)
+                if op.bias is not None:
+                    h = h + params[op.bias]
             else:
                 h = torch.relu(h)
         return hs, h
@@ -73,10 +77,10 @@ class MLPAdjoint:
         g = [None] * self.P
         for o in range(len(self.ops) - 1, -1, -1):
             op, h = self.ops[o], hs[o]
-            if op[0] == "relu":
+            if isinstance(op, ReLUOp):
                 delta = delta * (h > 0)
                 continue
-            _, wi, bi = op
+            wi, bi = op.weight, op.bias
             if bi is not None:
                 g[bi] = delta.sum(0)
             if wi == self.first:
@@ -105,6 +109,7 @@ class MLPAdjoint:
             clip = (torch.clamp(raw, max=1.0), raw, total)
         return hs, dl, prob, c, g, clip
 
+    @torch.no_grad()
     def step(self, state, clock):
         """The primal step (the generic path's arithmetic)."""
         t, hp, P = self.t, self.t.hp, self.P
@@ -113,9 +118,10 @@ class MLPAdjoint:
         _, _, _, _, g, clip = self.gradient(params, x, y)
         if clip is not None:
             g = [a * clip[0] for a in g]
-        new_p, new_o = optimizer_step(t.kind, hp, list(params), g, list(opt), clock + 1)
+        new_p, new_o = optimizer_step(t.optimizer, hp, list(params), g, list(opt), clock + 1)
         return new_p + new_o
 
+    @torch.no_grad()
     def test_losses(self, state):
         _, out = self.forward(state[:self.P], self.fp.x_test)
         if self.t.task == "classification":
@@ -131,10 +137,10 @@ class MLPAdjoint:
         g = [None] * self.P
         for o in range(len(self.ops) - 1, -1, -1):
             op, h = self.ops[o], hs[o]
-            if op[0] == "relu":
+            if isinstance(op, ReLUOp):
                 delta = delta * (h > 0)
                 continue
-            _, wi, bi = op
+            wi, bi = op.weight, op.bias
             if bi is not None:
                 g[bi] = delta
             if wi == self.first:
@@ -145,13 +151,20 @@ class MLPAdjoint:
         return g
 
     # ------------------------------------------------------------------ adjoint
+    @torch.no_grad()
+    def seed_adjoints(self, after, lam, rows: torch.Tensor, zs: list[int]):
+        """λ (list of [M, ...]) with the gradients of the test losses of instances zs added at rows, in place."""
+        for i, gz in enumerate(self.test_gradients(after, torch.tensor(zs, device=self.t.device))):
+            lam[i].index_add_(0, rows, gz)
+        return lam
+
     def _optimizer_adjoint(self, state, after, lam, g, s):
         """In place: λ_p, λ_slots of the state before the step; returns λ_g [M, ...] per parameter
         (the cotangent of the clipped gradient)."""
         t, hp, P = self.t, self.t.hp, self.P
         lr, wd = float(hp["lr"]), float(hp["weight_decay"])
         lg = []
-        if t.kind == "SGD":
+        if t.optimizer == "SGD":
             mom, damp = float(hp["momentum"]), float(hp["dampening"])
             for i in range(P):
                 lp = lam[i]
@@ -174,7 +187,7 @@ class MLPAdjoint:
         params = state[:P]
         for i in range(P):
             p, gi = params[i], g[i]
-            if wd != 0 and t.kind == "Adam":
+            if wd != 0 and t.optimizer == "Adam":
                 gi = gi + wd * p
             m, v = after[P + i], after[2 * P + i]
             sq = safe_sqrt(v)
@@ -189,16 +202,17 @@ class MLPAdjoint:
             mu.mul_(b1)
             nu.mul_(b2)
             if wd != 0:
-                if t.kind == "AdamW":
+                if t.optimizer == "AdamW":
                     lp.mul_(1 - lr * wd)
                 else:
                     lp.add_(lgi, alpha=wd)
             lg.append(lgi)
         return lg
 
+    @torch.no_grad()
     def adjoint_step(self, state, after, lam, clock):
         """λ (list of [M, ...], the cotangent of the state after step `clock`) -> that of the state
-        before it, in place; returns ∂⟨λ, state_after⟩/∂w_batch [M, B] and the batch indices."""
+        before it, in place; returns (λ, ∂⟨λ, state_after⟩/∂w_batch [M, B], the batch indices [B])."""
         t, P = self.t, self.P
         idx, x, y = self.batch_inputs(clock)
         params = state[:P]
@@ -218,8 +232,8 @@ class MLPAdjoint:
         for o, op in enumerate(self.ops):
             hd.append(hdot)
             h = hs[o]
-            if op[0] == "linear":
-                _, wi, bi = op
+            if isinstance(op, LinearOp):
+                wi, bi = op.weight, op.bias
                 if wi == self.first:
                     zdot = self.fp._lin1(h, u[wi])
                 else:
@@ -244,11 +258,11 @@ class MLPAdjoint:
         delta = dl * c
         for o in range(len(self.ops) - 1, -1, -1):
             op, h, hdot = self.ops[o], hs[o], hd[o]
-            if op[0] == "relu":
+            if isinstance(op, ReLUOp):
                 mask = h > 0
                 delta, ddelta = delta * mask, ddelta * mask
                 continue
-            _, wi, bi = op
+            wi, bi = op.weight, op.bias
             if bi is not None:
                 lam[bi].add_(ddelta.sum(-2))
             if wi == self.first:
@@ -263,58 +277,4 @@ class MLPAdjoint:
                 hw = hw + torch.matmul(delta.t(), hdot)
             lam[wi].add_(hw)
             delta, ddelta = delta @ W, ddelta @ W + torch.matmul(delta, u[wi])
-        return gw, idx
-
-
-def mlp_reverse(traj, chosen: list[int], M: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Reverse mode on the fast path: (∂ℓ_z(θ_{T_c})/∂w [len(pairs), n] float64 for the (checkpoint c
-    in `chosen`, test instance z) pairs, c-major; full losses [n_checkpoints, n_test] float64; the
-    full run's distance from the start [n_checkpoints] float64; the number of stored states). `M`
-    cotangents per backward sweep, states stored every `k` steps."""
-    fa = MLPAdjoint(traj)
-    end = max(traj.checkpoint_steps[c] for c in chosen)
-    pairs = [(c, z) for c in chosen for z in range(traj.n_test)]
-    stored, full, distance = {}, [], []
-    with torch.no_grad():
-        state = start = fa.fp.to_internal(traj.initial_state())
-        for clock in range(traj.total_steps):
-            if clock % k == 0 and clock < end:
-                stored[clock] = state
-            state = fa.step(state, clock)
-            if clock + 1 in traj.checkpoint_steps:
-                full.append(fa.test_losses(state).double())
-                distance.append(traj.distance(state, start))
-        result = torch.zeros(len(pairs), traj.n, dtype=torch.float64)
-        for p0 in range(0, len(pairs), M):
-            result[p0:p0 + M] = _sweep(fa, pairs[p0:p0 + M], stored, k, end).cpu()
-    return result, torch.stack(full).cpu(), torch.stack(distance), len(stored)
-
-
-def _sweep(fa: MLPAdjoint, pairs, stored, k, end) -> torch.Tensor:
-    t = fa.t
-    m = len(pairs)
-    inject: dict[int, list[tuple[int, int]]] = {}
-    for row, (c, z) in enumerate(pairs):
-        inject.setdefault(t.checkpoint_steps[c], []).append((row, z))
-    lam = None
-    gw = torch.zeros(m, t.n, dtype=t.dtype, device=t.device)
-    for seg in sorted((s for s in stored if s < end), reverse=True):
-        seg_end = min(seg + k, end)
-        states = [stored[seg]]
-        for clock in range(seg, seg_end):
-            states.append(fa.step(states[-1], clock))
-        for clock in range(seg_end - 1, seg - 1, -1):
-            after = states[clock + 1 - seg]
-            if clock + 1 in inject:
-                rows = torch.tensor([r for r, _ in inject[clock + 1]], device=t.device)
-                zs = torch.tensor([z for _, z in inject[clock + 1]], device=t.device)
-                if lam is None:
-                    lam = [torch.zeros((m, *s.shape), dtype=s.dtype, device=s.device) for s in after]
-                for i, gz in enumerate(fa.test_gradients(after, zs)):
-                    lam[i].index_add_(0, rows, gz)
-            if lam is None:
-                continue
-            g_w, idx = fa.adjoint_step(states[clock - seg], after, lam, clock)
-            gw.index_add_(1, idx, g_w)
-        del states
-    return gw.double()
+        return lam, gw, idx

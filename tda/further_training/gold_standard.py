@@ -26,31 +26,20 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig
 
-from tda.artifacts import load_json, save_json, save_tensors
-from tda.config import build, to_container
+from tda.artifacts import save_tensors
+from tda.config import build
 from tda.exits import DivergedError
 from tda.further_training.derivative import WeightedTrajectory
 from tda.further_training.engine import FurtherTrainingModule, GroupTrainer
 from tda.further_training.optim import optimizer_spec
 from tda.further_training.progress import GoldProgress, quiet_lightning
 from tda.further_training.reference import epoch_permutations, further_train_record, test_losses
-from tda.further_training.settings import FurtherTrainingSettings
 from tda.further_training.stacked import build_stacked
-from tda.further_training.store import (
-    gold_identity,
-    job_seeds,
-    left_out_shard,
-    seed_file,
-    seeds_of,
-    shard_block,
-    verified_seed,
-)
+from tda.further_training.store import GoldStandardSpec, seed_file, verified_seed, write_meta
 from tda.memory import activation_numel
-from tda.models.structure import mlp_layers, should_use_sparse
+from tda.models.structure import linear_relu_stack, should_use_sparse
 from tda.problem import AttributionProblem
-from tda.provenance import require_match
 
 log = logging.getLogger(__name__)
 
@@ -133,57 +122,52 @@ class FurtherTraining:
     The model is θᶠ, or for retraining (`start: initial_weights`) the final model's initial
     weights, which the stage puts in the problem (tda.stages.further_train).
 
-    `settings`: the `further_training` node; `optimizer`: the `further_optimizer` node (the
-    fresh optimizer, a `_target_` node); `trainer`: the `trainer` node (accelerator, progress_bar)."""
+    `spec`: the gold standard (its `further_training` settings and the fresh optimizer);
+    `accelerator`: where the runs train (`trainer.accelerator`, Lightning's names)."""
 
-    def __init__(self, settings: DictConfig, optimizer: DictConfig, trainer: DictConfig | dict | None = None):
-        self.ft, self.optimizer = settings, optimizer
-        self.trainer = dict(to_container(trainer)) if trainer is not None else {}
+    def __init__(self, spec: GoldStandardSpec, accelerator: str = "cpu"):
+        self.spec, self.ft, self.accelerator = spec, spec.settings, str(accelerator)
 
     def run(self, problem: AttributionProblem, gold_dir: Path) -> list[int]:
         """Compute this job's seeds (and left-out shard) of `problem` into `gold_dir`; returns the
         seeds done (computed now or found complete on disk)."""
         ft = self.ft
-        settings = FurtherTrainingSettings.from_config(ft)  # checked again for callers that skip the stage's checks
         gold_dir = Path(gold_dir)
         dtype = getattr(torch, ft.dtype)
-        model = with_batchnorm_momentum(problem.model.to(dtype), ft.get("batchnorm_momentum"))
+        model = with_batchnorm_momentum(problem.model.to(dtype), ft.batchnorm_momentum)
         x = problem.x_train.to(dtype) if problem.x_train.is_floating_point() else problem.x_train
         x_test = problem.x_test.to(dtype) if problem.x_test.is_floating_point() else problem.x_test
-        settings.checkpoint_steps(len(x))  # a schedule with no (or a misplaced) checkpoint is refused before any work
+        ft.checkpoint_steps(len(x))  # a schedule with no (or a misplaced) checkpoint is refused before any work
         y, y_test = problem.y_train, problem.y_test
         if problem.task == "regression":
             y, y_test = y.to(dtype), y_test.to(dtype)
-        opt_node = to_container(self.optimizer)
-        estimator = ft.get("estimator", "difference")
-        engine = "derivative" if estimator == "derivative" else ft.get("engine", "stacked")
+        opt_node = self.spec.further_optimizer
+        engine = "derivative" if ft.estimator == "derivative" else ft.engine
         if engine in ("stacked", "derivative"):
             kind, hp = optimizer_spec(opt_node)  # SGD / Adam / AdamW, refused here otherwise
         left_out_all = problem.left_out_indices.tolist()
-        index, count = left_out_shard(ft)
+        index, count = ft.left_out_shard.index, ft.left_out_shard.count
         if count > len(left_out_all):
             raise ValueError(f"further_training.left_out_shard.count={count} exceeds the {len(left_out_all)} left-out "
                              f"instances; use at most {len(left_out_all)} shards")
-        start, stop = shard_block(len(left_out_all), index, count)
+        start, stop = ft.left_out_block(len(left_out_all))
         left_out = left_out_all[start:stop]
         part = (index, count) if count > 1 else None
-        identity = gold_identity(problem.final_model_identity(), ft, self.optimizer)
-        self._write_meta(problem, gold_dir, identity)
-        seeds = job_seeds(ft)
-        sparse = (should_use_sparse(x.reshape(len(x), -1), ft.get("sparse_input", "auto"))
-                  and mlp_layers(model) is not None)
-        group = ft.get("max_runs_per_group")
-        group = int(group) if group else runs_per_group(model, x, int(ft.batch_size), dtype, problem.memory_budget_mb,
+        identity = self.spec.identity(problem.final_model_identity())
+        write_meta(gold_dir, identity, problem.left_out_indices.tolist(), problem.test_indices.tolist(),
+                   problem.n_train, ft.seeds)
+        seeds = ft.job_seeds
+        sparse = should_use_sparse(x.reshape(len(x), -1), ft.sparse_input) and linear_relu_stack(model) is not None
+        group = ft.max_runs_per_group or runs_per_group(model, x, ft.batch_size, dtype, problem.memory_budget_mb,
                                                         sparse)
         if engine == "reference":
             group = 1  # one run at a time
-        mode = derivative_mode(ft.get("derivative_mode", "auto"), len(left_out), len(x_test))
-        progress = bool(ft.get("progress_bar", self.trainer.get("progress_bar", True)))
+        mode = derivative_mode(ft.derivative_mode, len(left_out), len(x_test))
         initial = test_losses(model, x_test, y_test, problem.task)
 
         def compute(seed: int, path: Path, bar: GoldProgress) -> None:
             t0 = time.perf_counter()
-            perms = epoch_permutations(len(x), int(ft.epochs), seed)
+            perms = epoch_permutations(len(x), ft.epochs, seed)
             extra: dict[str, Any] = {}
             if engine == "derivative":
                 full, diff, distance, extra = self._derivative_seed(model, (kind, hp), x, y, x_test, y_test,
@@ -209,7 +193,7 @@ class FurtherTraining:
         groups_per_seed = 1 if engine == "derivative" else -(-(1 + len(left_out)) // group)
         unit = {"reference": "run", "derivative": f"{mode} pass"}.get(engine, "group")
         done, busy = [], []
-        with quiet_lightning(), GoldProgress(seeds, groups_per_seed, unit, enabled=progress) as bar:
+        with quiet_lightning(), GoldProgress(seeds, groups_per_seed, unit, enabled=ft.progress_bar) as bar:
             for seed in seeds:  # seeds another job is computing are left for last, then awaited
                 path = seed_file(gold_dir, seed, part)
                 with seed_lock(gold_dir, seed, part, wait=False) as held:
@@ -283,11 +267,8 @@ class FurtherTraining:
         in the seed file's header."""
         ft = self.ft
         bar.start(seed, 0)
-        traj = WeightedTrajectory(model, optimizer, x, y, x_test, y_test, task, int(ft.epochs), seed,
-                                  int(ft.batch_size), normalisation=str(ft.removal), epsilon=ft.epsilon,
-                                  clip_grad_norm=ft.clip_grad_norm, device=_torch_device(self.trainer.get(
-                                      "accelerator", "cpu")), sparse_input=ft.get("sparse_input", "auto"),
-                                  **self._schedule())
+        traj = WeightedTrajectory(model, optimizer, x, y, x_test, y_test, task, ft, seed,
+                                  device=_torch_device(self.accelerator))
         if mode == "forward":
             result = traj.forward_mode(left_out, memory_budget_mb)
             diff = result.derivative
@@ -302,8 +283,8 @@ class FurtherTraining:
     def _schedule(self) -> dict[str, Any]:
         """The checkpoint schedule's settings, as every engine takes them."""
         ft = self.ft
-        return {"checkpoint_every": ft.checkpoint_every_steps, "checkpoint_first": ft.get("checkpoint_first_step"),
-                "checkpoint_last": bool(ft.get("checkpoint_last_step", False))}
+        return {"checkpoint_every": ft.checkpoint_every_steps, "checkpoint_first": ft.checkpoint_first_step,
+                "checkpoint_last": ft.checkpoint_last_step}
 
     def _reference_seed(self, model, opt_node, x, y, x_test, y_test, task, seed, left_out, bar: GoldProgress):
         """The plain loop (tda.further_training.reference): one run after the other, the full run
@@ -311,8 +292,8 @@ class FurtherTraining:
         the start [T]."""
         ft = self.ft
         optimizer = build(opt_node)
-        kw = dict(optimizer=optimizer, x=x, y=y, x_test=x_test, y_test=y_test, task=task, n_epochs=int(ft.epochs),
-                  seed=seed, batch_size=int(ft.batch_size), removal=ft.removal, epsilon=ft.epsilon,
+        kw = dict(optimizer=optimizer, x=x, y=y, x_test=x_test, y_test=y_test, task=task, n_epochs=ft.epochs,
+                  seed=seed, batch_size=ft.batch_size, removal=ft.removal, epsilon=ft.epsilon,
                   clip_grad_norm=ft.clip_grad_norm, **self._schedule())
         records = []
         for i, run in enumerate([None, *left_out]):
@@ -335,12 +316,11 @@ class FurtherTraining:
             chunk = runs[g0:g0 + group]
             is_full = torch.tensor([r is None for r in chunk])
             lo = torch.tensor([-1 if r is None else r for r in chunk])
-            stacked = build_stacked(model, len(chunk), x, y, task, fast_path=True,
-                                    sparse_input=ft.get("sparse_input", "auto"), vmap=ft.get("vmap", "auto"),
-                                    device=self.trainer.get("accelerator", "cpu"))
-            gt = GroupTrainer(stacked, kind, hp, perms, lo, is_full, int(ft.batch_size), ft.removal, seed, x_test,
+            stacked = build_stacked(model, len(chunk), x, y, task, fast_path=True, sparse_input=ft.sparse_input,
+                                    vmap=ft.vmap, device=self.accelerator)
+            gt = GroupTrainer(stacked, kind, hp, perms, lo, is_full, ft.batch_size, ft.removal, seed, x_test,
                               y_test, epsilon=ft.epsilon, clip_grad_norm=ft.clip_grad_norm, **self._schedule())
-            self._fit(gt, int(ft.epochs), self.trainer.get("accelerator", "cpu"), dtype)
+            self._fit(gt, ft.epochs, self.accelerator, dtype)
             out.append(gt.result())  # [T, n_test, r]
             if g == 0:
                 distance = gt.distance_from_start()
@@ -361,18 +341,3 @@ class FurtherTraining:
             # never write a seed whose runs did not finish (Lightning swallows some interruptions)
             raise RuntimeError(f"further training of seed {gt.seed} stopped early ({len(gt.losses)} of {expected} "
                                f"checkpoints); nothing was written for it. Re-run the same command to resume.")
-
-    def _write_meta(self, problem: AttributionProblem, gold_dir: Path, identity: dict[str, Any]) -> None:
-        """meta.json: what the gold standard in `gold_dir` is (identity, indices, seeds). An
-        existing one written for another final model, settings or selection is refused."""
-        meta = {**identity, "left_out_indices": problem.left_out_indices.tolist(),
-                "test_indices": problem.test_indices.tolist(), "n_train": problem.n_train, "seeds": seeds_of(self.ft)}
-        path = gold_dir / "meta.json"
-        if path.is_file():
-            old = load_json(path)
-            require_match(old, {k: v for k, v in meta.items() if k != "seeds"}, f"the gold standard in {gold_dir}",
-                          f"Delete {gold_dir} (or move it away) and re-run this command to compute it for this model.")
-            if sorted(set(old["seeds"]) | set(meta["seeds"])) == old["seeds"]:
-                return  # shards running at the same time all find it already written
-            meta["seeds"] = sorted(set(old["seeds"]) | set(meta["seeds"]))
-        save_json(path, meta)

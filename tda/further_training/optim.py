@@ -48,9 +48,21 @@ def optimizer_spec(node: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return kind, hp
 
 
-def torch_optimizer(kind: str, hp: dict[str, Any]):
-    """The `torch.optim` class and keyword arguments the stacked optimizer reproduces."""
-    return getattr(torch.optim, kind), dict(hp)
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "SGD": {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False},
+    "Adam": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
+    "AdamW": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2},
+}
+"""torch.optim's defaults of the hyper-parameters the engines implement."""
+
+
+def with_defaults(kind: str, hp: dict[str, Any]) -> dict[str, Any]:
+    """The hyper-parameters `hp` of optimizer `kind` with torch.optim's defaults filled in,
+    checked as torch.optim checks them."""
+    full = DEFAULTS[kind] | dict(hp)
+    if kind == "SGD" and full["nesterov"] and (full["momentum"] <= 0 or full["dampening"] != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening (as in torch.optim.SGD)")
+    return full
 
 
 class StackedOptimizer:
@@ -59,12 +71,7 @@ class StackedOptimizer:
     def __init__(self, kind: str, hp: dict[str, Any], params: list[torch.Tensor]):
         self.kind, self.params = kind, params
         R = params[0].shape[0]
-        defaults = {"SGD": {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False},
-                    "Adam": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
-                    "AdamW": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}}[kind]
-        self.hp = defaults | dict(hp)
-        if kind == "SGD" and self.hp["nesterov"] and (self.hp["momentum"] <= 0 or self.hp["dampening"] != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening (as in torch.optim.SGD)")
+        self.hp = with_defaults(kind, hp)
         self.steps = torch.zeros(R, dtype=torch.long)  # per run: a run may sit out a step
         self.state: list[dict[str, torch.Tensor]] = [{} for _ in params]
 

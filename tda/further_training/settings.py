@@ -1,8 +1,9 @@
 """The settings of the gold standard (the `further_training` section), their defaults and checks.
 
-What they mean is in docs/method.md (the protocol) and the README (Further training); which of
-them define the gold standard and which only say how or which part a job computes is in
-tda.further_training (EXECUTION_KEYS).
+What they mean is in docs/method.md (the protocol) and docs/further_training.md. Each says
+whether it defines the gold standard (its key, tda.further_training.store.GoldStandardSpec) or
+only how or which part of it a job computes (`key=NOT_KEYED`: every engine and shard writes into
+one directory); the seeds and the left-out block of one job follow from the section too.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from tda.further_training.checkpoints import checkpoint_steps, steps_per_epoch
-from tda.sections import Checks, Section, setting
+from tda.sections import KEYED_UNLESS_DEFAULT, NOT_KEYED, Checks, Section, setting
+from tda.training import TrainSettings
 
 Removal = Literal["drop", "downweight", "mask"]
 Engine = Literal["stacked", "reference"]
@@ -26,7 +28,12 @@ DERIVATIVE_MODES: tuple[str, ...] = typing.get_args(DerivativeMode)
 STARTS: tuple[str, ...] = typing.get_args(Start)
 
 
-@dataclass
+def shard_block(n_left_out: int, index: int, count: int) -> tuple[int, int]:
+    """[start, stop) of left-out shard `index` of `count`: contiguous, sizes differ by at most one."""
+    return index * n_left_out // count, (index + 1) * n_left_out // count
+
+
+@dataclass(frozen=True)
 class LeftOutShard(Section):
     """`further_training.left_out_shard`: this job's contiguous block of the left-out instances."""
 
@@ -43,7 +50,7 @@ class LeftOutShard(Section):
                   f"(left_out_shard.count={count})")
 
 
-@dataclass
+@dataclass(frozen=True)
 class FurtherTrainingSettings(Section):
     """`further_training`: the gold standard (docs/method.md) and how a job computes it."""
 
@@ -55,34 +62,42 @@ class FurtherTrainingSettings(Section):
     seed_offset: int = setting(0, "seeds are seed_offset .. seed_offset + n_seeds - 1")
     start: Start = setting("final_model", "final_model: further training from θᶠ | initial_weights: retraining from "
                            "the final model's initial weights with its final-training schedule "
-                           "(gold_standard=retraining)")
+                           "(gold_standard=retraining)", key=KEYED_UNLESS_DEFAULT)
     removal: Removal = setting("drop", "how instance j is removed: drop | downweight | mask")
     checkpoint_every_steps: int | None = setting(None, "a checkpoint every this many steps",
                                                  "null puts a checkpoint after every epoch")
     checkpoint_first_step: int | None = setting(None, "with checkpoint_every_steps k: checkpoints at this step, "
-                                                "then every k steps", "null starts at step k (k, 2k, ...)")
-    checkpoint_last_step: bool = setting(False, "the last step of further training is a checkpoint too")
+                                                "then every k steps", "null starts at step k (k, 2k, ...)",
+                                                key=KEYED_UNLESS_DEFAULT)
+    checkpoint_last_step: bool = setting(False, "the last step of further training is a checkpoint too",
+                                         key=KEYED_UNLESS_DEFAULT)
     epsilon: float | None = setting(None, "downweight ε", "null uses 1/n")
     clip_grad_norm: float | None = setting(None, "gradient norm clipping", "null disables clipping")
     batchnorm_momentum: float | None = setting(None, "batch-norm momentum; 0 freezes the running statistics",
-                                               "null keeps the model's own momentum")
+                                               "null keeps the model's own momentum", key=KEYED_UNLESS_DEFAULT)
     dtype: Literal["float32", "float64"] = setting("float64", "float64 resolves the tiny loss differences")
     estimator: Estimator = setting("difference", "difference: loss(D∖j) − loss(D), one run per instance | "
                                    "derivative: its first-order form, further training differentiated in j's loss "
-                                   "weight (removal mask or downweight)")
+                                   "weight (removal mask or downweight)", key=KEYED_UNLESS_DEFAULT)
     # how / which part a job computes (not part of the gold standard's directory key)
-    engine: Engine = setting("stacked", "stacked: all runs of a seed at once | reference: one run at a time")
+    engine: Engine = setting("stacked", "stacked: all runs of a seed at once | reference: one run at a time",
+                             key=NOT_KEYED)
     derivative_mode: DerivativeMode = setting("auto", "estimator=derivative: forward (one tangent per left-out "
                                               "instance) | reverse (one adjoint pass per test instance, every "
                                               "training instance) | auto (reverse when the left-out block is larger "
-                                              "than the test set)")
+                                              "than the test set)", key=NOT_KEYED)
     max_runs_per_group: int | None = setting(None, "runs trained together",
-                                             "null trains as many runs at once as attribution.memory_budget_mb allows")
-    sparse_input: Literal["auto"] | bool = setting("auto", "one-hot first layer by gathering weight rows (MLP)")
-    vmap: Literal["auto"] | bool = setting("auto", "torch.func.vmap over runs (true) or a loop (false)")
-    progress_bar: bool = setting(True, "one bar over the job's seeds and groups (default: trainer.progress_bar)")
-    shard_seeds: list[int] | None = setting(None, "the seeds this job computes", "null computes every seed")
-    left_out_shard: LeftOutShard = setting(LeftOutShard(), "this job's block of the left-out instances")
+                                             "null trains as many runs at once as attribution.memory_budget_mb allows",
+                                             key=NOT_KEYED)
+    sparse_input: Literal["auto"] | bool = setting("auto", "one-hot first layer by gathering weight rows (MLP)",
+                                                   key=NOT_KEYED)
+    vmap: Literal["auto"] | bool = setting("auto", "torch.func.vmap over runs (true) or a loop (false)", key=NOT_KEYED)
+    progress_bar: bool = setting(True, "one bar over the job's seeds and groups (default: trainer.progress_bar)",
+                                 key=NOT_KEYED)
+    shard_seeds: list[int] | None = setting(None, "the seeds this job computes", "null computes every seed",
+                                            key=NOT_KEYED)
+    left_out_shard: LeftOutShard = setting(LeftOutShard(), "this job's block of the left-out instances",
+                                           key=NOT_KEYED)
 
     def check(self, c: Checks) -> None:
         for name in ("epochs", "batch_size", "n_seeds", "checkpoint_every_steps", "checkpoint_first_step", "epsilon",
@@ -114,6 +129,37 @@ class FurtherTrainingSettings(Section):
         if not shard_seeds:
             c.add("further_training.shard_seeds=[] computes nothing; use null for every seed")
 
+    @classmethod
+    def from_record(cls, recorded: dict) -> "FurtherTrainingSettings":
+        """The settings of a gold standard from what it records (its :meth:`keyed` settings,
+        meta.json's `further_training`), every other setting at its default."""
+        settings, problems = cls.load(recorded)
+        if problems:
+            raise ValueError("the gold standard records settings this version of tda cannot read:\n  - "
+                             + "\n  - ".join(problems) + "\nRecompute it with this version (delete its directory).")
+        return settings
+
+    # ------------------------------------------------------------------ the seeds and block of a job
+    @property
+    def seeds(self) -> list[int]:
+        """Every seed of the gold standard: seed_offset .. seed_offset + n_seeds - 1."""
+        return [self.seed_offset + i for i in range(self.n_seeds)]
+
+    @property
+    def job_seeds(self) -> list[int]:
+        """The seeds one job computes: `shard_seeds`, or every seed."""
+        return self.seeds if self.shard_seeds is None else [int(s) for s in self.shard_seeds]
+
+    @property
+    def is_sharded(self) -> bool:
+        """Whether a job computes only part of the gold standard (some seeds, or a left-out block)."""
+        return self.shard_seeds is not None or self.left_out_shard.count > 1
+
+    def left_out_block(self, n_left_out: int) -> tuple[int, int]:
+        """[start, stop) of this job's block of `n_left_out` left-out instances (:func:`shard_block`)."""
+        return shard_block(n_left_out, self.left_out_shard.index, self.left_out_shard.count)
+
+    # ------------------------------------------------------------------ against the data
     def fit_problems(self, n_left_out: int, n_train: int | None = None) -> list[str]:
         """The left-out shards against the number of left-out instances; the checkpoint schedule
         against the steps of further training on `n_train` instances."""
@@ -129,25 +175,25 @@ class FurtherTrainingSettings(Section):
                 problems.append(str(err))
         return problems
 
-    def retraining_problems(self, train: dict, optimizer: dict, further_optimizer: dict,
+    def retraining_problems(self, train: TrainSettings, optimizer: dict, further_optimizer: dict,
                             augmenting_dataset: str | None = None) -> list[str]:
         """With `start: initial_weights` (retraining): every way in which the runs would not repeat
-        the final training, given the resolved `train`, `optimizer` and `further_optimizer` nodes
-        and the name of the dataset if it augments its inputs in final training
-        (DataBundle.final_training_transform), which no run of a gold standard does."""
+        the final training, given the final training's settings, the resolved `optimizer` and
+        `further_optimizer` nodes and the name of the dataset if it augments its inputs in final
+        training (DataBundle.final_training_transform), which no run of a gold standard does."""
         if self.start != "initial_weights":
             return []
         fix = "gold_standard=retraining sets it from the final training; remove its override"
         problems = [f"further_training.{mine}={getattr(self, mine)!r} differs from the final training's "
-                    f"train.{theirs}={train.get(theirs)!r}; {fix}"
+                    f"train.{theirs}={getattr(train, theirs)!r}; {fix}"
                     for mine, theirs in (("epochs", "epochs"), ("batch_size", "batch_size"),
                                          ("clip_grad_norm", "gradient_clip_val"))
-                    if getattr(self, mine) != train.get(theirs)]
+                    if getattr(self, mine) != getattr(train, theirs)]
         if further_optimizer != optimizer:
             problems.append(f"further_optimizer {further_optimizer} differs from the final training's optimizer "
                             f"{optimizer}; {fix}")
-        if train.get("final_checkpoint", "last") != "last":
-            problems.append(f"train.final_checkpoint={train['final_checkpoint']}: the final model is the best "
+        if train.final_checkpoint != "last":
+            problems.append(f"train.final_checkpoint={train.final_checkpoint}: the final model is the best "
                             f"checkpoint of its training, not the end of a schedule that could be repeated; retrain "
                             f"with train.final_checkpoint=last for the retraining gold standard")
         if augmenting_dataset is not None:

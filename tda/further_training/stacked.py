@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tda.models.base import per_example_loss
-from tda.models.structure import mlp_layers, should_use_sparse, sparse_rows
+from tda.models.structure import LinearOp, linear_relu_stack, should_use_sparse, sparse_rows
 
 
 def _stack(t: torch.Tensor, R: int) -> torch.Tensor:
@@ -140,25 +140,15 @@ class MLPStacked(StackedModel):
     """Linear/ReLU stacks with batched matmuls. Weights are stored transposed, [R, in, out]."""
 
     def __init__(self, module: nn.Module, R: int, x: torch.Tensor, y: torch.Tensor, task: str, sparse_input="auto"):
-        layers = mlp_layers(module)
-        if layers is None:
+        stack = linear_relu_stack(module)
+        if stack is None:
             raise ValueError(f"{type(module).__name__} is not a Linear/ReLU stack; use FuncStacked")
-        self.R, self.task = R, task
-        self.ops: list[tuple[str, int]] = []  # ("linear", param index of W) / ("relu", -1)
-        self.params, self.has_bias = [], []
-        for m in layers:
-            if isinstance(m, nn.Linear):
-                self.ops.append(("linear", len(self.params)))
-                self.params.append(_stack(m.weight.t(), R))
-                self.has_bias.append(m.bias is not None)
-                if m.bias is not None:
-                    self.params.append(_stack(m.bias, R))
-            elif isinstance(m, nn.ReLU):
-                self.ops.append(("relu", -1))
+        self.R, self.task, self.ops = R, task, stack.ops
+        # one [R, ...] tensor per parameter of the stack, in stack.names order (the ops index it), weights transposed
+        named = dict(module.named_parameters())
+        self.params = [_stack(named[k].t() if stack.is_weight(i) else named[k], R) for i, k in enumerate(stack.names)]
         self.x = x.reshape(len(x), -1)
         self.y = y
-        if self.ops[0][0] != "linear":
-            raise ValueError("the MLP fast path needs a Linear first layer")
         self.sparse = should_use_sparse(self.x, sparse_input)
         if self.sparse:
             self.cols, self.vals = sparse_rows(self.x)
@@ -184,14 +174,10 @@ class MLPStacked(StackedModel):
         t = self._scratch("ones", (r, 1, M), like)
         return t.fill_(1)
 
-    def _linear_params(self, params, pi):
-        W = params[pi]
-        b = params[pi + 1] if self._bias_at(pi) else None
-        return W, b
-
-    def _bias_at(self, pi: int) -> bool:
-        k = [i for op, i in self.ops if op == "linear"].index(pi)
-        return self.has_bias[k]
+    @staticmethod
+    def _linear_params(params, op: LinearOp):
+        """(Wᵀ [r, in, out], b [r, out] or None) of a linear op."""
+        return params[op.weight], None if op.bias is None else params[op.bias]
 
     def _first_sparse(self, W, b, idx):
         r, M = idx.shape
@@ -208,9 +194,9 @@ class MLPStacked(StackedModel):
         acts = []  # per op: its input
         h = None
         sparse_ctx = None
-        for j, (op, pi) in enumerate(self.ops):
-            if op == "linear":
-                W, b = self._linear_params(P, pi)
+        for j, op in enumerate(self.ops):
+            if isinstance(op, LinearOp):
+                W, b = self._linear_params(P, op)
                 if j == 0 and self.sparse:
                     acts.append(None)
                     h, sparse_ctx = self._first_sparse(W, b, idx)
@@ -232,16 +218,16 @@ class MLPStacked(StackedModel):
             dz = (2 * (h.reshape(yb.shape) - yb) * w).reshape(h.shape)
         grads: list[torch.Tensor | None] = [None] * len(P)
         for j in range(len(self.ops) - 1, -1, -1):
-            op, pi = self.ops[j]
-            if op == "relu":
+            op = self.ops[j]
+            if not isinstance(op, LinearOp):  # ReLU
                 dz = dz.masked_fill_(acts[j] <= 0, 0)  # dz is this step's own tensor
                 continue
-            W, b = self._linear_params(P, pi)
+            W, b = self._linear_params(P, op)
             if b is not None:
                 # Σ over the batch as a product with ones: a strided sum over the middle dimension
                 # is several times slower than this GEMM
                 ones = self._ones(r, M, dz)
-                grads[pi + 1] = torch.bmm(ones, dz).squeeze(1)
+                grads[op.bias] = torch.bmm(ones, dz).squeeze(1)
             if j == 0 and self.sparse:
                 cols, vals = sparse_ctx
                 n_in, n_out = W.shape[1], W.shape[2]
@@ -257,9 +243,9 @@ class MLPStacked(StackedModel):
                     s = src[: c1 - c0]
                     torch.mul(vals[c0:c1].unsqueeze(-1), dz[c0:c1].unsqueeze(2), out=s)
                     g.index_add_(0, cols[c0:c1].reshape(-1), s.view(-1, n_out))
-                grads[pi] = g.view(r, n_in, n_out)
+                grads[op.weight] = g.view(r, n_in, n_out)
                 continue
-            grads[pi] = torch.bmm(acts[j].transpose(1, 2), dz)
+            grads[op.weight] = torch.bmm(acts[j].transpose(1, 2), dz)
             if j > 0:
                 dz = torch.bmm(dz, W.transpose(1, 2))
         return grads  # type: ignore[return-value]
@@ -267,9 +253,9 @@ class MLPStacked(StackedModel):
     @torch.no_grad()
     def test_losses(self, x_test, y_test):
         h = x_test.to(self.x.device).reshape(len(x_test), -1).to(self.params[0].dtype)
-        for op, pi in self.ops:
-            if op == "linear":
-                W, b = self._linear_params(self.params, pi)
+        for op in self.ops:
+            if isinstance(op, LinearOp):
+                W, b = self._linear_params(self.params, op)
                 h = torch.matmul(h, W)  # [n, in] @ [R, in, out] or [R, n, in] @ [R, in, out]
                 if b is not None:
                     h = h + b.unsqueeze(1)
@@ -292,7 +278,7 @@ def use_vmap(module: nn.Module, setting, device: torch.device | str = "cpu") -> 
 def build_stacked(module: nn.Module, R: int, x: torch.Tensor, y: torch.Tensor, task: str,
                   fast_path: bool = True, sparse_input="auto", vmap="auto", device=None) -> StackedModel:
     """The MLP fast path where it applies, torch.func otherwise."""
-    if fast_path and mlp_layers(module) is not None:
+    if fast_path and linear_relu_stack(module) is not None:
         return MLPStacked(module, R, x, y, task, sparse_input=sparse_input)
     # the Trainer's accelerator names the device the runs will train on (Lightning's "auto" picks a GPU when
     # there is one)

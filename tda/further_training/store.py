@@ -1,7 +1,7 @@
-"""The gold standard on disk: where it lives, what defines it, and reading it back.
+"""The gold standard on disk: what defines it (its key), its files, and reading it back.
 
-On disk (`runs/<run>/gold/<key>/`, key: :func:`further_training_key`):
-  meta.json                      settings, checkpoints, left-out and test indices
+On disk (`runs/<run>/gold/<key>/`, tda.runs.RunDir.gold_dir; key: :attr:`GoldStandardSpec.key`):
+  meta.json                      settings, checkpoints, left-out and test indices (:func:`write_meta`)
   seed_00000.safetensors ...     one file per seed, written atomically when the seed completes:
       diff          [n_checkpoints, n_test, n_left_out]  float64, loss(D∖j) − loss(D)   (eq. 17)
       full_loss     [n_checkpoints, n_test]              float64, the full-data run
@@ -14,117 +14,95 @@ On disk (`runs/<run>/gold/<key>/`, key: :func:`further_training_key`):
                                  [n_checkpoints, n_test, block size]; the files' metadata
                                  names the block.
 Jobs given different `shard_seeds` / `left_out_shard` fill the same directory (the job that
-writes it: tda.further_training.gold_standard); :func:`load_gold_standard` merges them, naming
-any seed or part that is missing or doubled, and refuses a file that belongs to another gold
-standard or final model.
+writes it: tda.further_training.gold_standard); :func:`load_gold_standard` merges them into a
+GoldStandard (tda.further_training.attribution), naming any seed or part that is missing or
+doubled, and refuses a file that belongs to another gold standard or final model.
 
-Two kinds of gold standard share all of this (:func:`gold_kind`, from `further_training.start`):
-further training from the final model θᶠ (the default), and retraining from the final model's
-initial weights with its final-training schedule (`gold_standard=retraining`).
+Two kinds of gold standard share all of this (tda.further_training.attribution.gold_kind, from
+`further_training.start`): further training from the final model θᶠ (the default), and
+retraining from the final model's initial weights with its final-training schedule
+(`gold_standard=retraining`).
 """
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
-from tda.artifacts import IntegrityError, load_json, load_tensors_with_metadata
+from tda.artifacts import IntegrityError, load_json, load_tensors_with_metadata, save_json
 from tda.config import config_hash, node_name, to_container
-from tda.further_training.checkpoints import checkpoint_steps, steps_per_epoch
+from tda.further_training.attribution import FURTHER_TRAIN_COMMAND, GoldStandard
+from tda.further_training.settings import FurtherTrainingSettings, shard_block
 from tda.provenance import ProvenanceError, require_match
 
-# `further_training` settings that choose how or which part of the gold standard a job
-# computes, not what it is: they are left out of the gold standard's directory key, so every
-# shard and every engine writes into one directory.
-EXECUTION_KEYS = ("engine", "max_runs_per_group", "sparse_input", "vmap", "shard_seeds", "left_out_shard",
-                  "progress_bar", "derivative_mode")
-# settings added after gold standards had been computed, with the value that means what the gold
-# standard was before they existed: at that value they are left out of the key (and of every
-# identity), so that existing gold-standard directories keep their names
-OMITTED_AT_DEFAULT: dict[str, Any] = {"batchnorm_momentum": None, "estimator": "difference", "start": "final_model",
-                                      "checkpoint_first_step": None, "checkpoint_last_step": False}
-
+META = "meta.json"
 _SEED_FILE = re.compile(r"^seed_(\d+)(?:\.part_(\d+)_of_(\d+))?\.safetensors$")
 
 
 # ---------------------------------------------------------------------------------- what defines it
-def gold_settings(ft: DictConfig) -> dict:
-    """The `further_training` settings that define the gold standard (what its key hashes)."""
-    return {k: v for k, v in to_container(ft).items()
-            if k not in EXECUTION_KEYS and not (k in OMITTED_AT_DEFAULT and v == OMITTED_AT_DEFAULT[k])}
+@dataclass(frozen=True)
+class GoldStandardSpec:
+    """A gold standard as a config defines it: the `further_training` settings and the fresh
+    optimizer (the resolved `further_optimizer` node). A stage builds it once, from the settings
+    it checked, and passes it to the job, the store and the evaluation."""
 
+    settings: FurtherTrainingSettings
+    further_optimizer: dict[str, Any]
 
-def gold_kind(settings: dict) -> str:
-    """`retraining` or `further training`: the kind of gold standard of recorded settings
-    (`gold_settings`, meta.json's `further_training`): retraining starts from the final model's
-    initial weights (`start: initial_weights`), further training from θᶠ (absent = the default)."""
-    start = settings.get("start", OMITTED_AT_DEFAULT["start"])
-    return "retraining" if start == "initial_weights" else "further training"
+    @classmethod
+    def from_config(cls, cfg: DictConfig, settings: FurtherTrainingSettings | None = None) -> GoldStandardSpec:
+        """The gold standard of a composed config; `settings`: its `further_training` section,
+        when the caller has built (and checked) it already."""
+        if settings is None:
+            settings = FurtherTrainingSettings.from_config(cfg.further_training)
+        return cls(settings, dict(to_container(cfg.further_optimizer)))
 
+    @property
+    def defining(self) -> dict[str, Any]:
+        """The settings that define the gold standard (FurtherTrainingSettings.keyed: how or which
+        part a job computes is left out, so every engine and shard fills one directory)."""
+        return self.settings.keyed()
 
-def estimator_of(settings: dict) -> str:
-    """`difference` or `derivative`: the estimator of a gold standard's recorded settings
-    (`gold_settings`, meta.json's `further_training`; absent = the default, difference)."""
-    return str(settings.get("estimator", OMITTED_AT_DEFAULT["estimator"]))
+    @functools.cached_property
+    def key(self) -> str:
+        """Directory name of the gold standard (`gold/<key>/`): the fresh optimizer's name and a
+        hash of the defining settings and the optimizer."""
+        name = node_name(self.further_optimizer, key="further_optimizer")
+        return f"{name}-{config_hash(self.defining, self.further_optimizer)}"
+
+    def identity(self, final_model: dict[str, str]) -> dict[str, Any]:
+        """What the gold standard is computed from: the final model's identity (tda.provenance)
+        and the defining settings. Recorded in meta.json and in every seed file's header."""
+        return {"final_model": final_model, "further_training": self.defining,
+                "further_optimizer": dict(self.further_optimizer)}
+
+    def expected(self, final_model: dict[str, str], selection: dict) -> dict[str, Any]:
+        """What the gold standard must be for this final model and selection (for
+        :func:`load_gold_standard`'s `expected`)."""
+        return {**self.identity(final_model), "left_out_indices": selection["left_out_indices"],
+                "test_indices": selection["test_indices"]}
+
+    def job_files(self, gold_dir: Path) -> list[Path]:
+        """The files one job writes: one per seed of `shard_seeds` (default: all seeds), for its
+        block `left_out_shard`."""
+        shard = self.settings.left_out_shard
+        part = (shard.index, shard.count) if shard.count > 1 else None
+        return [seed_file(Path(gold_dir), s, part) for s in self.settings.job_seeds]
 
 
 def further_training_key(cfg: DictConfig) -> str:
-    """Directory name of the gold standard of `cfg` (`gold/<key>/`): the fresh optimizer's name
-    and a hash of the defining settings (EXECUTION_KEYS are left out, so shards fill one
-    directory). Compute it once per stage and pass it on."""
-    settings_hash = config_hash(gold_settings(cfg.further_training), cfg.further_optimizer)
-    return f"{node_name(cfg.further_optimizer)}-{settings_hash}"
+    """The gold standard's directory name for a composed config (GoldStandardSpec.key); for
+    scripts and tests holding a config: a stage keeps its spec and reads `spec.key`."""
+    return GoldStandardSpec.from_config(cfg).key
 
 
-def gold_identity(final_model: dict[str, str], ft: DictConfig, further_optimizer: DictConfig) -> dict[str, Any]:
-    """What a gold standard is computed from: the final model's identity (tda.provenance) and
-    the settings that define it. Recorded in meta.json and in every seed file's header."""
-    return {"final_model": final_model, "further_training": gold_settings(ft),
-            "further_optimizer": to_container(further_optimizer)}
-
-
-def expected_gold(final_model: dict[str, str], selection: dict, ft: DictConfig, further_optimizer: DictConfig) -> dict:
-    """What the gold standard of a config must be (for :func:`load_gold_standard`'s `expected`)."""
-    return {**gold_identity(final_model, ft, further_optimizer),
-            "left_out_indices": selection["left_out_indices"], "test_indices": selection["test_indices"]}
-
-
-# ---------------------------------------------------------------------------------- seeds, shards, files
-def seeds_of(ft: DictConfig) -> list[int]:
-    """Every seed of the gold standard: seed_offset .. seed_offset + n_seeds - 1."""
-    return [int(ft.seed_offset) + i for i in range(int(ft.n_seeds))]
-
-
-def job_seeds(ft: DictConfig) -> list[int]:
-    """The seeds one job computes: `shard_seeds`, or every seed."""
-    shard_seeds = ft.get("shard_seeds")
-    return seeds_of(ft) if shard_seeds is None else [int(s) for s in shard_seeds]
-
-
-def left_out_shard(ft: DictConfig) -> tuple[int, int]:
-    """(index, count) of the job's block of left-out instances; (0, 1): all of them."""
-    s = ft.get("left_out_shard")
-    if s is None:
-        return 0, 1
-    return int(s.get("index", 0)), int(s.get("count", 1))
-
-
-def is_sharded(ft: DictConfig) -> bool:
-    """Whether a job computes only part of the gold standard (some seeds, or a left-out block)."""
-    return ft.get("shard_seeds") is not None or left_out_shard(ft)[1] > 1
-
-
-def shard_block(n_left_out: int, index: int, count: int) -> tuple[int, int]:
-    """[start, stop) of left-out shard `index` of `count`: contiguous, sizes differ by at most one."""
-    return index * n_left_out // count, (index + 1) * n_left_out // count
-
-
+# ---------------------------------------------------------------------------------- files
 def seed_file(gold_dir: Path, seed: int, part: tuple[int, int] | None = None) -> Path:
     """The file of one seed; `part` = (index, count) of a left-out shard, count > 1."""
     if part is None or part[1] == 1:
@@ -143,18 +121,29 @@ def _parse_seed_file(name: str) -> tuple[int, tuple[int, int]] | None:
     return int(m.group(1)), (int(m.group(2)) - 1, int(m.group(3)))
 
 
-def job_files(ft: DictConfig, gold_dir: Path) -> list[Path]:
-    """The gold-standard files one job writes: one per seed of `further_training.shard_seeds`
-    (default: all seeds), for its block `further_training.left_out_shard`."""
-    index, count = left_out_shard(ft)
-    return [seed_file(Path(gold_dir), s, (index, count) if count > 1 else None) for s in job_seeds(ft)]
+def write_meta(gold_dir: Path, identity: dict[str, Any], left_out_indices: list[int], test_indices: list[int],
+               n_train: int, seeds: list[int]) -> None:
+    """meta.json: what the gold standard in `gold_dir` is (identity, indices, n_train, seeds). An
+    existing one written for another final model, settings or selection is refused; one of the
+    same gold standard gains this job's seeds."""
+    meta = {**identity, "left_out_indices": list(left_out_indices), "test_indices": list(test_indices),
+            "n_train": n_train, "seeds": list(seeds)}
+    path = Path(gold_dir) / META
+    if path.is_file():
+        old = load_json(path)
+        require_match(old, {k: v for k, v in meta.items() if k != "seeds"}, f"the gold standard in {gold_dir}",
+                      f"Delete {gold_dir} (or move it away) and re-run this command to compute it for this model.")
+        if sorted(set(old["seeds"]) | set(meta["seeds"])) == old["seeds"]:
+            return  # shards running at the same time all find it already written
+        meta["seeds"] = sorted(set(old["seeds"]) | set(meta["seeds"]))
+    save_json(path, meta)
 
 
 # ---------------------------------------------------------------------------------- checking a seed file
 def check_seed_header(path: Path, header: dict, identity: dict, seed: int, part: tuple[int, int],
                       block: tuple[int, int]) -> None:
     """A seed file is what its name and its gold standard say: same identity, seed, part, block."""
-    fix = f"Delete {path} and re-run `python attribute.py method=further_training <same overrides>` to recompute it."
+    fix = f"Delete {path} and re-run {FURTHER_TRAIN_COMMAND} to recompute it."
     require_match(header, identity, f"the gold-standard file {path}", fix)
     require_match(header, {"seed": seed, "part": list(part), "left_out_block": list(block)},
                   f"the gold-standard file {path} (its header names another seed or part than its file name: "
@@ -169,86 +158,6 @@ def verified_seed(path: Path, identity: dict, seed: int, part: tuple[int, int], 
     _, header, _ = load_tensors_with_metadata(path)
     check_seed_header(path, header, identity, seed, part, block)
     return True
-
-
-# ---------------------------------------------------------------------------------- the merged gold standard
-@dataclass
-class GoldStandard:
-    """All completed seeds of a gold standard.
-
-    diff [n_checkpoints, n_test, n_left_out, n_seeds], full_loss [n_checkpoints, n_test, n_seeds],
-    initial_loss [n_test]; distance_from_start [n_checkpoints, n_seeds]: each seed's full-data run's
-    ‖θ_t − θ_start‖₂, None when a merged file predates it."""
-
-    diff: torch.Tensor
-    full_loss: torch.Tensor
-    initial_loss: torch.Tensor
-    seeds: list[int]
-    meta: dict
-    files: dict[str, str] = field(default_factory=dict)  # file name -> checksum of every file merged
-    distance_from_start: torch.Tensor | None = None
-
-    @property
-    def n_checkpoints(self) -> int:
-        return self.diff.shape[0]
-
-    @property
-    def kind(self) -> str:
-        """`further training` or `retraining` (:func:`gold_kind`)."""
-        return gold_kind(self.meta["further_training"])
-
-    def checkpoint_axis(self) -> tuple[str, list[float]]:
-        """Name and values of the x axis: the epochs, or, with `checkpoint_every_steps`, the steps of
-        the checkpoints (tda.further_training.checkpoints.checkpoint_steps of the recorded settings
-        and meta.json's n_train)."""
-        ft = self.meta["further_training"]
-        k = ft.get("checkpoint_every_steps")
-        if not k:
-            return "epoch", [float(i + 1) for i in range(self.n_checkpoints)]
-        if "n_train" not in self.meta:
-            raise ValueError("the gold standard's meta.json records no n_train, which the steps of its checkpoints "
-                             "are computed from; delete it and re-run `python attribute.py method=further_training "
-                             "<same overrides>`")
-        spe = steps_per_epoch(self.meta["n_train"], ft["batch_size"])
-        steps = checkpoint_steps(int(ft["epochs"]) * spe, spe, int(k), ft.get("checkpoint_first_step"),
-                                 bool(ft.get("checkpoint_last_step", False)))
-        if len(steps) != self.n_checkpoints:
-            raise ValueError(f"the gold standard's settings give {len(steps)} checkpoints but its files hold "
-                             f"{self.n_checkpoints}; delete it and re-run `python attribute.py "
-                             f"method=further_training <same overrides>`")
-        return "step", [float(s) for s in steps]
-
-    def attribution(self, center: bool = True, adjust: bool = True,
-                    seeds: slice | list[int] | None = None) -> torch.Tensor:
-        """a_t(j, z) of docs/method.md §2 averaged over seeds: [n_checkpoints, n_test, n_left_out].
-
-        `adjust=False` drops eq. 17's subtraction of the full run (uses loss(D∖j) − loss(θᶠ));
-        `center` subtracts the mean over left-out instances (eq. 13) per test instance,
-        checkpoint and seed. `seeds` selects seed positions (a window of seeds)."""
-        return postprocess(self.diff, self.full_loss, self.initial_loss, center=center, adjust=adjust, seeds=seeds)
-
-    def windows(self, k: int, center: bool = True, adjust: bool = True) -> list[torch.Tensor]:
-        """The attribution of each non-overlapping window of k seeds (in seed order); a
-        remainder shorter than k is left out. Each [n_checkpoints, n_test, n_left_out]."""
-        S = len(self.seeds)
-        return [self.attribution(center=center, adjust=adjust, seeds=slice(i, i + k)) for i in range(0, S - k + 1, k)]
-
-
-def postprocess(diff: torch.Tensor, full_loss: torch.Tensor, initial_loss: torch.Tensor, center: bool = True,
-                adjust: bool = True, seeds: slice | list[int] | None = None) -> torch.Tensor:
-    """diff [T, n_test, n_left_out, S] -> attribution [T, n_test, n_left_out].
-
-    adjust (eq. 17): loss(D∖j) − loss(D) as stored; without it loss(D∖j) − loss(θᶠ).
-    center (eq. 13): minus the mean over left-out instances, per test instance, checkpoint
-    and seed, before the mean over seeds."""
-    if seeds is not None:
-        diff, full_loss = diff[..., seeds], full_loss[..., seeds]
-    if diff.shape[-1] == 0:
-        raise ValueError("no seeds selected for the gold standard average")
-    a = diff if adjust else diff + (full_loss - initial_loss[None, :, None]).unsqueeze(2)
-    if center:
-        a = a - a.mean(dim=2, keepdim=True)
-    return a.mean(dim=-1)
 
 
 # ---------------------------------------------------------------------------------- reading back
@@ -308,17 +217,16 @@ def load_gold_standard(gold_dir: Path, expected: dict | None = None, seeds: list
     """Merge the per-seed (and per-part) files of a gold standard.
 
     Every file is verified (checksum) and must carry the identity recorded in meta.json and the
-    seed / part its name says. `expected` (see :func:`expected_gold`) is what the current config
+    seed / part its name says. `expected` (GoldStandardSpec.expected) is what the current config
     and final model need: meta.json must match it. `seeds`: the seeds to merge (the config's;
     default: those meta.json lists). Raises naming every seed or part that is missing (with
     `require_all`), doubled (files of two shardings for one seed) or foreign."""
     gold_dir = Path(gold_dir)
-    meta_path = gold_dir / "meta.json"
+    meta_path = gold_dir / META
     if not meta_path.is_file():
-        raise FileNotFoundError(f"no gold standard in {gold_dir}; run `python attribute.py method=further_training` "
-                                f"with the same overrides first")
+        raise FileNotFoundError(f"no gold standard in {gold_dir}; run {FURTHER_TRAIN_COMMAND} first")
     meta = load_json(meta_path)
-    fix = f"Delete {gold_dir} and re-run `python attribute.py method=further_training <same overrides>`."
+    fix = f"Delete {gold_dir} and re-run {FURTHER_TRAIN_COMMAND}."
     lacking = [k for k in ("final_model", "further_training", "further_optimizer", "left_out_indices", "test_indices",
                            "seeds") if k not in meta]
     if lacking:
@@ -346,8 +254,8 @@ def load_gold_standard(gold_dir: Path, expected: dict | None = None, seeds: list
         raise ValueError(f"gold standard in {gold_dir} has conflicting files:\n  - " + "\n  - ".join(duplicated))
     if not merged or (require_all and missing):
         raise FileNotFoundError(f"gold standard in {gold_dir} is incomplete: missing {'; '.join(missing)}. "
-                                f"Re-run `python attribute.py method=further_training` with the same overrides "
-                                f"(and the same further_training.left_out_shard for missing parts) to finish them")
+                                f"Re-run {FURTHER_TRAIN_COMMAND} (with the same further_training.left_out_shard for "
+                                f"missing parts) to finish them")
     present = [s for s in seeds if s in merged]
     distances = [merged[s]["distance_from_start"] for s in present]
     return GoldStandard(diff=torch.stack([merged[s]["diff"] for s in present], dim=-1),
@@ -373,82 +281,3 @@ def gold_status(gold_dir: Path, expected: dict, seeds: list[int], complete: bool
     return f"gold standard complete: {len(gold.seeds)} seeds, diff {list(gold.diff.shape)}"
 
 
-def gold_label(settings: dict) -> str:
-    """A gold standard named by its estimator and removal, e.g. `derivative (mask)`, and, for
-    retraining, its kind: `retraining: difference (drop)`."""
-    label = f"{estimator_of(settings)} ({settings.get('removal')})"
-    return f"retraining: {label}" if gold_kind(settings) == "retraining" else label
-
-
-# ---------------------------------------------------------------------------------- siblings
-# the settings in which two gold standards of one final model may differ and still be compared
-# entry by entry: how instance j is removed, and whether the removal is trained or differentiated
-SIBLING_KEYS = ("estimator", "removal")
-
-
-def _gold_standards_in(gold_root: Path, skipped: list[str]) -> Iterator[tuple[str, dict, dict, dict]]:
-    """(key, meta.json, its `further_training` settings, the identity to load it against) of
-    every gold standard in `gold_root` (a run's `gold/`); an unreadable meta.json is named in
-    `skipped` and passed over."""
-    for meta_path in sorted(Path(gold_root).glob("*/meta.json")):
-        key = meta_path.parent.name
-        try:
-            meta = load_json(meta_path)
-        except (OSError, ValueError) as err:
-            skipped.append(f"{key}: meta.json unreadable ({err})")
-            continue
-        settings = meta.get("further_training")
-        if isinstance(settings, dict):
-            yield key, meta, settings, {k: meta[k] for k in ("final_model", "further_training", "further_optimizer",
-                                                              "left_out_indices", "test_indices")}
-
-
-def _load_beside(gold_root: Path, key: str, expected: dict, seeds: list[int] | None, skipped: list[str]
-                 ) -> GoldStandard | None:
-    """The gold standard `key` in `gold_root`, verified against `expected` over `seeds`, or None
-    with the reason in `skipped` (incomplete, conflicting, foreign or damaged files)."""
-    try:
-        return load_gold_standard(Path(gold_root) / key, expected, seeds, require_all=True)
-    except (FileNotFoundError, ValueError) as err:
-        skipped.append(f"{key} ({gold_label(expected['further_training'])}): {err}")
-        return None
-
-
-def sibling_gold_standards(gold: GoldStandard, gold_root: Path, own_key: str
-                           ) -> tuple[dict[str, tuple[str, GoldStandard]], list[str]]:
-    """The gold standards in `gold_root` (a run's `gold/`) that differ from `gold` only in
-    SIBLING_KEYS: same final model, further optimizer, other settings, left-out and test indices
-    (read from each one's meta.json, then every seed file verified through
-    :func:`load_gold_standard` against that identity, over `gold`'s seeds). Returns
-    ({label: (key, gold standard)}, [why each candidate with matching settings was skipped:
-    incomplete, damaged])."""
-    mine = {k: v for k, v in gold.meta["further_training"].items() if k not in SIBLING_KEYS}
-    found: dict[str, tuple[str, GoldStandard]] = {}
-    skipped: list[str] = []
-    for key, meta, settings, expected in _gold_standards_in(gold_root, skipped):
-        if key == own_key or {k: v for k, v in settings.items() if k not in SIBLING_KEYS} != mine or any(
-                meta.get(k) != gold.meta[k] for k in ("final_model", "further_optimizer", "left_out_indices",
-                                                      "test_indices")):
-            continue
-        other = _load_beside(gold_root, key, expected, gold.seeds, skipped)
-        if other is not None:
-            found[gold_label(settings)] = (key, other)
-    return found, skipped
-
-
-def further_training_beside(retraining: GoldStandard, gold_root: Path) -> tuple[dict[str, GoldStandard], list[str]]:
-    """The further-training gold standards in `gold_root` (a run's `gold/`) of the same final
-    model and left-out / test instances as the retraining gold standard `retraining`, each over
-    the seeds its meta.json lists and verified through :func:`load_gold_standard`: what the
-    paper's Figure 11 sets against leave-one-out retraining. Returns ({"<label> <key>": gold
-    standard}, [why each candidate was skipped: incomplete, damaged])."""
-    found: dict[str, GoldStandard] = {}
-    skipped: list[str] = []
-    for key, meta, settings, expected in _gold_standards_in(gold_root, skipped):
-        if gold_kind(settings) != "further training" or any(
-                meta.get(k) != retraining.meta[k] for k in ("final_model", "left_out_indices", "test_indices")):
-            continue
-        other = _load_beside(gold_root, key, expected, meta.get("seeds"), skipped)
-        if other is not None:
-            found[f"{gold_label(settings)} {key}"] = other
-    return found, skipped

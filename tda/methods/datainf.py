@@ -81,8 +81,11 @@ class DataInf(Method):
         keep_bytes = 8 * len(groups) * n * (n_t + n_j + 1)
         one_pass = keep_bytes <= problem.memory_budget_mb * 2**20 / 2
         self.record.update({"one_pass": one_pass, "factored": type(g_test).__name__ == "FactoredGrads"})
-        chunks = lambda: iter_grad_chunks(model, problem.x_train, problem.y_train, target,
-                                          problem.memory_budget_mb / 2, self.factored, self.max_rows)
+
+        def chunks():
+            return iter_grad_chunks(model, problem.x_train, problem.y_train, target,
+                                    problem.memory_budget_mb / 2, self.factored, self.max_rows)
+
         dev = next(model.parameters()).device
         sq = {b: torch.zeros(n, dtype=torch.float64, device=dev) for b in groups}
         kept: list[tuple[slice, dict, dict]] = []

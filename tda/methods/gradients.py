@@ -121,7 +121,7 @@ class DenseGrads:
 
 
 # ----------------------------------------------------------------------------- factored (linear)
-class NotFactorable(Exception):
+class NotFactorable(Exception):  # noqa: N818 - the condition callers test to fall back to dense
     """The model's trainable parameters are not all weights/biases of per-example `nn.Linear`s."""
 
 
@@ -130,7 +130,7 @@ def factorable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]] | None:
     parameter belongs to anything else (convolutions, batch norm, embeddings, ...)."""
     owners: dict[str, tuple[str, nn.Module]] = {}
     for mod_name, mod in model.named_modules():
-        for p_name, p in mod.named_parameters(recurse=False):
+        for p_name, _ in mod.named_parameters(recurse=False):
             owners[f"{mod_name}.{p_name}" if mod_name else p_name] = (mod_name, mod)
     linears: dict[str, nn.Linear] = {}
     for name, p in model.named_parameters():

@@ -27,39 +27,29 @@ import torch
 from torch import nn
 
 from tda.methods.output_hessian import apply_output_hessian, output_grad
-from tda.models.structure import mlp_layers, should_use_sparse
+from tda.models.structure import LinearOp, LinearReLUStack, linear_relu_stack, should_use_sparse
 
 
 class MLPCurvature:
     """Block products of the Gauss–Newton or Hessian of a Linear/ReLU stack's summed loss.
     `slices[name]` places each parameter in the flat vector (:meth:`ParamLayout.slices`)."""
 
-    def __init__(self, layers: list[nn.Module], names: dict[int, str], slices: dict[str, slice],
+    def __init__(self, model: nn.Module, stack: LinearReLUStack, slices: dict[str, slice],
                  task: str, curvature: str, dtype: torch.dtype, device: torch.device):
-        self.task, self.curvature = task, curvature
-        self.ops: list[tuple] = []  # ("linear", W [out, in], b or None, W slice, b slice) / ("relu",)
-        for m in layers:
-            if isinstance(m, nn.Linear):
-                b = None if m.bias is None else m.bias.detach().to(device, dtype)
-                self.ops.append(("linear", m.weight.detach().to(device, dtype), b, slices[names[id(m.weight)]],
-                                 None if m.bias is None else slices[names[id(m.bias)]]))
-            elif isinstance(m, nn.ReLU):
-                self.ops.append(("relu",))
+        self.task, self.curvature, self.ops = task, curvature, stack.ops
+        named = dict(model.named_parameters())
+        # per parameter of the stack (indexed by the ops): the tensor, and its slice of the flat vector
+        self.tensors = [named[k].detach().to(device, dtype) for k in stack.names]
+        self.slices = [slices[k] for k in stack.names]
         self._states: dict = {}
 
     @classmethod
     def of(cls, model: nn.Module, slices: dict[str, slice], task: str, curvature: str,
            dtype: torch.dtype, device: torch.device) -> "MLPCurvature | None":
         """The fast path for `model`, or None where it does not apply (not a Linear/ReLU stack,
-        partly frozen, or other trainable parameters than its layers')."""
-        layers = mlp_layers(model)
-        if layers is None or not isinstance([m for m in layers if not isinstance(m, nn.Flatten)][0], nn.Linear):
-            return None
-        by_id = {id(p): k for k, p in model.named_parameters() if p.requires_grad}
-        covered = {id(p) for m in layers if isinstance(m, nn.Linear) for p in m.parameters()}
-        if covered != set(by_id):
-            return None
-        return cls(layers, by_id, slices, task, curvature, dtype, device)
+        tda.models.structure.linear_relu_stack)."""
+        stack = linear_relu_stack(model)
+        return None if stack is None else cls(model, stack, slices, task, curvature, dtype, device)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict:
         """What the products reuse: each linear layer's input (sparse for a sparse first
@@ -67,9 +57,10 @@ class MLPCurvature:
         x = x.reshape(len(x), -1)
         inputs, masks, h = [], [], x
         for op in self.ops:
-            if op[0] == "linear":
+            if isinstance(op, LinearOp):
+                W = self.tensors[op.weight]
                 inputs.append(h.to_sparse() if h is x and should_use_sparse(x, "auto") else h)
-                h = inputs[-1] @ op[1].T if op[2] is None else torch.addmm(op[2], inputs[-1], op[1].T)
+                h = inputs[-1] @ W.T if op.bias is None else torch.addmm(self.tensors[op.bias], inputs[-1], W.T)
             else:
                 masks.append((h > 0).to(h.dtype))  # in the tangents' dtype: an in-place multiply, no cast
                 h = torch.relu(h)
@@ -87,6 +78,10 @@ class MLPCurvature:
                 self._states[key] = state
         return self._product(state, V)
 
+    def _linear(self, op: LinearOp) -> tuple[torch.Tensor, slice, slice | None]:
+        """W [out, in] of a linear op, and the slices of W and b (None: no bias) in the flat vector."""
+        return self.tensors[op.weight], self.slices[op.weight], None if op.bias is None else self.slices[op.bias]
+
     def _product(self, state: dict, V: torch.Tensor) -> torch.Tensor:
         k, m = V.shape[1], state["m"]
         inputs, masks, out = state["inputs"], state["masks"], state["out"]
@@ -94,8 +89,8 @@ class MLPCurvature:
         # R-forward: tangents [m, k, d]; the input's tangent is zero
         tangents, t, li, ri = [], None, 0, 0
         for op in self.ops:
-            if op[0] == "linear":
-                _, W, _, ws, bs = op
+            if isinstance(op, LinearOp):
+                W, ws, bs = self._linear(op)
                 d_out, d_in = W.shape
                 tangents.append(t)
                 dW = V[ws].reshape(d_out, d_in, k)
@@ -113,12 +108,12 @@ class MLPCurvature:
         # R-backward, writing each layer's block of the product
         result = torch.empty(V.shape, dtype=V.dtype, device=V.device)
         for op in reversed(self.ops):
-            if op[0] == "relu":
+            if not isinstance(op, LinearOp):  # ReLU
                 ri -= 1
                 Rg.mul_(masks[ri].unsqueeze(1))
                 g = g * masks[ri] if hessian else None
                 continue
-            _, W, _, ws, bs = op
+            W, ws, bs = self._linear(op)
             li -= 1
             d_out, d_in = W.shape
             # Σ_rows Rg_z a_inᵀ for every column: aᵀ [d_in, m] @ Rg [m, k·d_out]

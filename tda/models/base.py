@@ -47,9 +47,6 @@ class TDAModel(nn.Module):
         """(frozen feature extractor or None, trainable module); composing them is `forward`."""
         raise NotImplementedError
 
-    def frozen_part(self) -> nn.Module | None:
-        return self.split()[0]
-
     def trainable_part(self) -> nn.Module:
         return self.split()[1]
 

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from tda.extras import requires_extra
 from tda.models.base import TDAModel, check_trainable, match_mode
 from tda.pretrained import load_encoder
 
@@ -109,6 +110,7 @@ class TrimmedFrozen(nn.Module):
         return torch.stack(outs)  # type: ignore[arg-type]
 
 
+@requires_extra("text")
 class TextClassifier(TDAModel):
     modalities = ("text",)
     input_dims = 1

@@ -7,7 +7,7 @@ import pandas as pd
 import torch
 
 from tda.evaluation.curves import RELIABILITY_COLUMNS
-from tda.further_training.store import GoldStandard
+from tda.further_training.attribution import GoldStandard
 
 COMPARE = ['evaluate.compare=["seed=0"]']  # compare mode, one experiment: the current overrides
 

@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 
 from helpers.config import compose_config
 from tda.further_training.gold_standard import FurtherTraining
+from tda.further_training.store import GoldStandardSpec
 from tda.models.mlp import MLP
 from tda.problem import AttributionProblem
 
@@ -46,4 +47,4 @@ def toy_problem(ft_overrides, n_left_out=6) -> tuple[DictConfig, AttributionProb
 
 def job_for(cfg) -> FurtherTraining:
     """The further-training job of a composed config."""
-    return FurtherTraining(cfg.further_training, cfg.further_optimizer, trainer=cfg.trainer)
+    return FurtherTraining(GoldStandardSpec.from_config(cfg), accelerator=cfg.trainer.accelerator)

@@ -1,5 +1,5 @@
-"""Public peers run on a :class:`tda.problem.AttributionProblem`, for the cross-checks in the
-tests and benchmarks (the `baselines` extra; each peer is imported only when called).
+"""Public peers run on a :class:`tda.problem.AttributionProblem`, for the benchmarks and the
+cross-checks in the tests (the `baselines` extra; each peer is imported only when called).
 
 kronfluence declares torchvision, a CUDA build on PyPI that this project keeps out, but never
 imports it: install it with `pip install --no-deps kronfluence`.
@@ -12,6 +12,7 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import TensorDataset
 
 from tda.problem import AttributionProblem
 
@@ -22,10 +23,9 @@ def kronfluence_scores(problem: AttributionProblem, strategy: str, damping: floa
     `strategy` ekfac | kfac at the absolute damping λ (classification). Its factors sample one
     label per example from the model (the true Fisher), whose expectation is the Gauss–Newton
     that tda's factors compute exactly."""
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.task import Task
-    from torch.utils.data import TensorDataset
+    from kronfluence.analyzer import Analyzer, prepare_model  # noqa: PLC0415 - optional: the baselines extra
+    from kronfluence.arguments import FactorArguments, ScoreArguments  # noqa: PLC0415 - optional
+    from kronfluence.task import Task  # noqa: PLC0415 - optional
 
     class ClassificationTask(Task):
         def compute_train_loss(self, batch, model, sample=False):

@@ -1,0 +1,35 @@
+"""The evaluate stage: every method of a final model against its gold standard, written into
+`eval/<key>/` (tda.evaluation), or with `evaluate.compare` several experiments in one figure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from tda.evaluation.compare import evaluate_compare
+from tda.evaluation.evaluate import evaluate_run
+from tda.further_training.store import GoldStandardSpec
+from tda.interrupt import Kept
+from tda.preflight import check_config
+from tda.provenance import read_final_model
+from tda.runs import RunDir
+
+
+def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
+    """Evaluate the methods of this final model, or with `evaluate.compare` several experiments,
+    each composed from `overrides` (default: the running Hydra app's) plus its own."""
+    settings = check_config(cfg, "evaluate")
+    if settings.evaluate.compare:
+        return evaluate_compare(cfg, settings.evaluate, overrides)  # each experiment composed from its own overrides
+    run = RunDir.from_config(cfg, settings)
+    spec = GoldStandardSpec.from_config(cfg, settings.further_training)
+    return evaluate_run(cfg, settings.evaluate, spec, run, read_final_model(run))
+
+
+def kept(cfg: DictConfig, started: float) -> Kept:
+    """What an interrupted evaluate stage leaves: the inputs unchanged, and the previous
+    evaluation (its outputs are swapped in as one set, tda.evaluation.output_set)."""
+    run = RunDir.from_config(cfg)
+    return Kept("evaluation", f"the final model, gold standard and method scores in {run.path} are unchanged",
+                "re-run the same command to evaluate again")

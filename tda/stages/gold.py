@@ -1,0 +1,117 @@
+"""The further_train stage: the gold standard of a final model (tda.further_training), written
+seed by seed into `gold/<key>/`. Also reached as `attribute.py method=further_training`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from tda.artifacts import IntegrityError, remove_stale_temp_files
+from tda.config import ConfigError, to_container
+from tda.data.base import DataBundle
+from tda.further_training.gold_standard import FurtherTraining
+from tda.further_training.store import GoldStandardSpec, gold_status, load_gold_standard
+from tda.interrupt import Kept
+from tda.memory import PeakMemory
+from tda.preflight import Settings, check_config
+from tda.provenance import FinalModel, ProvenanceError, read_final_model, read_initial_model
+from tda.runs import RunDir
+from tda.stages.inputs import attribution_problem, load_data
+from tda.tracking import finish, init_wandb, log_gold_progress, mark_cached
+
+log = logging.getLogger(__name__)
+
+
+def further_train(cfg: DictConfig, stage: str = "further_train") -> Path:
+    """The gold standard of the final model (tda.further_training): the seeds of this job
+    (`further_training`, its shard) trained further with a fresh `further_optimizer`, written
+    seed by seed into `gold/<key>/`, which is returned. Finished seeds are kept, so a re-run
+    resumes. `stage` names the entry point in messages and as the W&B job type: `further_train`,
+    or `attribute` for the alias `attribute.py method=further_training`."""
+    settings = check_config(cfg, stage)
+    run = RunDir.from_config(cfg, settings)
+    remove_stale_temp_files(run.path)
+    final = read_final_model(run)  # fail before building anything else
+    data = load_data(cfg, settings)
+    ft = settings.further_training
+    start = _initial_weights(cfg, settings, run, final, data) if ft.start == "initial_weights" else None
+    problem = attribution_problem(cfg, settings, run, data=data, final=final, start_weights=start)
+    spec = GoldStandardSpec.from_config(cfg, ft)
+    out = run.gold_dir(spec.key)
+    wb = init_wandb(cfg, stage, f"{run.path.name}/further_training")
+    try:
+        files = spec.job_files(out)
+        before = _file_states(files)  # unchanged afterwards: every seed was already there (cached)
+        with PeakMemory() as mem:
+            t0 = time.perf_counter()
+            seeds = FurtherTraining(spec, accelerator=settings.trainer.accelerator).run(problem, out)
+            seconds = time.perf_counter() - t0
+        # the merge step: every seed and part present once, all finite (a shard only reports)
+        expected = spec.expected(final.identity, final.selection)
+        log.info(gold_status(out, expected, ft.seeds, complete=not ft.is_sharded))
+        if wb is not None:
+            computed = sum(state != before[p] for p, state in _file_states(files).items())
+            wb.summary.update({"seeds_done": len(seeds), "seeds_computed": computed})
+            if computed:
+                wb.summary.update({"seconds": seconds, "peak_mb": mem.peak_mb})
+            else:
+                mark_cached(wb)
+            _log_gold_progress(wb, out, expected, ft.seeds)
+        return out
+    finally:
+        finish(wb)
+
+
+def _initial_weights(cfg: DictConfig, settings: Settings, run: RunDir, final: FinalModel, data: DataBundle
+                     ) -> dict[str, torch.Tensor]:
+    """`further_training.start=initial_weights` (the retraining gold standard): the final model's
+    initial weights (verified), once the runs are known to repeat its final training."""
+    problems = settings.further_training.retraining_problems(
+        settings.train, to_container(cfg.optimizer), to_container(cfg.further_optimizer),
+        augmenting_dataset=data.name if data.final_training_transform is not None else None)
+    if problems:
+        raise ConfigError.listing("further_training.start=initial_weights (gold_standard=retraining) cannot repeat "
+                                  "the final training", problems)
+    return read_initial_model(run, final)
+
+
+def _log_gold_progress(wb, gold_dir: Path, expected: dict, seeds: list[int]) -> None:
+    """W&B: the size of the gold-standard attribution per checkpoint, over the seeds merged so
+    far (a shard's job may find none of them complete yet: then only a warning)."""
+    try:
+        gold = load_gold_standard(gold_dir, expected, seeds, require_all=False)
+    except (FileNotFoundError, ValueError) as err:
+        if isinstance(err, (ProvenanceError, IntegrityError)):
+            raise  # foreign or damaged files are never glossed over
+        log.warning("not logging further-training progress to W&B: %s", err)
+        return
+    log_gold_progress(wb, gold)
+
+
+def kept(cfg: DictConfig, started: float) -> Kept:
+    """What an interrupted further_train stage leaves: every seed (or part) of this job that was
+    complete; the one in progress is not written."""
+    spec = GoldStandardSpec.from_config(cfg)
+    gold = RunDir.from_config(cfg).gold_dir(spec.key)
+    files = spec.job_files(gold)
+    n = sum(p.is_file() for p in files)
+    unit = "seeds of this left-out shard" if spec.settings.left_out_shard.count > 1 else "seeds"
+    return Kept("further training", f"{n} of {len(files)} {unit} are complete in {gold} (the seed in progress was "
+                                    f"not written)", "re-run the same command to resume")
+
+
+def _file_states(paths: list[Path]) -> dict[Path, tuple[int, int] | None]:
+    """(inode, mtime) of each file, None when absent: equal before and after a job when the job
+    wrote none of them (a cached job)."""
+    out: dict[Path, tuple[int, int] | None] = {}
+    for p in paths:
+        try:
+            st = p.stat()
+            out[p] = (st.st_ino, st.st_mtime_ns)
+        except FileNotFoundError:
+            out[p] = None
+    return out
