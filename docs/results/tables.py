@@ -230,7 +230,10 @@ def examples_md(d: Path, tests: list[int] | None, methods: list[str] | None) -> 
     head, *sections = text.split("\n## Test instance ")
     keep = [s for s in sections if tests is None or int(s.split(" ", 1)[0]) in tests]
     where = d.relative_to(ROOT) if d.is_relative_to(ROOT) else d
-    body = "\n".join(f"\n### Test instance {s.strip()}" for s in keep)
+    # results.md's own headings outline the page: examples.md's title and its per-test-instance
+    # headings become a caption and bold lines
+    head = "\n".join(line for line in head.splitlines() if not line.startswith("# "))
+    body = "\n".join("\n" + re.sub(r"^(.*?)\n", r"**Test instance \1**\n", s.strip(), count=1) for s in keep)
     if methods:
         body = "\n".join(_drop_columns(body.splitlines(), methods))
         head = OVERLAP.sub(lambda m: "; ".join(f"{name} {h} / {b}" for name, h, b in OVERLAP_ITEM.findall(m[1])
