@@ -234,6 +234,8 @@ def examples_md(d: Path, tests: list[int] | None, methods: list[str] | None) -> 
     # headings become a caption and bold lines
     head = "\n".join(line for line in head.splitlines() if not line.startswith("# "))
     body = "\n".join("\n" + re.sub(r"^(.*?)\n", r"**Test instance \1**\n", s.strip(), count=1) for s in keep)
+    # an image beside examples.md is named by its path, since the page quoting the table lies elsewhere
+    body = IMAGE.sub(lambda m: f"({m[1]}: `{where}/{m[2]}`)", body)
     if methods:
         body = "\n".join(_drop_columns(body.splitlines(), methods))
         head = OVERLAP.sub(lambda m: "; ".join(f"{name} {h} / {b}" for name, h, b in OVERLAP_ITEM.findall(m[1])
@@ -241,6 +243,7 @@ def examples_md(d: Path, tests: list[int] | None, methods: list[str] | None) -> 
     return "\n".join([f"`{where}/examples.md`:", "", head.strip(), body])
 
 
+IMAGE = re.compile(r"^!\[(.*?)\]\((.*?)\)$", re.M)  # examples.md's figure of a test instance's examples
 OVERLAP = re.compile(r"(?<=\(helpful / harmful\): )(.*)$", re.M)  # examples.md's list of every method's overlap
 OVERLAP_ITEM = re.compile(r"(\S+) (\d\.\d+) / (\d\.\d+)")
 CELL = re.compile(r"(?<!\\)\|")  # a cell border: a | that md_escape did not escape
