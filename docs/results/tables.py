@@ -14,12 +14,18 @@ distance (‖θ_t − θ_start‖), class (class structure), retraining (further
 retraining), reliability (split-half), agreement (method vs method; `--methods`), solver (the
 iterative solvers' records: damping, scale, residual), sorted (sorted-score profiles, the
 paper's Figure 10, as numbers), examples (examples.md, the paper's Table 2; `--test` ids).
+
+docs/results.md keeps each table it quotes between `<!-- tables.py <arguments> -->` and
+`<!-- /tables.py -->`; `python docs/results/tables.py --check docs/results.md` prints every such
+table again from the files and lists those that now differ (exit status 1) or whose evaluation
+directory is absent, `--refresh` rewrites them.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -31,12 +37,16 @@ from tda.further_training.store import further_training_key
 from tda.resources import config_dir
 from tda.runs import RunDir
 
-ROOT = Path(__file__).resolve().parents[2]  # the tables name files relative to the repository
 
 def eval_dir(overrides: list[str]) -> Path:
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose(config_name="evaluate", overrides=overrides)
     return RunDir.from_config(cfg).eval_dir(further_training_key(cfg))
+
+
+def shown(d: Path) -> Path:
+    """An evaluation directory as the docs name it, `runs/<run>/eval/<key>`, wherever the runs are."""
+    return Path("runs", *d.parts[-3:])
 
 
 def fmt(v: float) -> str:
@@ -47,7 +57,7 @@ def caption(d: Path, file: str, what: str) -> str:
     done = load_json(d / "evaluated.json")
     meta = load_json(Path(done["gold"]) / "meta.json")
     sim = pd.read_csv(d / "similarity.csv")
-    return (f"`{d.relative_to(ROOT) if d.is_relative_to(ROOT) else d}/{file}`: {what}; {len(done['seeds'])} seeds, "
+    return (f"`{shown(d)}/{file}`: {what}; {len(done['seeds'])} seeds, "
             f"{len(meta['test_indices'])} test x {len(meta['left_out_indices'])} left-out instances, "
             f"{sim.checkpoint.nunique()} checkpoints ({sim.x_name.iloc[0]} {sim.x.min():g}–{sim.x.max():g})")
 
@@ -229,7 +239,7 @@ def examples_md(d: Path, tests: list[int] | None, methods: list[str] | None) -> 
     text = (d / "examples.md").read_text()
     head, *sections = text.split("\n## Test instance ")
     keep = [s for s in sections if tests is None or int(s.split(" ", 1)[0]) in tests]
-    where = d.relative_to(ROOT) if d.is_relative_to(ROOT) else d
+    where = shown(d)
     # results.md's own headings outline the page: examples.md's title and its per-test-instance
     # headings become a caption and bold lines
     head = "\n".join(line for line in head.splitlines() if not line.startswith("# "))
@@ -319,8 +329,8 @@ def reliability(d: Path, at: list[float] | None, metric: str) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
-    argv = sys.argv[1:]
+def render(argv: list[str]) -> str:
+    """The tables `argv` asks for (`<evaluate overrides> -- <tables> [options]`), as markdown."""
     split = argv.index("--") if "--" in argv else len(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tables", nargs="+", choices=["similarity", "seeds", "adjustment", "contrast", "distance",
@@ -334,16 +344,56 @@ def main() -> None:
     parser.add_argument("--test", nargs="*", type=int, help="examples: test instance ids to show; default: all")
     args = parser.parse_args(argv[split + 1:])
     d = eval_dir(argv[:split])
-    for table in args.tables:
-        print({"similarity": lambda: similarity(d, args.at, args.metric, args.methods),
-               "seeds": lambda: seeds(d, args.metric, args.methods, args.uncentred),
-               "adjustment": lambda: adjustment(d, args.metric), "distance": lambda: distance(d, args.at),
-               "class": lambda: class_structure(d, args.at), "retraining": lambda: retraining(d, args.metric),
-               "reliability": lambda: reliability(d, args.at, args.metric),
-               "contrast": lambda: contrast(d, args.metric, args.methods),
-               "agreement": lambda: agreement(d, args.methods, args.metric),
-               "solver": lambda: solver(d, args.metric), "sorted": lambda: sorted_profiles(d, args.methods),
-               "examples": lambda: examples_md(d, args.test, args.methods)}[table](), end="\n\n")
+    return "\n\n".join({"similarity": lambda: similarity(d, args.at, args.metric, args.methods),
+                         "seeds": lambda: seeds(d, args.metric, args.methods, args.uncentred),
+                         "adjustment": lambda: adjustment(d, args.metric), "distance": lambda: distance(d, args.at),
+                         "class": lambda: class_structure(d, args.at), "retraining": lambda: retraining(d, args.metric),
+                         "reliability": lambda: reliability(d, args.at, args.metric),
+                         "contrast": lambda: contrast(d, args.metric, args.methods),
+                         "agreement": lambda: agreement(d, args.methods, args.metric),
+                         "solver": lambda: solver(d, args.metric), "sorted": lambda: sorted_profiles(d, args.methods),
+                         "examples": lambda: examples_md(d, args.test, args.methods)}[table]()
+                        for table in args.tables)
+
+
+# a block of a page that this script wrote: its arguments, then its output, then the closing marker
+BLOCK = re.compile(r"^<!-- tables\.py (.+?) -->\n(.*?)^<!-- /tables\.py -->$", re.M | re.S)
+
+
+def refresh(page: Path, check: bool) -> int:
+    """Every block of `page` between `<!-- tables.py ARGS -->` and `<!-- /tables.py -->` printed
+    again from its ARGS (shell-quoted as on the command line). Rewrites the page, or with `check`
+    only lists the blocks whose files now print something else. Blocks whose evaluation directory
+    is absent are kept as they are and listed. Returns the number of blocks that differ."""
+    text, differ, absent = page.read_text(), [], []
+
+    def again(m: re.Match) -> str:
+        try:
+            out = render(shlex.split(m[1]))
+        except FileNotFoundError as e:
+            absent.append(f"{m[1]}: {e.filename} is absent")
+            return m[0]
+        if out.strip() != m[2].strip():
+            differ.append(m[1])
+        return f"<!-- tables.py {m[1]} -->\n{out.strip()}\n<!-- /tables.py -->"
+
+    new = BLOCK.sub(again, text)
+    for line in absent:
+        print(f"kept (not re-run here): {line}")
+    for line in differ:
+        print(f"{'differs' if check else 'updated'}: {line}")
+    if not check and new != text:
+        page.write_text(new)
+    return len(differ)
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    if argv and argv[0] in ("--refresh", "--check"):
+        if len(argv) != 2:
+            sys.exit(f"usage: tables.py {argv[0]} <page.md>")
+        sys.exit(1 if refresh(Path(argv[1]), check=argv[0] == "--check") and argv[0] == "--check" else 0)
+    print(render(argv), end="\n\n")
 
 
 if __name__ == "__main__":
