@@ -384,6 +384,9 @@ def refresh(page: Path, check: bool) -> int:
         print(f"{'differs' if check else 'updated'}: {line}")
     if not check and new != text:
         page.write_text(new)
+    n = len(BLOCK.findall(text))
+    print(f"{page}: {n} tables, {n - len(differ) - len(absent)} as their files print them, "
+          f"{len(differ)} {'differ' if check else 'updated'}, {len(absent)} kept (evaluation absent)")
     return len(differ)
 
 
