@@ -202,6 +202,15 @@ def test_new_configs_compose_with_the_papers_settings():
             ("sgd", 3e-2, 500, 128, 100, "drop")
         assert (cfg.selection.left_out_every, cfg.selection.n_test, cfg.selection.stratify) == \
             ({"concrete": 9, "energy": 7}[name], None, False)
+    for name in ("energy", "energy_cpu"):  # the authors' Energy CG / LiSSA settings, only for those methods
+        cg = compose_config("attribute", [f"experiment={name}", "method=cg"]).method
+        lissa = compose_config("attribute", [f"experiment={name}", "method=lissa"]).method
+        assert (cg.damping_multiple, lissa.damping_multiple, lissa.scale, lissa.depth, lissa.repeat) == \
+            (1000.0, 1000.0, 10, 5000, 1)
+        assert "damping_multiple" not in compose_config("attribute", [f"experiment={name}", "method=grad_dot"]).method
+        assert compose_config("attribute", [f"experiment={name}", "method=lissa", "method.scale=20"]).method.scale == 20
+    for name in ("concrete", "folktables_sgd"):
+        assert compose_config("attribute", [f"experiment={name}", "method=cg"]).method.damping_multiple == 100.0
     fico = compose_config("train", ["experiment=fico"])
     assert (fico.optimizer.lr, fico.train.epochs, fico.further_optimizer.lr, fico.further_training.epochs,
             fico.selection.n_left_out, fico.selection.n_test) == (1e-3, 1000, 1e-4, 200, 100, 100)

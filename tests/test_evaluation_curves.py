@@ -91,9 +91,21 @@ def test_split_half_reliability_matches_a_direct_computation():
         direct = ((h1 * h2).sum(-1) / (np.linalg.norm(h1, axis=-1) * np.linalg.norm(h2, axis=-1))).mean(-1)
         got = rel[(rel.metric == "cosine") & (rel.centered == centered)].sort_values("checkpoint")
         np.testing.assert_allclose(got["mean"], direct, rtol=1e-12)
-        assert (got.seeds_per_half == 3).all() and (got.projected_seeds == 6).all()  # 3 vs 3, projected to 6 of 7
+        assert (got.seeds_per_half == 3).all() and (got.projected_seeds == 7).all()  # 3 vs 3, projected to all 7
         r = got["mean"].to_numpy()
-        np.testing.assert_allclose(got["projected"], np.where(r > 0, np.sqrt(2 * r / (1 + r)), np.nan), rtol=1e-12)
+        # Spearman–Brown from 3 seeds to the 7 the methods are scored against: m = 7/3
+        m = 7 / 3
+        np.testing.assert_allclose(got["projected"], np.where(r > 0, np.sqrt(m * r / (1 + (m - 1) * r)), np.nan),
+                                   rtol=1e-12)
+    # the worked case: 3 seeds, halves of 1, r = .686 -> sqrt(3r / (1 + 2r)) = .931 (not .90 for 2 seeds)
+    r = 0.686
+    assert abs(math.sqrt(3 * r / (1 + 2 * r)) - 0.9315) < 5e-4
+    three = synthetic_gold(S=3)
+    rel3 = split_half_reliability(lambda c, w: three.attribution(center=c, seeds=w), 3, "epoch", [1.0, 2.0, 3.0])
+    r3 = rel3["mean"].to_numpy()
+    assert (rel3.projected_seeds == 3).all()
+    np.testing.assert_allclose(rel3["projected"], np.where(r3 > 0, np.sqrt(3 * r3 / (1 + 2 * r3)), np.nan),
+                               rtol=1e-12)
     # identical halves: perfectly reliable
     same = synthetic_gold(S=4)
     same.diff[..., 2:] = same.diff[..., :2]

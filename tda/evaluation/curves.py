@@ -166,12 +166,15 @@ def split_half_reliability(attribution: Callable[[bool, list[int]], torch.Tensor
 
     This is the agreement of two gold standards of k seeds each: a ceiling on how well any
     method can agree with a gold standard that noisy. `projected` is its Spearman–Brown
-    projection to `projected_seeds` = 2k seeds (all n_seeds only when n_seeds is even),
-    sqrt(2r / (1 + r)): the expected agreement of the noise-free attribution with a gold
-    standard of 2k seeds (classical test theory; only defined for r > 0)."""
+    projection to `projected_seeds` = n_seeds, the gold standard every method is scored
+    against: with m = n_seeds / k, sqrt(m·r / (1 + (m − 1)·r)) — the expected agreement of the
+    noise-free attribution with a gold standard of all n_seeds seeds (classical test theory;
+    only defined for r > 0). An odd n_seeds leaves one seed out of the halves but not of the
+    projection."""
     if n_seeds < 2:
         return pd.DataFrame(columns=RELIABILITY_COLUMNS)
     half = n_seeds // 2
+    m = n_seeds / half  # the scored gold standard holds m times a half's seeds
     rows = []
     for centered in centering:
         a = attribution(centered, list(range(half)))
@@ -179,8 +182,8 @@ def split_half_reliability(attribution: Callable[[bool, list[int]], torch.Tensor
         for metric, fn in METRICS.items():
             for t in range(a.shape[0]):
                 mean, se, n, skipped = mean_and_se(fn(a[t], b[t]))
-                projected = math.sqrt(2 * mean / (1 + mean)) if mean > 0 else math.nan
-                rows.append([metric, centered, t, xs[t], x_name, mean, se, n, skipped, half, 2 * half, projected])
+                projected = math.sqrt(m * mean / (1 + (m - 1) * mean)) if mean > 0 else math.nan
+                rows.append([metric, centered, t, xs[t], x_name, mean, se, n, skipped, half, n_seeds, projected])
     return pd.DataFrame(rows, columns=RELIABILITY_COLUMNS)
 
 

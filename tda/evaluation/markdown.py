@@ -125,9 +125,10 @@ def glossary(x_name: str, summary: pd.DataFrame, reliability: bool = True, seed_
         lines.append("- **split-half reliability** (gold split-half, **k vs k seeds**; `seeds_per_half` = k): the "
                      "same similarity between two gold standards averaged over disjoint sets of k = ⌊n_seeds / 2⌋ "
                      "seeds each (with an odd number of seeds the last one is unused). It measures how reproducible "
-                     "the gold standard is, a ceiling on how well any method can agree with it. **projected to 2k "
-                     "seeds** (`projected`, at `projected_seeds` = 2k): its Spearman–Brown projection "
-                     "sqrt(2r / (1 + r)) to a gold standard of 2k seeds.")
+                     "the gold standard is, a ceiling on how well any method can agree with it. **projected to n_seeds "
+                     "seeds** (`projected`, at `projected_seeds` = n_seeds): its Spearman–Brown projection "
+                     "sqrt(m·r / (1 + (m − 1)·r)), m = n_seeds / k, to the gold standard of all the seeds, the one "
+                     "every method is scored against.")
     if seed_windows:
         lines.append("- **seeds averaged (K)**: the gold standard recomputed from K seeds only, once per "
                      "non-overlapping window of K seeds (`definition` in seed_windows.csv): **peak of the "
