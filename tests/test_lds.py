@@ -23,7 +23,8 @@ from tda.artifacts import load_tensors, save_tensors
 from tda.config import ConfigError, build
 from tda.evaluation.lds import lds, lds_per_test, loo_correlation
 from tda.further_training.store import GoldStandardSpec, further_training_key
-from tda.further_training.subset_gold import MASKS, SubsetTraining, load_subset_gold_standard
+from tda.further_training.subset_gold import SubsetTraining
+from tda.further_training.subset_store import MASKS, load_subset_gold_standard
 from tda.further_training.subsets import run_seed
 from tda.problem import AttributionProblem
 from tda.provenance import ProvenanceError

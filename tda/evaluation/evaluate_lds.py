@@ -24,7 +24,7 @@ from tda.evaluation.progress import Steps
 from tda.evaluation.wandb_logging import log_to_wandb
 from tda.further_training.related import leave_one_out_beside
 from tda.further_training.store import GoldStandardSpec
-from tda.further_training.subset_gold import SubsetGoldStandard, load_subset_gold_standard
+from tda.further_training.subset_store import SubsetGoldStandard, load_subset_gold_standard
 from tda.provenance import FinalModel
 from tda.runs import RunDir
 

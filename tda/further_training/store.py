@@ -300,7 +300,7 @@ def load_gold_standard(gold_dir: Path, expected: dict | None = None, seeds: list
     meta = read_meta(gold_dir, expected)
     if runs_of(meta["further_training"]) == "subsets":
         raise ValueError(f"{gold_dir} holds a subset gold standard (further_training.runs=subsets), not a "
-                         f"leave-one-out one; read it with tda.further_training.subset_gold.load_subset_gold_standard")
+                         f"leave-one-out one; read it with tda.further_training.subset_store.load_subset_gold_standard")
     n_left_out = len(meta["left_out_indices"])
     present, merged, files = merge_seeds(
         gold_dir, meta, seeds, require_all,

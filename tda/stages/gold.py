@@ -18,7 +18,8 @@ from tda.config import ConfigError, to_container
 from tda.data.base import DataBundle
 from tda.further_training.gold_standard import FurtherTraining
 from tda.further_training.store import GoldStandardSpec, gold_status, load_gold_standard
-from tda.further_training.subset_gold import SubsetTraining, load_subset_gold_standard
+from tda.further_training.subset_gold import SubsetTraining, require_every_training_instance
+from tda.further_training.subset_store import load_subset_gold_standard
 from tda.further_training.subsets import initialisation_seed
 from tda.interrupt import Kept
 from tda.memory import PeakMemory
@@ -45,7 +46,7 @@ def further_train(cfg: DictConfig, stage: str = "further_train") -> Path:
     ft = settings.further_training
     subsets = ft.runs == "subsets"
     if subsets:
-        _require_every_training_instance(run, final, len(data.train))
+        require_every_training_instance(final.selection["left_out_indices"], len(data.train), run.path.name)
     start = _initial_weights(cfg, settings, run, final, data) if ft.start == "initial_weights" else None
     problem = attribution_problem(cfg, settings, run, data=data, final=final, start_weights=start)
     spec = GoldStandardSpec.from_config(cfg, ft)
@@ -78,18 +79,6 @@ def further_train(cfg: DictConfig, stage: str = "further_train") -> Path:
         return out
     finally:
         finish(wb)
-
-
-def _require_every_training_instance(run: RunDir, final: FinalModel, n_train: int) -> None:
-    """The subset gold standard is read by the linear datamodeling score, which sums each method's
-    scores over a subset's rows: the run's methods must score every training instance."""
-    left_out = final.selection["left_out_indices"]
-    if sorted(left_out) != list(range(n_train)):
-        raise ConfigError(f"further_training.runs=subsets: the linear datamodeling score sums each method's scores "
-                          f"over a subset's training rows, but the selection of {run.path.name} attributes "
-                          f"{len(left_out)} of the {n_train} training instances; train, attribute and further-train "
-                          f"with selection.n_left_out=null (a run directory of its own, whose methods score every "
-                          f"training instance)")
 
 
 def _fresh_weights(cfg: DictConfig, data: DataBundle) -> Callable[[int], dict[str, torch.Tensor]]:
