@@ -36,25 +36,32 @@ SUBSETS = ["further_training.runs=subsets", "further_training.subsets.count=5", 
            "further_training.dtype=float64", "further_optimizer.lr=0.05", "trainer.progress_bar=false"]
 
 
-def toy(overrides=()):
+def toy(overrides=(), task="classification"):
     """(the attribute config, a 23-row MLP problem scoring every training instance): 23 rows at
     fraction 0.6 keep 13, so an epoch of batches of 4 ends with a shorter batch."""
     cfg = compose_config("attribute", [*SUBSETS, *overrides])
     x, y, xt, yt = data(n=23)
-    problem = AttributionProblem(model=mlp(6), task="classification", x_train=x, y_train=y, x_test=xt, y_test=yt,
-                                 left_out_indices=torch.arange(23), test_indices=torch.arange(len(xt)))
+    if task == "regression":
+        y, yt = x[:, 0] - 2 * x[:, 1], xt[:, 0] - 2 * xt[:, 1]
+    problem = AttributionProblem(model=mlp(6, classes=1 if task == "regression" else 3), task=task, x_train=x,
+                                 y_train=y, x_test=xt, y_test=yt, left_out_indices=torch.arange(23),
+                                 test_indices=torch.arange(len(xt)))
     return cfg, problem
 
 
-def compute(cfg, problem, gold_dir, load=True):
+def compute(cfg, problem, gold_dir, load=True, initial_weights=None):
     spec = GoldStandardSpec.from_config(cfg)
-    SubsetTraining(spec).run(problem, gold_dir)
+    SubsetTraining(spec).run(problem, gold_dir, initial_weights)
     return load_subset_gold_standard(gold_dir, seeds=spec.settings.seeds) if load else None
 
 
-def plain_loop(cfg, problem, rows: torch.Tensor, seed: int, subset: int) -> tuple[np.ndarray, np.ndarray]:
-    """One model trained on `rows` alone, the obvious way: (margin, loss) [epochs, n_test]."""
+def plain_loop(cfg, problem, rows: torch.Tensor, seed: int, subset: int, start=None) -> tuple[np.ndarray, np.ndarray]:
+    """One model trained on `rows` alone, the obvious way: (margin, loss) [epochs, n_test], or for
+    regression (prediction, squared error). `start`: its initial weights (default: the problem's)."""
     model = copy.deepcopy(problem.model)
+    if start is not None:
+        model.load_state_dict(start)
+    regression = problem.task == "regression"
     opt = build(cfg.further_optimizer)([p for p in model.parameters() if p.requires_grad])
     loader = DataLoader(TensorDataset(problem.x_train[rows], problem.y_train[rows]),
                         batch_size=cfg.further_training.batch_size,
@@ -64,11 +71,15 @@ def plain_loop(cfg, problem, rows: torch.Tensor, seed: int, subset: int) -> tupl
     for _ in range(cfg.further_training.epochs):
         for xb, yb in loader:
             opt.zero_grad()
-            F.cross_entropy(model(xb), yb).backward()
+            (F.mse_loss(model(xb)[:, 0], yb) if regression else F.cross_entropy(model(xb), yb)).backward()
             opt.step()
         with torch.no_grad():
             logits = model(problem.x_test).numpy()
         yt = problem.y_test.numpy()
+        if regression:
+            margins.append(logits[:, 0])
+            losses.append((logits[:, 0] - yt) ** 2)
+            continue
         correct = logits[np.arange(len(yt)), yt]
         others = np.where(np.eye(logits.shape[1], dtype=bool)[yt], -np.inf, logits)
         top = others.max(1, keepdims=True)
@@ -94,6 +105,20 @@ def test_every_subset_run_is_a_model_trained_on_its_rows_alone(engine, tmp_path)
     assert gold.meta["subsets"] | {"masks_sha256": None} == {"count": 5, "fraction": 0.6, "seed": 0, "size": 13,
                                                              "masks_sha256": None}
     assert not torch.equal(gold.outputs["margin"][..., 0], gold.outputs["margin"][..., 1])
+
+
+def test_regression_records_the_prediction_and_fresh_weights_start_each_seed(tmp_path):
+    """Regression: the prediction and the squared error; `initialisation=per_seed`: each seed's
+    runs start from that seed's weights (the stage passes the model built afresh)."""
+    cfg, problem = toy(task="regression")
+    starts = {seed: mlp(6, classes=1, seed=100 + seed).state_dict() for seed in (0, 1)}
+    gold = compute(cfg, problem, tmp_path / "gold", initial_weights=starts.__getitem__)
+    assert sorted(gold.outputs) == ["loss", "prediction"]
+    for s, seed in enumerate(gold.seeds):
+        for i in range(len(gold.masks)):
+            prediction, loss = plain_loop(cfg, problem, gold.masks[i].nonzero().flatten(), seed, i, starts[seed])
+            np.testing.assert_allclose(gold.outputs["prediction"][:, :, i, s].numpy(), prediction, rtol=0, atol=1e-12)
+            np.testing.assert_allclose(gold.outputs["loss"][:, :, i, s].numpy(), loss, rtol=0, atol=1e-12)
 
 
 def test_blocks_resume_and_provenance(tmp_path):
