@@ -7,6 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from tda.config import ConfigError
 from tda.evaluation.compare import evaluate_compare
 from tda.evaluation.evaluate import evaluate_run
 from tda.evaluation.evaluate_lds import evaluate_lds_run
@@ -22,6 +23,10 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     each composed from `overrides` (default: the running Hydra app's) plus its own."""
     settings = check_config(cfg, "evaluate")
     if settings.evaluate.compare:
+        if settings.further_training.runs == "subsets":
+            raise ConfigError("evaluate.compare sets the similarity curves of several experiments side by side; the "
+                              "linear datamodeling score (further_training.runs=subsets) is evaluated one experiment "
+                              "at a time: leave evaluate.compare empty")
         return evaluate_compare(cfg, settings.evaluate, overrides)  # each experiment composed from its own overrides
     run = RunDir.from_config(cfg, settings)
     spec = GoldStandardSpec.from_config(cfg, settings.further_training)
