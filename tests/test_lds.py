@@ -26,6 +26,7 @@ from tda.further_training.store import GoldStandardSpec, further_training_key
 from tda.further_training.subset_gold import SubsetTraining
 from tda.further_training.subset_store import MASKS, load_subset_gold_standard
 from tda.further_training.subsets import run_seed
+from tda.preflight import check_config
 from tda.problem import AttributionProblem
 from tda.provenance import ProvenanceError
 from tda.runs import RunDir
@@ -217,3 +218,17 @@ def test_a_selection_that_does_not_cover_the_training_set_is_refused():
     with pytest.raises(ConfigError, match="selection.n_left_out=null"):
         attribute(compose_config("attribute", [*overrides, "gold_standard=further_training_subsets",
                                                "method=further_training"]))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["further_training.estimator=derivative", "further_training.removal=mask"], "has no derivative estimator"),
+    (["further_training.subsets.fraction=1.0"], "strictly between 0 and 1"),
+    (["further_training.subsets.block.count=101"], "more blocks than there are subsets"),
+    (["further_training.subsets.initialisation=per_seed"], "only retraining"),
+    (["further_training.left_out_shard.count=2"], "subsets.block.index / .count instead"),
+])
+def test_what_a_subset_gold_standard_cannot_be_is_refused_before_any_work(overrides, message):
+    cfg = compose_config("attribute", [*SMALL, "gold_standard=further_training_subsets", "method=further_training",
+                                       *overrides])
+    with pytest.raises(ConfigError, match=message):
+        check_config(cfg, "attribute")
