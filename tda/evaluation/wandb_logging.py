@@ -94,7 +94,9 @@ def log_to_wandb(cfg: DictConfig, name: str, tables: dict[str, pd.DataFrame], fi
     import wandb  # noqa: PLC0415 - slow to import: only when the logger is on
 
     try:
-        curves, reliability = tables["similarity"], tables.get("reliability")
+        # the similarity curves, or against a subset gold standard the LDS (tda.evaluation.evaluate_lds)
+        curves = tables["similarity"] if "similarity" in tables else tables["lds"]
+        reliability = tables.get("reliability")
         rows = wandb_curve_rows(curves, reliability, x_name, series, tables.get("topk"), tables.get("gold_agreement"),
                                 tables.get("adjustment"), tables.get("distance"), tables.get("class_structure"))
         wb.define_metric(x_name, hidden=False)

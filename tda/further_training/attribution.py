@@ -14,12 +14,37 @@ from tda.further_training.settings import FurtherTrainingSettings
 FURTHER_TRAIN_COMMAND = "the further_train stage (`tda-further-train <same overrides>`)"
 
 
+def runs_of(recorded: dict) -> str:
+    """`leave_one_out` or `subsets`: the runs of a gold standard's recorded settings (its keyed
+    settings, meta.json's `further_training`)."""
+    return str(recorded.get("runs", FurtherTrainingSettings.default("runs")))  # absent: at its default
+
+
 def gold_kind(recorded: dict) -> str:
-    """`retraining` or `further training`: the kind of gold standard of recorded settings (its
-    keyed settings, meta.json's `further_training`): retraining starts from the final model's
-    initial weights (`start: initial_weights`), further training from θᶠ."""
+    """`retraining` or `further training`, and for a subset gold standard `retraining subsets` or
+    `further training subsets`: the kind of gold standard of recorded settings (its keyed
+    settings, meta.json's `further_training`): retraining starts from the final model's initial
+    weights (`start: initial_weights`), further training from θᶠ."""
     start = recorded.get("start", FurtherTrainingSettings.default("start"))  # absent: at its default
-    return "retraining" if start == "initial_weights" else "further training"
+    kind = "retraining" if start == "initial_weights" else "further training"
+    return f"{kind} subsets" if runs_of(recorded) == "subsets" else kind
+
+
+def checkpoint_axis(recorded: dict, n_rows: int | None, n_checkpoints: int) -> tuple[str, list[float]]:
+    """Name and values of a gold standard's checkpoint axis: the epochs, or, with
+    `checkpoint_every_steps`, the steps of the checkpoints of its recorded settings over epochs of
+    `n_rows` rows (the training set, or a subset's rows); `n_checkpoints`: how many its files hold."""
+    settings = FurtherTrainingSettings.from_record(recorded)
+    if not settings.checkpoint_every_steps:
+        return "epoch", [float(i + 1) for i in range(n_checkpoints)]
+    if n_rows is None:
+        raise ValueError(f"the gold standard's meta.json records no n_train, which the steps of its checkpoints "
+                         f"are computed from; delete it and re-run {FURTHER_TRAIN_COMMAND}")
+    steps = settings.checkpoint_steps(n_rows)
+    if len(steps) != n_checkpoints:
+        raise ValueError(f"the gold standard's settings give {len(steps)} checkpoints but its files hold "
+                         f"{n_checkpoints}; delete it and re-run {FURTHER_TRAIN_COMMAND}")
+    return "step", [float(s) for s in steps]
 
 
 @dataclass
@@ -51,17 +76,7 @@ class GoldStandard:
         """Name and values of the x axis: the epochs, or, with `checkpoint_every_steps`, the steps of
         the checkpoints (FurtherTrainingSettings.checkpoint_steps of the recorded settings and
         meta.json's n_train)."""
-        settings = FurtherTrainingSettings.from_record(self.meta["further_training"])
-        if not settings.checkpoint_every_steps:
-            return "epoch", [float(i + 1) for i in range(self.n_checkpoints)]
-        if "n_train" not in self.meta:
-            raise ValueError(f"the gold standard's meta.json records no n_train, which the steps of its checkpoints "
-                             f"are computed from; delete it and re-run {FURTHER_TRAIN_COMMAND}")
-        steps = settings.checkpoint_steps(self.meta["n_train"])
-        if len(steps) != self.n_checkpoints:
-            raise ValueError(f"the gold standard's settings give {len(steps)} checkpoints but its files hold "
-                             f"{self.n_checkpoints}; delete it and re-run {FURTHER_TRAIN_COMMAND}")
-        return "step", [float(s) for s in steps]
+        return checkpoint_axis(self.meta["further_training"], self.meta.get("n_train"), self.n_checkpoints)
 
     def attribution(self, center: bool = True, adjust: bool = True,
                     seeds: slice | list[int] | None = None) -> torch.Tensor:

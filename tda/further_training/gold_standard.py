@@ -20,18 +20,17 @@ import copy
 import fcntl
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 
 from tda.artifacts import save_tensors
 from tda.config import build
 from tda.exits import DivergedError
 from tda.further_training.derivative import WeightedTrajectory
-from tda.further_training.engine import FurtherTrainingModule, GroupTrainer
+from tda.further_training.engine import GroupTrainer, fit_runs
 from tda.further_training.optim import optimizer_spec
 from tda.further_training.progress import GoldProgress, quiet_lightning
 from tda.further_training.reference import epoch_permutations, further_train_record, test_losses
@@ -96,6 +95,49 @@ def _torch_device(accelerator: str) -> torch.device:
     return torch.device(name)
 
 
+def training_tensors(problem: AttributionProblem, dtype: torch.dtype
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_train, y_train, x_test, y_test) of `problem` as the runs train on them: floating-point
+    inputs (not token ids) and regression targets in `dtype`."""
+    x = problem.x_train.to(dtype) if problem.x_train.is_floating_point() else problem.x_train
+    x_test = problem.x_test.to(dtype) if problem.x_test.is_floating_point() else problem.x_test
+    y, y_test = problem.y_train, problem.y_test
+    if problem.task == "regression":
+        y, y_test = y.to(dtype), y_test.to(dtype)
+    return x, y, x_test, y_test
+
+
+def compute_seeds(gold_dir: Path, seeds: list[int], part: tuple[int, int] | None,
+                  verified: Callable[[int, Path], bool], compute: Callable[[int, Path], None],
+                  bar: GoldProgress) -> list[int]:
+    """Compute each of `seeds` (its file for this `part`) that is not yet on disk: `verified(seed,
+    path)` says whether its file exists and verifies (raising if it belongs elsewhere),
+    `compute(seed, path)` writes it. Each seed is computed under its lock; seeds another job is
+    computing are left for last, then awaited (and computed if that job stopped). Returns the
+    seeds done, sorted."""
+    done, busy = [], []
+    for seed in seeds:
+        path = seed_file(gold_dir, seed, part)
+        with seed_lock(gold_dir, seed, part, wait=False) as held:
+            if not held:
+                log.info("seed %d is being computed by another job; moving on to the next seed", seed)
+                busy.append(seed)
+                continue
+            if not verified(seed, path):
+                compute(seed, path)
+        bar.seed_done(seed)
+        done.append(seed)
+    for seed in busy:
+        path = seed_file(gold_dir, seed, part)
+        log.info("waiting for the job that computes seed %d", seed)
+        with seed_lock(gold_dir, seed, part, wait=True):
+            if not verified(seed, path):
+                compute(seed, path)  # that job stopped before finishing it
+        bar.seed_done(seed)
+        done.append(seed)
+    return sorted(done)
+
+
 @contextlib.contextmanager
 def seed_lock(gold_dir: Path, seed: int, part: tuple[int, int] | None, wait: bool) -> Iterator[bool]:
     """An exclusive lock on one seed (or part (index, count) of it) of the gold standard in
@@ -135,12 +177,8 @@ class FurtherTraining:
         gold_dir = Path(gold_dir)
         dtype = getattr(torch, ft.dtype)
         model = with_batchnorm_momentum(problem.model.to(dtype), ft.batchnorm_momentum)
-        x = problem.x_train.to(dtype) if problem.x_train.is_floating_point() else problem.x_train
-        x_test = problem.x_test.to(dtype) if problem.x_test.is_floating_point() else problem.x_test
+        x, y, x_test, y_test = training_tensors(problem, dtype)
         ft.checkpoint_steps(len(x))  # a schedule with no (or a misplaced) checkpoint is refused before any work
-        y, y_test = problem.y_train, problem.y_test
-        if problem.task == "regression":
-            y, y_test = y.to(dtype), y_test.to(dtype)
         opt_node = self.spec.further_optimizer
         engine = "derivative" if ft.estimator == "derivative" else ft.engine
         if engine in ("stacked", "derivative"):
@@ -192,28 +230,10 @@ class FurtherTraining:
 
         groups_per_seed = 1 if engine == "derivative" else -(-(1 + len(left_out)) // group)
         unit = {"reference": "run", "derivative": f"{mode} pass"}.get(engine, "group")
-        done, busy = [], []
         with quiet_lightning(), GoldProgress(seeds, groups_per_seed, unit, enabled=ft.progress_bar) as bar:
-            for seed in seeds:  # seeds another job is computing are left for last, then awaited
-                path = seed_file(gold_dir, seed, part)
-                with seed_lock(gold_dir, seed, part, wait=False) as held:
-                    if not held:
-                        log.info("seed %d is being computed by another job; moving on to the next seed", seed)
-                        busy.append(seed)
-                        continue
-                    if not verified_seed(path, identity, seed, (index, count), (start, stop)):
-                        compute(seed, path, bar)
-                bar.seed_done(seed)
-                done.append(seed)
-            for seed in busy:
-                path = seed_file(gold_dir, seed, part)
-                log.info("waiting for the job that computes seed %d", seed)
-                with seed_lock(gold_dir, seed, part, wait=True):
-                    if not verified_seed(path, identity, seed, (index, count), (start, stop)):
-                        compute(seed, path, bar)  # that job stopped before finishing it
-                bar.seed_done(seed)
-                done.append(seed)
-        return sorted(done)
+            return compute_seeds(gold_dir, seeds, part,
+                                 lambda seed, path: verified_seed(path, identity, seed, (index, count), (start, stop)),
+                                 lambda seed, path: compute(seed, path, bar), bar)
 
     # A further-training run has diverged when its mean test loss leaves this range; see _check_finite.
     DIVERGENCE_FACTOR = 10.0
@@ -280,12 +300,6 @@ class FurtherTraining:
         return (result.full_loss, diff.contiguous(), result.distance_from_start,
                 {"derivative_mode": mode, "derivative_plan": plan})
 
-    def _schedule(self) -> dict[str, Any]:
-        """The checkpoint schedule's settings, as every engine takes them."""
-        ft = self.ft
-        return {"checkpoint_every": ft.checkpoint_every_steps, "checkpoint_first": ft.checkpoint_first_step,
-                "checkpoint_last": ft.checkpoint_last_step}
-
     def _reference_seed(self, model, opt_node, x, y, x_test, y_test, task, seed, left_out, bar: GoldProgress):
         """The plain loop (tda.further_training.reference): one run after the other, the full run
         first. Returns full [T, n_test], lo [T, n_test, n_left_out], the full run's distance from
@@ -294,7 +308,7 @@ class FurtherTraining:
         optimizer = build(opt_node)
         kw = dict(optimizer=optimizer, x=x, y=y, x_test=x_test, y_test=y_test, task=task, n_epochs=ft.epochs,
                   seed=seed, batch_size=ft.batch_size, removal=ft.removal, epsilon=ft.epsilon,
-                  clip_grad_norm=ft.clip_grad_norm, **self._schedule())
+                  clip_grad_norm=ft.clip_grad_norm, **ft.schedule)
         records = []
         for i, run in enumerate([None, *left_out]):
             bar.start(seed, i)
@@ -319,25 +333,11 @@ class FurtherTraining:
             stacked = build_stacked(model, len(chunk), x, y, task, fast_path=True, sparse_input=ft.sparse_input,
                                     vmap=ft.vmap, device=self.accelerator)
             gt = GroupTrainer(stacked, kind, hp, perms, lo, is_full, ft.batch_size, ft.removal, seed, x_test,
-                              y_test, epsilon=ft.epsilon, clip_grad_norm=ft.clip_grad_norm, **self._schedule())
-            self._fit(gt, ft.epochs, self.accelerator, dtype)
+                              y_test, epsilon=ft.epsilon, clip_grad_norm=ft.clip_grad_norm, **ft.schedule)
+            fit_runs(gt, ft.epochs, self.accelerator, dtype)
             out.append(gt.result())  # [T, n_test, r]
             if g == 0:
                 distance = gt.distance_from_start()
             bar.advance(seed)
         losses = torch.cat(out, dim=-1)
         return losses[..., 0], losses[..., 1:], distance
-
-    @staticmethod
-    def _fit(gt: GroupTrainer, epochs: int, accelerator: str, dtype: torch.dtype) -> None:
-        """One group under a Lightning Trainer (its own bar off: the job shows one bar over all groups)."""
-        trainer = L.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1,
-                            precision="64-true" if dtype == torch.float64 else "32-true", logger=False,
-                            enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
-                            num_sanity_val_steps=0, limit_val_batches=0)
-        trainer.fit(FurtherTrainingModule(gt))
-        expected = len(gt.checkpoint_steps)
-        if trainer.interrupted or len(gt.losses) != expected:
-            # never write a seed whose runs did not finish (Lightning swallows some interruptions)
-            raise RuntimeError(f"further training of seed {gt.seed} stopped early ({len(gt.losses)} of {expected} "
-                               f"checkpoints); nothing was written for it. Re-run the same command to resume.")

@@ -80,8 +80,8 @@ def test_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str) -
 @dataclass
 class RunRecord:
     """What one further-training run records at its checkpoints: losses [n_checkpoints, n_test]
-    float64 (test losses), distance_from_start [n_checkpoints] float64 (‖θ_t − θ_0‖₂ over the
-    trainable parameters) and steps (the checkpoints' steps of the full run's clock)."""
+    float64 (test losses, or what its `measure` returns), distance_from_start [n_checkpoints]
+    float64 (‖θ_t − θ_0‖₂ over the trainable parameters) and steps (the checkpoints' steps of the full run's clock)."""
 
     losses: torch.Tensor
     distance_from_start: torch.Tensor
@@ -93,12 +93,15 @@ def further_train_record(model: nn.Module, optimizer: Callable, x: torch.Tensor,
                          batch_size: int, left_out: int | None, removal: str,
                          checkpoint_every: int | None = None, epsilon: float | None = None,
                          clip_grad_norm: float | None = None, checkpoint_first: int | None = None,
-                         checkpoint_last: bool = False) -> RunRecord:
+                         checkpoint_last: bool = False, measure: Callable[[nn.Module], torch.Tensor] | None = None,
+                         dropout_seed: int | None = None) -> RunRecord:
     """Train a copy of `model` further and record it at each checkpoint (tda.further_training.
     checkpoints.checkpoint_steps of the checkpoint_* arguments).
 
     `left_out=None` is the full-data run; `optimizer` builds a torch.optim optimizer from a
-    parameter list."""
+    parameter list. `measure(model)` is what is recorded at a checkpoint (default: the test
+    losses); `dropout_seed` the seed of the step's dropout masks (default: `seed`, which also
+    orders the batches: a subset's run orders its own rows but shares its seed's masks)."""
     model = copy.deepcopy(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -118,7 +121,7 @@ def further_train_record(model: nn.Module, optimizer: Callable, x: torch.Tensor,
         nonlocal clock
         clock += 1
         if clock in recorded:
-            losses.append(test_losses(model, x_test, y_test, task))
+            losses.append(test_losses(model, x_test, y_test, task) if measure is None else measure(model))
             distances.append(distance_from_start(params, start))
 
     wdtype = params[0].dtype  # loss weights in the model's dtype (inputs may be token ids)
@@ -134,7 +137,7 @@ def further_train_record(model: nn.Module, optimizer: Callable, x: torch.Tensor,
                     extra = left_out if left_out is not None else int(idx[0])
                     xb, yb = torch.cat([xb, x[extra:extra + 1]]), torch.cat([yb, y[extra:extra + 1]])
                     weights = torch.cat([weights, torch.tensor([-eps if left_out is not None else 0.0], dtype=wdtype)])
-                torch.manual_seed(step_seed(seed, clock))
+                torch.manual_seed(step_seed(seed if dropout_seed is None else dropout_seed, clock))
                 opt.zero_grad(set_to_none=True)
                 loss = (per_example_loss(model(xb), yb, task) * weights).sum()
                 loss.backward()

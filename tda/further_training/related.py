@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from tda.artifacts import load_json
-from tda.further_training.attribution import GoldStandard, gold_kind
+from tda.further_training.attribution import GoldStandard, gold_kind, runs_of
 from tda.further_training.settings import FurtherTrainingSettings
 from tda.further_training.store import META, load_gold_standard
 from tda.runs import RunDir
@@ -98,4 +98,23 @@ def further_training_beside(retraining: GoldStandard, run: RunDir) -> tuple[dict
         other = _load_beside(run, key, expected, meta.get("seeds"), skipped)
         if other is not None:
             found[f"{gold_label(settings)} {key}"] = other
+    return found, skipped
+
+
+def leave_one_out_beside(meta: dict, run: RunDir) -> tuple[dict[str, tuple[str, GoldStandard]], list[str]]:
+    """The leave-one-out gold standards (further training and retraining, any estimator) of
+    `run` of the final model and test instances a subset gold standard's `meta` records, each
+    over the seeds its meta.json lists and verified through :func:`load_gold_standard`: what
+    the linear datamodeling score's evaluation sets beside it (LOO correlation; one over the
+    whole training set is itself a linear predictor). Returns ({label: (key, gold standard)},
+    [why each candidate was skipped: incomplete, damaged])."""
+    found: dict[str, tuple[str, GoldStandard]] = {}
+    skipped: list[str] = []
+    for key, other_meta, settings, expected in _gold_standards_in(run, skipped):
+        if runs_of(settings) != "leave_one_out" or any(
+                other_meta.get(k) != meta[k] for k in ("final_model", "test_indices")):
+            continue
+        other = _load_beside(run, key, expected, other_meta.get("seeds"), skipped)
+        if other is not None:
+            found[f"{gold_label(settings)} {key}"] = (key, other)
     return found, skipped

@@ -22,11 +22,14 @@ Engine = Literal["stacked", "reference"]
 Estimator = Literal["difference", "derivative"]
 DerivativeMode = Literal["auto", "forward", "reverse"]
 Start = Literal["final_model", "initial_weights"]
+Runs = Literal["leave_one_out", "subsets"]
+Initialisation = Literal["recorded", "per_seed"]
 REMOVAL_MODES: tuple[str, ...] = typing.get_args(Removal)
 ENGINES: tuple[str, ...] = typing.get_args(Engine)
 ESTIMATORS: tuple[str, ...] = typing.get_args(Estimator)
 DERIVATIVE_MODES: tuple[str, ...] = typing.get_args(DerivativeMode)
 STARTS: tuple[str, ...] = typing.get_args(Start)
+RUNS: tuple[str, ...] = typing.get_args(Runs)
 
 
 def shard_block(n_left_out: int, index: int, count: int) -> tuple[int, int]:
@@ -45,10 +48,51 @@ class LeftOutShard(Section):
     def check(self, c: Checks) -> None:
         index, count = c.value("index"), c.value("count")
         if count is not None and count < 1:
-            c.add(f"further_training.left_out_shard.count={count!r} must be a positive number of shards")
+            c.add(f"{self.PATH}.count={count!r} must be a positive number of shards")
         elif index is not None and count is not None and not 0 <= index < count:
-            c.add(f"further_training.left_out_shard.index={index!r} must be in 0..{count - 1} "
-                  f"(left_out_shard.count={count})")
+            c.add(f"{self.PATH}.index={index!r} must be in 0..{count - 1} ({self.PATH}.count={count})")
+
+
+@dataclass(frozen=True)
+class SubsetBlock(LeftOutShard):
+    """`further_training.subsets.block`: this job's contiguous block of the random subsets."""
+
+    PATH = "further_training.subsets.block"
+    index: int = setting(0, "which block, 0..count-1")
+    count: int = setting(1, "into how many blocks the subsets are split")
+
+
+@dataclass(frozen=True)
+class SubsetSettings(Section):
+    """`further_training.subsets`: the random subsets of the subset gold standard (`runs: subsets`,
+    docs/lds.md): `count` subsets, each keeping ⌊fraction · n_train⌋ training rows, drawn from
+    `seed`; each seed of the gold standard trains one model per subset on its rows alone."""
+
+    PATH = "further_training.subsets"
+    count: int = setting(100, "random subsets of the training set (m)")
+    fraction: float = setting(0.5, "fraction α of the training set each subset keeps (⌊α · n_train⌋ rows)",
+                              "a fraction strictly between 0 and 1, e.g. 0.5 (TRAK's) or 0.99")
+    seed: int = setting(0, "seed of the draw of the subsets (their masks are stored with the outputs)")
+    initialisation: Initialisation = setting("recorded", "recorded: every run starts from the recorded start (θᶠ, "
+                                             "or the final model's initial weights) | per_seed (retraining only): "
+                                             "fresh initial weights drawn for each seed of the gold standard")
+    block: SubsetBlock = setting(SubsetBlock(), "this job's block of the subsets", key=NOT_KEYED)
+
+    def check(self, c: Checks) -> None:
+        c.positive("count")
+        c.non_negative("seed")
+        fraction = c.value("fraction")
+        if fraction is not None and not 0 < fraction < 1:
+            c.add(f"further_training.subsets.fraction={fraction} must be strictly between 0 and 1 (the fraction of the "
+                  f"training set each subset keeps), e.g. 0.5 or 0.99")
+        count = c.value("count")
+        if count is not None and self.block.count > count:
+            c.add(f"further_training.subsets.block.count={self.block.count} splits the {count} subsets into more "
+                  f"blocks than there are subsets; use at most {count} blocks")
+
+    def size(self, n_train: int) -> int:
+        """Training rows each subset keeps: ⌊fraction · n_train⌋ (as dattri's retrain_lds)."""
+        return int(self.fraction * n_train)
 
 
 @dataclass(frozen=True)
@@ -77,6 +121,11 @@ class FurtherTrainingSettings(Section):
     batchnorm_momentum: float | None = setting(None, "batch-norm momentum; 0 freezes the running statistics",
                                                "null keeps the model's own momentum", key=KEYED_UNLESS_DEFAULT)
     dtype: Literal["float32", "float64"] = setting("float64", "float64 resolves the tiny loss differences")
+    runs: Runs = setting("leave_one_out", "leave_one_out: the full-data run and one run per left-out instance | "
+                         "subsets: one run per random subset of the training set, trained on its rows alone "
+                         "(the linear datamodeling score's gold standard, `further_training.subsets`)",
+                         key=KEYED_UNLESS_DEFAULT)
+    subsets: SubsetSettings = setting(SubsetSettings(), "runs=subsets: the random subsets (read, and keyed, only then)")
     estimator: Estimator = setting("difference", "difference: loss(D∖j) − loss(D), one run per instance | "
                                    "derivative: its first-order form, further training differentiated in j's loss "
                                    "weight (removal mask or downweight)", key=KEYED_UNLESS_DEFAULT)
@@ -124,6 +173,8 @@ class FurtherTrainingSettings(Section):
             if c.value("engine") == "reference":
                 c.add("further_training.engine=reference is an engine of the difference estimator; with "
                       "further_training.estimator=derivative leave engine at stacked")
+        if c.value("runs") == "subsets":
+            self._check_subsets(c)
         shard_seeds, n_seeds, offset = c.value("shard_seeds"), c.value("n_seeds"), c.value("seed_offset")
         if shard_seeds is None:
             return
@@ -136,6 +187,40 @@ class FurtherTrainingSettings(Section):
             c.add(f"further_training.shard_seeds={list(shard_seeds)} lists a seed twice")
         if not shard_seeds:
             c.add("further_training.shard_seeds=[] computes nothing; use null for every seed")
+
+    def _check_subsets(self, c: Checks) -> None:
+        """What a subset gold standard cannot be combined with: each run trains on its subset
+        alone, so nothing is removed from a full-data run and nothing is differentiated."""
+        if c.value("estimator") == "derivative":
+            c.add("further_training.runs=subsets trains one model per subset; it has no derivative estimator (the "
+                  "derivative gold standard over the whole training set is evaluated as a linear predictor beside it: "
+                  "docs/lds.md); leave further_training.estimator at difference")
+        if self.left_out_shard.count > 1:
+            c.add("further_training.left_out_shard splits the left-out instances of a leave-one-out gold standard; "
+                  "split the subsets with further_training.subsets.block.index / .count instead")
+        if self.subsets.initialisation == "per_seed" and c.value("start") == "final_model":
+            c.add("further_training.subsets.initialisation=per_seed draws fresh initial weights, which only "
+                  "retraining (further_training.start=initial_weights, gold_standard=retraining_subsets) starts from; "
+                  "further training starts from the final model")
+
+    # settings that only one kind of runs reads: the other's key leaves them out
+    SUBSETS_ONLY = ("subsets",)
+    LEAVE_ONE_OUT_ONLY = ("removal", "epsilon")
+
+    def keyed(self) -> dict:
+        """Section.keyed, less the settings the runs do not read: the subsets for leave-one-out runs
+        (so every leave-one-out gold standard keeps the key it had before they existed), the
+        removal of an instance for subset runs (each trains on its subset's rows alone)."""
+        out = super().keyed()
+        for name in self.LEAVE_ONE_OUT_ONLY if self.runs == "subsets" else self.SUBSETS_ONLY:
+            out.pop(name, None)
+        return out
+
+    @property
+    def column_shard(self) -> LeftOutShard:
+        """This job's block of the gold standard's columns: the subsets (`subsets.block`) or the
+        left-out instances (`left_out_shard`)."""
+        return self.subsets.block if self.runs == "subsets" else self.left_out_shard
 
     @classmethod
     def from_record(cls, recorded: dict) -> "FurtherTrainingSettings":
@@ -161,7 +246,7 @@ class FurtherTrainingSettings(Section):
     @property
     def is_sharded(self) -> bool:
         """Whether a job computes only part of the gold standard (some seeds, or a left-out block)."""
-        return self.shard_seeds is not None or self.left_out_shard.count > 1
+        return self.shard_seeds is not None or self.column_shard.count > 1
 
     def left_out_block(self, n_left_out: int) -> tuple[int, int]:
         """[start, stop) of this job's block of `n_left_out` left-out instances (:func:`shard_block`)."""
@@ -239,6 +324,12 @@ class FurtherTrainingSettings(Section):
                             f"a gold standard never do; turn the augmentation off in the dataset config (and retrain) "
                             f"to retrain from the initial weights")
         return problems
+
+    @property
+    def schedule(self) -> dict:
+        """The checkpoint schedule's settings, as every engine takes them (checkpoint_every, _first, _last)."""
+        return {"checkpoint_every": self.checkpoint_every_steps, "checkpoint_first": self.checkpoint_first_step,
+                "checkpoint_last": self.checkpoint_last_step}
 
     def steps_per_epoch(self, n_train: int) -> int:
         """Optimizer steps of one epoch of the full-data run on `n_train` instances."""

@@ -45,9 +45,15 @@ class StackedModel:
         rows: which runs ([r] long, None = all R); idx [r, M] long; w [r, M]."""
         raise NotImplementedError
 
+    def test_outputs(self, x_test: torch.Tensor) -> torch.Tensor:
+        """[R, n_test, n_outputs] every run's outputs on the test instances in eval mode, on the CPU."""
+        raise NotImplementedError
+
     def test_losses(self, x_test: torch.Tensor, y_test: torch.Tensor) -> torch.Tensor:
         """[R, n_test] per-test-instance losses of every run in eval mode, float64."""
-        raise NotImplementedError
+        out = self.test_outputs(x_test)
+        y = y_test.cpu()
+        return torch.stack([per_example_loss(out[r], y, self.task) for r in range(self.R)]).double()
 
     def to(self, device: torch.device) -> "StackedModel":
         raise NotImplementedError
@@ -120,14 +126,11 @@ class FuncStacked(StackedModel):
         return list(g)
 
     @torch.no_grad()
-    def test_losses(self, x_test, y_test):
+    def test_outputs(self, x_test):
         self.module.eval()
-        x_test, y_test = x_test.to(self.x.device), y_test.to(self.x.device)
-        out = []
-        for i in range(0, len(x_test), self.eval_batch):
-            o = self._eval(self.params, self.buffers, x_test[i:i + self.eval_batch])  # [R, b, ...]
-            yb = y_test[i:i + self.eval_batch]
-            out.append(torch.stack([per_example_loss(o[r], yb, self.task) for r in range(self.R)]).double())
+        x_test = x_test.to(self.x.device)
+        out = [self._eval(self.params, self.buffers, x_test[i:i + self.eval_batch])  # [R, b, ...]
+               for i in range(0, len(x_test), self.eval_batch)]
         self.module.train()
         return torch.cat(out, dim=1).cpu()
 
@@ -251,7 +254,7 @@ class MLPStacked(StackedModel):
         return grads  # type: ignore[return-value]
 
     @torch.no_grad()
-    def test_losses(self, x_test, y_test):
+    def test_outputs(self, x_test):
         h = x_test.to(self.x.device).reshape(len(x_test), -1).to(self.params[0].dtype)
         for op in self.ops:
             if isinstance(op, LinearOp):
@@ -261,8 +264,7 @@ class MLPStacked(StackedModel):
                     h = h + b.unsqueeze(1)
             else:
                 h = torch.relu(h)
-        y = y_test.to(self.x.device)
-        return torch.stack([per_example_loss(h[r], y, self.task) for r in range(self.R)]).double().cpu()
+        return h.cpu()  # [R, n_test, n_outputs]
 
 
 def use_vmap(module: nn.Module, setting, device: torch.device | str = "cpu") -> bool:

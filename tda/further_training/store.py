@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from omegaconf import DictConfig
 
 from tda.artifacts import IntegrityError, load_json, load_tensors_with_metadata, save_json
 from tda.config import config_hash, node_name, to_container
-from tda.further_training.attribution import FURTHER_TRAIN_COMMAND, GoldStandard
+from tda.further_training.attribution import FURTHER_TRAIN_COMMAND, GoldStandard, runs_of
 from tda.further_training.settings import FurtherTrainingSettings, shard_block
 from tda.provenance import ProvenanceError, require_match
 
@@ -90,8 +91,8 @@ class GoldStandardSpec:
 
     def job_files(self, gold_dir: Path) -> list[Path]:
         """The files one job writes: one per seed of `shard_seeds` (default: all seeds), for its
-        block `left_out_shard`."""
-        shard = self.settings.left_out_shard
+        block of the columns (`left_out_shard`, or `subsets.block` for a subset gold standard)."""
+        shard = self.settings.column_shard
         part = (shard.index, shard.count) if shard.count > 1 else None
         return [seed_file(Path(gold_dir), s, part) for s in self.settings.job_seeds]
 
@@ -122,12 +123,13 @@ def _parse_seed_file(name: str) -> tuple[int, tuple[int, int]] | None:
 
 
 def write_meta(gold_dir: Path, identity: dict[str, Any], left_out_indices: list[int], test_indices: list[int],
-               n_train: int, seeds: list[int]) -> None:
-    """meta.json: what the gold standard in `gold_dir` is (identity, indices, n_train, seeds). An
-    existing one written for another final model, settings or selection is refused; one of the
-    same gold standard gains this job's seeds."""
+               n_train: int, seeds: list[int], extra: dict[str, Any] | None = None) -> None:
+    """meta.json: what the gold standard in `gold_dir` is (identity, indices, n_train, seeds, and
+    `extra`: what a kind of gold standard records besides). An existing one written for another
+    final model, settings or selection is refused; one of the same gold standard gains this
+    job's seeds."""
     meta = {**identity, "left_out_indices": list(left_out_indices), "test_indices": list(test_indices),
-            "n_train": n_train, "seeds": list(seeds)}
+            "n_train": n_train, "seeds": list(seeds), **(extra or {})}
     path = Path(gold_dir) / META
     if path.is_file():
         old = load_json(path)
@@ -141,22 +143,24 @@ def write_meta(gold_dir: Path, identity: dict[str, Any], left_out_indices: list[
 
 # ---------------------------------------------------------------------------------- checking a seed file
 def check_seed_header(path: Path, header: dict, identity: dict, seed: int, part: tuple[int, int],
-                      block: tuple[int, int]) -> None:
-    """A seed file is what its name and its gold standard say: same identity, seed, part, block."""
+                      block: tuple[int, int], block_key: str = "left_out_block") -> None:
+    """A seed file is what its name and its gold standard say: same identity, seed, part, block
+    (of its columns, recorded under `block_key`: left-out instances or subsets)."""
     fix = f"Delete {path} and re-run {FURTHER_TRAIN_COMMAND} to recompute it."
     require_match(header, identity, f"the gold-standard file {path}", fix)
-    require_match(header, {"seed": seed, "part": list(part), "left_out_block": list(block)},
+    require_match(header, {"seed": seed, "part": list(part), block_key: list(block)},
                   f"the gold-standard file {path} (its header names another seed or part than its file name: "
                   f"copied or renamed?)", fix)
 
 
-def verified_seed(path: Path, identity: dict, seed: int, part: tuple[int, int], block: tuple[int, int]) -> bool:
+def verified_seed(path: Path, identity: dict, seed: int, part: tuple[int, int], block: tuple[int, int],
+                  block_key: str = "left_out_block") -> bool:
     """Whether the seed's file exists, verifies, and belongs to this gold standard (raises if it
     exists but does not: it is never silently recomputed over, nor reused)."""
     if not path.is_file():
         return False
     _, header, _ = load_tensors_with_metadata(path)
-    check_seed_header(path, header, identity, seed, part, block)
+    check_seed_header(path, header, identity, seed, part, block, block_key)
     return True
 
 
@@ -171,11 +175,13 @@ def _seed_files(gold_dir: Path, seed: int) -> dict[tuple[int, int], Path]:
     return found
 
 
-def _merge_seed(seed: int, parts_found: dict[tuple[int, int], Path], identity: dict, n_left_out: int,
-                files: dict[str, str]) -> tuple[dict | None, str | None, str | None]:
-    """(tensors, missing message, duplicate message) for one seed's files, each verified and
-    checked against its own header (identity, seed, part, left-out block); `files` collects
-    each file's checksum."""
+def read_parts(seed: int, parts_found: dict[tuple[int, int], Path], identity: dict, n_columns: int,
+               files: dict[str, str], column: str, block_key: str = "left_out_block"
+               ) -> tuple[list[dict] | None, str | None, str | None]:
+    """(the tensors of each part in order, missing message, duplicate message) for one seed's
+    files, each verified and checked against its own header (identity, seed, part, block of the
+    `n_columns` columns: left-out instances or subsets, under `block_key`) and its tensor
+    `column` against the block's width; `files` collects each file's checksum."""
     counts = sorted({c for _, c in parts_found})
     if len(counts) > 1:
         names = sorted(p.name for p in parts_found.values())
@@ -191,12 +197,23 @@ def _merge_seed(seed: int, parts_found: dict[tuple[int, int], Path], identity: d
         path = parts_found[(i, count)]
         tensors, header, checksum = load_tensors_with_metadata(path)
         files[path.name] = checksum
-        block = shard_block(n_left_out, i, count)
-        check_seed_header(path, header, identity, seed, (i, count), block)
-        if tensors["diff"].shape[-1] != block[1] - block[0]:
-            return None, None, (f"{path.name} holds {tensors['diff'].shape[-1]} left-out instances, expected "
+        block = shard_block(n_columns, i, count)
+        check_seed_header(path, header, identity, seed, (i, count), block, block_key)
+        if tensors[column].shape[-1] != block[1] - block[0]:
+            return None, None, (f"{path.name} holds {tensors[column].shape[-1]} columns, expected "
                                 f"{block[1] - block[0]}; delete it and re-run")
         parts.append(tensors)
+    return parts, None, None
+
+
+def _merge_seed(seed: int, parts_found: dict[tuple[int, int], Path], identity: dict, n_left_out: int,
+                files: dict[str, str]) -> tuple[dict | None, str | None, str | None]:
+    """(tensors, missing message, duplicate message) for one seed of a leave-one-out gold
+    standard (:func:`read_parts`), its parts' full-data runs checked to agree."""
+    parts, missing, duplicated = read_parts(seed, parts_found, identity, n_left_out, files, "diff")
+    if parts is None:
+        return None, missing, duplicated
+    count = len(parts)
     full = parts[0]["full_loss"]
     # every part trains its own full-data run: the same run, equal up to rounding
     distance = None if any("distance_from_start" not in p for p in parts) else parts[0]["distance_from_start"]
@@ -212,30 +229,39 @@ def _merge_seed(seed: int, parts_found: dict[tuple[int, int], Path], identity: d
             "initial_loss": parts[0]["initial_loss"], "distance_from_start": distance}, None, None
 
 
-def load_gold_standard(gold_dir: Path, expected: dict | None = None, seeds: list[int] | None = None,
-                       require_all: bool = True) -> GoldStandard:
-    """Merge the per-seed (and per-part) files of a gold standard.
+IDENTITY = ("final_model", "further_training", "further_optimizer")  # what every file of a gold standard carries
 
-    Every file is verified (checksum) and must carry the identity recorded in meta.json and the
-    seed / part its name says. `expected` (GoldStandardSpec.expected) is what the current config
-    and final model need: meta.json must match it. `seeds`: the seeds to merge (the config's;
-    default: those meta.json lists). Raises naming every seed or part that is missing (with
-    `require_all`), doubled (files of two shardings for one seed) or foreign."""
-    gold_dir = Path(gold_dir)
+
+def read_meta(gold_dir: Path, expected: dict | None, recorded: tuple[str, ...] = ()) -> dict:
+    """meta.json of the gold standard in `gold_dir`, checked to record its identity, indices,
+    seeds and `recorded`, and to match `expected` (GoldStandardSpec.expected)."""
     meta_path = gold_dir / META
     if not meta_path.is_file():
         raise FileNotFoundError(f"no gold standard in {gold_dir}; run {FURTHER_TRAIN_COMMAND} first")
     meta = load_json(meta_path)
     fix = f"Delete {gold_dir} and re-run {FURTHER_TRAIN_COMMAND}."
-    lacking = [k for k in ("final_model", "further_training", "further_optimizer", "left_out_indices", "test_indices",
-                           "seeds") if k not in meta]
+    lacking = [k for k in (*IDENTITY, "left_out_indices", "test_indices", "seeds", *recorded) if k not in meta]
     if lacking:
         raise ProvenanceError(f"{meta_path} does not record {lacking}, so what the gold standard was computed from "
                               f"cannot be checked. {fix}")
     if expected is not None:
         require_match(meta, expected, f"the gold standard in {gold_dir}", fix)
-    identity = {k: meta[k] for k in ("final_model", "further_training", "further_optimizer")}
-    n_left_out = len(meta["left_out_indices"])
+    return meta
+
+
+# merge_seed(seed, {(part, count): file}, identity, checksums) -> (tensors, missing message, duplicate message)
+MergeSeed = Callable[[int, dict[tuple[int, int], Path], dict, dict[str, str]],
+                     tuple[dict | None, str | None, str | None]]
+
+
+def merge_seeds(gold_dir: Path, meta: dict, seeds: list[int] | None, require_all: bool, merge_seed: MergeSeed
+                ) -> tuple[list[int], dict[int, dict], dict[str, str]]:
+    """(the seeds merged, in order; {seed: its merged tensors}; {file name: checksum} of their
+    files) of the gold standard in `gold_dir` over `seeds` (default: those meta.json lists).
+    `merge_seed(seed, {(part, count): file}, identity, checksums)` merges one seed's files
+    (:func:`read_parts`). Raises naming every seed or part that is missing (with `require_all`)
+    or doubled."""
+    identity = {k: meta[k] for k in IDENTITY}
     seeds = list(meta["seeds"]) if seeds is None else [int(s) for s in seeds]
     merged, missing, duplicated, checksums = {}, [], [], {}
     for s in seeds:
@@ -243,7 +269,7 @@ def load_gold_standard(gold_dir: Path, expected: dict | None = None, seeds: list
         if not found:
             missing.append(f"seed {s}")
             continue
-        tensors, miss, dup = _merge_seed(s, found, identity, n_left_out, checksums)
+        tensors, miss, dup = merge_seed(s, found, identity, checksums)
         if dup:
             duplicated.append(dup)
         elif miss:
@@ -254,30 +280,54 @@ def load_gold_standard(gold_dir: Path, expected: dict | None = None, seeds: list
         raise ValueError(f"gold standard in {gold_dir} has conflicting files:\n  - " + "\n  - ".join(duplicated))
     if not merged or (require_all and missing):
         raise FileNotFoundError(f"gold standard in {gold_dir} is incomplete: missing {'; '.join(missing)}. "
-                                f"Re-run {FURTHER_TRAIN_COMMAND} (with the same further_training.left_out_shard for "
-                                f"missing parts) to finish them")
+                                f"Re-run {FURTHER_TRAIN_COMMAND} (with the same further_training.left_out_shard / "
+                                f"subsets.block for missing parts) to finish them")
     present = [s for s in seeds if s in merged]
+    files = {name: c for name, c in sorted(checksums.items()) if any(name.startswith(f"seed_{s:05d}") for s in present)}
+    return present, merged, files
+
+
+def load_gold_standard(gold_dir: Path, expected: dict | None = None, seeds: list[int] | None = None,
+                       require_all: bool = True) -> GoldStandard:
+    """Merge the per-seed (and per-part) files of a leave-one-out gold standard.
+
+    Every file is verified (checksum) and must carry the identity recorded in meta.json and the
+    seed / part its name says. `expected` (GoldStandardSpec.expected) is what the current config
+    and final model need: meta.json must match it. `seeds`: the seeds to merge (the config's;
+    default: those meta.json lists). Raises naming every seed or part that is missing (with
+    `require_all`), doubled (files of two shardings for one seed) or foreign."""
+    gold_dir = Path(gold_dir)
+    meta = read_meta(gold_dir, expected)
+    if runs_of(meta["further_training"]) == "subsets":
+        raise ValueError(f"{gold_dir} holds a subset gold standard (further_training.runs=subsets), not a "
+                         f"leave-one-out one; read it with tda.further_training.subset_store.load_subset_gold_standard")
+    n_left_out = len(meta["left_out_indices"])
+    present, merged, files = merge_seeds(
+        gold_dir, meta, seeds, require_all,
+        lambda s, found, identity, checksums: _merge_seed(s, found, identity, n_left_out, checksums))
     distances = [merged[s]["distance_from_start"] for s in present]
     return GoldStandard(diff=torch.stack([merged[s]["diff"] for s in present], dim=-1),
                         full_loss=torch.stack([merged[s]["full_loss"] for s in present], dim=-1),
-                        initial_loss=merged[present[0]]["initial_loss"], seeds=present, meta=meta,
-                        files={name: c for name, c in sorted(checksums.items())
-                               if any(name.startswith(f"seed_{s:05d}") for s in present)},
+                        initial_loss=merged[present[0]]["initial_loss"], seeds=present, meta=meta, files=files,
                         distance_from_start=None if any(d is None for d in distances)
                         else torch.stack(distances, dim=-1))
 
 
-def gold_status(gold_dir: Path, expected: dict, seeds: list[int], complete: bool) -> str:
-    """After a further-training job: merge what is on disk. `complete` (an unsharded job)
-    requires every seed; a shard reports what the other jobs still have to deliver."""
+def gold_status(gold_dir: Path, expected: dict, seeds: list[int], complete: bool,
+                load: Callable[..., Any] = load_gold_standard) -> str:
+    """After a further-training job: merge what is on disk (with `load`, the loader of its kind of
+    gold standard). `complete` (an unsharded job) requires every seed; a shard reports what the
+    other jobs still have to deliver."""
     try:
-        gold = load_gold_standard(gold_dir, expected, seeds, require_all=True)
+        gold = load(gold_dir, expected, seeds, require_all=True)
     except (FileNotFoundError, ValueError) as err:
         # a shard's own files are written and verified; what other jobs still owe (or wrote
         # twice) is for the merge in the evaluate stage to refuse
         if complete or isinstance(err, (ProvenanceError, IntegrityError)):
             raise
         return f"this shard is done; the gold standard cannot be merged yet: {err}"
-    return f"gold standard complete: {len(gold.seeds)} seeds, diff {list(gold.diff.shape)}"
+    shape = {"diff": list(gold.diff.shape)} if hasattr(gold, "diff") else \
+        {name: list(t.shape) for name, t in gold.outputs.items()}
+    return f"gold standard complete: {len(gold.seeds)} seeds, " + ", ".join(f"{k} {v}" for k, v in shape.items())
 
 

@@ -7,8 +7,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from tda.config import ConfigError
 from tda.evaluation.compare import evaluate_compare
 from tda.evaluation.evaluate import evaluate_run
+from tda.evaluation.evaluate_lds import evaluate_lds_run
 from tda.further_training.store import GoldStandardSpec
 from tda.interrupt import Kept
 from tda.preflight import check_config
@@ -21,9 +23,15 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     each composed from `overrides` (default: the running Hydra app's) plus its own."""
     settings = check_config(cfg, "evaluate")
     if settings.evaluate.compare:
+        if settings.further_training.runs == "subsets":
+            raise ConfigError("evaluate.compare sets the similarity curves of several experiments side by side; the "
+                              "linear datamodeling score (further_training.runs=subsets) is evaluated one experiment "
+                              "at a time: leave evaluate.compare empty")
         return evaluate_compare(cfg, settings.evaluate, overrides)  # each experiment composed from its own overrides
     run = RunDir.from_config(cfg, settings)
     spec = GoldStandardSpec.from_config(cfg, settings.further_training)
+    if settings.further_training.runs == "subsets":  # the linear datamodeling score and LOO correlation
+        return evaluate_lds_run(cfg, spec, run, read_final_model(run))
     return evaluate_run(cfg, settings.evaluate, spec, run, read_final_model(run))
 
 

@@ -1,10 +1,13 @@
 """The further_train stage: the gold standard of a final model (tda.further_training), written
-seed by seed into `gold/<key>/`. Also reached as `attribute.py method=further_training`."""
+seed by seed into `gold/<key>/`: leave-one-out (further training or retraining) or, with
+`further_training.runs=subsets`, the subset gold standard of the linear datamodeling score.
+Also reached as `attribute.py method=further_training`."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -15,12 +18,15 @@ from tda.config import ConfigError, to_container
 from tda.data.base import DataBundle
 from tda.further_training.gold_standard import FurtherTraining
 from tda.further_training.store import GoldStandardSpec, gold_status, load_gold_standard
+from tda.further_training.subset_gold import SubsetTraining, require_every_training_instance
+from tda.further_training.subset_store import load_subset_gold_standard
+from tda.further_training.subsets import initialisation_seed
 from tda.interrupt import Kept
 from tda.memory import PeakMemory
 from tda.preflight import Settings, check_config
 from tda.provenance import FinalModel, ProvenanceError, read_final_model, read_initial_model
 from tda.runs import RunDir
-from tda.stages.inputs import attribution_problem, load_data
+from tda.stages.inputs import attribution_problem, build_model, load_data
 from tda.tracking import finish, init_wandb, log_gold_progress, mark_cached
 
 log = logging.getLogger(__name__)
@@ -38,6 +44,9 @@ def further_train(cfg: DictConfig, stage: str = "further_train") -> Path:
     final = read_final_model(run)  # fail before building anything else
     data = load_data(cfg, settings)
     ft = settings.further_training
+    subsets = ft.runs == "subsets"
+    if subsets:
+        require_every_training_instance(final.selection["left_out_indices"], len(data.train), run.path.name)
     start = _initial_weights(cfg, settings, run, final, data) if ft.start == "initial_weights" else None
     problem = attribution_problem(cfg, settings, run, data=data, final=final, start_weights=start)
     spec = GoldStandardSpec.from_config(cfg, ft)
@@ -48,11 +57,16 @@ def further_train(cfg: DictConfig, stage: str = "further_train") -> Path:
         before = _file_states(files)  # unchanged afterwards: every seed was already there (cached)
         with PeakMemory() as mem:
             t0 = time.perf_counter()
-            seeds = FurtherTraining(spec, accelerator=settings.trainer.accelerator).run(problem, out)
+            if subsets:
+                fresh = _fresh_weights(cfg, data) if ft.subsets.initialisation == "per_seed" else None
+                seeds = SubsetTraining(spec, accelerator=settings.trainer.accelerator).run(problem, out, fresh)
+            else:
+                seeds = FurtherTraining(spec, accelerator=settings.trainer.accelerator).run(problem, out)
             seconds = time.perf_counter() - t0
         # the merge step: every seed and part present once, all finite (a shard only reports)
         expected = spec.expected(final.identity, final.selection)
-        log.info(gold_status(out, expected, ft.seeds, complete=not ft.is_sharded))
+        log.info(gold_status(out, expected, ft.seeds, complete=not ft.is_sharded,
+                             load=load_subset_gold_standard if subsets else load_gold_standard))
         if wb is not None:
             computed = sum(state != before[p] for p, state in _file_states(files).items())
             wb.summary.update({"seeds_done": len(seeds), "seeds_computed": computed})
@@ -60,10 +74,22 @@ def further_train(cfg: DictConfig, stage: str = "further_train") -> Path:
                 wb.summary.update({"seconds": seconds, "peak_mb": mem.peak_mb})
             else:
                 mark_cached(wb)
-            _log_gold_progress(wb, out, expected, ft.seeds)
+            if not subsets:
+                _log_gold_progress(wb, out, expected, ft.seeds)
         return out
     finally:
         finish(wb)
+
+
+def _fresh_weights(cfg: DictConfig, data: DataBundle) -> Callable[[int], dict[str, torch.Tensor]]:
+    """`further_training.subsets.initialisation=per_seed`: seed -> the trainable part's weights of
+    the model built afresh (its own initialisation) under that seed's generator."""
+    def weights(seed: int) -> dict[str, torch.Tensor]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(initialisation_seed(seed))
+            model = build_model(cfg, data)
+        return model.split()[1].state_dict()
+    return weights
 
 
 def _initial_weights(cfg: DictConfig, settings: Settings, run: RunDir, final: FinalModel, data: DataBundle
@@ -99,7 +125,8 @@ def kept(cfg: DictConfig, started: float) -> Kept:
     gold = RunDir.from_config(cfg).gold_dir(spec.key)
     files = spec.job_files(gold)
     n = sum(p.is_file() for p in files)
-    unit = "seeds of this left-out shard" if spec.settings.left_out_shard.count > 1 else "seeds"
+    block = "block of subsets" if spec.settings.runs == "subsets" else "left-out shard"
+    unit = f"seeds of this {block}" if spec.settings.column_shard.count > 1 else "seeds"
     return Kept("further training", f"{n} of {len(files)} {unit} are complete in {gold} (the seed in progress was "
                                     f"not written)", "re-run the same command to resume")
 
