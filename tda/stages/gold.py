@@ -1,5 +1,7 @@
 """The further_train stage: the gold standard of a final model (tda.further_training), written
-seed by seed into `gold/<key>/`. Also reached as `attribute.py method=further_training`."""
+seed by seed into `gold/<key>/` (with `attribution.target=self`, its self-effect of every
+training instance, into `self_influence/gold-<key>/`). Also reached as
+`attribute.py method=further_training`."""
 
 from __future__ import annotations
 
@@ -14,10 +16,12 @@ from tda.artifacts import IntegrityError, remove_stale_temp_files
 from tda.config import ConfigError, to_container
 from tda.data.base import DataBundle
 from tda.further_training.gold_standard import FurtherTraining
+from tda.further_training.self_effect import SelfEffect, self_effect_key
 from tda.further_training.store import GoldStandardSpec, gold_status, load_gold_standard
 from tda.interrupt import Kept
 from tda.memory import PeakMemory
 from tda.preflight import Settings, check_config
+from tda.problem import AttributionProblem, AttributionSettings
 from tda.provenance import FinalModel, ProvenanceError, read_final_model, read_initial_model
 from tda.runs import RunDir
 from tda.stages.inputs import attribution_problem, load_data
@@ -36,11 +40,15 @@ def further_train(cfg: DictConfig, stage: str = "further_train") -> Path:
     run = RunDir.from_config(cfg, settings)
     remove_stale_temp_files(run.path)
     final = read_final_model(run)  # fail before building anything else
-    data = load_data(cfg, settings)
     ft = settings.further_training
+    spec = GoldStandardSpec.from_config(cfg, ft)
+    # each training instance's effect on its own loss: refused before any data is loaded if it has none
+    self_effect = SelfEffect(spec, settings.trainer.accelerator) if settings.attribution.target == "self" else None
+    data = load_data(cfg, settings)
     start = _initial_weights(cfg, settings, run, final, data) if ft.start == "initial_weights" else None
     problem = attribution_problem(cfg, settings, run, data=data, final=final, start_weights=start)
-    spec = GoldStandardSpec.from_config(cfg, ft)
+    if self_effect is not None:
+        return _self_effect(cfg, run, spec, self_effect, problem, stage)
     out = run.gold_dir(spec.key)
     wb = init_wandb(cfg, stage, f"{run.path.name}/further_training")
     try:
@@ -61,6 +69,24 @@ def further_train(cfg: DictConfig, stage: str = "further_train") -> Path:
             else:
                 mark_cached(wb)
             _log_gold_progress(wb, out, expected, ft.seeds)
+        return out
+    finally:
+        finish(wb)
+
+
+def _self_effect(cfg: DictConfig, run: RunDir, spec: GoldStandardSpec, job: SelfEffect,
+                 problem: AttributionProblem, stage: str) -> Path:
+    """`attribution.target=self`: the gold standard's self-effect of every training instance
+    (tda.further_training.self_effect) into `self_influence/gold-<key>/`, which is returned."""
+    out = run.self_influence_dir(self_effect_key(spec))
+    wb = init_wandb(cfg, stage, f"{run.path.name}/further_training/self_effect")
+    try:
+        with PeakMemory() as mem:
+            t0 = time.perf_counter()
+            job.run(problem, out)
+            seconds = time.perf_counter() - t0
+        if wb is not None:
+            wb.summary.update({"seconds": seconds, "peak_mb": mem.peak_mb})
         return out
     finally:
         finish(wb)
@@ -95,13 +121,16 @@ def _log_gold_progress(wb, gold_dir: Path, expected: dict, seeds: list[int]) -> 
 def kept(cfg: DictConfig, started: float) -> Kept:
     """What an interrupted further_train stage leaves: every seed (or part) of this job that was
     complete; the one in progress is not written."""
-    spec = GoldStandardSpec.from_config(cfg)
-    gold = RunDir.from_config(cfg).gold_dir(spec.key)
+    spec, run = GoldStandardSpec.from_config(cfg), RunDir.from_config(cfg)
+    if AttributionSettings.from_config(cfg.get("attribution")).target == "self":
+        what, gold = "further training (self-effect)", run.self_influence_dir(self_effect_key(spec))
+    else:
+        what, gold = "further training", run.gold_dir(spec.key)
     files = spec.job_files(gold)
     n = sum(p.is_file() for p in files)
     unit = "seeds of this left-out shard" if spec.settings.left_out_shard.count > 1 else "seeds"
-    return Kept("further training", f"{n} of {len(files)} {unit} are complete in {gold} (the seed in progress was "
-                                    f"not written)", "re-run the same command to resume")
+    return Kept(what, f"{n} of {len(files)} {unit} are complete in {gold} (the seed in progress was not written)",
+                "re-run the same command to resume")
 
 
 def _file_states(paths: list[Path]) -> dict[Path, tuple[int, int] | None]:
