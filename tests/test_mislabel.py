@@ -10,7 +10,7 @@ tda.evaluation.evaluate_mislabel):
 - end to end on the embedded default: train on flipped labels (recorded in selection.json, another
   run directory), self-influence of the loss baseline and two methods, the gold standard's
   self-effect, and `evaluate.py attribution.target=self` writing the detection table whose numbers
-  are those of the self-influence on disk.
+  are those of the self-influence on disk, and logging the same numbers to W&B.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 import torch
 from helpers.config import compose_config
+from helpers.wandb import offline_runs, read_offline_run, wandb_on
 from sklearn.metrics import roc_auc_score
 
 from tda.artifacts import load_json
@@ -142,7 +143,7 @@ def test_label_noise_flips_training_labels_only_and_refuses_what_it_cannot_flip(
 
 
 # ------------------------------------------------------------------ end to end
-def test_mislabel_detection_end_to_end(tiny):
+def test_mislabel_detection_end_to_end(tiny, isolated_env):
     noisy = tiny + ["label_noise.fraction=0.2", "label_noise.seed=3"]
     run = train(compose_config("train", noisy))
     assert run.path != RunDir.from_config(compose_config("train", tiny)).path  # noise is part of the run's identity
@@ -159,7 +160,7 @@ def test_mislabel_detection_end_to_end(tiny):
         "attribution.target=self", "further_training.estimator=derivative", "further_training.removal=mask"]))
     assert gold.parent == run.path / "self_influence"
 
-    out = evaluate(compose_config("evaluate", noisy + ["attribution.target=self"]))
+    out = evaluate(compose_config("evaluate", wandb_on(noisy) + ["attribution.target=self"]))
     table = pd.read_csv(out / "mislabel.csv")
     assert sorted(table.method) == ["cg", "further_training", "grad_dot", "loss"]
     flipped = torch.zeros(96, dtype=torch.bool)
@@ -172,3 +173,8 @@ def test_mislabel_detection_end_to_end(tiny):
     for f in ("detection_curve.csv", "self_influence_agreement.csv", "detection.png", "report.md"):
         assert (out / f).is_file()
     assert "found at 10 %" in (out / "report.md").read_text()
+    (wb,) = [read_offline_run(d) for d in offline_runs(isolated_env / "runs")]
+    for _, r in table.iterrows():
+        for column in ("auc", "found_at_5", "found_at_10", "found_at_20"):
+            assert wb["summary"][f"mislabel/{r.method}/{column}"] == pytest.approx(r[column], rel=1e-12)
+    assert {"tables/mislabel", "tables/detection_curve"} <= set(wb["tables"])
