@@ -16,6 +16,7 @@ tda.evaluation.evaluate_mislabel):
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -26,11 +27,11 @@ from helpers.config import compose_config
 from helpers.wandb import offline_runs, read_offline_run, wandb_on
 from sklearn.metrics import roc_auc_score
 
-from tda.artifacts import load_json
+from tda.artifacts import CHECKSUM_KEY, load_json, save_json
 from tda.config import ConfigError, build
 from tda.data.label_noise import LabelNoiseSettings, flip_labels, with_label_noise
 from tda.evaluation.mislabel import detection_auc, detection_curves, found_curve, mislabel_table
-from tda.provenance import read_final_model
+from tda.provenance import ProvenanceError, read_final_model
 from tda.runs import RunDir
 from tda.scores import load_method_scores
 from tda.stages import attribute, evaluate, further_train, train
@@ -178,3 +179,11 @@ def test_mislabel_detection_end_to_end(tiny, isolated_env):
         for column in ("auc", "found_at_5", "found_at_10", "found_at_20"):
             assert wb["summary"][f"mislabel/{r.method}/{column}"] == pytest.approx(r[column], rel=1e-12)
     assert {"tables/mislabel", "tables/detection_curve"} <= set(wb["tables"])
+
+    # the flipped rows are part of the final model's identity: an edited record (re-saved with a
+    # valid checksum, as a script rewriting it would) is refused, not read as other flipped rows
+    selection = {k: v for k, v in json.loads(run.selection.read_text()).items() if k != CHECKSUM_KEY}
+    selection["label_noise"]["flipped_indices"][0] = next(i for i in range(96) if i not in noise["flipped_indices"])
+    save_json(run.selection, selection)
+    with pytest.raises(ProvenanceError, match=r"selection.json does not belong to the final model .* retrain it"):
+        evaluate(compose_config("evaluate", noisy + ["attribution.target=self"]))
