@@ -16,9 +16,11 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers.config import compose_config
+from helpers.further_training import toy_problem
 from torch import nn
 from torch.func import functional_call
 
+from tda.artifacts import load_tensors, load_tensors_with_metadata
 from tda.config import ConfigError, build
 from tda.exits import RefusedError
 from tda.further_training.derivative import WeightedTrajectory
@@ -34,6 +36,7 @@ from tda.methods.training_loss import TrainingLoss
 from tda.models.base import per_example_loss
 from tda.models.mlp import MLP
 from tda.problem import AttributionProblem
+from tda.provenance import ProvenanceError
 
 N = 40
 
@@ -227,3 +230,23 @@ def test_gold_self_effect_needs_the_derivative_estimator():
                                           r"further_training.estimator=difference; set "
                                           r"further_training.estimator=derivative"):
         SelfEffect(GoldStandardSpec.from_config(cfg))
+
+
+def test_gold_self_effect_job_writes_resumes_and_refuses_another_gold_standards_seeds(tmp_path):
+    """The job writes one file per seed and their mean at the last checkpoint as the scores the
+    evaluation reads; a re-run recomputes nothing; a seed file of other settings (another
+    learning rate) in the directory is refused, not reused or overwritten."""
+    overrides = ["further_training.estimator=derivative", "further_training.removal=mask", "attribution.target=self"]
+    cfg, problem = toy_problem(overrides)
+    out = SelfEffect(GoldStandardSpec.from_config(cfg)).run(problem, tmp_path / "gold")
+    seeds = [load_tensors_with_metadata(out / f"seed_{s:05d}.safetensors")[0]["self_effect"] for s in range(3)]
+    scores = load_tensors(out / "scores.safetensors")["scores"]
+    assert scores.shape == (30,) and torch.allclose(scores, torch.stack([s[-1] for s in seeds]).mean(0), atol=1e-15)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    SelfEffect(GoldStandardSpec.from_config(cfg)).run(problem, out)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    other, _ = toy_problem(overrides + ["further_optimizer.lr=0.5"])
+    (out / "scores.safetensors").unlink()
+    with pytest.raises(ProvenanceError, match=r"(?s)refusing to combine the self-effect file .*seed_00000.safetensors"
+                                              r".*lr: artifact has 0.0001, this run needs 0.5.*Delete"):
+        SelfEffect(GoldStandardSpec.from_config(other)).run(problem, out)
