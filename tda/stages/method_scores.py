@@ -98,9 +98,10 @@ def kept(cfg: DictConfig, started: float) -> Kept:
         return gold.kept(cfg, started)
     run, name = RunDir.from_config(cfg), node_name(cfg.method)
     if AttributionSettings.from_config(cfg.get("attribution")).target == "self":
-        out, done, missing = run.self_influence_dir(method_key(cfg)), "the self-influence is", "no self-influence was"
+        out, done, missing, what = (run.self_influence_dir(method_key(cfg)), "the self-influence is",
+                                    "no self-influence was", "it")
     else:
-        out, done, missing = run.method_dir(cfg), "the scores are", "no scores were"
+        out, done, missing, what = run.method_dir(cfg), "the scores are", "no scores were", "them"
     if scores_complete(out):
         return Kept(f"attribution ({name})", f"{done} complete in {out}", "nothing is left to do")
-    return Kept(f"attribution ({name})", f"{missing} written to {out}", "re-run the same command to compute them")
+    return Kept(f"attribution ({name})", f"{missing} written to {out}", f"re-run the same command to compute {what}")
