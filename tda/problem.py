@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -25,6 +26,9 @@ class AttributionSettings(Section):
 
     PATH = "attribution"
     memory_budget_mb: float = setting(2048, "bound on per-example gradients (and stacked runs) held at once")
+    target: Literal["test", "self"] = setting(
+        "test", "whose loss is attributed: test = the evaluated test instances' (scores [n_test, n_left_out]); "
+                "self = each training instance's own (self-influence [n_train], mislabel detection)")
 
     def check(self, c: Checks) -> None:
         c.positive("memory_budget_mb")

@@ -5,7 +5,8 @@ The identity of a final model is four fingerprints, recorded in the header of
 
     weights     SHA-256 of its tensors (also the file's integrity checksum)
     data        fingerprint of the training and test tensors (`DataBundle.fingerprint`)
-    selection   fingerprint of the left-out and test indices in `selection.json`
+    selection   fingerprint of the left-out and test indices in `selection.json` (and of the
+                flipped training labels, with label noise)
     run         the run key: dataset / model / optimizer / train / selection / seed settings
 
 Every derived artifact (cached features, each seed or part of the gold standard and its
@@ -134,10 +135,15 @@ def _short(value: Any, limit: int = 160) -> str:
 
 
 # ------------------------------------------------------------------------------ fingerprints
-def selection_fingerprint(left_out_indices: list[int], test_indices: list[int]) -> str:
-    """Fingerprint of a selection: the left-out and test indices, in order."""
-    payload = json.dumps({"left_out_indices": [int(i) for i in left_out_indices],
-                          "test_indices": [int(i) for i in test_indices]}, sort_keys=True)
+def selection_fingerprint(left_out_indices: list[int], test_indices: list[int],
+                          label_noise: dict[str, Any] | None = None) -> str:
+    """Fingerprint of a selection: the left-out and test indices, in order, and the record of the
+    flipped training labels (tda.data.label_noise) when there is one."""
+    content: dict[str, Any] = {"left_out_indices": [int(i) for i in left_out_indices],
+                               "test_indices": [int(i) for i in test_indices]}
+    if label_noise:  # absent without noise: the fingerprints of runs on clean labels are unchanged
+        content["label_noise"] = label_noise
+    payload = json.dumps(content, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -186,7 +192,10 @@ def read_final_model(run) -> FinalModel:
     n_train, n_test = selection.get("n_train"), selection.get("n_test_total")
     validate_indices(selection.get("left_out_indices"), n_train, "left_out_indices", run.selection)
     validate_indices(selection.get("test_indices"), n_test, "test_indices", run.selection)
-    sel = selection_fingerprint(selection["left_out_indices"], selection["test_indices"])
+    noise = selection.get("label_noise")
+    if noise is not None:
+        validate_indices(noise.get("flipped_indices"), n_train, "label_noise.flipped_indices", run.selection)
+    sel = selection_fingerprint(selection["left_out_indices"], selection["test_indices"], noise)
     if have.get("selection") != sel or have.get("data") != selection.get("data_fingerprint"):
         raise ProvenanceError(f"{run.selection} does not belong to the final model {run.final_model} (its indices "
                               f"or data fingerprint differ from those the model was trained with); restore it, or "

@@ -13,6 +13,8 @@ One run directory per final model, derived from the resolved training config, so
         features.safetensors   cached outputs of the frozen part (if any)
         gold/<key>/            gold standard (further training or retraining): one file per seed + meta.json
         methods/<key>/         one gradient method: scores.safetensors + record.json
+        self_influence/<key>/  one method's self-influence of every training instance (attribution.target=self),
+                               or the gold standard's self-effect (gold-<gold key>/)
         eval/<key>/            CSV, PNG, report.md of the evaluate stage
         cache/                 methods' caches keyed by model and data (damping λ₀, K-FAC factors)
         superseded/<weights>/  what was computed from a final model that train.overwrite replaced
@@ -37,11 +39,12 @@ from omegaconf import DictConfig
 
 from tda.artifacts import file_sha256
 from tda.config import SAFE_NAME_RULE, config_hash, node_name, safe_name, to_container
+from tda.data.label_noise import LabelNoiseSettings
 from tda.selection import SelectionSettings
 from tda.training import TrainerSettings, TrainSettings
 
 # The parts of the config that determine the final model and the selections.
-RUN_KEYS = ("dataset", "model", "optimizer", "train", "selection", "seed")
+RUN_KEYS = ("dataset", "model", "optimizer", "train", "selection", "label_noise", "seed")
 
 
 # The `_target_` nodes whose names become path components or W&B names.
@@ -96,17 +99,20 @@ class RunSettings:
     selection: SelectionSettings
     trainer: TrainerSettings
     seed: int
+    label_noise: LabelNoiseSettings
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "RunSettings":
         return cls(TrainSettings.from_config(cfg.train), SelectionSettings.from_config(cfg.selection),
-                   TrainerSettings.from_config(cfg.get("trainer")), int(cfg.seed))
+                   TrainerSettings.from_config(cfg.get("trainer")), int(cfg.seed),
+                   LabelNoiseSettings.from_config(cfg.get("label_noise")))
 
 
 def run_key(cfg: DictConfig, settings: RunSettings | None = None) -> str:
     """The run directory's name: the dataset / model / optimizer names and a hash of those nodes
-    and of the keyed `train` and `selection` settings (Section.keyed), the seed and the
-    Lightning arguments passed through that change what final training computes. `settings`:
+    and of the keyed `train` and `selection` settings (Section.keyed), the seed, the label noise
+    (when labels are flipped) and the Lightning arguments passed through that change what final
+    training computes. `settings`:
     the config's sections, when the caller has built (and checked) them already."""
     settings = settings if settings is not None else RunSettings.from_config(cfg)
     names = [node_name(cfg.dataset), node_name(cfg.model), node_name(cfg.optimizer)]
@@ -119,6 +125,9 @@ def run_key(cfg: DictConfig, settings: RunSettings | None = None) -> str:
         selection["left_out_file"] = {"sha256": file_sha256(path)}
     nodes = [to_container(cfg.dataset), to_container(cfg.model), to_container(cfg.optimizer), settings.train.keyed(),
              selection, settings.seed]
+    noise = settings.label_noise.keyed()
+    if noise:  # absent without noise, so the keys of runs on clean labels are unchanged
+        nodes.append({"label_noise": noise})
     passed = {k: v for k, v in settings.trainer.lightning.items() if k not in TRAINER_KEYS_OUTSIDE_RUN}
     if passed:  # absent for every run without such arguments, so their keys are unchanged
         nodes.append({"trainer": passed})
@@ -202,9 +211,13 @@ class RunDir:
         return self.path / "eval"
 
     @property
+    def _self_influence(self) -> Path:
+        return self.path / "self_influence"
+
+    @property
     def dependents(self) -> list[Path]:
         """Everything in the directory computed from its final model."""
-        return [self._gold, self._methods, self._eval, self.cache, self.features]
+        return [self._gold, self._methods, self._self_influence, self._eval, self.cache, self.features]
 
     def gold_dir(self, key: str) -> Path:
         """`gold/<key>/`; key: tda.further_training.store.GoldStandardSpec.key of the config."""
@@ -221,6 +234,15 @@ class RunDir:
     def method_dirs(self) -> list[Path]:
         """Every method's directory present, in order of key."""
         return _subdirectories(self._methods)
+
+    def self_influence_dir(self, key: str) -> Path:
+        """`self_influence/<key>/`: a method's self-influence (key: :func:`method_key`) or the gold
+        standard's self-effect (key: `gold-<its key>`)."""
+        return self._inside(self._self_influence / safe_name(key, "the self-influence key"))
+
+    def self_influence_dirs(self) -> list[Path]:
+        """Every self-influence directory present, in order of key."""
+        return _subdirectories(self._self_influence)
 
     def eval_dir(self, key: str) -> Path:
         """`eval/<key>/`: the evaluation against the gold standard `key`."""

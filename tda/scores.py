@@ -1,5 +1,6 @@
 """A method's scores on disk: `methods/<method>-<hash>/` holds `record.json` (settings, timing,
-indices, provenance) and `scores.safetensors` (`scores` [n_test, n_left_out], float64).
+indices, provenance) and `scores.safetensors` (`scores` [n_test, n_left_out], float64); its
+self-influence (`self_influence/<method>-<hash>/`) the same files with `scores` [n_train].
 
 The scores file is written last, so its presence marks a completed method. Reading verifies
 the file's checksum, that `record.json` names that checksum, and that both were computed from
@@ -31,8 +32,8 @@ def scores_complete(out: Path) -> bool:
 
 
 def save_method_scores(out: Path, scores: torch.Tensor, header: dict, record: dict) -> None:
-    """Write `scores` [n_test, n_left_out] with `header` (method, config, final model, shape) in
-    the file and `header | record` in record.json."""
+    """Write `scores` ([n_test, n_left_out], or self-influence [n_train]) with `header` (method,
+    config, final model, shape) in the file and `header | record` in record.json."""
     tensors = {"scores": scores.detach().double().cpu()}
     what = f"the scores of {header.get('method')}"
     require_finite(tensors, what)
@@ -40,9 +41,9 @@ def save_method_scores(out: Path, scores: torch.Tensor, header: dict, record: di
     save_tensors(out / SCORES, tensors, metadata=header, what=what)
 
 
-def load_method_scores(out: Path, final_model: dict, shape: tuple[int, int]) -> tuple[torch.Tensor, dict]:
-    """(scores [n_test, n_left_out], record) of the method in `out`, verified and checked to
-    belong to `final_model`; raises naming the problem and the fix."""
+def load_method_scores(out: Path, final_model: dict, shape: tuple[int, ...]) -> tuple[torch.Tensor, dict]:
+    """(scores of `shape`, record) of the method in `out`, verified and checked to belong to
+    `final_model`; raises naming the problem and the fix."""
     fix = f"Delete {out} and re-run `python attribute.py method=<this method> <same overrides>` to recompute them."
     tensors, header, checksum = load_tensors_with_metadata(out / SCORES)
     record = load_json(out / RECORD)

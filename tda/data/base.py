@@ -42,6 +42,9 @@ class DataBundle:
     # (e.g. random flips). Further training and attribution never see it: the gold standard
     # and the methods are defined on the fixed training set D.
     final_training_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # the training labels flipped by tda.data.label_noise (rows, original and new labels; written to
+    # selection.json by the train stage); None: the labels as loaded
+    label_noise: dict[str, Any] | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:

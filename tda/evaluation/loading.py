@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from tda.config import build
 from tda.data.base import DataBundle
+from tda.data.label_noise import recorded_settings, with_label_noise
 from tda.further_training.attribution import GoldStandard
 from tda.further_training.store import GoldStandardSpec, load_gold_standard
 from tda.provenance import FinalModel, ProvenanceError, read_final_model
@@ -32,10 +33,11 @@ def load_experiment(spec: GoldStandardSpec, run: RunDir, final: FinalModel | Non
 
 
 def load_data(cfg: DictConfig, run: RunDir, final: FinalModel) -> DataBundle:
-    """The dataset of `cfg`, checked by content to be the one the final model of `run` was
+    """The dataset of `cfg` with the training labels the final model's selection.json records as
+    flipped (tda.data.label_noise), checked by content to be the one the final model of `run` was
     trained on: its labels and targets are compared with the scores (class structure) and
     shown beside them (examples)."""
-    data = build(cfg.dataset, key="dataset")
+    data = with_label_noise(build(cfg.dataset, key="dataset"), recorded_settings(final.selection.get("label_noise")))
     fingerprint = data.fingerprint()
     if fingerprint != final.identity["data"]:
         raise ProvenanceError(f"the dataset loaded now differs from the one the final model in {run.path} was trained "
@@ -51,8 +53,22 @@ def load_all_method_scores(run: RunDir, final_model: dict, gold: GoldStandard
     Labels are the method name, or, when one method was run with several configs (e.g. a
     damping sweep), the name plus the config values that differ: `cg(damping=0.1)`."""
     shape = (len(gold.meta["test_indices"]), len(gold.meta["left_out_indices"]))
+    return _load_all(run.method_dirs(), final_model, shape)
+
+
+def load_all_self_influence(run: RunDir, final_model: dict, n_train: int
+                            ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Self-influence [n_train] and record of every method computed for this final model with
+    `attribution.target=self`, and of the gold standard's self-effect (`self_influence/<key>/`),
+    verified and labelled as :func:`load_all_method_scores` does for scores."""
+    return _load_all(run.self_influence_dirs(), final_model, (n_train,))
+
+
+def _load_all(dirs: list[Path], final_model: dict, shape: tuple[int, ...]
+              ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """The completed scores of `shape` (float64) and records in `dirs`, verified, by label."""
     loaded: list[tuple[Path, torch.Tensor, dict]] = []
-    for d in run.method_dirs():
+    for d in dirs:
         if not scores_complete(d):
             continue  # unfinished method: never read a partial result
         loaded.append((d, *load_method_scores(d, final_model, shape)))

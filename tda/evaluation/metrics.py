@@ -19,7 +19,7 @@ def rowwise_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, math.nan))
 
 
-def _ranks(x: torch.Tensor) -> torch.Tensor:
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
     """Average ranks along the last dim (ties share their mean rank, as scipy.stats.rankdata)."""
     x = x.double()
     sorted_x, order = x.sort(dim=-1)
@@ -38,7 +38,7 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
 
 
 def rowwise_spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    ra, rb = _ranks(a), _ranks(b)
+    ra, rb = average_ranks(a), average_ranks(b)
     ra = ra - ra.mean(-1, keepdim=True)
     rb = rb - rb.mean(-1, keepdim=True)
     return rowwise_cosine(ra, rb)

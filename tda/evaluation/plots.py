@@ -280,3 +280,30 @@ def plot_image_examples(test_image, helpful: list, harmful: list, path: Path, ti
         ax.set_title(cap, fontsize=6)
         ax.axis("off")
     return _save(fig, path, title)
+
+
+def plot_detection(curves: pd.DataFrame, path: Path, title: str = "", marks: tuple[float, ...] = ()) -> Path:
+    """Mislabel detection: the fraction of the flipped labels found against the fraction of the
+    training set inspected, highest self-influence first (tda.evaluation.mislabel.detection_curves);
+    one line per method, the random order dashed grey, the perfect one dotted black, the
+    inspected fractions of the table (`marks`) as vertical lines. Left: all of it; right: the
+    first 30 % inspected, where a practitioner looks."""
+    methods = [m for m in dict.fromkeys(curves.method) if m not in ("random", "oracle")]
+    fig, axes = plt.subplots(1, 2, figsize=(10.4, 4.0))
+    _colour_axes(axes, len(methods))
+    for ax, right in zip(axes, (1.0, 0.3)):
+        for m in methods:
+            g = curves[curves.method == m]
+            ax.plot(g.inspected, g.found, label=m, lw=1.4)
+        for m, style in (("random", dict(color="0.5", ls="--")), ("oracle", dict(color="k", ls=":"))):
+            g = curves[curves.method == m]
+            ax.plot(g.inspected, g.found, lw=1.0, label=m, **style)
+        for p in marks:
+            ax.axvline(p, color="0.8", lw=0.8, zorder=0)
+        ax.set_xlim(0, right)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("fraction of the training set inspected (highest self-influence first)")
+        ax.set_ylabel("fraction of the flipped labels found")
+        ax.grid(alpha=0.3)
+    _legend_right(fig, *axes[0].get_legend_handles_labels())
+    return _save(fig, path, title)

@@ -141,3 +141,28 @@ def _wandb_safe(df: pd.DataFrame) -> pd.DataFrame:
         if df[c].dtype == object:
             df[c] = df[c].map(lambda v: "" if v is None else str(v))
     return df
+
+
+def log_mislabel_to_wandb(cfg: DictConfig, name: str, tables: dict[str, pd.DataFrame], figures: list[Path]) -> None:
+    """Mislabel detection (tda.evaluation.evaluate_mislabel): each source's AUC and found-at
+    fractions as summary scalars `mislabel/<method>/<column>`, the detection curves as one
+    line_series chart, every table and figure. Nothing when the logger is off."""
+    wb = init_wandb(cfg, "evaluate", name)
+    if wb is None:
+        return
+    import wandb  # noqa: PLC0415 - slow to import: only when the logger is on
+
+    try:
+        table = tables["mislabel"]
+        wb.summary.update({f"mislabel/{r['method']}/{col}": float(r[col]) for _, r in table.iterrows()
+                           for col in table.columns if col.startswith(("auc", "found_at_"))})
+        curves = tables["detection_curve"]
+        lines = {m: g.sort_values("inspected") for m, g in curves.groupby("method", sort=False)}
+        xs = next(iter(lines.values())).inspected.tolist()
+        wb.log({"charts/mislabel_detection": wandb.plot.line_series(
+            xs=xs, ys=[g.found.tolist() for g in lines.values()], keys=list(lines),
+            title="flipped labels found vs training set inspected", xname="fraction inspected")})
+        wb.log({f"tables/{k}": wandb.Table(dataframe=_wandb_safe(df)) for k, df in tables.items() if len(df)})
+        wb.log({f"figures/{p.stem}": wandb.Image(str(p)) for p in figures})
+    finally:
+        finish(wb)

@@ -85,7 +85,7 @@ def derivative_mode(requested: str, n_left_out: int, n_test: int) -> str:
     return "reverse" if n_left_out > n_test else "forward"
 
 
-def _torch_device(accelerator: str) -> torch.device:
+def torch_device(accelerator: str) -> torch.device:
     """The torch device of `trainer.accelerator` (Lightning's names: cpu, gpu / cuda, mps, auto)."""
     name = str(accelerator)
     if name in ("gpu", "cuda") or (name == "auto" and torch.cuda.is_available()):
@@ -288,7 +288,7 @@ class FurtherTraining:
         ft = self.ft
         bar.start(seed, 0)
         traj = WeightedTrajectory(model, optimizer, x, y, x_test, y_test, task, ft, seed,
-                                  device=_torch_device(self.accelerator))
+                                  device=torch_device(self.accelerator))
         if mode == "forward":
             result = traj.forward_mode(left_out, memory_budget_mb)
             diff = result.derivative

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import torch
 
+from tda.exits import RefusedError
 from tda.methods.base import Method
 from tda.methods.checks import check_factored, positive_int
-from tda.methods.gradients import compute_grads, loss_target, tensor_kernels, tensor_sq_norms
+from tda.methods.gradients import compute_grads, iter_grad_chunks, loss_target, tensor_kernels, tensor_sq_norms
 from tda.problem import AttributionProblem
 
 
@@ -37,9 +38,24 @@ class GradDot(Method):
             s = s / n_test[:, None] / n_lo[None, :]
         return s
 
+    def self_influence(self, problem: AttributionProblem) -> torch.Tensor:
+        """‖∇loss(z_i)‖² [n_train], streamed over the training set within the memory budget (from
+        the factors of linear layers where possible: ‖b aᵀ‖² = ‖a‖²‖b‖²)."""
+        out = torch.empty(problem.n_train, dtype=torch.float64)
+        for rows, g in iter_grad_chunks(problem.model, problem.x_train, problem.y_train, loss_target(problem.task),
+                                        problem.memory_budget_mb, self.factored):
+            out[rows] = sum(tensor_sq_norms(g).values()).double().cpu()
+        self.record["factored"] = type(g).__name__ == "FactoredGrads"
+        return out
+
 
 class GradCos(GradDot):
     """gᵀgⱼ / (‖g‖‖gⱼ‖) [n_test, n_left_out]."""
 
     def __init__(self, chunk_size: int = 256, factored: str | bool = "auto"):
         super().__init__(chunk_size=chunk_size, normalize=True, factored=factored)
+
+    def self_influence(self, problem: AttributionProblem) -> torch.Tensor:
+        raise RefusedError("grad_cos has no self-influence to rank by: the cosine of a gradient with itself is 1 for "
+                           "every training instance, so every instance would tie. Use method=grad_dot (‖g‖², the "
+                           "same gradients unnormalised) for self-influence")

@@ -153,11 +153,19 @@ class TRAK(Method):
 
     def features(self, problem: AttributionProblem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(Φ_train [n_train, k], φ_test [n_test, k], φ_left_out [n_left_out, k])."""
+        phi, phi_test, phi_lo = self._features(problem, [(problem.x_test, problem.y_test),
+                                                         (problem.x_left_out, problem.y_left_out)])
+        return phi, phi_test, phi_lo
+
+    def _features(self, problem: AttributionProblem, others: list[tuple[torch.Tensor, torch.Tensor]]
+                  ) -> list[torch.Tensor]:
+        """[Φ_train [n_train, k], then φ [n, k] of each (x, y) of `others`]: one pass over the
+        training set per column block of the projection."""
         model, target = problem.model, margin_target(problem.task)
         layout = ParamLayout.of(model)
         k = self.proj_dim or layout.n_params
         budget = problem.memory_budget_mb
-        phi_bytes = 4 * k * (problem.n_train + len(problem.x_test) + len(problem.left_out_indices))
+        phi_bytes = 4 * k * (problem.n_train + sum(len(x) for x, _ in others))
         if phi_bytes > budget * 2**20 / 2:
             raise MemoryError(f"TRAK features need {phi_bytes / 2**20:.0f} MB, more than half of "
                               f"attribution.memory_budget_mb={budget}; lower method.proj_dim or raise the budget")
@@ -166,13 +174,11 @@ class TRAK(Method):
         cols = max(BLOCK_COLUMNS, int(budget * 2**20 / 4 // p_bytes_per_col) // BLOCK_COLUMNS * BLOCK_COLUMNS)
         col_blocks = [slice(s, min(s + cols, k)) for s in range(0, k, cols)]
         self.record.update({"proj_dim": k, "column_blocks": len(col_blocks)})
-        g_test = compute_grads(model, problem.x_test, problem.y_test, target, self.factored, self.chunk_size)
-        g_lo = compute_grads(model, problem.x_left_out, problem.y_left_out, target, self.factored, self.chunk_size)
+        grads = [compute_grads(model, x, y, target, self.factored, self.chunk_size) for x, y in others]
         # P is drawn in float32 whatever the model's dtype, so a float64 model sees the same P
         dtype, dev = next(model.parameters()).dtype, next(model.parameters()).device
         phi = torch.zeros(problem.n_train, k, dtype=dtype, device=dev)
-        phi_test, phi_lo = (torch.zeros(len(g_test), k, dtype=dtype, device=dev),
-                            torch.zeros(len(g_lo), k, dtype=dtype, device=dev))
+        phis = [torch.zeros(len(g), k, dtype=dtype, device=dev) for g in grads]
         progress = Progress()
         for b, cb in enumerate(col_blocks):
             if self.proj_dim is None:
@@ -181,7 +187,8 @@ class TRAK(Method):
             else:
                 P = {name: v.to(dev, dtype) for name, v in projection_matrix(layout, k, self.seed, cb).items()}
             cache: dict = {}
-            phi_test[:, cb], phi_lo[:, cb] = project(g_test, P, cache=cache), project(g_lo, P, cache=cache)
+            for g, out in zip(grads, phis):
+                out[:, cb] = project(g, P, cache=cache)
             row_budget = max(budget / 4 - cols * p_bytes_per_col / 2**20, budget / 16)
             for rows, g in iter_grad_chunks(model, problem.x_train, problem.y_train, target, row_budget,
                                             self.factored, self.max_rows):
@@ -189,7 +196,7 @@ class TRAK(Method):
                     log.info("trak: projection column block %d of %d, training row %d of %d", b + 1, len(col_blocks),
                              rows.start, problem.n_train)
                 phi[rows, cb] = project(g, P, cache=cache)
-        return phi, phi_test, phi_lo
+        return [phi, *phis]
 
     def scores(self, problem: AttributionProblem) -> torch.Tensor:
         phi, phi_test, phi_lo = self.features(problem)
@@ -200,6 +207,24 @@ class TRAK(Method):
             return s * (-w_lo)[None, :]
         w_test = output_weights(problem.model, problem.x_test, problem.y_test, problem.task).double()
         return s * w_test[:, None] * w_lo[None, :]
+
+    def self_influence(self, problem: AttributionProblem) -> torch.Tensor:
+        """The diagonal of :meth:`scores` with every training instance as test and left-out
+        instance, [n_train]: φ_iᵀ(ΦᵀΦ + λI)⁻¹φ_i · Q_i (classification, the test-side factor
+        dropped as in `scores` and in dattri's `self_attribute`) or w_i² φ_iᵀ(ΦᵀΦ + λI)⁻¹φ_i
+        (regression), the training features computed once and solved for in column blocks
+        within the memory budget."""
+        (phi,) = self._features(problem, [])
+        phi = phi.double()
+        n, k = phi.shape
+        quad = torch.empty(n, dtype=torch.float64, device=phi.device)
+        rows = max(1, int(problem.memory_budget_mb * 2**20 / 4 // (3 * 8 * max(k, n))))  # rhs, solution, scratch
+        for r in range(0, n, rows):
+            block = phi[r:r + rows]
+            quad[r:r + rows] = (block * kernel_solve(phi, block.T, self.damping).T).sum(1)
+        w = torch.cat([output_weights(problem.model, problem.x_train[r:r + 1024], problem.y_train[r:r + 1024],
+                                      problem.task) for r in range(0, n, 1024)]).double().to(quad.device)
+        return (quad * (-w if problem.task == "classification" else w * w)).cpu()
 
 
 def kernel_solve(phi: torch.Tensor, rhs: torch.Tensor, damping: float, rcond: float = 1e-10) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """The evaluate stage: every method of a final model against its gold standard, written into
-`eval/<key>/` (tda.evaluation), or with `evaluate.compare` several experiments in one figure."""
+`eval/<key>/` (tda.evaluation), or with `evaluate.compare` several experiments in one figure, or
+with `attribution.target=self` mislabel detection by every self-influence, into `eval/mislabel/`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from tda.config import ConfigError
 from tda.evaluation.compare import evaluate_compare
 from tda.evaluation.evaluate import evaluate_run
 from tda.evaluation.evaluate_lds import evaluate_lds_run
+from tda.evaluation.evaluate_mislabel import evaluate_mislabel
 from tda.further_training.store import GoldStandardSpec
 from tda.interrupt import Kept
 from tda.preflight import check_config
@@ -20,7 +22,8 @@ from tda.runs import RunDir
 
 def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     """Evaluate the methods of this final model, or with `evaluate.compare` several experiments,
-    each composed from `overrides` (default: the running Hydra app's) plus its own."""
+    each composed from `overrides` (default: the running Hydra app's) plus its own, or with
+    `attribution.target=self` their self-influence as mislabel detection."""
     settings = check_config(cfg, "evaluate")
     if settings.evaluate.compare:
         if settings.further_training.runs == "subsets":
@@ -29,6 +32,8 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
                               "at a time: leave evaluate.compare empty")
         return evaluate_compare(cfg, settings.evaluate, overrides)  # each experiment composed from its own overrides
     run = RunDir.from_config(cfg, settings)
+    if settings.attribution.target == "self":  # mislabel detection by every self-influence of the final model
+        return evaluate_mislabel(cfg, run, read_final_model(run))
     spec = GoldStandardSpec.from_config(cfg, settings.further_training)
     if settings.further_training.runs == "subsets":  # the linear datamodeling score and LOO correlation
         return evaluate_lds_run(cfg, spec, run, read_final_model(run))

@@ -105,7 +105,8 @@ def train(cfg: DictConfig) -> RunDir:
     require_finite(state, "the final model")  # before anything of the old run is moved aside
     data_fp = data.fingerprint()
     final = identity(tensor_checksum(state), data_fp,
-                     selection_fingerprint(selection["left_out_indices"], selection["test_indices"]), run.key)
+                     selection_fingerprint(selection["left_out_indices"], selection["test_indices"],
+                                           selection.get("label_noise")), run.key)
     run.path.mkdir(parents=True, exist_ok=True)
     supersede_dependents(run, final)
     save_text(run.config, OmegaConf.to_yaml(cfg, resolve=True))

@@ -1,7 +1,8 @@
 """The further_train stage: the gold standard of a final model (tda.further_training), written
 seed by seed into `gold/<key>/`: leave-one-out (further training or retraining) or, with
-`further_training.runs=subsets`, the subset gold standard of the linear datamodeling score.
-Also reached as `attribute.py method=further_training`."""
+`further_training.runs=subsets`, the subset gold standard of the linear datamodeling score; with
+`attribution.target=self`, its self-effect of every training instance, into
+`self_influence/gold-<key>/`. Also reached as `attribute.py method=further_training`."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from tda.artifacts import IntegrityError, remove_stale_temp_files
 from tda.config import ConfigError, to_container
 from tda.data.base import DataBundle
 from tda.further_training.gold_standard import FurtherTraining
+from tda.further_training.self_effect import SelfEffect, self_effect_key
 from tda.further_training.store import GoldStandardSpec, gold_status, load_gold_standard
 from tda.further_training.subset_gold import SubsetTraining, require_every_training_instance
 from tda.further_training.subset_store import load_subset_gold_standard
@@ -24,6 +26,7 @@ from tda.further_training.subsets import initialisation_seed
 from tda.interrupt import Kept
 from tda.memory import PeakMemory
 from tda.preflight import Settings, check_config
+from tda.problem import AttributionProblem, AttributionSettings
 from tda.provenance import FinalModel, ProvenanceError, read_final_model, read_initial_model
 from tda.runs import RunDir
 from tda.stages.inputs import attribution_problem, build_model, load_data
@@ -42,14 +45,18 @@ def further_train(cfg: DictConfig, stage: str = "further_train") -> Path:
     run = RunDir.from_config(cfg, settings)
     remove_stale_temp_files(run.path)
     final = read_final_model(run)  # fail before building anything else
-    data = load_data(cfg, settings)
     ft = settings.further_training
+    spec = GoldStandardSpec.from_config(cfg, ft)
+    # each training instance's effect on its own loss: refused before any data is loaded if it has none
+    self_effect = SelfEffect(spec, settings.trainer.accelerator) if settings.attribution.target == "self" else None
+    data = load_data(cfg, settings)
     subsets = ft.runs == "subsets"
     if subsets:
         require_every_training_instance(final.selection["left_out_indices"], len(data.train), run.path.name)
     start = _initial_weights(cfg, settings, run, final, data) if ft.start == "initial_weights" else None
     problem = attribution_problem(cfg, settings, run, data=data, final=final, start_weights=start)
-    spec = GoldStandardSpec.from_config(cfg, ft)
+    if self_effect is not None:
+        return _self_effect(cfg, run, spec, self_effect, problem, stage)
     out = run.gold_dir(spec.key)
     wb = init_wandb(cfg, stage, f"{run.path.name}/further_training")
     try:
@@ -92,6 +99,24 @@ def _fresh_weights(cfg: DictConfig, data: DataBundle) -> Callable[[int], dict[st
     return weights
 
 
+def _self_effect(cfg: DictConfig, run: RunDir, spec: GoldStandardSpec, job: SelfEffect,
+                 problem: AttributionProblem, stage: str) -> Path:
+    """`attribution.target=self`: the gold standard's self-effect of every training instance
+    (tda.further_training.self_effect) into `self_influence/gold-<key>/`, which is returned."""
+    out = run.self_influence_dir(self_effect_key(spec))
+    wb = init_wandb(cfg, stage, f"{run.path.name}/further_training/self_effect")
+    try:
+        with PeakMemory() as mem:
+            t0 = time.perf_counter()
+            job.run(problem, out)
+            seconds = time.perf_counter() - t0
+        if wb is not None:
+            wb.summary.update({"seconds": seconds, "peak_mb": mem.peak_mb})
+        return out
+    finally:
+        finish(wb)
+
+
 def _initial_weights(cfg: DictConfig, settings: Settings, run: RunDir, final: FinalModel, data: DataBundle
                      ) -> dict[str, torch.Tensor]:
     """`further_training.start=initial_weights` (the retraining gold standard): the final model's
@@ -121,14 +146,17 @@ def _log_gold_progress(wb, gold_dir: Path, expected: dict, seeds: list[int]) -> 
 def kept(cfg: DictConfig, started: float) -> Kept:
     """What an interrupted further_train stage leaves: every seed (or part) of this job that was
     complete; the one in progress is not written."""
-    spec = GoldStandardSpec.from_config(cfg)
-    gold = RunDir.from_config(cfg).gold_dir(spec.key)
+    spec, run = GoldStandardSpec.from_config(cfg), RunDir.from_config(cfg)
+    if AttributionSettings.from_config(cfg.get("attribution")).target == "self":
+        what, gold = "further training (self-effect)", run.self_influence_dir(self_effect_key(spec))
+    else:
+        what, gold = "further training", run.gold_dir(spec.key)
     files = spec.job_files(gold)
     n = sum(p.is_file() for p in files)
     block = "block of subsets" if spec.settings.runs == "subsets" else "left-out shard"
     unit = f"seeds of this {block}" if spec.settings.column_shard.count > 1 else "seeds"
-    return Kept("further training", f"{n} of {len(files)} {unit} are complete in {gold} (the seed in progress was "
-                                    f"not written)", "re-run the same command to resume")
+    return Kept(what, f"{n} of {len(files)} {unit} are complete in {gold} (the seed in progress was not written)",
+                "re-run the same command to resume")
 
 
 def _file_states(paths: list[Path]) -> dict[Path, tuple[int, int] | None]:

@@ -13,6 +13,7 @@ from tda.artifacts import IntegrityError, load_tensors_with_metadata, save_tenso
 from tda.config import ConfigError, build, import_target, node_name
 from tda.data.base import DataBundle
 from tda.data.errors import data_problems, loading_errors
+from tda.data.label_noise import with_label_noise
 from tda.models.base import TDAModel, compute_features
 from tda.preflight import Settings
 from tda.problem import AttributionProblem
@@ -31,12 +32,14 @@ log = logging.getLogger(__name__)
 
 
 def load_data(cfg: DictConfig, settings: Settings) -> DataBundle:
-    """The dataset, refused (ConfigError) when the devices asked for are missing, it is empty or
-    too small for the selection, holds NaN/inf or bad labels, or does not fit the model."""
+    """The dataset, its training labels flipped as `label_noise` says (tda.data.label_noise), refused
+    (ConfigError) when the devices asked for are missing, it is empty or too small for the
+    selection, holds NaN/inf or bad labels, or does not fit the model."""
     settings.trainer.require_devices()  # before the (possibly long) load
     name = node_name(cfg.dataset, key="dataset")
     with loading_errors(name):
         data = build(cfg.dataset, key="dataset")
+    data = with_label_noise(data, settings.label_noise)
     n_train, n_test = len(data.train), len(data.test)
     problems = data_problems(data, name) + _model_input_problems(cfg, data, name)
     problems += settings.selection.fit_problems(n_train, n_test, name)
@@ -64,7 +67,8 @@ def build_model(cfg: DictConfig, data: DataBundle) -> TDAModel:
 
 
 def select(settings: SelectionSettings, data: DataBundle) -> dict:
-    """The left-out training instances and evaluated test instances, seeded and recorded."""
+    """The left-out training instances and evaluated test instances, seeded and recorded, and the
+    training labels the data's label noise flipped."""
     left_out, file_record = left_out_indices(settings, data)
     what = "evaluated test instances (selection.n_test)"
     if settings.test == "first":
@@ -75,6 +79,8 @@ def select(settings: SelectionSettings, data: DataBundle) -> dict:
     validate_indices(test, len(data.test), "evaluated test indices", "the selection (selection.*)")
     record = {"left_out_indices": left_out, "test_indices": test, "selection_seed": settings.seed,
               "rule": dataclasses.asdict(settings), "n_train": len(data.train), "n_test_total": len(data.test)}
+    if data.label_noise is not None:  # the flipped training labels, for every later stage
+        record["label_noise"] = data.label_noise
     return record | ({"left_out_file": file_record} if file_record else {})
 
 
@@ -94,6 +100,10 @@ def attribution_problem(cfg: DictConfig, settings: Settings, run: RunDir, data: 
         raise ProvenanceError(f"the dataset loaded now differs from the one the final model in {run.path} was "
                               f"trained on (fingerprint {fingerprint} != {final.identity['data']}); check "
                               f"dataset.root / TDA_DATA_DIR, or retrain with train.overwrite=true")
+    if data.label_noise != selection.get("label_noise"):
+        raise ProvenanceError(f"the training labels flipped now (label_noise) differ from those {run.selection} "
+                              f"records for the final model in {run.path}; restore it, or retrain with "
+                              f"train.overwrite=true")
     model = build_model(cfg, data)
     model.load_state_dict(final.state_dict | (start_weights or {}))
     model.eval()
