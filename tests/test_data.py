@@ -269,7 +269,7 @@ def test_nan_input_column_is_refused_at_load_naming_split_feature_and_rows(tiny)
 
 
 def test_inf_in_a_test_column_is_refused(tiny):
-    cfg = _damaged_cfg(tiny, split="test", column=29, rows=1, value=float("inf"))
+    cfg = _damaged_cfg(tiny, split="test", column=29, rows=1, value="inf")
     with pytest.raises(ConfigError, match=r"test split: feature 'worst fractal dimension' \(column 29\) holds NaN/inf "
                                           r"in 1 of 40 rows"):
         train(cfg)
@@ -290,7 +290,7 @@ def test_image_without_feature_names_is_named_by_flat_column():
     ({"label": 2.0, "rows": 4}, r"train split: 4 of 96 class labels \(y\) are outside 0..1 \(the 2 classes\), e.g. 2"),
     ({"label": -1.0, "rows": 1}, r"train split: 1 of 96 class labels \(y\) are outside 0..1"),
     ({"label": 0.5, "rows": 2}, r"train split: 2 of 96 class labels \(y\) are not whole numbers"),
-    ({"label": float("nan"), "rows": 2, "regression": True}, r"train split: 2 of 96 labels \(y\) are NaN/inf"),
+    ({"label": "nan", "rows": 2, "regression": True}, r"train split: 2 of 96 labels \(y\) are NaN/inf"),
 ], ids=["class-2-of-binary", "class-minus-1", "fractional-class", "nan-regression-target"])
 def test_bad_labels_are_refused_at_load(tiny, kwargs, expect):
     cfg = _damaged_cfg(tiny, split="train", **kwargs)

@@ -167,6 +167,6 @@ def test_only_the_store_is_used_outside_further_training():
             continue
         used = {m for m in _imported_modules(path) if m.startswith("tda.further_training")}
         allowed = {f"tda.further_training.{m}" for m in ("store", "subset_store", "attribution", "related", "settings")}
-        if path == ROOT / "tda" / "stages" / "gold.py":  # the jobs, and the seed of a subset run's fresh weights
-            allowed |= {f"tda.further_training.{m}" for m in ("gold_standard", "subset_gold", "subsets")}
+        if path == ROOT / "tda" / "stages" / "gold.py":  # its jobs, and a subset run's seed
+            allowed |= {f"tda.further_training.{m}" for m in ("gold_standard", "subset_gold", "subsets", "self_effect")}
         assert used <= allowed, (path, used - allowed)

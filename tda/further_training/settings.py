@@ -80,7 +80,7 @@ class SubsetSettings(Section):
 
     def check(self, c: Checks) -> None:
         c.positive("count")
-        c.non_negative("seed")
+        c.in_range("seed", SEED)
         fraction = c.value("fraction")
         if fraction is not None and not 0 < fraction < 1:
             c.add(f"further_training.subsets.fraction={fraction} must be strictly between 0 and 1 (the fraction of the "

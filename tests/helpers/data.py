@@ -64,21 +64,22 @@ def write_pums(path, n=120, seed=0) -> pd.DataFrame:
 
 # ------------------------------------------------------------------ a user's own loader, damaged
 def damaged_breast_cancer(split: str = "train", column: int | None = None, rows: int = 0,
-                          value: float = float("nan"), label: float | None = None, regression: bool = False,
+                          value: float | str = "nan", label: float | str | None = None, regression: bool = False,
                           max_train: int = 96, max_test: int = 40) -> DataBundle:
     """The embedded breast-cancer data as a user's own loader might deliver it: `rows` rows of
     input `column` set to `value` (NaN / inf), or their label set to `label`; `regression`
-    turns the label into a float target (task regression, one output)."""
+    turns the label into a float target (task regression, one output). A non-finite value comes
+    as a string ("inf", "nan"): pre-flight refuses a non-finite number among a loader's arguments."""
     data = breast_cancer(max_train=max_train, max_test=max_test)
     ds = data.train if split == "train" else data.test
     cols = ds.to_dict()
     x = np.asarray(cols["x"], dtype=np.float32)
     y = np.asarray(cols["y"], dtype=np.float64 if regression else np.int64)
     if column is not None:
-        x[:rows, column] = value
+        x[:rows, column] = float(value)
     if label is not None:
         y = y.astype(np.float64)
-        y[:rows] = label
+        y[:rows] = float(label)
     damaged = datasets.Dataset.from_dict({"x": x, "y": y, "raw": cols["raw"]})
     other = data.test if split == "train" else data.train
     if regression:
