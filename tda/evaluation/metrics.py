@@ -13,10 +13,21 @@ import torch
 
 
 def rowwise_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    a, b = a.double(), b.double()
+    """Cosine of each row pair, of any finite magnitude: each row is first scaled by a power of
+    two that brings its largest entry into [0.5, 1), so that no norm overflows (scores ×1e200)
+    or underflows (×1e-170); scaling by a power of two is exact, so for every other input the
+    result is bit for bit the unscaled formula's."""
+    a, b = _unit_exponent(a.double()), _unit_exponent(b.double())
     num = (a * b).sum(-1)
     den = a.norm(dim=-1) * b.norm(dim=-1)
     return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, math.nan))
+
+
+def _unit_exponent(x: torch.Tensor) -> torch.Tensor:
+    """x [..., n] with each row multiplied by 2^-e, e the binary exponent of its largest |entry|
+    (a zero row is left as it is)."""
+    _, exponent = torch.frexp(x.abs().amax(-1, keepdim=True))
+    return torch.ldexp(x, -exponent.to(x.dtype))
 
 
 def average_ranks(x: torch.Tensor) -> torch.Tensor:

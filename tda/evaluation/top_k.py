@@ -50,9 +50,15 @@ def _rank_desc(v: torch.Tensor) -> torch.Tensor:
 
 def top_k_overlap(target: torch.Tensor, s: torch.Tensor, k: int) -> tuple[float, float]:
     """Mean over test instances of |top-k(method) ∩ top-k(gold)| / k for the most helpful
-    and the most harmful k. target, s: [n_test, n_left_out]."""
+    and the most harmful k. target, s: [n_test, n_left_out]. Test instances whose gold or
+    method scores are all equal are left out (their top k would be position order); NaN when
+    no test instance is left."""
     k = min(k, target.shape[-1])
+    defined = ~(constant_rows(target) | constant_rows(s))
+    target, s = target[defined], s[defined]
     def ov(descending):
+        if not len(target):
+            return math.nan
         a = target.argsort(dim=-1, descending=descending)[:, :k]
         b = s.argsort(dim=-1, descending=descending)[:, :k]
         return float(sum(len(set(x.tolist()) & set(y.tolist())) for x, y in zip(a, b)) / (k * len(a)))
@@ -82,14 +88,24 @@ def top_k_hits(target: torch.Tensor, s: torch.Tensor, k: int, m: int, descending
     """Per test instance: precision@k = |top-k(method) ∩ top-k(gold)| / k and the recall of the
     gold standard's top k within the method's top m, |top-k(gold) ∩ top-m(method)| / k (m ≥ k).
     `descending`: the most helpful (largest scores), else the most harmful (smallest).
-    target, s: [n_test, n_left_out]; returns two [n_test] tensors. Ties are broken by position."""
+    target, s: [n_test, n_left_out]; returns two [n_test] tensors. Ties are broken by position;
+    a test instance whose gold or method scores are all equal has no top k (any k of them would
+    be chosen by position alone): NaN, which the means skip and count."""
     n = s.shape[-1]
     order = s.double().argsort(dim=-1, descending=descending, stable=True)
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(n).expand_as(order))  # 0 = the method's first
     gold_top = target.double().argsort(dim=-1, descending=descending, stable=True)[:, :k]
     r = rank.gather(-1, gold_top)
-    return (r < k).double().mean(-1), (r < m).double().mean(-1)
+    undefined = constant_rows(target) | constant_rows(s)
+    nan = torch.tensor(math.nan, dtype=torch.float64)
+    return (torch.where(undefined, nan, (r < k).double().mean(-1)),
+            torch.where(undefined, nan, (r < m).double().mean(-1)))
+
+
+def constant_rows(x: torch.Tensor) -> torch.Tensor:
+    """[n_test] bool: rows of x [n_test, n] with no variation (no order to take a top k from)."""
+    return x.amax(-1) == x.amin(-1)
 
 
 def top_k_agreement(gold: GoldStandard, scores: dict[str, torch.Tensor], ks: tuple[int, ...] | list[int],
