@@ -19,6 +19,7 @@ from helpers.further_training import F64, job_for, toy_problem
 from torch import nn
 
 from tda.artifacts import load_tensors
+from tda.exits import RefusedError
 from tda.further_training.gold_standard import FurtherTraining
 from tda.further_training.store import further_training_key, load_gold_standard, seed_file
 from tda.problem import AttributionProblem
@@ -139,6 +140,18 @@ def test_sane_range_check_accepts_the_runs_of_a_default_gold_standard(tiny):
     gold = RunDir.from_config(cfg).gold_dir(further_training_key(cfg))
     assert sorted(p.name for p in gold.glob("seed_*.safetensors")) == ["seed_00000.safetensors",
                                                                        "seed_00001.safetensors"]
+
+
+def test_a_gold_standard_without_variation_is_refused_not_reported_complete(tiny):
+    """further_optimizer.lr=1e-20 moves no weight: every left-out instance changes every test
+    loss by the same amount (zero), which ranks nothing. The stage refuses it (a user error: one
+    message naming the fix), also when re-run on the cached seeds."""
+    train(compose_config("train", tiny))
+    cfg = compose_config("attribute", tiny + ["method=further_training", "further_optimizer.lr=1e-20",
+                                              "further_training.n_seeds=1"])
+    for _ in range(2):  # computed, then found on disk
+        with pytest.raises(RefusedError, match=r"has no variation: .* ranks nothing; .* Raise further_optimizer\.lr"):
+            attribute(cfg)
 
 
 def test_sane_range_is_ten_times_the_final_mean_test_loss_plus_one():

@@ -38,6 +38,7 @@ from omegaconf import DictConfig
 
 from tda.artifacts import IntegrityError, load_json, load_tensors_with_metadata, save_json
 from tda.config import config_hash, node_name, to_container
+from tda.exits import RefusedError
 from tda.further_training.attribution import FURTHER_TRAIN_COMMAND, GoldStandard, runs_of
 from tda.further_training.settings import FurtherTrainingSettings, shard_block
 from tda.provenance import ProvenanceError, require_match
@@ -326,8 +327,23 @@ def gold_status(gold_dir: Path, expected: dict, seeds: list[int], complete: bool
         if complete or isinstance(err, (ProvenanceError, IntegrityError)):
             raise
         return f"this shard is done; the gold standard cannot be merged yet: {err}"
+    if isinstance(gold, GoldStandard):
+        require_variation(gold, gold_dir)
     shape = {"diff": list(gold.diff.shape)} if hasattr(gold, "diff") else \
         {name: list(t.shape) for name, t in gold.outputs.items()}
     return f"gold standard complete: {len(gold.seeds)} seeds, " + ", ".join(f"{k} {v}" for k, v in shape.items())
 
 
+def require_variation(gold: GoldStandard, gold_dir: Path) -> None:
+    """Refuse a leave-one-out gold standard in which leaving any one instance out changed every
+    test loss by the same amount, at every checkpoint and for every test instance: it ranks
+    nothing, so no cosine, Spearman or top k could be computed from it except from tie order
+    (e.g. a learning rate so small that no weight moved: further_optimizer.lr=1e-20)."""
+    a = gold.attribution(center=False)  # [n_checkpoints, n_test, n_left_out]
+    if a.shape[-1] > 1 and bool((a.amax(-1) == a.amin(-1)).all()):
+        spread = float(gold.diff.abs().max())
+        raise RefusedError(
+            f"gold standard in {gold_dir} has no variation: for every test instance and checkpoint each left-out "
+            f"instance changed the test loss by the same amount (largest |loss difference| {spread:.3g}), so it "
+            f"ranks nothing; further training moved too little to tell the instances apart. Raise "
+            f"further_optimizer.lr or further_training.epochs (or check further_training.clip_grad_norm)")
