@@ -5,6 +5,7 @@ refused, never taken as already computed); temporary files of dead writers remov
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -19,7 +20,14 @@ from helpers.config import ROOT, compose_config
 from helpers.processes import RNG, poll_until, sigkill
 from helpers.runs import BASE, gold_dir_of, method_dir_of, run_of
 
-from tda.artifacts import IntegrityError, load_json, load_tensors, load_tensors_with_metadata, save_tensors
+from tda.artifacts import (
+    IntegrityError,
+    load_json,
+    load_tensors,
+    load_tensors_with_metadata,
+    save_tensors,
+    tensor_checksum,
+)
 from tda.further_training.store import further_training_key, load_gold_standard, seed_file
 from tda.stages import attribute, evaluate, train
 
@@ -142,6 +150,20 @@ def test_non_finite_seed_file_is_never_averaged_in(tiny, pipeline):
     # written by some other tool (no checksum): never loaded
     safetensors.torch.save_file(t, str(seed_file(gold_dir, 1)))
     with pytest.raises(IntegrityError, match=r"seed_00001.safetensors carries no checksum"):
+        load_gold_standard(gold_dir)
+
+
+def test_non_finite_values_under_a_matching_checksum_are_refused_on_load(tiny, pipeline):
+    """Another tool (or a bug) that writes inf together with a checksum that matches it: the seed
+    file verifies, but further training never writes non-finite values, so it is refused on every
+    load (the merge, and a re-run that would count it complete), never averaged in."""
+    gold_dir = pipeline.gold_dir(further_training_key(compose_config("attribute", tiny)))
+    t, header, _ = load_tensors_with_metadata(seed_file(gold_dir, 1))
+    t["diff"][-1, 2, 3] = float("inf")
+    safetensors.torch.save_file(t, str(seed_file(gold_dir, 1)),
+                                metadata={"sha256": tensor_checksum(t), "json": json.dumps(header, sort_keys=True)})
+    with pytest.raises(IntegrityError, match=r"seed_00001.safetensors holds non-finite values \(NaN/inf\) in diff "
+                                             r"\(1 of .*delete it and re-run the further_train stage"):
         load_gold_standard(gold_dir)
 
 

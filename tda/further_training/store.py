@@ -200,11 +200,24 @@ def read_parts(seed: int, parts_found: dict[tuple[int, int], Path], identity: di
         files[path.name] = checksum
         block = shard_block(n_columns, i, count)
         check_seed_header(path, header, identity, seed, (i, count), block, block_key)
+        _require_finite_on_load(path, tensors)
         if tensors[column].shape[-1] != block[1] - block[0]:
             return None, None, (f"{path.name} holds {tensors[column].shape[-1]} columns, expected "
                                 f"{block[1] - block[0]}; delete it and re-run")
         parts.append(tensors)
     return parts, None, None
+
+
+def _require_finite_on_load(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Further training never writes NaN or inf (a diverged seed is not written): a seed file that
+    holds them under a checksum that matches was written by another tool or a bug, and is refused
+    rather than averaged in or counted as complete."""
+    bad = [f"{name} ({int((~torch.isfinite(t)).sum())} of {t.numel()} values)" for name, t in tensors.items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise IntegrityError(f"{path} holds non-finite values (NaN/inf) in {', '.join(bad)}, which further training "
+                             f"never writes (another tool wrote it, checksum included); delete it and re-run "
+                             f"{FURTHER_TRAIN_COMMAND} to compute the seed again")
 
 
 def _merge_seed(seed: int, parts_found: dict[tuple[int, int], Path], identity: dict, n_left_out: int,
