@@ -62,7 +62,7 @@ def config(name: str, overrides: list[str]):
 def dattri_ground_truth(problem, cfg, n_subsets: int, fraction: float, work: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """(margins [n_subsets, n_test], indices [n_subsets, k]) from dattri's retraining."""
     from dattri.metric import calculate_lds_ground_truth  # noqa: PLC0415 - the baselines extra
-    from dattri.model_util.retrain import retrain_lds  # noqa: PLC0415
+    from dattri.model_util.retrain import retrain_lds  # noqa: PLC0415 - optional peer, imported where measured
 
     start = copy.deepcopy(problem.model).float()
     lr, epochs = float(cfg.optimizer.lr), int(cfg.train.epochs)

@@ -42,6 +42,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+from tda.config import ConfigError, import_target
+from tda.preflight import check_config
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 GROUPS = ("dataset", "model", "optimizer", "further_optimizer", "method")
@@ -128,8 +131,6 @@ def section_keys(cfg) -> list[tuple[str, str, Any]]:
 def node_keys(cfg, group: str) -> list[tuple[str, str, Any]]:
     """(dotted key, int | float, current value) of every numeric argument of a `_target_` node:
     numbers in its YAML, nulls whose constructor parameter takes a number, list elements."""
-    from tda.config import import_target  # noqa: PLC0415
-
     node = OmegaConf.to_container(cfg[group], resolve=True) if cfg.get(group) is not None else None
     if not node or "_target_" not in node:
         return []
@@ -194,8 +195,6 @@ def preflight(case_list: list[Case]) -> list[dict[str, Any]]:
     """Each case's pre-flight outcome: `refused` (a ConfigError: its first problem naming the
     setting), `accepted`, or `error` (any other exception: a bug). Each context is composed once
     by Hydra and each value set on a copy (as an override on the command line sets it)."""
-    from tda.config import ConfigError  # noqa: PLC0415
-    from tda.preflight import check_config  # noqa: PLC0415
 
     rows, composed = [], {}
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
