@@ -198,8 +198,9 @@ def target_problems(node: Any, key: str) -> list[str]:
     imported, keys that are not constructor parameters (with a "did you mean"), values of the
     wrong type (from the parameter's annotation or default), numbers that are not finite, and
     values outside their range (ARGUMENT_RULES, the Range a parameter declares, and for a class
-    with an `argument_problems(arguments, key)` classmethod, what it finds: a range that
-    depends on other arguments). Cheap: imports the target, builds nothing."""
+    with an `argument_problems(arguments, key)` classmethod, what it finds in the arguments with
+    the constructor's defaults filled in: a range that depends on other arguments). Cheap:
+    imports the target, builds nothing."""
     values = dict(to_container(node))
     target = values.get("_target_")
     obj = import_target(str(target))
@@ -238,7 +239,9 @@ def target_problems(node: Any, key: str) -> list[str]:
         if problem:
             problems.append(problem)
     if not problems and isinstance(obj, type) and hasattr(obj, "argument_problems"):
-        problems += obj.argument_problems(values, key)
+        # the constructor's defaults under the given values: a class states each default once, in its signature
+        defaults = {name: p.default for name, p in (params or {}).items() if p.default is not inspect.Parameter.empty}
+        problems += obj.argument_problems({**defaults, **values}, key)
     return problems
 
 

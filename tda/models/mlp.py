@@ -39,9 +39,10 @@ class MLP(TDAModel):
 
     @classmethod
     def argument_problems(cls, arguments: dict, key: str) -> list[str]:
-        """`trainable_k` against the hidden layers (checked before anything is built)."""
-        hidden, k = arguments.get("hidden", (128, 128)), arguments.get("trainable_k", 1)
-        if arguments.get("trainable") == "last_k" and isinstance(k, int) and not 0 < k <= len(hidden):
+        """`trainable_k` against the hidden layers (checked before anything is built); `arguments`
+        holds every parameter, the constructor's defaults filled in (tda.config.target_problems)."""
+        hidden, k = arguments["hidden"], arguments["trainable_k"]
+        if arguments["trainable"] == "last_k" and isinstance(k, int) and not 0 < k <= len(hidden):
             return [f"{key}.trainable_k={k} must be in 1..{len(hidden)}: this MLP has {len(hidden)} hidden layers "
                     f"({key}.hidden={list(hidden)}); lower {key}.trainable_k or add layers"]
         return []

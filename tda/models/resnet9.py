@@ -92,9 +92,10 @@ class ResNet9(TDAModel):
     @classmethod
     def argument_problems(cls, arguments: dict, key: str) -> list[str]:
         """`trainable_k` against the stages and `width` against this machine's memory (checked
-        before anything is built)."""
-        k, width = arguments.get("trainable_k", 1), arguments.get("width", 1.0)
-        if arguments.get("trainable") == "last_k" and isinstance(k, int) and not 0 < k <= 3:
+        before anything is built); `arguments` holds every parameter, the constructor's defaults
+        filled in (tda.config.target_problems)."""
+        k, width = arguments["trainable_k"], arguments["width"]
+        if arguments["trainable"] == "last_k" and isinstance(k, int) and not 0 < k <= 3:
             return [f"{key}.trainable_k={k} must be in 1..3 (of the 4 conv stages of ResNet-9, at least the first "
                     f"stays frozen); use {key}.trainable=all to train everything"]
         # the conv weights grow with width² (6.5M parameters at width 1), in float32 (a product,
