@@ -127,7 +127,7 @@ class InfluenceMethod(Method):
 
 def column_norms(X: torch.Tensor, rows: int = 8192) -> torch.Tensor:
     """‖X[:, j]‖ [k] in float64 for X [n, k]: squares summed over blocks of rows (norm(dim=0)
-    reduces across the rows of a row-major matrix ~5× slower)."""
+    reduces across the rows of a row-major matrix, which is slower; docs/methods.md)."""
     total = torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
     for r in range(0, len(X), rows):
         block = X[r:r + rows].double()

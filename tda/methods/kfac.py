@@ -194,7 +194,7 @@ def compute_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: st
                 # one-hot rows (Folktables: 11 non-zeros of 792 with the bias column): aᵀa costs
                 # its non-zeros, not d_in² per row
                 A[layer.name] += (a[:, 0].T.to_sparse() @ a[:, 0]).double()
-            else:  # Σ over rows and positions as one GEMM (einsum's batched route is ~2x slower here)
+            else:  # Σ over rows and positions as one GEMM (einsum's batched route is slower here)
                 a2 = a.reshape(-1, a.shape[-1])
                 A[layer.name] += (a2.T @ a2).double() / a.shape[1]
             d2 = d.reshape(-1, d.shape[-1])
@@ -219,7 +219,7 @@ def compute_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: st
                 QA, QS = out[f"{layer.name}.QA"], out[f"{layer.name}.QS"]
                 a64, d64 = a.double(), d.double()
                 if a.shape[1] == 1:  # M = δ aᵀ: the rotated square is an outer product of squares
-                    a1 = to_csr(a64[:, 0]) if sparse[layer.name] else a64[:, 0]  # CSR: ~2.5x COO's product
+                    a1 = to_csr(a64[:, 0]) if sparse[layer.name] else a64[:, 0]  # CSR: faster products than COO
                     ar, dr = (a1 @ QA).pow_(2), (d64[:, :, 0] @ QS).pow_(2).sum(1)  # [b, d_in'], [b, d_out]
                     lam[layer.name] += dr.T @ ar
                 else:
@@ -320,7 +320,7 @@ def factored_scores(layers: list[Layer], factors: dict[str, torch.Tensor], kind:
     the d_out × d_in' products :func:`inverse_apply` spends on a dense gradient; the damped
     eigenvalues then weight the pairs: Σ_{o,i} bt_o at_i bj_o aj_i / (Λ_oi + λ). The weighted
     [test rows, d_out, d_in'] block is formed `scratch_mb` at a time: pieces that stay in the
-    CPU's cache are ~2x faster than one large block."""
+    CPU's cache are faster than one large block (docs/methods.md)."""
     def by_weight(g):
         return {lf.weight: lf for lf in g.layers}
 
