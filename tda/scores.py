@@ -3,8 +3,8 @@ indices, provenance) and `scores.safetensors` (`scores` [n_test, n_left_out], fl
 self-influence (`self_influence/<method>-<hash>/`) the same files with `scores` [n_train].
 
 The scores file is written last, so its presence marks a completed method. Reading verifies
-the file's checksum, that `record.json` names that checksum, and that both were computed from
-the given final model (tda.provenance) for the given shape.
+the file's checksum, that `record.json` names that checksum, that both were computed from the
+given final model (tda.provenance) for the given shape, and that every score is finite.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from tda.artifacts import (
     save_tensors,
     tensor_checksum,
 )
+from tda.exits import RefusedError
 from tda.provenance import ProvenanceError, require_match
 
 SCORES, RECORD = "scores.safetensors", "record.json"
@@ -50,4 +51,21 @@ def load_method_scores(out: Path, final_model: dict, shape: tuple[int, ...]) -> 
     require_match(header, {"final_model": final_model, "shape": list(shape)}, f"the scores in {out}", fix)
     if record.get("scores_sha256") != checksum or record.get("final_model") != header["final_model"]:
         raise ProvenanceError(f"{out / RECORD} does not describe {out / SCORES} (copied from another run?). {fix}")
+    require_finite_scores(str(header.get("method")), tensors["scores"], f"delete {out}")
     return tensors["scores"], record
+
+
+def require_finite_scores(name: str, scores: torch.Tensor, fix: str = "delete its directory under methods/") -> None:
+    """Refuse scores [n_test, n_left_out] (or self-influence [n_train]) holding NaN/inf. No method
+    writes them (save_method_scores refuses), so a file that holds them under a matching checksum
+    was written by another tool or a bug. Left in, a NaN would make a test instance's similarity
+    "undefined" (skipped) and its ranks arbitrary: the method scored on a subset it did not choose."""
+    bad = ~torch.isfinite(scores)
+    if bool(bad.any()):
+        rows = (bad.any(-1) if bad.dim() == 2 else bad).nonzero().flatten().tolist()
+        where = "test positions" if bad.dim() == 2 else "training positions"
+        raise RefusedError(
+            f"scores of {name} hold {int(bad.sum())} NaN/inf entries of {scores.numel()} ({where} "
+            f"{rows[:10]}{' ...' if len(rows) > 10 else ''}); the method failed numerically or another tool wrote "
+            f"them. To fix: {fix} and re-run attribute.py for it with settings that keep it finite, or leave it "
+            f"deleted to evaluate the other methods")

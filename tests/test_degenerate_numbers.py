@@ -82,3 +82,15 @@ def test_top_k_overlap_skips_constant_rows_and_is_nan_when_none_is_left():
     kept = top_k_overlap(gold[1:], method[1:], 5)
     gold[0] = 0.0
     assert top_k_overlap(gold, method, 5) == kept
+
+
+def test_self_influence_with_nan_is_refused_naming_the_training_positions():
+    from tda.exits import RefusedError
+    from tda.scores import require_finite_scores
+
+    values = torch.arange(30, dtype=torch.float64)
+    values[[4, 17]] = float("nan")
+    with pytest.raises(RefusedError, match=r"scores of trak hold 2 NaN/inf entries of 30 \(training positions "
+                                           r"\[4, 17\]\).*To fix: delete x and re-run attribute.py"):
+        require_finite_scores("trak", values, "delete x")
+    require_finite_scores("trak", torch.zeros(30))  # constant is finite: reported as undefined, not refused

@@ -5,6 +5,7 @@ refused naming the method, and the gold-standard key computed once per evaluatio
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -14,6 +15,7 @@ from helpers.evaluation import synthetic_gold
 
 from tda.artifacts import load_json
 from tda.config import config_hash
+from tda.exits import RefusedError
 from tda.evaluation.loading import load_all_method_scores
 from tda.further_training import store
 from tda.further_training.attribution import GoldStandard
@@ -110,9 +112,12 @@ def test_nan_scores_are_refused_by_evaluate_naming_method_and_count(tiny):
     save_file(scores, str(path), metadata=header)
     record = {k: v for k, v in json.loads((out / "record.json").read_text()).items() if k != artifacts.CHECKSUM_KEY}
     artifacts.save_json(out / "record.json", record | {"scores_sha256": header[artifacts._HEADER_CHECKSUM]})
-    with pytest.raises(ValueError, match=r"scores of grad_dot hold 2 NaN/inf entries of 48 "
-                                         r"\(test positions \[1, 3\]\)"):
+    with pytest.raises(RefusedError, match=r"scores of grad_dot hold 2 NaN/inf entries of 48 "
+                                          r"\(test positions \[1, 3\]\)"):
         evaluate(compose_config("evaluate", tiny))
+    # checked on every load: a re-run of the method does not take them as "already in"
+    with pytest.raises(RefusedError, match=f"NaN/inf entries .* To fix: delete {re.escape(str(out))} and re-run"):
+        attribute(compose_config("attribute", tiny + ["method=grad_dot"]))
 
 
 def test_gold_key_computed_once_per_evaluation(tiny, monkeypatch):

@@ -20,31 +20,19 @@ import torch
 from tda.config import ConfigError
 from tda.evaluation.metrics import METRICS, mean_and_se
 from tda.further_training.attribution import FURTHER_TRAIN_COMMAND, GoldStandard
+from tda.scores import require_finite_scores
 
 CURVE_COLUMNS = ["method", "metric", "centered", "checkpoint", "x", "x_name", "mean", "se", "n", "n_skipped"]
 
 
 def check_scores_shape(name: str, s: torch.Tensor, target: torch.Tensor) -> None:
     """Refuse method scores [n_test, n_left_out] that do not fit the gold-standard attribution
-    `target` [T, n_test, n_left_out], or that hold NaN/inf (:func:`check_finite_scores`)."""
+    `target` [T, n_test, n_left_out], or that hold NaN/inf (tda.scores.require_finite_scores)."""
     if tuple(s.shape) != tuple(target.shape[1:]):
         raise ValueError(f"scores of {name} have shape {tuple(s.shape)} but the gold standard has "
                          f"[n_test, n_left_out] = {tuple(target.shape[1:])}; they were computed for a different "
                          f"selection")
-    check_finite_scores(name, s)
-
-
-def check_finite_scores(name: str, s: torch.Tensor) -> None:
-    """Refuse method scores [n_test, n_left_out] holding NaN/inf. Left in, a NaN makes the
-    test instance's cosine "undefined" (silently skipped) and its ranks arbitrary (Spearman
-    over garbage), so the method would be scored on a subset it did not choose."""
-    bad = ~torch.isfinite(s)
-    if bool(bad.any()):
-        rows = bad.any(-1).nonzero().flatten().tolist()
-        raise ValueError(f"scores of {name} hold {int(bad.sum())} NaN/inf entries of {s.numel()} (test positions "
-                         f"{rows[:10]}{' ...' if len(rows) > 10 else ''}); the method failed numerically. Delete its "
-                         f"directory under methods/ and re-run attribute.py for it with settings that keep it finite, "
-                         f"or leave it deleted to evaluate the other methods")
+    require_finite_scores(name, s)
 
 
 def curve_rows(target: torch.Tensor, scores: dict[str, torch.Tensor]
@@ -245,7 +233,7 @@ def method_agreement(scores: dict[str, torch.Tensor]) -> pd.DataFrame:
     vectors, mean and SE over test instances (the paper compares e.g. Grad-Dot and DataInf)."""
     names = list(scores)
     for name in names:
-        check_finite_scores(name, scores[name])
+        require_finite_scores(name, scores[name])
     rows = []
     for i, a in enumerate(names):
         for b in names[i + 1:]:

@@ -19,8 +19,9 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from tda.evaluation.curves import CURVE_COLUMNS, check_finite_scores
+from tda.evaluation.curves import CURVE_COLUMNS
 from tda.evaluation.metrics import mean_and_se, rowwise_cosine, rowwise_spearman
+from tda.scores import require_finite_scores
 
 SCORE_WHOLE_TRAINING_SET = ("score every training instance: train, attribute, further-train and evaluate with "
                             "selection.n_left_out=null (a run directory of its own)")
@@ -62,7 +63,7 @@ def lds(scores: dict[str, torch.Tensor], masks: torch.Tensor, targets: dict[str,
     its checkpoint t against the subsets' checkpoint t)."""
     rows = []
     for name, s in scores.items():
-        check_finite_scores(name, s)
+        require_finite_scores(name, s)
     for target, out in targets.items():
         for t in range(out.shape[0]):
             for name, s in scores.items():
