@@ -15,8 +15,8 @@ from helpers.evaluation import synthetic_gold
 
 from tda.artifacts import load_json
 from tda.config import config_hash
-from tda.exits import RefusedError
 from tda.evaluation.loading import load_all_method_scores
+from tda.exits import RefusedError
 from tda.further_training import store
 from tda.further_training.attribution import GoldStandard
 from tda.further_training.store import further_training_key, load_gold_standard

@@ -20,12 +20,13 @@ from hydra.errors import InstantiationException
 from torch import nn
 
 from tda.config import build
+from tda.exits import DivergedError
 from tda.methods.cg import CG
 from tda.methods.curvature import CurvatureOperator
 from tda.methods.damping import base_damping
 from tda.methods.gradients import per_example_grads
 from tda.methods.influence import scores_from_solution
-from tda.methods.lissa import LiSSA, LiSSAH, lissa_solve
+from tda.methods.lissa import LiSSA, LiSSAH, iterate_bound, lissa_solve
 from tda.methods.spectrum import definiteness_tolerance, lanczos_extremes, span_ritz_min
 from tda.problem import AttributionProblem
 from tda.stages import attribute, train
@@ -96,6 +97,27 @@ def test_lissa_h_refuses_from_the_recursion_when_lanczos_misses(untrained):
         m.scores(untrained)
     spec = m.record["spectrum"]
     assert spec["lanczos_min"] > 0 and true_min - 1e-9 <= spec["recursion_ritz_min"] < 0.5 * true_min
+
+
+def test_lissa_without_damping_still_bounds_the_iterates(untrained):
+    """With λ = 0 the bound s‖g‖/λ is infinite; a contracting recursion still adds at most ‖g‖ per
+    step, so ‖h_t‖ ≤ (t + 1)‖g‖. A scale far below the curvature's largest eigenvalue makes the
+    iterates grow geometrically while staying finite (here past 1e30 within 40 steps): refused as
+    diverged, where only non-finite iterates were caught before."""
+    p = untrained
+    G = per_example_grads(p.model, p.x_test, p.y_test, p.task).T.contiguous()
+    op = CurvatureOperator(p.model, p.x_train, p.y_train, p.task, "gn")
+    top = float(torch.linalg.eigvalsh(op.dense())[-1])
+    scale, depth = top / 100, 40  # |1 − μ_max/s| = 99 per step
+    h = G.clone()
+    for _ in range(depth):  # the plain recursion, unchecked: finite and huge
+        h = G + h - op.matvec(h) / scale
+    assert torch.isfinite(h).all() and float(h.norm() / G.norm()) > 1e30
+    with pytest.raises(DivergedError, match=f"scale {scale}: .* diverged at step 10 of repeat 0"):
+        lissa_solve(op, G, 0.0, scale, depth, 1, p.n_train, torch.Generator().manual_seed(0))
+    # where s/λ is below depth + 1 the bound is s‖g‖/λ as before
+    assert iterate_bound(0.5, 100.0, 5000) == 200.0 and iterate_bound(0.0, 100.0, 5000) == 5001.0
+    assert iterate_bound(1e-9, 100.0, 5000) == 5001.0
 
 
 @pytest.mark.parametrize("cls,curvature,multiple", [(LiSSA, "gn", 1.0), (LiSSAH, "hessian", 40.0)])

@@ -25,13 +25,14 @@ Cost: `lanczos_steps` one-column products once per final model, and ≤ 2·k·`r
 products over the training set (in batches of at least CHECK_ROWS rows).
 
 Divergence of a run. If every batch curvature C_b is positive semi-definite and its eigenvalues are
-below 2s − λ, each step contracts by (1 − λ/s) and ‖h_t‖ ≤ s‖g‖/λ for all t. A column whose
-norm exceeds `divergence_factor` × s‖g‖/λ (or turns non-finite) is therefore outside the
-converging regime (for the indefinite true Hessian the factor leaves room for the extra
-growth that negative batch curvature allows). `scale: auto` runs s over `scales` (the authors'
-list) from the smallest, stopping each attempt at the first sign of divergence, and keeps
-the first s under which no column of any repeat diverged; if none qualifies the method
-raises instead of returning a diverged result.
+below 2s − λ, each step contracts by (1 − λ/s) and adds g (h_0 = g), so ‖h_t‖ ≤ ‖g‖ Σ_{k≤t}
+(1 − λ/s)^k ≤ ‖g‖ · min(s/λ, t + 1): bounded by s‖g‖/λ, and without damping (λ = 0) still by
+(t + 1)‖g‖. A column whose norm exceeds `divergence_factor` × ‖g‖ · min(s/λ, depth + 1) (or
+turns non-finite) is therefore outside the converging regime (for the indefinite true Hessian
+the factor leaves room for the extra growth that negative batch curvature allows). `scale:
+auto` runs s over `scales` (the authors' list) from the smallest, stopping each attempt at the
+first sign of divergence, and keeps the first s under which no column of any repeat diverged;
+if none qualifies the method raises instead of returning a diverged result.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def lissa_solve(op: CurvatureOperator, G: torch.Tensor, damping: float, scale: f
     iterate and last increment (h_depth, h_depth − h_depth−1), both [n_params, k]."""
     n = len(op.x)
     gnorm = column_norms(G)
-    bound = divergence_factor * scale * gnorm / damping if damping > 0 else torch.full_like(gnorm, float("inf"))
+    bound = divergence_factor * iterate_bound(damping, scale, depth) * gnorm
     total = torch.zeros_like(G)
     Ch = torch.empty_like(G)  # every step's product, in one buffer
     progress = Progress()
@@ -92,6 +93,12 @@ def lissa_solve(op: CurvatureOperator, G: torch.Tensor, damping: float, scale: f
             del step
         total += h / scale
     return total / repeat
+
+
+def iterate_bound(damping: float, scale: float, depth: int) -> float:
+    """min(s/λ, depth + 1): ‖h‖ / ‖g‖ at most over `depth` steps of a recursion that contracts by
+    (1 − λ/s) per step (see the module docstring); finite also without damping."""
+    return min(scale / damping, depth + 1.0) if damping > 0 else depth + 1.0
 
 
 class LiSSA(InfluenceMethod):
