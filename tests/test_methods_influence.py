@@ -20,7 +20,8 @@ from tda.methods.curvature import CurvatureOperator, mean_grad
 from tda.methods.damping import base_damping
 from tda.methods.gradients import per_example_grads
 from tda.methods.if_corrected import IFCorrected
-from tda.methods.kfac import EKFAC, KFAC, _factored_grads, compute_factors, factored_scores, find_layers
+from tda.methods.kfac import EKFAC, KFAC, _factored_grads, factored_scores
+from tda.methods.kfac_factors import compute_factors, find_layers
 from tda.methods.layout import ParamLayout, trainable_params
 from tda.methods.lissa import LiSSA, LiSSAH
 from tda.methods.output_hessian import output_hessian_sqrt
