@@ -118,3 +118,16 @@ def test_range_describes_itself_and_refuses_non_finite():
     assert r.problem("x", "auto") is None  # not a number: left to the type check
     assert memory_problem("k", 1.0, "w", "fix") is None
     assert "more than this machine's" in memory_problem("k", 2.0**80, "w", "fix")
+
+
+def test_batchnorm_momentum_on_a_model_without_batch_norm_is_a_config_error():
+    """Found by the fault sweep (`python -m benchmarks.settings_faults --run`): a value in range
+    that the model cannot take ends in one line, not a traceback."""
+    from torch import nn
+
+    from tda.further_training.gold_standard import with_batchnorm_momentum
+
+    with pytest.raises(ConfigError, match=r"further_training.batchnorm_momentum=0.0 is set but the model has no "
+                                          r"batch-norm layers; leave it null"):
+        with_batchnorm_momentum(nn.Sequential(nn.Linear(3, 2)), 0.0)
+    assert with_batchnorm_momentum(model := nn.Linear(3, 2), None) is model

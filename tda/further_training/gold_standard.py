@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from tda.artifacts import save_tensors
-from tda.config import build
+from tda.config import ConfigError, build
 from tda.exits import DivergedError
 from tda.further_training.derivative import WeightedTrajectory
 from tda.further_training.engine import GroupTrainer, fit_runs
@@ -51,8 +51,8 @@ def with_batchnorm_momentum(model: torch.nn.Module, momentum: float | None) -> t
         return model
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:
-        raise ValueError(f"further_training.batchnorm_momentum={momentum} is set but the model has no batch-norm "
-                         f"layers; leave it null")
+        raise ConfigError(f"further_training.batchnorm_momentum={momentum} is set but the model has no batch-norm "
+                          f"layers; leave it null (the default)")
     model = copy.deepcopy(model)
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
