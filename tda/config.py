@@ -280,7 +280,26 @@ def build(node: DictConfig | dict, key: str | None = None, **kwargs: Any) -> Any
     if problems:
         raise ConfigError.listing(f"invalid {key or _own_key(node)} settings", problems)
     plain.pop("name", None)
-    return instantiate(plain, **kwargs)
+    return instantiate(_float_tuples(plain), **kwargs)
+
+
+def _float_tuples(node: dict) -> dict:
+    """`node` with each list of numbers, not all floats, whose constructor default is a tuple of
+    floats given as that: YAML reads `betas: [0, 0.999]` as an int and a float, which torch's Adam refuses
+    ("betas must be either both floats or both Tensors")."""
+    target = import_target(node.get("_target_", ""))
+    try:
+        params = inspect.signature(target).parameters if target is not None else {}
+    except (TypeError, ValueError):  # a builtin without a signature
+        return node
+    out = dict(node)
+    for name, value in node.items():
+        default = params[name].default if name in params else None
+        if (isinstance(default, tuple) and default and all(isinstance(d, float) for d in default)
+                and isinstance(value, (list, tuple)) and all(_is_number(v) for v in value)
+                and not all(isinstance(v, float) for v in value)):
+            out[name] = tuple(float(v) for v in value)
+    return out
 
 
 def _own_key(node: Any) -> str:

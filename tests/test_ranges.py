@@ -131,3 +131,17 @@ def test_batchnorm_momentum_on_a_model_without_batch_norm_is_a_config_error():
                                           r"batch-norm layers; leave it null"):
         with_batchnorm_momentum(nn.Sequential(nn.Linear(3, 2)), 0.0)
     assert with_batchnorm_momentum(model := nn.Linear(3, 2), None) is model
+
+
+@pytest.mark.parametrize("betas", [[0, 0.999], [0.9, 0]])
+def test_adam_betas_written_as_integers_build(tiny, betas):
+    """YAML reads `optimizer.betas=[0,0.999]` as an int and a float; the optimizer is built with
+    floats (torch's Adam refuses a mix), so a value the range accepts also runs."""
+    import torch
+
+    from tda.config import build
+
+    cfg = compose_config("train", tiny + ["optimizer=adam", f"optimizer.betas=[{betas[0]},{betas[1]}]"])
+    check_config(cfg, "train")
+    opt = build(cfg.optimizer)([torch.nn.Parameter(torch.zeros(2))])
+    assert opt.defaults["betas"] == tuple(float(b) for b in betas)
