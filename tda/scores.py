@@ -51,21 +51,28 @@ def load_method_scores(out: Path, final_model: dict, shape: tuple[int, ...]) -> 
     require_match(header, {"final_model": final_model, "shape": list(shape)}, f"the scores in {out}", fix)
     if record.get("scores_sha256") != checksum or record.get("final_model") != header["final_model"]:
         raise ProvenanceError(f"{out / RECORD} does not describe {out / SCORES} (copied from another run?). {fix}")
-    require_finite_scores(str(header.get("method")), tensors["scores"], f"delete {out}")
+    require_finite_scores(str(header.get("method")), tensors["scores"], _recompute(str(out)))
     return tensors["scores"], record
 
 
-def require_finite_scores(name: str, scores: torch.Tensor, fix: str = "delete its directory under methods/") -> None:
-    """Refuse scores [n_test, n_left_out] (or self-influence [n_train]) holding NaN/inf. No method
-    writes them (save_method_scores refuses), so a file that holds them under a matching checksum
-    was written by another tool or a bug. Left in, a NaN would make a test instance's similarity
-    "undefined" (skipped) and its ranks arbitrary: the method scored on a subset it did not choose."""
+def require_finite_scores(name: str, scores: torch.Tensor, fix: str | None = None) -> None:
+    """Refuse scores [n_test, n_left_out] (or self-influence [n_train]) holding NaN/inf; `fix`
+    ends the message (by default: delete the method's directory and compute it again). No method
+    writes them (save_method_scores refuses), so a file that holds them under a matching
+    checksum was written by another tool or a bug. Left in, a NaN would make a test instance's
+    similarity "undefined" (skipped) and its ranks arbitrary: the method scored on a subset it
+    did not choose."""
     bad = ~torch.isfinite(scores)
     if bool(bad.any()):
         rows = (bad.any(-1) if bad.dim() == 2 else bad).nonzero().flatten().tolist()
         where = "test positions" if bad.dim() == 2 else "training positions"
         raise RefusedError(
             f"scores of {name} hold {int(bad.sum())} NaN/inf entries of {scores.numel()} ({where} "
-            f"{rows[:10]}{' ...' if len(rows) > 10 else ''}); the method failed numerically or another tool wrote "
-            f"them. To fix: {fix} and re-run attribute.py for it with settings that keep it finite, or leave it "
-            f"deleted to evaluate the other methods")
+            f"{rows[:10]}{' ...' if len(rows) > 10 else ''}); "
+            + (fix or _recompute("its directory under methods/")))
+
+
+def _recompute(directory: str) -> str:
+    return (f"the method failed numerically or another tool wrote them. To fix: delete {directory} and re-run "
+            f"attribute.py for it with settings that keep it finite, or leave it deleted to evaluate the other "
+            f"methods")

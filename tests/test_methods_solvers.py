@@ -20,12 +20,13 @@ from hydra.errors import InstantiationException
 from torch import nn
 
 from tda.config import build
-from tda.exits import DivergedError
+from tda.exits import DivergedError, RefusedError
 from tda.methods.cg import CG
 from tda.methods.curvature import CurvatureOperator
 from tda.methods.damping import base_damping
 from tda.methods.gradients import per_example_grads
 from tda.methods.influence import scores_from_solution
+from tda.methods.kfac import EKFAC, KFAC
 from tda.methods.lissa import LiSSA, LiSSAH, iterate_bound, lissa_solve
 from tda.methods.spectrum import definiteness_tolerance, lanczos_extremes, span_ritz_min
 from tda.problem import AttributionProblem
@@ -118,6 +119,22 @@ def test_lissa_without_damping_still_bounds_the_iterates(untrained):
     # where s/λ is below depth + 1 the bound is s‖g‖/λ as before
     assert iterate_bound(0.5, 100.0, 5000) == 200.0 and iterate_bound(0.0, 100.0, 5000) == 5001.0
     assert iterate_bound(1e-9, 100.0, 5000) == 5001.0
+
+
+@pytest.mark.parametrize("cls", [EKFAC, KFAC])
+@pytest.mark.parametrize("dtype", [None, "float64"])  # the factored path and the dense one
+def test_kfac_without_damping_on_a_singular_factor_is_refused(untrained, cls, dtype):
+    """An input feature that is always 0 gives the first layer's input factor A a zero
+    eigenvalue; without damping (G̃ + λI)⁻¹ divides by it (the scores were all NaN/inf and ended
+    in a traceback at write). Refused naming the smallest eigenvalue and the damping that fixes
+    it; with that damping the scores are finite."""
+    p = dataclasses.replace(untrained, x_train=untrained.x_train.clone(), x_test=untrained.x_test.clone())
+    p.x_train[:, 2] = 0.0
+    p.x_test[:, 2] = 0.0
+    with pytest.raises(RefusedError, match=rf"{cls.kind}: G̃ \+ λI is not positive definite \(λ=0 = 0·λ₀\): "
+                                           r"its smallest eigenvalue is .* raise method.damping_multiple \(now 0\)"):
+        cls(damping_multiple=0.0, dtype=dtype).scores(p)
+    assert torch.isfinite(cls(damping_multiple=1.0, dtype=dtype).scores(p)).all()
 
 
 @pytest.mark.parametrize("cls,curvature,multiple", [(LiSSA, "gn", 1.0), (LiSSAH, "hessian", 40.0)])

@@ -31,12 +31,14 @@ import logging
 import torch
 from torch import nn
 
+from tda.exits import RefusedError
 from tda.methods.cache import CurvatureCache
 from tda.methods.damping import base_damping, checked_lambda0, resolve_damping
 from tda.methods.gradients import FactoredGrads, NotFactorable, compute_grads, loss_target
 from tda.methods.influence import InfluenceMethod, solve_side
 from tda.methods.kfac_factors import Layer, find_layers, load_or_compute_factors
 from tda.methods.layout import ParamLayout
+from tda.methods.spectrum import definiteness_tolerance
 from tda.problem import AttributionProblem
 
 log = logging.getLogger(__name__)
@@ -140,18 +142,39 @@ class EKFAC(InfluenceMethod):
             with self.phase("factors"):
                 factors, lam0 = self._factors_and_lambda0(problem, model)
             lam = resolve_damping(self.damping_multiple, lam0, self.record)
+            self._require_positive_definite(factors, layers, others, lam)
             self.record["factored_scores"] = True
             with self.phase("scores"):
                 return factored_scores(layers, factors, self.kind, *grads, lam) / problem.n_train
         model, _, g_test, g_lo, lam = self._prepare(problem)
         with self.phase("factors"):
             factors = load_or_compute_factors(problem, model, self.kind, self.batch_size, self.record, self._cache)
+        self._require_positive_definite(factors, layers, others, lam)
         self.record["factored_scores"] = False
         with self.phase("scores"):
             solve, other, transposed = solve_side(g_test, g_lo)
             X = inverse_apply(model, factors, self.kind, solve.double(), lam)  # [k, n_params]
             s = other.double() @ X.T / problem.n_train  # [m, k]
             return (s.T if not transposed else s).contiguous()
+
+    def _require_positive_definite(self, factors: dict[str, torch.Tensor], layers: list[Layer], others: list[str],
+                                   lam: float) -> None:
+        """Refuse a damped approximation G̃ + λI that is not positive definite: its eigenvalues are
+        known exactly (each block's, and the diagonal's), and one at or below rounding of 0 (with
+        too little damping, e.g. `damping_multiple=0` on a layer whose inputs span fewer
+        directions than it has) would divide by zero or flip signs instead of scoring."""
+        blocks = [kronecker_eigenvalues(factors, layer, self.kind) for layer in layers]
+        blocks += [factors[f"diag.{k}"] for k in others]
+        lowest = min(float(b.min()) for b in blocks) + lam
+        top = max(float(b.max()) for b in blocks) + lam
+        self.record["damped_eigenvalue_min"] = lowest
+        if lowest <= definiteness_tolerance(top, torch.float64):
+            need = (definiteness_tolerance(top, torch.float64) - lowest + lam) / self.record["lambda0"]
+            raise RefusedError(
+                f"{self.kind}: G̃ + λI is not positive definite (λ={lam:.3g} = {self.damping_multiple:g}·λ₀): its "
+                f"smallest eigenvalue is {lowest:.3g} (largest {top:.3g}), so (G̃ + λI)⁻¹ divides by zero or flips "
+                f"signs. To fix, raise method.damping_multiple (now {self.damping_multiple:g}) well above "
+                f"{need:.3g}, e.g. method.damping_multiple={float(f'{max(2 * need, 1.0):.2g}'):g}")
 
     def _factors_and_lambda0(self, problem: AttributionProblem, model: nn.Module) -> tuple[dict, float]:
         """(the factors, λ₀), λ₀ summed by the factor pass itself when it runs (one more backward
