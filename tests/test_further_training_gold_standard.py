@@ -24,7 +24,7 @@ from tda.further_training.gold_standard import FurtherTraining
 from tda.further_training.store import further_training_key, load_gold_standard, seed_file
 from tda.problem import AttributionProblem
 from tda.runs import RunDir
-from tda.stages import attribute, train
+from tda.stages import attribute, evaluate, train
 
 
 @pytest.mark.slow
@@ -152,6 +152,9 @@ def test_a_gold_standard_without_variation_is_refused_not_reported_complete(tiny
     for _ in range(2):  # computed, then found on disk
         with pytest.raises(RefusedError, match=r"has no variation: .* ranks nothing; .* Raise further_optimizer\.lr"):
             attribute(cfg)
+    attribute(compose_config("attribute", tiny + ["method=grad_dot"]))
+    with pytest.raises(RefusedError, match=r"has no variation: .* ranks nothing"):  # nor evaluated from disk
+        evaluate(compose_config("evaluate", tiny + ["further_optimizer.lr=1e-20", "further_training.n_seeds=1"]))
 
 
 def test_sane_range_is_ten_times_the_final_mean_test_loss_plus_one():

@@ -14,7 +14,7 @@ from tda.config import build
 from tda.data.base import DataBundle
 from tda.data.label_noise import recorded_settings, with_label_noise
 from tda.further_training.attribution import GoldStandard
-from tda.further_training.store import GoldStandardSpec, load_gold_standard
+from tda.further_training.store import GoldStandardSpec, load_gold_standard, require_variation
 from tda.provenance import FinalModel, ProvenanceError, read_final_model
 from tda.runs import RunDir
 from tda.scores import load_method_scores, scores_complete
@@ -28,6 +28,7 @@ def load_experiment(spec: GoldStandardSpec, run: RunDir, final: FinalModel | Non
     final = final if final is not None else read_final_model(run)
     gold = load_gold_standard(run.gold_dir(spec.key), spec.expected(final.identity, final.selection),
                               spec.settings.seeds)
+    require_variation(gold, run.gold_dir(spec.key))  # as the stage that wrote it: it ranks nothing
     scores, records = load_all_method_scores(run, final.identity, gold)
     return gold, scores, records
 
