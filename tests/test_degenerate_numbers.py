@@ -4,15 +4,27 @@ variation over the left-out instances."""
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from helpers.config import compose_config
+from helpers.wandb import offline_runs, read_offline_run, wandb_on
 from scipy.stats import spearmanr
 
+from tda.evaluation import plots
+from tda.evaluation.lds import lds, lds_undefined, loo_correlation, loo_undefined
 from tda.evaluation.metrics import mean_and_se, rowwise_cosine, rowwise_spearman
 from tda.evaluation.top_k import top_k_hits, top_k_overlap
+from tda.evaluation.undefined import GOLD_CONSTANT, METHOD_CONSTANT, METHOD_ZERO, ZERO_VECTOR
+from tda.further_training.store import further_training_key, load_gold_standard
+from tda.runs import RunDir
+from tda.scores import save_method_scores
+from tda.stages import evaluate
 
 
 def _pair(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,3 +94,121 @@ def test_top_k_overlap_skips_constant_rows_and_is_nan_when_none_is_left():
     kept = top_k_overlap(gold[1:], method[1:], 5)
     gold[0] = 0.0
     assert top_k_overlap(gold, method, 5) == kept
+
+
+# ---------------------------------------------------------------------------------- said in every output
+def _write_method(run: RunDir, name: str, scores: torch.Tensor, gold) -> None:
+    """Scores in the layout the attribute stage writes (checksummed scores + record)."""
+    d = run.path / "methods" / f"{name}-test"
+    header = {"method": name, "config": {}, "final_model": gold.meta["final_model"], "shape": list(scores.shape)}
+    save_method_scores(d, scores, header, {"seconds": 0.0, "peak_mb": 0.0, "key": d.name,
+                                           "left_out_indices": gold.meta["left_out_indices"],
+                                           "test_indices": gold.meta["test_indices"]})
+
+
+def test_undefined_numbers_are_said_with_their_reason_in_every_output(pipeline, tiny, isolated_env, monkeypatch,
+                                                                      caplog):
+    """A method whose scores are zero for every test instance and one constant for two of them:
+    report.md, examples.md, the CSVs, the figure's legend, the console and the W&B run say which
+    numbers are undefined, for how many test instances and why; no peak, rank or top-k list is
+    taken from the order of ties; the numbers that are defined do not move."""
+    cfg = compose_config("evaluate", wandb_on(tiny + ["evaluate.examples.n_test=6", "evaluate.top_k=[2]"]))
+    run = RunDir.from_config(cfg)
+    before = pd.read_csv(evaluate(compose_config("evaluate", tiny)) / "similarity.csv")
+    gold = load_gold_standard(run.gold_dir(further_training_key(cfg)))
+    last = gold.attribution(center=False)[-1]
+    n_test = last.shape[0]
+    partly = last.clone()
+    partly[[1, 3]] = 5.0
+    _write_method(run, "zero", torch.zeros_like(last), gold)
+    _write_method(run, "partly_constant", partly, gold)
+    legends = []
+    save = plots._save
+
+    def legend_texts(fig, path, title=""):  # what the figure says, read before it becomes pixels
+        legends.append((path.name, [t.get_text() for legend in fig.legends for t in legend.get_texts()]))
+        return save(fig, path, title)
+    monkeypatch.setattr(plots, "_save", legend_texts)
+    with caplog.at_level(logging.WARNING, logger="tda.evaluation"):
+        out = evaluate(cfg)
+
+    zero_cosine = (f"zero: cosine undefined for {n_test} of {n_test} test instances at every checkpoint: "
+                   f"{ZERO_VECTOR}: {METHOD_ZERO}")
+    partly_spearman = (f"partly_constant: spearman undefined for 2 of {n_test} test instances at every "
+                       f"checkpoint: {METHOD_CONSTANT}")
+    zero_top_k = (f"zero: precision, recall, overlap undefined for {n_test} of {n_test} test instances at every "
+                  f"checkpoint: {METHOD_CONSTANT}")
+    report = (out / "report.md").read_text()
+    for said in (zero_cosine, partly_spearman, zero_top_k):
+        assert said in report and said in caplog.text, said
+    assert not re.search(r"\|\s*(nan|<NA>)\s*\|", report, flags=re.IGNORECASE)  # no cell prints NaN
+    zero_row = next(line for line in report.splitlines() if line.startswith("| zero | centred |"))
+    # peak, its checkpoint and x, first and last cosine and Spearman, the two overlaps
+    assert [c.strip() for c in zero_row.split("|")].count("undefined") == 9
+
+    summary = pd.read_csv(out / "summary.csv")
+    zero = summary[summary.method == "zero"]
+    top_k = [c for c in summary.columns if c.startswith(("precision_at_", "recall_"))]
+    assert top_k
+    for col in ("peak_cosine", "peak_checkpoint", "peak_x", "cosine_last", "spearman_last", "top_k_helpful_overlap",
+                *top_k):
+        assert zero[col].isna().all(), col  # NaN in the CSV, not a number from the order of ties
+    assert (summary[summary.method == "partly_constant"].spearman_skipped == 2 * gold.n_checkpoints).all()
+    undefined = pd.read_csv(out / "undefined.csv")
+    curves = pd.read_csv(out / "similarity.csv")
+    for _, r in curves[curves.n_skipped > 0].iterrows():  # every skip is explained, with its count
+        why = undefined[(undefined.analysis == "similarity") & (undefined.method == r.method)
+                        & (undefined.metric == r.metric) & (undefined.centered == r.centered)]
+        assert why.n_undefined.sum() == r.n_skipped, (r.method, r.metric)
+    # the defined numbers are those of the evaluation without the degenerate methods, bit for bit
+    pd.testing.assert_frame_equal(curves[curves.method == "grad_dot"].reset_index(drop=True), before)
+
+    examples = (out / "examples.md").read_text()
+    assert f"undefined for {n_test} of {n_test} test instances: {METHOD_CONSTANT}" in examples
+    assert "zero undefined / undefined" in examples and "## Test instance" in examples
+    table = pd.read_csv(out / "examples.csv")
+    assert table["zero:rank"].isna().all() and table["zero:agrees"].isna().all()
+    assert table["grad_dot:rank"].notna().all()
+
+    (_, similarity_legend), = [(n, t) for n, t in legends if n == "similarity.png"]
+    legend = [" ".join(t.split()) for t in similarity_legend]  # long entries are wrapped
+    assert f"zero — cosine undefined: {ZERO_VECTOR}: {METHOD_ZERO}; spearman undefined: {METHOD_CONSTANT}" in legend
+    assert (f"partly_constant — spearman partly undefined (2 of {n_test} test instances: {METHOD_CONSTANT})"
+            in legend)
+
+    (ev,) = [r for r in map(read_offline_run, offline_runs(isolated_env / "runs"))
+             if r["run"]["job_type"] == "evaluate"]
+    said = ev["summary"]["undefined/similarity/zero/cosine_centered"]
+    assert said == zero_cosine.replace("cosine", "cosine (centred)", 1)
+    assert "summary/centered/zero/peak_cosine" not in ev["summary"]  # no NaN shown as a number
+    assert ev["summary"]["summary/centered/grad_dot/peak_cosine"] == pytest.approx(
+        summary[(summary.method == "grad_dot") & summary.centered].peak_cosine.item(), rel=1e-12)
+    assert "tables/undefined" in ev["tables"]
+
+
+def test_lds_and_loo_correlation_say_which_test_instances_are_undefined_and_why():
+    """A method constant for some test instances (over the training set) and a subset gold
+    standard whose output is the same for every subset for one test instance: lds_undefined /
+    loo_undefined count exactly the test instances lds / loo_correlation skip, with the reason."""
+    g = torch.Generator().manual_seed(0)
+    n_test, n_train, m = 5, 12, 9
+    scores = torch.randn(n_test, n_train, dtype=torch.float64, generator=g)
+    scores[1] = 0.0
+    masks = torch.rand(m, n_train, generator=g) < 0.5
+    outputs = torch.randn(2, n_test, m, dtype=torch.float64, generator=g)
+    outputs[1, 3] = 0.25  # the same output for every subset, at the second checkpoint only
+    curves = lds({"m": scores}, masks, {"margin": outputs}, "epoch", [1.0, 2.0])
+    why = lds_undefined({"m": scores}, masks, {"margin": outputs}, "epoch", [1.0, 2.0])
+    for t, skipped in enumerate(curves.sort_values("checkpoint").n_skipped):
+        at = why[why["where"].isin(["every checkpoint", f"epoch {t + 1:g}"])]
+        assert at.n_undefined.sum() == skipped
+    assert set(why.reason) == {"the method's predictions (the sums of its scores over each subset) are the same for "
+                               "every subset for this test instance",
+                               "the subset gold standard's margin is the same for every subset for this test instance"}
+    left_out = [0, 2, 4, 6, 8, 10]
+    gold = torch.randn(2, n_test, len(left_out), dtype=torch.float64, generator=g)
+    gold[:, 4] = 0.0
+    loo = loo_correlation({"m": scores}, gold, left_out, "further training", "epoch", [1.0, 2.0])
+    why = loo_undefined({"m": scores}, gold, left_out, "further training", "epoch", [1.0, 2.0])
+    assert (loo.n_skipped == 2).all() and list(why.n_undefined) == [1, 1]
+    assert set(why.reason) == {METHOD_CONSTANT, GOLD_CONSTANT} and set(why["where"]) == {"every checkpoint"}

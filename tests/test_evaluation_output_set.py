@@ -24,7 +24,8 @@ from tda.stages import attribute, evaluate, train
 EVAL_FILES = {"similarity.csv", "similarity.png", "reliability.csv", "seed_windows.csv", "seed_windows.png",
               "sorted_scores.csv", "sorted_scores.png", "agreement.csv", "agreement.png", "examples.csv",
               "examples.md", "summary.csv", "topk.csv", "report.md", "evaluated.json", "adjustment.csv",
-              "adjustment.png", "distance.csv", "distance.png", "class_structure.csv", "class_structure.png"}
+              "adjustment.png", "distance.csv", "distance.png", "class_structure.csv", "class_structure.png",
+              "undefined.csv"}
 
 
 def _files(d: Path) -> dict[str, bytes]:

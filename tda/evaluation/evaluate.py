@@ -40,10 +40,12 @@ from tda.evaluation.diagnostics import (
 from tda.evaluation.examples import examples
 from tda.evaluation.loading import load_data, load_experiment
 from tda.evaluation.markdown import evaluation_report
+from tda.evaluation.metrics import METRICS
 from tda.evaluation.output_set import output_set
 from tda.evaluation.progress import Steps
 from tda.evaluation.settings import EvaluateSettings
 from tda.evaluation.top_k import top_k_agreement, top_k_summary
+from tda.evaluation.undefined import agreement_undefined, say_undefined, series_notes, similarity_undefined
 from tda.evaluation.wandb_logging import log_to_wandb
 from tda.further_training.attribution import GoldStandard
 from tda.further_training.related import further_training_beside, gold_label, sibling_gold_standards
@@ -110,8 +112,12 @@ def _write_evaluation(cfg: DictConfig, settings: EvaluateSettings, run: RunDir, 
     with steps.step("similarity curves", f"and the gold standard's split-half reliability; {size}"):
         curves = similarity_curves(gold, scores, centering=centering)
         reliability = split_half_reliability(attribution, n_seeds, x_name, xs, centering)
-        tables["similarity"], tables["reliability"] = curves, reliability
-        figures.append(plots.plot_curves(curves, out / "similarity.png", title=title, reliability=reliability))
+        undefined = pd.concat([similarity_undefined(gold, scores, tuple(METRICS), centering),
+                               agreement_undefined(scores, tuple(METRICS))], ignore_index=True)
+        tables["similarity"], tables["reliability"], tables["undefined"] = curves, reliability, undefined
+        say_undefined(undefined)
+        figures.append(plots.plot_curves(curves, out / "similarity.png", title=title, reliability=reliability,
+                                         notes=series_notes(undefined)))
 
     ks = settings.seed_windows
     fitting = ", ".join(str(k) for k in sorted(set(ks)) if 0 < k <= n_seeds)
@@ -184,7 +190,8 @@ def _write_evaluation(cfg: DictConfig, settings: EvaluateSettings, run: RunDir, 
                                                        topk=topk, gold_agreement=gold_agr, gold_name=gold_name,
                                                        gold_skipped=skipped, adjustment=adjustment, distance=distance,
                                                        class_structure=class_struct, task=data.task,
-                                                       further_vs_retraining=tables.get("further_vs_retraining")))
+                                                       further_vs_retraining=tables.get("further_vs_retraining"),
+                                                       undefined=undefined))
         # what this evaluation was computed from, by content
         save_json(out / "evaluated.json", {"run": str(run.path), "gold": str(run.gold_dir(key)), "seeds": gold.seeds,
                                            "final_model": gold.meta["final_model"], "gold_files": gold.files,

@@ -1,6 +1,7 @@
 """W&B logging of an evaluation: the same numbers as its CSVs, as native charts (history keys
 against the further-training checkpoint, so runs of a sweep overlay), line-series charts,
-tables, figures and summary scalars."""
+tables, figures and summary scalars; an undefined number (NaN) is a gap in the charts, absent
+from the summary, and said in words with its reason under `undefined/...`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from tda.evaluation.undefined import wandb_notes
 from tda.tracking import finish, init_wandb
 
 
@@ -66,8 +68,9 @@ CLASS_STRUCTURE_LOGGED = ("same_class", "other_class", "difference", "cosine_sam
 
 def wandb_summary(summary: pd.DataFrame, series: tuple[str, ...] = ("method",),
                   class_structure: pd.DataFrame | None = None) -> dict[str, float]:
-    """Every numeric cell of the summary table as `summary/<centring>/<series...>/<column>`;
-    with `class_structure`, each method's `class_structure/<column>/<method>`."""
+    """Every defined numeric cell of the summary table as `summary/<centring>/<series...>/<column>`
+    (an undefined one, NaN, is left out); with `class_structure`, each method's
+    `class_structure/<column>/<method>`."""
     out = {}
     if class_structure is not None:
         for _, r in class_structure[class_structure.source != "gold standard"].iterrows():
@@ -78,7 +81,8 @@ def wandb_summary(summary: pd.DataFrame, series: tuple[str, ...] = ("method",),
             if col in (*series, "centered"):
                 continue
             v = r[col]
-            if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
+            # NaN (undefined) is left out: W&B would show it as a number; undefined/... keys say why
+            if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and not math.isnan(v):
                 out[f"{base}/{col}"] = float(v)
     return out
 
@@ -129,16 +133,23 @@ def log_to_wandb(cfg: DictConfig, name: str, tables: dict[str, pd.DataFrame], fi
         wb.log(charts)
         wb.log({f"tables/{k}": wandb.Table(dataframe=_wandb_safe(df)) for k, df in tables.items() if len(df)})
         wb.log({f"figures/{p.stem}": wandb.Image(str(p)) for p in figures})
-        wb.summary.update(wandb_summary(tables["summary"], series, tables.get("class_structure")))
+        wb.summary.update(wandb_summary(tables["summary"], series, tables.get("class_structure"))
+                          | wandb_notes(tables.get("undefined")))
     finally:
         finish(wb)
 
 
 def _wandb_safe(df: pd.DataFrame) -> pd.DataFrame:
-    """W&B tables need one type per column: objects (None / mixed) become strings."""
+    """W&B tables need one type per column: objects (None / mixed) become strings; a nullable
+    integer column (<NA>: undefined, e.g. the peak checkpoint of a curve undefined everywhere)
+    becomes float (NaN), a nullable boolean one the words True / False / undefined."""
     df = df.copy()
     for c in df.columns:
-        if df[c].dtype == object:
+        if isinstance(df[c].dtype, pd.BooleanDtype):
+            df[c] = df[c].map(lambda v: "undefined" if v is pd.NA else str(bool(v)))
+        elif isinstance(df[c].dtype, pd.api.extensions.ExtensionDtype) and pd.api.types.is_integer_dtype(df[c]):
+            df[c] = df[c].astype("float64")
+        elif df[c].dtype == object:
             df[c] = df[c].map(lambda v: "" if v is None else str(v))
     return df
 
