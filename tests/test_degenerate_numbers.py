@@ -1,6 +1,8 @@
 """Numbers that are well-formed but meaningless (issue 24): similarity of scores of any finite
-magnitude, and no top-k figure taken from tie order when a gold standard or a method has no
-variation over the left-out instances."""
+magnitude; no top-k figure, peak checkpoint or rank taken from tie order when a gold standard or
+a method has no variation over the left-out instances; and every output (report.md, the CSVs,
+the figures' legends, the console, W&B; LDS / LOO correlation, comparisons and mislabel
+detection too) saying which numbers are undefined, for how many test instances and why."""
 
 from __future__ import annotations
 
@@ -13,12 +15,15 @@ import pandas as pd
 import pytest
 import torch
 from helpers.config import compose_config
+from helpers.evaluation import COMPARE
 from helpers.wandb import offline_runs, read_offline_run, wandb_on
 from scipy.stats import spearmanr
 
 from tda.evaluation import plots
+from tda.evaluation.evaluate_mislabel import mislabel_report
 from tda.evaluation.lds import lds, lds_undefined, loo_correlation, loo_undefined
 from tda.evaluation.metrics import mean_and_se, rowwise_cosine, rowwise_spearman
+from tda.evaluation.mislabel import constant_sources, mislabel_table, self_influence_agreement
 from tda.evaluation.top_k import top_k_hits, top_k_overlap
 from tda.evaluation.undefined import GOLD_CONSTANT, METHOD_CONSTANT, METHOD_ZERO, ZERO_VECTOR
 from tda.further_training.store import further_training_key, load_gold_standard
@@ -138,8 +143,9 @@ def test_undefined_numbers_are_said_with_their_reason_in_every_output(pipeline, 
                        f"checkpoint: {METHOD_CONSTANT}")
     zero_top_k = (f"zero: precision, recall, overlap undefined for {n_test} of {n_test} test instances at every "
                   f"checkpoint: {METHOD_CONSTANT}")
+    zero_classes = f"zero: cosine with same class undefined for {n_test} of {n_test} test instances: {METHOD_CONSTANT}"
     report = (out / "report.md").read_text()
-    for said in (zero_cosine, partly_spearman, zero_top_k):
+    for said in (zero_cosine, partly_spearman, zero_top_k, zero_classes):
         assert said in report and said in caplog.text, said
     assert not re.search(r"\|\s*(nan|<NA>)\s*\|", report, flags=re.IGNORECASE)  # no cell prints NaN
     zero_row = next(line for line in report.splitlines() if line.startswith("| zero | centred |"))
@@ -175,6 +181,9 @@ def test_undefined_numbers_are_said_with_their_reason_in_every_output(pipeline, 
     assert f"zero — cosine undefined: {ZERO_VECTOR}: {METHOD_ZERO}; spearman undefined: {METHOD_CONSTANT}" in legend
     assert (f"partly_constant — spearman partly undefined (2 of {n_test} test instances: {METHOD_CONSTANT})"
             in legend)
+
+    (_, class_legend), = [(n, t) for n, t in legends if n == "class_structure.png"]
+    assert f"zero — cosine with same class undefined: {METHOD_CONSTANT}" in [" ".join(t.split()) for t in class_legend]
 
     (ev,) = [r for r in map(read_offline_run, offline_runs(isolated_env / "runs"))
              if r["run"]["job_type"] == "evaluate"]
@@ -212,3 +221,41 @@ def test_lds_and_loo_correlation_say_which_test_instances_are_undefined_and_why(
     why = loo_undefined({"m": scores}, gold, left_out, "further training", "epoch", [1.0, 2.0])
     assert (loo.n_skipped == 2).all() and list(why.n_undefined) == [1, 1]
     assert set(why.reason) == {METHOD_CONSTANT, GOLD_CONSTANT} and set(why["where"]) == {"every checkpoint"}
+
+
+def test_a_comparison_says_what_is_undefined_and_why(pipeline, tiny):
+    """evaluate.compare: the zero method's cells read `undefined`, the report and undefined.csv
+    say for how many test instances and why, the figure's legend says it too."""
+    cfg = compose_config("evaluate", tiny)
+    run = RunDir.from_config(cfg)
+    gold = load_gold_standard(run.gold_dir(further_training_key(cfg)))
+    _write_method(run, "zero", torch.zeros_like(gold.attribution(center=False)[-1]), gold)
+    overrides = tiny + COMPARE + ["evaluate.seed_windows=[1]"]
+    out = evaluate(compose_config("evaluate", overrides), overrides)
+    n_test = len(gold.meta["test_indices"])
+    report = (out / "report.md").read_text()
+    assert (f"seed=0 / zero: spearman undefined for {n_test} of {n_test} test instances at every checkpoint: "
+            f"{METHOD_CONSTANT}") in report
+    assert not re.search(r"\|\s*(nan|<NA>)\s*\|", report, flags=re.IGNORECASE)
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary[summary.method == "zero"][["peak_cosine", "peak_checkpoint", "spearman_last"]].isna().all().all()
+    assert set(pd.read_csv(out / "undefined.csv").method) == {"seed=0 / zero"}
+
+
+def test_a_constant_self_influence_is_said_to_rank_nothing():
+    """Mislabel detection: a source whose self-influence is the same for every training
+    instance has the AUC and found-at fractions of a random order (the expectation over the
+    orders of ties) and no Spearman with the others; report.md says so in words."""
+    g = torch.Generator().manual_seed(0)
+    flipped = torch.zeros(40, dtype=torch.bool)
+    flipped[:8] = True
+    self_influence = {"grad_dot": torch.randn(40, generator=g) + 2 * flipped, "flat": torch.zeros(40)}
+    tables = {"mislabel": mislabel_table(self_influence, flipped, {}),
+              "self_influence_agreement": self_influence_agreement(self_influence)}
+    flat = tables["mislabel"].set_index("method").loc["flat"]
+    assert flat.auc == 0.5 and flat.found_at_10 == pytest.approx(0.1)
+    constant = constant_sources(self_influence)
+    assert list(constant) == ["flat"]
+    report = mislabel_report("t", tables, {}, constant)
+    assert "| grad_dot | flat | undefined |" in report
+    assert "flat: the self-influence is constant over the training set: it ranks nothing" in report

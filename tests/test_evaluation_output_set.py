@@ -90,7 +90,7 @@ def test_evaluate_failing_midway_keeps_the_previous_set(tiny, monkeypatch):
 def test_compare_failing_at_its_figure_keeps_the_previous_set(tiny, monkeypatch):
     cfg, out, before = _evaluated_once_then_a_third_method(tiny, compare=True)
     assert out.parent.name == "compare" and set(before) == {"similarity.csv", "reliability.csv", "summary.csv",
-                                                              "similarity.png", "report.md"}
+                                                              "undefined.csv", "similarity.png", "report.md"}
     real = Figure.savefig
 
     def fail(self, *args, **kwargs):  # the figure is written after the three CSVs

@@ -113,7 +113,8 @@ def seed_window_peaks(attribution: Callable[[bool, list[int]], torch.Tensor], n_
 
     `attribution(center, seed_positions)` returns [T, n_test, n_left_out] for those seeds
     (GoldStandard.attribution). `peak_checkpoints`: the checkpoint of the peak (per window for
-    the second definition, space-separated)."""
+    the second definition, space-separated; `undefined` where the curve is undefined at every
+    checkpoint, never a checkpoint by default)."""
     rows = []
     for centered in centering:
         for k, windows in seed_windows(n_seeds, ks).items():
@@ -139,14 +140,14 @@ def _peak(curve: torch.Tensor, definition: str) -> tuple[float, float, int, str]
         ok = ~torch.isnan(curve)
         mean_curve = torch.where(ok, curve, 0.0).sum(0) / ok.sum(0)  # NaN where every window is undefined
         if bool(torch.isnan(mean_curve).all()):
-            return math.nan, math.nan, len(curve), "-1"
+            return math.nan, math.nan, len(curve), "undefined"
         t = int(torch.where(torch.isnan(mean_curve), -math.inf, mean_curve).argmax())
         _, se, _, skipped = mean_and_se(curve[:, t])
         return float(mean_curve[t]), se, skipped, str(t)
     peaks, where = [], []
     for window in curve:
         finite = [(float(m), t) for t, m in enumerate(window) if not math.isnan(m)]
-        peak, t = max(finite) if finite else (math.nan, -1)
+        peak, t = max(finite) if finite else (math.nan, "undefined")
         peaks.append(peak)
         where.append(str(t))
     mean, se, _, skipped = mean_and_se(torch.tensor(peaks, dtype=torch.float64))

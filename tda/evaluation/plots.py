@@ -139,10 +139,11 @@ def _style_legend(fig, colors: dict, styles: dict, style_by: str, notes: dict[st
             text.set_fontweight("bold")
 
 
-def plot_seed_windows(peaks: pd.DataFrame, path: Path, title: str = "") -> Path:
+def plot_seed_windows(peaks: pd.DataFrame, path: Path, title: str = "", notes: dict[str, str] | None = None) -> Path:
     """Peak similarity over checkpoints against the number of seeds averaged (log x); colour =
     method, line style = the peak's definition (solid: the authors', the peak of the
-    window-averaged curve; dashed: the mean of the windows' own peaks)."""
+    window-averaged curve; dashed: the mean of the windows' own peaks); `notes` (method ->
+    text): what is undefined and why, in the legend."""
     centerings = sorted(peaks.centered.unique(), reverse=True)
     metrics = list(dict.fromkeys(peaks.metric))
     methods = sorted(peaks.method.unique())
@@ -165,7 +166,7 @@ def plot_seed_windows(peaks: pd.DataFrame, path: Path, title: str = "") -> Path:
             ax.set_xlabel("seeds averaged in the gold standard (K)")
             ax.set_ylabel(f"peak {metric} ({centring(centered)})")
             ax.grid(alpha=0.3)
-    _style_legend(fig, colors, styles, "peak definition")
+    _style_legend(fig, colors, styles, "peak definition", notes)
     return _save(fig, path, title)
 
 
@@ -191,18 +192,22 @@ def plot_distance(distance: pd.DataFrame, path: Path, title: str = "") -> Path:
     return _save(fig, path, title)
 
 
-def plot_class_structure(cs: pd.DataFrame, path: Path, title: str = "") -> Path:
+def plot_class_structure(cs: pd.DataFrame, path: Path, title: str = "", notes: dict[str, str] | None = None) -> Path:
     """Left: the centred cosine of the scores with the same-class indicator, the gold standard
     per checkpoint (the same centred or not) and every method (a horizontal dashed line: methods
     do not depend on the checkpoint). Right: the gold standard's mean score of own-class and
-    other-class left-out instances per checkpoint."""
+    other-class left-out instances per checkpoint. `notes` (source -> text): what is undefined
+    and why, in the legend."""
+    notes = notes or {}
     gold = cs[cs.source == "gold standard"]
     methods = cs[cs.source != "gold standard"]
     x_name = cs.x_name.iloc[0]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10.4, 3.6))
     cycle = _palette(len(methods) + 1)
     for i, (_, m) in enumerate(methods.iterrows()):
-        left.axhline(m.cosine_same_class, color=cycle[(i + 1) % len(cycle)], linestyle="--", lw=1.2, label=m.source)
+        label = f"{m.source} — {notes[m.source]}" if m.source in notes else m.source
+        left.axhline(m.cosine_same_class, color=cycle[(i + 1) % len(cycle)], linestyle="--", lw=1.2,
+                     label=_wrap(label))
     g = gold[gold.centered == gold.centered.iloc[0]].sort_values("x")  # the cosine is the same centred or not
     left.plot(g.x, g.cosine_same_class, "k-", marker="o", ms=3, label="gold standard")
     left.fill_between(g.x, g.cosine_same_class - g.cosine_same_class_se.fillna(0),

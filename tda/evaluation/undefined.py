@@ -98,6 +98,28 @@ def similarity_undefined(gold: GoldStandard, scores: dict[str, torch.Tensor], me
     return pd.DataFrame(rows, columns=UNDEFINED_COLUMNS)
 
 
+ONE_CLASS = "no left-out instance, or every one, has this test instance's class"
+
+
+def class_structure_undefined(gold: GoldStandard, scores: dict[str, torch.Tensor], same: torch.Tensor,
+                              centering: tuple[bool, ...]) -> pd.DataFrame:
+    """Why the cosine with the same-class indicator (tda.evaluation.diagnostics.class_structure;
+    `same` [n_test, n_left_out] bool) is undefined where it is: both are centred over the
+    left-out instances, so a constant indicator or constant scores leave a zero vector."""
+    x_name, xs = gold.checkpoint_axis()
+    indicator, rows = same.double(), []
+    for centered in centering:
+        target = gold.attribution(center=centered)
+        reasons = [instance_reasons("pearson", indicator, target[t], ONE_CLASS, GOLD_CONSTANT)
+                   for t in range(target.shape[0])]
+        rows += undefined_rows("class structure", "gold standard", "cosine with same class", centered, reasons,
+                               x_name, xs)
+    for name, s in scores.items():
+        rows += undefined_rows("class structure", name, "cosine with same class", None,
+                               [instance_reasons("pearson", indicator, s, ONE_CLASS)])
+    return pd.DataFrame(rows, columns=UNDEFINED_COLUMNS)
+
+
 def agreement_undefined(scores: dict[str, torch.Tensor], metrics: tuple[str, ...]) -> pd.DataFrame:
     """Why method-vs-method similarities (tda.evaluation.curves.method_agreement) are undefined."""
     names, rows = list(scores), []
@@ -194,10 +216,11 @@ def series_notes(undefined: pd.DataFrame | None, analysis: str = "similarity") -
     for method, g in undefined[undefined.analysis == analysis].groupby("method", sort=False):
         clauses: dict[tuple[str, str, str], list] = {}
         for _, r in g.iterrows():
-            if r.n_undefined == r.n and r["where"] == "every checkpoint":
+            everywhere = _missing(r["where"]) or r["where"] == "every checkpoint"  # "": no checkpoint axis
+            if r.n_undefined == r.n and everywhere:
                 status = "undefined"
             else:
-                where = f" at {r['where']}" if r["where"] != "every checkpoint" else ""
+                where = "" if everywhere else f" at {r['where']}"
                 status = f"partly undefined ({int(r.n_undefined)} of {int(r.n)} test instances{where}"
             clauses.setdefault((r.metric, status, r.reason), []).append(r.centered)
         said = []

@@ -74,7 +74,8 @@ def wandb_summary(summary: pd.DataFrame, series: tuple[str, ...] = ("method",),
     out = {}
     if class_structure is not None:
         for _, r in class_structure[class_structure.source != "gold standard"].iterrows():
-            out |= {f"class_structure/{col}/{r.source}": float(r[col]) for col in CLASS_STRUCTURE_LOGGED}
+            out |= {f"class_structure/{col}/{r.source}": float(r[col]) for col in CLASS_STRUCTURE_LOGGED
+                    if not math.isnan(r[col])}
     for _, r in summary.iterrows():
         base = f"summary/{_centring(r.centered)}/" + "/".join(str(r[s]) for s in series)
         for col in summary.columns:
@@ -154,10 +155,12 @@ def _wandb_safe(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def log_mislabel_to_wandb(cfg: DictConfig, name: str, tables: dict[str, pd.DataFrame], figures: list[Path]) -> None:
+def log_mislabel_to_wandb(cfg: DictConfig, name: str, tables: dict[str, pd.DataFrame], figures: list[Path],
+                          constant: dict[str, str] | None = None) -> None:
     """Mislabel detection (tda.evaluation.evaluate_mislabel): each source's AUC and found-at
     fractions as summary scalars `mislabel/<method>/<column>`, the detection curves as one
-    line_series chart, every table and figure. Nothing when the logger is off."""
+    line_series chart, every table and figure; a source whose self-influence is constant
+    (`constant`: label -> why) under `undefined/mislabel/<label>`. Nothing when the logger is off."""
     wb = init_wandb(cfg, "evaluate", name)
     if wb is None:
         return
@@ -166,7 +169,8 @@ def log_mislabel_to_wandb(cfg: DictConfig, name: str, tables: dict[str, pd.DataF
     try:
         table = tables["mislabel"]
         wb.summary.update({f"mislabel/{r['method']}/{col}": float(r[col]) for _, r in table.iterrows()
-                           for col in table.columns if col.startswith(("auc", "found_at_"))})
+                           for col in table.columns if col.startswith(("auc", "found_at_"))}
+                          | {f"undefined/mislabel/{label}": said for label, said in (constant or {}).items()})
         curves = tables["detection_curve"]
         lines = {m: g.sort_values("inspected") for m, g in curves.groupby("method", sort=False)}
         xs = next(iter(lines.values())).inspected.tolist()
