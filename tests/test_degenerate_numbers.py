@@ -27,9 +27,10 @@ from tda.evaluation.mislabel import constant_sources, mislabel_table, self_influ
 from tda.evaluation.top_k import top_k_hits, top_k_overlap
 from tda.evaluation.undefined import GOLD_CONSTANT, METHOD_CONSTANT, METHOD_ZERO, ZERO_VECTOR
 from tda.further_training.store import further_training_key, load_gold_standard
+from tda.further_training.subset_store import load_subset_gold_standard
 from tda.runs import RunDir
 from tda.scores import save_method_scores
-from tda.stages import evaluate
+from tda.stages import attribute, evaluate, train
 
 
 def _pair(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,3 +260,37 @@ def test_a_constant_self_influence_is_said_to_rank_nothing():
     report = mislabel_report("t", tables, {}, constant)
     assert "| grad_dot | flat | undefined |" in report
     assert "flat: the self-influence is constant over the training set: it ranks nothing" in report
+
+
+SMALL = ["dataset.max_train=40", "dataset.max_test=20", "train.epochs=2", "train.batch_size=16",
+         "selection.n_left_out=null", "selection.n_test=4", "trainer.progress_bar=false", "logger=none",
+         "further_training.subsets.count=8", "gold_standard=retraining_subsets"]
+
+
+def test_the_lds_evaluation_says_what_is_undefined_and_why(monkeypatch):
+    """Against a subset gold standard: a method whose scores are zero has an undefined LDS for
+    every test instance, said in report.md, undefined.csv and lds.png's legend; its summary has
+    no peak (not the last checkpoint's x by default)."""
+    run = train(compose_config("train", SMALL))
+    attribute(compose_config("attribute", [*SMALL, "method=grad_dot"]))
+    attribute(compose_config("attribute", [*SMALL, "method=further_training"]))
+    gold = load_subset_gold_standard(run.gold_dir(further_training_key(compose_config("attribute", SMALL))))
+    _write_method(run, "zero", torch.zeros(4, 40, dtype=torch.float64), gold)
+    legends = []
+    save = plots._save
+
+    def legend_texts(fig, path, title=""):
+        legends.append((path.name, [" ".join(t.get_text().split()) for lg in fig.legends for t in lg.get_texts()]))
+        return save(fig, path, title)
+    monkeypatch.setattr(plots, "_save", legend_texts)
+    out = evaluate(compose_config("evaluate", SMALL))
+    constant = ("the method's predictions (the sums of its scores over each subset) are the same for every subset "
+                "for this test instance")
+    said = f"zero: lds_margin undefined for 4 of 4 test instances at every checkpoint: {constant}"
+    assert said in (out / "report.md").read_text()
+    assert set(pd.read_csv(out / "undefined.csv").method) == {"zero"}
+    summary = pd.read_csv(out / "summary.csv").set_index("method")
+    assert summary.loc["zero", ["lds_margin_peak", "lds_margin_peak_x", "lds_margin_last"]].isna().all()
+    assert summary.loc["grad_dot", ["lds_margin_peak", "lds_margin_peak_x"]].notna().all()
+    (_, legend), = [(n, t) for n, t in legends if n == "lds.png"]
+    assert f"zero — lds_margin undefined: {constant}; lds_loss undefined: {constant}" in legend
