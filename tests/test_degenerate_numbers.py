@@ -24,7 +24,7 @@ from tda.evaluation.evaluate_mislabel import mislabel_report
 from tda.evaluation.lds import lds, lds_undefined, loo_correlation, loo_undefined
 from tda.evaluation.metrics import mean_and_se, rowwise_cosine, rowwise_spearman
 from tda.evaluation.mislabel import constant_sources, mislabel_table, self_influence_agreement
-from tda.evaluation.top_k import top_k_hits, top_k_overlap
+from tda.evaluation.top_k import top_instances, top_k_hits, top_k_overlap
 from tda.evaluation.undefined import GOLD_CONSTANT, METHOD_CONSTANT, METHOD_ZERO, ZERO_VECTOR
 from tda.further_training.store import further_training_key, load_gold_standard
 from tda.further_training.subset_store import load_subset_gold_standard
@@ -120,7 +120,8 @@ def test_undefined_numbers_are_said_with_their_reason_in_every_output(pipeline, 
     taken from the order of ties; the numbers that are defined do not move."""
     cfg = compose_config("evaluate", wandb_on(tiny + ["evaluate.examples.n_test=6", "evaluate.top_k=[2]"]))
     run = RunDir.from_config(cfg)
-    before = pd.read_csv(evaluate(compose_config("evaluate", tiny)) / "similarity.csv")
+    only_curves = ["evaluate.examples.n_test=0", "evaluate.seed_windows=[1]"]  # they do not change similarity.csv
+    before = pd.read_csv(evaluate(compose_config("evaluate", tiny + only_curves)) / "similarity.csv")
     gold = load_gold_standard(run.gold_dir(further_training_key(cfg)))
     last = gold.attribution(center=False)[-1]
     n_test = last.shape[0]
@@ -268,12 +269,15 @@ SMALL = ["dataset.max_train=40", "dataset.max_test=20", "train.epochs=2", "train
 
 
 def test_the_lds_evaluation_says_what_is_undefined_and_why(monkeypatch):
-    """Against a subset gold standard: a method whose scores are zero has an undefined LDS for
-    every test instance, said in report.md, undefined.csv and lds.png's legend; its summary has
-    no peak (not the last checkpoint's x by default)."""
+    """Against a subset gold standard: a method whose scores are zero has an undefined LDS and
+    LOO correlation for every test instance, said in report.md, undefined.csv and the figures'
+    legends; its summary has no peak (not the last checkpoint's x by default)."""
     run = train(compose_config("train", SMALL))
     attribute(compose_config("attribute", [*SMALL, "method=grad_dot"]))
     attribute(compose_config("attribute", [*SMALL, "method=further_training"]))
+    loo = [o for o in SMALL if not o.startswith("gold_standard=")] + ["further_training.n_seeds=2",
+                                                                       "further_training.epochs=1"]
+    attribute(compose_config("attribute", [*loo, "method=further_training"]))  # a leave-one-out gold standard
     gold = load_subset_gold_standard(run.gold_dir(further_training_key(compose_config("attribute", SMALL))))
     _write_method(run, "zero", torch.zeros(4, 40, dtype=torch.float64), gold)
     legends = []
@@ -294,3 +298,24 @@ def test_the_lds_evaluation_says_what_is_undefined_and_why(monkeypatch):
     assert summary.loc["grad_dot", ["lds_margin_peak", "lds_margin_peak_x"]].notna().all()
     (_, legend), = [(n, t) for n, t in legends if n == "lds.png"]
     assert f"zero — lds_margin undefined: {constant}; lds_loss undefined: {constant}" in legend
+    (_, legend), = [(n, t) for n, t in legends if n == "loo_correlation.png"]
+    assert any(t.startswith("zero — loo_correlation vs ") and t.endswith(f"undefined: {METHOD_CONSTANT}")
+               for t in legend), legend
+    assert summary.loc["zero"].filter(like="loo_correlation_last[").isna().all()
+
+
+def test_no_most_helpful_list_or_rank_from_the_order_of_ties():
+    """examples' table: a test instance whose gold standard is constant lists no most helpful /
+    harmful instances; a method constant for a test instance has no rank and no agreement there
+    (empty in the CSV), while every other rank is the plain one."""
+    gold, method = _pair()
+    gold[2] = 0.0
+    method[4] = 3.0
+    table = top_instances(gold, {"m": method}, [1, 2, 4], list(range(100, 140)), list(range(6)), k=3)
+    assert set(table.test_position) == {1, 4}
+    at4 = table[table.test_position == 4]
+    assert at4["m:rank"].isna().all() and at4["m:agrees"].isna().all()
+    at1 = table[table.test_position == 1]
+    order = method[1].argsort(descending=True).tolist()
+    assert [order.index(j) + 1 for j in at1.left_out_position] == at1["m:rank"].tolist()
+    assert str(at1["m:rank"].dtype) == "Int64" and str(at1["m:agrees"].dtype) == "boolean"

@@ -101,9 +101,11 @@ def _write(run: RunDir, key: str, gold: SubsetGoldStandard, scores: dict[str, to
             loo = tables["loo_correlation"] = pd.concat(frames, ignore_index=True)
             several = len(beside) > 1
             shown = loo.assign(method=loo.method + " vs " + loo.gold) if several else loo
-            notes = series_notes(undefined[-1] if not several else pd.concat(undefined[1:]).assign(
-                method=lambda d: d.method + " vs " + d.metric.str.removeprefix("loo_correlation vs ")),
-                "loo correlation")
+            loo_why = pd.concat(undefined[1:], ignore_index=True)
+            if several:  # the figure's lines are `<method> vs <gold standard>`
+                loo_why = loo_why.assign(method=loo_why.method + " vs "
+                                         + loo_why.metric.str.removeprefix("loo_correlation vs "))
+            notes = series_notes(loo_why, "loo correlation")
             figures.append(plots.plot_curves(shown, out / "loo_correlation.png",
                                              title=f"LOO correlation (Pearson, dattri's) — {run.path.name}",
                                              notes=notes))

@@ -52,11 +52,10 @@ def examples(settings: ExamplesSettings, model: DictConfig, gold: GoldStandard, 
              f"top {k} (helpful) or bottom {k} (harmful). Mean top-{k} overlap with the gold standard over all "
              f"{n_test} test instances (helpful / harmful): "
              + ", ".join(f"{m} {_overlap(h)} / {_overlap(b)}" for m, (h, b) in overlap.items()), ""]
-    for name, s in scores.items():  # top-k lists of constant scores would be the order of ties: not shown
-        lines += [f"- {sentence(r)}" for _, r in pd.DataFrame(
-            undefined_rows("top-k overlap", name, f"top-{k} overlap", None, [instance_reasons("top_k", target, s)]),
-            columns=UNDEFINED_COLUMNS).iterrows()]
-    lines.append("")
+    undefined = [f"- {sentence(r)}" for name, s in scores.items() for _, r in pd.DataFrame(
+        undefined_rows("top-k overlap", name, f"top-{k} overlap", None, [instance_reasons("top_k", target, s)]),
+        columns=UNDEFINED_COLUMNS).iterrows()]  # a top k of constant scores would be the order of ties
+    lines += undefined + [""] * bool(undefined)
     regression = data.task == "regression"
     if regression:
         predict = _predictor(model, data, final_weights)
