@@ -15,17 +15,25 @@ import pandas as pd
 import pytest
 import torch
 from helpers.config import compose_config
-from helpers.evaluation import COMPARE
+from helpers.evaluation import COMPARE, synthetic_gold
 from helpers.wandb import offline_runs, read_offline_run, wandb_on
 from scipy.stats import spearmanr
 
 from tda.evaluation import plots
+from tda.evaluation.curves import similarity_curves
 from tda.evaluation.evaluate_mislabel import mislabel_report
 from tda.evaluation.lds import lds, lds_undefined, loo_correlation, loo_undefined
 from tda.evaluation.metrics import mean_and_se, rowwise_cosine, rowwise_spearman
 from tda.evaluation.mislabel import constant_sources, mislabel_table, self_influence_agreement
 from tda.evaluation.top_k import top_instances, top_k_hits, top_k_overlap
-from tda.evaluation.undefined import GOLD_CONSTANT, METHOD_CONSTANT, METHOD_ZERO, ZERO_VECTOR
+from tda.evaluation.undefined import (
+    GOLD_CONSTANT,
+    METHOD_CONSTANT,
+    METHOD_ZERO,
+    ZERO_VECTOR,
+    sentences,
+    similarity_undefined,
+)
 from tda.further_training.store import further_training_key, load_gold_standard
 from tda.further_training.subset_store import load_subset_gold_standard
 from tda.runs import RunDir
@@ -319,3 +327,25 @@ def test_no_most_helpful_list_or_rank_from_the_order_of_ties():
     order = method[1].argsort(descending=True).tolist()
     assert [order.index(j) + 1 for j in at1.left_out_position] == at1["m:rank"].tolist()
     assert str(at1["m:rank"].dtype) == "Int64" and str(at1["m:agrees"].dtype) == "boolean"
+
+
+def test_a_gold_standard_zero_for_some_test_instances_is_said_where():
+    """A gold standard exactly zero for one test instance at every checkpoint and for another at
+    the first only: the reasons name the gold standard, count what similarity_curves skips at
+    each checkpoint and say where ("every checkpoint" or the epochs)."""
+    gold = synthetic_gold(T=3, n_test=5, n_lo=7)
+    gold.diff[:, 1] = 0.0
+    gold.diff[0, 3] = 0.0
+    scores = {"m": torch.randn(5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))}
+    curves = similarity_curves(gold, scores)
+    why = similarity_undefined(gold, scores, ("cosine", "spearman"), (True, False))
+    def applies(where: str, x: float) -> bool:
+        return where == "every checkpoint" or x in [float(v) for v in where.removeprefix("epoch ").split(", ")]
+    for _, r in curves.iterrows():
+        at = why[(why.analysis == "similarity") & (why.metric == r.metric) & (why.centered == r.centered)
+                 & why["where"].map(lambda w, x=r.x: applies(w, x))]
+        assert at.n_undefined.sum() == r.n_skipped == (2 if r.checkpoint == 0 else 1)
+    said = sentences(why[why.analysis == "similarity"])
+    assert f"m: spearman undefined for 2 of 5 test instances at epoch 1: {GOLD_CONSTANT}" in said
+    assert f"m: spearman undefined for 1 of 5 test instances at epoch 2, 3: {GOLD_CONSTANT}" in said
+    assert f"m: cosine undefined for 1 of 5 test instances at epoch 2, 3: {ZERO_VECTOR}: {GOLD_CONSTANT}" in said
