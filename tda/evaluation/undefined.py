@@ -214,19 +214,19 @@ def series_notes(undefined: pd.DataFrame | None, analysis: str = "similarity") -
         return {}
     notes = {}
     for method, g in undefined[undefined.analysis == analysis].groupby("method", sort=False):
-        clauses: dict[tuple[str, str, str], list] = {}
+        clauses: dict[tuple[str, str], list] = {}  # (metric, what) -> the centrings it holds for
         for _, r in g.iterrows():
             everywhere = _missing(r["where"]) or r["where"] == "every checkpoint"  # "": no checkpoint axis
             if r.n_undefined == r.n and everywhere:
-                status = "undefined"
+                what = f"undefined: {r.reason}"
             else:
                 where = "" if everywhere else f" at {r['where']}"
-                status = f"partly undefined ({int(r.n_undefined)} of {int(r.n)} test instances{where}"
-            clauses.setdefault((r.metric, status, r.reason), []).append(r.centered)
+                what = f"partly undefined ({int(r.n_undefined)} of {int(r.n)} test instances{where}: {r.reason})"
+            clauses.setdefault((r.metric, what), []).append(r.centered)
         said = []
-        for (metric, status, reason), centered in clauses.items():
-            which = f" ({'centred' if _truthy(centered[0]) else 'not centred'})" if len(centered) == 1 and not \
-                _missing(centered[0]) and g.centered.nunique() > 1 else ""
-            said.append(f"{metric}{which} {status}: {reason}" + (")" if status.startswith("partly") else ""))
+        for (metric, what), centered in clauses.items():
+            one_of_two = len(centered) == 1 and not _missing(centered[0]) and g.centered.nunique() > 1
+            which = f" ({'centred' if _truthy(centered[0]) else 'not centred'})" if one_of_two else ""
+            said.append(f"{metric}{which} {what}")
         notes[method] = "; ".join(said)
     return notes
