@@ -24,7 +24,8 @@ from tda.stages import attribute, evaluate, train
 EVAL_FILES = {"similarity.csv", "similarity.png", "reliability.csv", "seed_windows.csv", "seed_windows.png",
               "sorted_scores.csv", "sorted_scores.png", "agreement.csv", "agreement.png", "examples.csv",
               "examples.md", "summary.csv", "topk.csv", "report.md", "evaluated.json", "adjustment.csv",
-              "adjustment.png", "distance.csv", "distance.png", "class_structure.csv", "class_structure.png"}
+              "adjustment.png", "distance.csv", "distance.png", "class_structure.csv", "class_structure.png",
+              "undefined.csv"}
 
 
 def _files(d: Path) -> dict[str, bytes]:
@@ -89,7 +90,7 @@ def test_evaluate_failing_midway_keeps_the_previous_set(tiny, monkeypatch):
 def test_compare_failing_at_its_figure_keeps_the_previous_set(tiny, monkeypatch):
     cfg, out, before = _evaluated_once_then_a_third_method(tiny, compare=True)
     assert out.parent.name == "compare" and set(before) == {"similarity.csv", "reliability.csv", "summary.csv",
-                                                              "similarity.png", "report.md"}
+                                                              "undefined.csv", "similarity.png", "report.md"}
     real = Figure.savefig
 
     def fail(self, *args, **kwargs):  # the figure is written after the three CSVs

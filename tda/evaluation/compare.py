@@ -30,9 +30,11 @@ from tda.evaluation import plots
 from tda.evaluation.curves import gold_attribution, similarity_curves, split_half_reliability, summary_table
 from tda.evaluation.loading import load_experiment
 from tda.evaluation.markdown import compare_report
+from tda.evaluation.metrics import METRICS
 from tda.evaluation.output_set import output_set
 from tda.evaluation.progress import Steps
 from tda.evaluation.settings import EvaluateSettings
+from tda.evaluation.undefined import say_undefined, series_notes, similarity_undefined
 from tda.evaluation.wandb_logging import log_to_wandb
 from tda.further_training.store import GoldStandardSpec
 from tda.runs import RunDir, check_names, compare_dir
@@ -101,7 +103,7 @@ def evaluate_compare(cfg: DictConfig, settings: EvaluateSettings, overrides: lis
     base = list(overrides) if overrides is not None else running_app_overrides()
     centering = tuple(settings.centering)
     wanted = settings.compare_methods
-    all_curves, all_rel, all_records, x_names = [], [], {}, set()
+    all_curves, all_rel, all_undefined, all_records, x_names = [], [], [], {}, set()
     steps = Steps("compare")
     composed = [(entry, compose_experiment(base, entry)) for entry in entries]  # a bad entry fails before any work
     for entry, sub in composed:
@@ -119,6 +121,8 @@ def evaluate_compare(cfg: DictConfig, settings: EvaluateSettings, overrides: lis
             c = similarity_curves(gold, scores, centering)
             c.insert(0, "experiment", label)
             all_curves.append(c)
+            why = similarity_undefined(gold, scores, tuple(METRICS), centering)
+            all_undefined.append(why[why.analysis == "similarity"].assign(method=label + " / " + why.method))
             rel = split_half_reliability(gold_attribution(gold), len(gold.seeds), x_name, xs, centering)
             rel.insert(0, "experiment", label)
             all_rel.append(rel)
@@ -133,24 +137,29 @@ def evaluate_compare(cfg: DictConfig, settings: EvaluateSettings, overrides: lis
     name = cfg.name if cfg.get("name") is not None else "unnamed"
     out_dir = compare_dir(cfg, f"{name}-{config_hash(entries, dataclasses.asdict(settings))}")
     summary = summary_table(curves, all_records, by=("experiment", "method"))
+    undefined = pd.concat(all_undefined, ignore_index=True)
+    say_undefined(undefined)
     with steps.step("writing", "tables, similarity.png, report.md"), output_set(out_dir) as out:
         curves.to_csv(out / "similarity.csv", index=False)
         reliability.to_csv(out / "reliability.csv", index=False)
         summary.to_csv(out / "summary.csv", index=False)
+        undefined.to_csv(out / "undefined.csv", index=False)
         plot_df = curves.assign(series=curves.experiment + " / " + curves.method)
         rel_lines = reliability.assign(series=reliability.experiment + " / gold split-half", method="gold_split_half")
         both = pd.concat([plot_df, rel_lines[[c for c in plot_df.columns if c in rel_lines.columns]]],
                          ignore_index=True)
         title = f"comparison: {' vs '.join(e or 'base' for e in entries)}"
-        figure = plots.plot_curves(both, out / "similarity.png", title=title, series="series", style_by="experiment")
+        figure = plots.plot_curves(both, out / "similarity.png", title=title, series="series", style_by="experiment",
+                                   notes=series_notes(undefined))
         experiments = {e or "base": sorted({r["run"] for (lab, _), r in all_records.items() if lab == (e or "base")})
                        for e in entries}
         save_text(out / "report.md", compare_report(title, x_name, experiments, summary, figure,
-                                                    ["similarity.csv", "reliability.csv", "summary.csv"]))
+                                                    ["similarity.csv", "reliability.csv", "summary.csv",
+                                                     "undefined.csv"], undefined))
     # W&B reads the figures from their final place: the staging directory no longer exists
     with steps.step("W&B"):
         log_to_wandb(cfg, f"compare/{name}/{_slug('_vs_'.join(entries))}",
-                     {"similarity": curves, "summary": summary}, [out_dir / figure.name], x_name,
-                     series=("experiment", "method"))
+                     {"similarity": curves, "summary": summary, "undefined": undefined}, [out_dir / figure.name],
+                     x_name, series=("experiment", "method"))
     log.info("comparison written to %s in %s", out_dir, steps.timings())
     return out_dir

@@ -101,7 +101,8 @@ def seed_window_peaks(attribution: Callable[[bool, list[int]], torch.Tensor], n_
 
     `attribution(center, seed_positions)` returns [T, n_test, n_left_out] for those seeds
     (GoldStandard.attribution). `peak_checkpoints`: the checkpoint of the peak (per window for
-    the second definition, space-separated)."""
+    the second definition, space-separated; `undefined` where the curve is undefined at every
+    checkpoint, never a checkpoint by default)."""
     rows = []
     for centered in centering:
         for k, windows in seed_windows(n_seeds, ks).items():
@@ -127,14 +128,14 @@ def _peak(curve: torch.Tensor, definition: str) -> tuple[float, float, int, str]
         ok = ~torch.isnan(curve)
         mean_curve = torch.where(ok, curve, 0.0).sum(0) / ok.sum(0)  # NaN where every window is undefined
         if bool(torch.isnan(mean_curve).all()):
-            return math.nan, math.nan, len(curve), "-1"
+            return math.nan, math.nan, len(curve), "undefined"
         t = int(torch.where(torch.isnan(mean_curve), -math.inf, mean_curve).argmax())
         _, se, _, skipped = mean_and_se(curve[:, t])
         return float(mean_curve[t]), se, skipped, str(t)
     peaks, where = [], []
     for window in curve:
         finite = [(float(m), t) for t, m in enumerate(window) if not math.isnan(m)]
-        peak, t = max(finite) if finite else (math.nan, -1)
+        peak, t = max(finite) if finite else (math.nan, "undefined")
         peaks.append(peak)
         where.append(str(t))
     mean, se, _, skipped = mean_and_se(torch.tensor(peaks, dtype=torch.float64))
@@ -250,15 +251,20 @@ def summary_table(curves: pd.DataFrame, records: dict, overlap: dict[str, tuple[
     undefined, and the method's wall time and memory from its record (`records`: keyed by
     method label, or by (experiment, method label) when `by` = ("experiment", "method"));
     with `overlap`, each method's mean top-k overlap with the gold standard (examples.md's k);
-    with `topk` (:func:`top_k_summary`), precision@k and recall at the last checkpoint."""
+    with `topk` (:func:`top_k_summary`), precision@k and recall at the last checkpoint. A cosine
+    undefined at every checkpoint has no peak: NaN, and no peak checkpoint (<NA>)."""
     rows = []
     for keys, g in curves.groupby([*by, "centered"], sort=True):
         keys = dict(zip([*by, "centered"], keys))
         cos = g[g.metric == "cosine"].sort_values("checkpoint")
         sp = g[g.metric == "spearman"].sort_values("checkpoint")
-        peak = cos.loc[cos["mean"].idxmax()] if cos["mean"].notna().any() else cos.iloc[0]
+        if cos["mean"].notna().any():
+            peak = cos.loc[cos["mean"].idxmax()]
+            peak_cosine, peak_checkpoint, peak_x = peak["mean"], int(peak["checkpoint"]), peak["x"]
+        else:  # undefined at every checkpoint: no peak, and no checkpoint of one (not the first by default)
+            peak_cosine, peak_checkpoint, peak_x = math.nan, pd.NA, math.nan
         rec = records.get(keys["method"], {}) if by == ("method",) else records.get((keys[by[0]], keys["method"]), {})
-        row = keys | {"peak_cosine": peak["mean"], "peak_checkpoint": int(peak["checkpoint"]), "peak_x": peak["x"],
+        row = keys | {"peak_cosine": peak_cosine, "peak_checkpoint": peak_checkpoint, "peak_x": peak_x,
                       "cosine_first": cos["mean"].iloc[0], "cosine_last": cos["mean"].iloc[-1],
                       "spearman_first": sp["mean"].iloc[0], "spearman_last": sp["mean"].iloc[-1],
                       "spearman_skipped": int(sp.n_skipped.sum()),
@@ -268,4 +274,7 @@ def summary_table(curves: pd.DataFrame, records: dict, overlap: dict[str, tuple[
         if topk is not None:
             row |= topk.get(keys["method"], {})
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if len(table):  # whole numbers, and empty in the CSV where there is no peak
+        table["peak_checkpoint"] = table["peak_checkpoint"].astype("Int64")
+    return table

@@ -36,14 +36,23 @@ from tda.evaluation.diagnostics import (
     distance_from_start,
     further_training_vs_retraining,
     gold_agreement,
+    same_class,
 )
 from tda.evaluation.examples import examples
 from tda.evaluation.loading import load_data, load_experiment
 from tda.evaluation.markdown import evaluation_report
+from tda.evaluation.metrics import METRICS
 from tda.evaluation.output_set import output_set
 from tda.evaluation.progress import Steps
 from tda.evaluation.settings import EvaluateSettings
 from tda.evaluation.top_k import top_k_agreement, top_k_summary
+from tda.evaluation.undefined import (
+    agreement_undefined,
+    class_structure_undefined,
+    say_undefined,
+    series_notes,
+    similarity_undefined,
+)
 from tda.evaluation.wandb_logging import log_to_wandb
 from tda.further_training.attribution import GoldStandard
 from tda.further_training.related import further_training_beside, gold_label, sibling_gold_standards
@@ -110,8 +119,12 @@ def _write_evaluation(cfg: DictConfig, settings: EvaluateSettings, run: RunDir, 
     with steps.step("similarity curves", f"and the gold standard's split-half reliability; {size}"):
         curves = similarity_curves(gold, scores, centering=centering)
         reliability = split_half_reliability(attribution, n_seeds, x_name, xs, centering)
-        tables["similarity"], tables["reliability"] = curves, reliability
-        figures.append(plots.plot_curves(curves, out / "similarity.png", title=title, reliability=reliability))
+        undefined = pd.concat([similarity_undefined(gold, scores, tuple(METRICS), centering),
+                               agreement_undefined(scores, tuple(METRICS))], ignore_index=True)
+        tables["similarity"], tables["reliability"], tables["undefined"] = curves, reliability, undefined
+        say_undefined(undefined)
+        figures.append(plots.plot_curves(curves, out / "similarity.png", title=title, reliability=reliability,
+                                         notes=series_notes(undefined)))
 
     ks = settings.seed_windows
     fitting = ", ".join(str(k) for k in sorted(set(ks)) if 0 < k <= n_seeds)
@@ -120,7 +133,8 @@ def _write_evaluation(cfg: DictConfig, settings: EvaluateSettings, run: RunDir, 
         tables["seed_windows"] = peaks
         if len(peaks):
             figures.append(plots.plot_seed_windows(peaks, out / "seed_windows.png",
-                                                   title=f"peak similarity vs seeds averaged — {title}"))
+                                                   title=f"peak similarity vs seeds averaged — {title}",
+                                                   notes=series_notes(undefined)))
 
     adjustment, distance, class_struct = _diagnostics(gold, scores, data, centering, title, out, steps, tables,
                                                       figures)
@@ -184,7 +198,8 @@ def _write_evaluation(cfg: DictConfig, settings: EvaluateSettings, run: RunDir, 
                                                        topk=topk, gold_agreement=gold_agr, gold_name=gold_name,
                                                        gold_skipped=skipped, adjustment=adjustment, distance=distance,
                                                        class_structure=class_struct, task=data.task,
-                                                       further_vs_retraining=tables.get("further_vs_retraining")))
+                                                       further_vs_retraining=tables.get("further_vs_retraining"),
+                                                       undefined=tables["undefined"]))
         # what this evaluation was computed from, by content
         save_json(out / "evaluated.json", {"run": str(run.path), "gold": str(run.gold_dir(key)), "seeds": gold.seeds,
                                            "final_model": gold.meta["final_model"], "gold_files": gold.files,
@@ -216,8 +231,12 @@ def _diagnostics(gold: GoldStandard, scores: dict[str, torch.Tensor], data: Data
         return adjustment, distance, None
     with steps.step("class structure", "own class vs other classes, cosine with the same-class indicator"):
         (_, y_train), (_, y_test) = data.tensors("train"), data.tensors("test")
-        structure = tables["class_structure"] = class_structure(gold, scores, y_train[gold.meta["left_out_indices"]],
-                                                                y_test[gold.meta["test_indices"]], centering)
+        y_left_out, y_tested = y_train[gold.meta["left_out_indices"]], y_test[gold.meta["test_indices"]]
+        structure = tables["class_structure"] = class_structure(gold, scores, y_left_out, y_tested, centering)
+        why = class_structure_undefined(gold, scores, same_class(y_left_out, y_tested), centering)
+        say_undefined(why)
+        tables["undefined"] = pd.concat([tables["undefined"], why], ignore_index=True)
         figures.append(plots.plot_class_structure(structure, out / "class_structure.png",
-                                                  title=f"class structure — {title}"))
+                                                  title=f"class structure — {title}",
+                                                  notes=series_notes(why, "class structure")))
     return adjustment, distance, structure

@@ -16,11 +16,12 @@ from omegaconf import DictConfig
 
 from tda.artifacts import save_json, save_text
 from tda.evaluation import plots
-from tda.evaluation.lds import SCORE_WHOLE_TRAINING_SET, lds, lds_summary, loo_correlation
+from tda.evaluation.lds import SCORE_WHOLE_TRAINING_SET, lds, lds_summary, lds_undefined, loo_correlation, loo_undefined
 from tda.evaluation.loading import load_all_method_scores
 from tda.evaluation.markdown import md_table
 from tda.evaluation.output_set import output_set
 from tda.evaluation.progress import Steps
+from tda.evaluation.undefined import report_section, say_undefined, series_notes
 from tda.evaluation.wandb_logging import log_to_wandb
 from tda.further_training.related import leave_one_out_beside
 from tda.further_training.store import GoldStandardSpec
@@ -85,24 +86,36 @@ def _write(run: RunDir, key: str, gold: SubsetGoldStandard, scores: dict[str, to
     with steps.step("LDS", f"{len(scores)} methods and {len(predictors)} gold standards, {m} subsets, "
                            f"{gold.n_checkpoints} checkpoints"):
         curves = tables["lds"] = lds(scores, gold.masks, targets, x_name, xs, predictors)
-        figures.append(plots.plot_curves(curves, out / "lds.png", title=f"linear datamodeling score — {title}"))
+        undefined = [lds_undefined(scores, gold.masks, targets, x_name, xs, predictors)]
+        figures.append(plots.plot_curves(curves, out / "lds.png", title=f"linear datamodeling score — {title}",
+                                         notes=series_notes(undefined[0], "lds")))
     loo = None
     if beside:
         with steps.step("LOO correlation", ", ".join(beside)):
             frames = []
             for label, (_, g) in beside.items():
                 gx_name, gxs = g.checkpoint_axis()
-                frames.append(loo_correlation(scores, g.attribution(center=False), g.meta["left_out_indices"], label,
-                                              gx_name, gxs))
+                args = (scores, g.attribution(center=False), g.meta["left_out_indices"], label, gx_name, gxs)
+                frames.append(loo_correlation(*args))
+                undefined.append(loo_undefined(*args))
             loo = tables["loo_correlation"] = pd.concat(frames, ignore_index=True)
-            shown = loo.assign(method=loo.method + " vs " + loo.gold) if len(beside) > 1 else loo
+            several = len(beside) > 1
+            shown = loo.assign(method=loo.method + " vs " + loo.gold) if several else loo
+            loo_why = pd.concat(undefined[1:], ignore_index=True)
+            if several:  # the figure's lines are `<method> vs <gold standard>`
+                loo_why = loo_why.assign(method=loo_why.method + " vs "
+                                         + loo_why.metric.str.removeprefix("loo_correlation vs "))
+            notes = series_notes(loo_why, "loo correlation")
             figures.append(plots.plot_curves(shown, out / "loo_correlation.png",
-                                             title=f"LOO correlation (Pearson, dattri's) — {run.path.name}"))
+                                             title=f"LOO correlation (Pearson, dattri's) — {run.path.name}",
+                                             notes=notes))
+    undefined = tables["undefined"] = pd.concat(undefined, ignore_index=True)
+    say_undefined(undefined)
     with steps.step("writing", "tables, report.md"):
         summary = tables["summary"] = lds_summary(curves, loo, records)
         for name, df in tables.items():
             df.to_csv(out / f"{name}.csv", index=False)
-        save_text(out / "report.md", _report(title, summary, figures, list(tables), gold, targets, beside))
+        save_text(out / "report.md", _report(title, summary, figures, list(tables), gold, targets, beside, undefined))
         save_json(out / "evaluated.json", {
             "run": str(run.path), "gold": str(run.gold_dir(key)), "seeds": gold.seeds,
             "final_model": gold.meta["final_model"], "gold_files": gold.files, "subsets": gold.meta["subsets"],
@@ -113,8 +126,9 @@ def _write(run: RunDir, key: str, gold: SubsetGoldStandard, scores: dict[str, to
 
 
 def _report(title: str, summary: pd.DataFrame, figures: list[Path], tables: list[str], gold: SubsetGoldStandard,
-            targets: dict, beside: dict) -> str:
-    """`report.md`: what was measured, the summary, the figures and the CSVs."""
+            targets: dict, beside: dict, undefined: pd.DataFrame) -> str:
+    """`report.md`: what was measured, the summary (and what in it is undefined, and why), the
+    figures and the CSVs."""
     target = next(iter(targets))
     lines = [f"# {title}", "",
              f"The linear datamodeling score (docs/evaluation.md): per test instance, the Spearman correlation across "
@@ -132,7 +146,8 @@ def _report(title: str, summary: pd.DataFrame, figures: list[Path], tables: list
                   "so no LOO correlation was computed (`tda-further-train` with the same overrides and "
                   "`gold_standard=further_training` or `retraining` computes one).", ""]
     cols = list(summary.columns)
-    lines += ["## Summary", "", *md_table(cols, summary[cols].values.tolist()), "", "## Figures", ""]
+    lines += ["## Summary", "", *md_table(cols, summary[cols].values.tolist()), "", *report_section(undefined),
+              "## Figures", ""]
     lines += [f"![{p.stem}]({p.name})" for p in figures]
     lines += ["", "## Tables", "", *[f"- [{name}.csv]({name}.csv)" for name in tables], ""]
     return "\n".join(lines)

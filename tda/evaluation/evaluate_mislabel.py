@@ -20,6 +20,7 @@ from tda.evaluation.loading import load_all_self_influence
 from tda.evaluation.markdown import md_table
 from tda.evaluation.mislabel import (
     INSPECTED,
+    constant_sources,
     detection_curves,
     flipped_mask,
     found_column,
@@ -62,26 +63,32 @@ def evaluate_mislabel(cfg: DictConfig, run: RunDir, final: FinalModel) -> Path:
             tables = {"mislabel": mislabel_table(self_influence, flipped, records),
                       "detection_curve": detection_curves(self_influence, flipped),
                       "self_influence_agreement": self_influence_agreement(self_influence)}
+            constant = constant_sources(self_influence)
+            for said in constant.values():
+                log.warning("undefined: %s", said)
             figures = [plots.plot_detection(tables["detection_curve"], staging / "detection.png", title=title,
                                             marks=INSPECTED)]
         with steps.step("writing", "tables, report.md"):
             for name, df in tables.items():
                 df.to_csv(staging / f"{name}.csv", index=False)
-            save_text(staging / "report.md", mislabel_report(title, tables, records))
+            save_text(staging / "report.md", mislabel_report(title, tables, records, constant))
             save_json(staging / "evaluated.json", {
                 "run": str(run.path), "final_model": final.identity, "label_noise": {
                     k: noise[k] for k in ("fraction", "seed", "n_flipped")},
                 "self_influence": {k: {"key": r.get("key"), "scores_sha256": r.get("scores_sha256")}
                                    for k, r in records.items()}})
     with steps.step("W&B"):
-        log_mislabel_to_wandb(cfg, f"{run.path.name}/evaluate/{KEY}", tables, [out_dir / f.name for f in figures])
+        log_mislabel_to_wandb(cfg, f"{run.path.name}/evaluate/{KEY}", tables, [out_dir / f.name for f in figures],
+                              constant)
     log.info("mislabel detection written to %s in %s", out_dir, steps.timings())
     return out_dir
 
 
-def mislabel_report(title: str, tables: dict[str, pd.DataFrame], records: dict[str, dict]) -> str:
-    """`report.md`: the detection table, what its columns mean, the agreement of the sources'
-    rankings, links to every file."""
+def mislabel_report(title: str, tables: dict[str, pd.DataFrame], records: dict[str, dict],
+                    constant: dict[str, str] | None = None) -> str:
+    """`report.md`: the detection table, what its columns mean, the sources that rank nothing
+    (`constant`: :func:`tda.evaluation.mislabel.constant_sources`), the agreement of the
+    sources' rankings, links to every file."""
     table = tables["mislabel"]
     found = [found_column(p) for p in INSPECTED]
     lines = [f"# {title}", "", "## Detection", "",
@@ -92,7 +99,11 @@ def mislabel_report(title: str, tables: dict[str, pd.DataFrame], records: dict[s
              "finds p %). `loss` is the plain baseline (each instance's own training loss).", ""]
     lines += md_table(["source", "AUC", *[f"found at {c.rsplit('_', 1)[1]} %" for c in found], "seconds"],
                       [[r["method"], r["auc"], *[r[c] for c in found], r["seconds"]] for _, r in table.iterrows()])
-    lines += ["", "![detection](detection.png)", ""]
+    lines.append("")
+    if constant:
+        lines += ["A source with no ranking (the `undefined` cells below are its):", ""]
+        lines += [f"- {said}" for said in constant.values()] + [""]
+    lines += ["![detection](detection.png)", ""]
     agreement = tables["self_influence_agreement"]
     if len(agreement):
         lines += ["## Agreement of the rankings", "",

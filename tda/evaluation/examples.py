@@ -20,6 +20,7 @@ from tda.evaluation.curves import resolve_checkpoints
 from tda.evaluation.markdown import centring, md_escape, md_table
 from tda.evaluation.settings import ExamplesSettings
 from tda.evaluation.top_k import top_instances, top_k_overlap
+from tda.evaluation.undefined import GOLD_CONSTANT, UNDEFINED_COLUMNS, instance_reasons, sentence, undefined_rows
 from tda.further_training.attribution import GoldStandard
 
 
@@ -50,15 +51,23 @@ def examples(settings: ExamplesSettings, model: DictConfig, gold: GoldStandard, 
              f"{len(left_out)} left-out instances. A method *agrees* on an instance when it also ranks it in its own "
              f"top {k} (helpful) or bottom {k} (harmful). Mean top-{k} overlap with the gold standard over all "
              f"{n_test} test instances (helpful / harmful): "
-             + ", ".join(f"{m} {h:.2f} / {b:.2f}" for m, (h, b) in overlap.items()), ""]
+             + ", ".join(f"{m} {_overlap(h)} / {_overlap(b)}" for m, (h, b) in overlap.items()), ""]
+    undefined = [f"- {sentence(r)}" for name, s in scores.items() for _, r in pd.DataFrame(
+        undefined_rows("top-k overlap", name, f"top-{k} overlap", None, [instance_reasons("top_k", target, s)]),
+        columns=UNDEFINED_COLUMNS).iterrows()]  # a top k of constant scores would be the order of ties
+    lines += undefined + [""] * bool(undefined)
     regression = data.task == "regression"
     if regression:
         predict = _predictor(model, data, final_weights)
         lines += [_regression_note(data), ""]
     figs = []
     for p in positions:
-        sub = table[table.test_position == p]
+        sub = table[table.test_position == p] if len(table) else table
         test_view = data.describe("test", test_idx[p])
+        if not len(sub):
+            lines += [f"## Test instance {test_idx[p]}", "",
+                      f"No most helpful or harmful left-out instances: {GOLD_CONSTANT}.", ""]
+            continue
         cols = ["kind", "rank", "train_index", "gold"] + [f"{m}:rank" for m in scores] + [f"{m}:agrees" for m in scores]
         views = {int(j): data.describe("train", int(j)) for j in sub.train_index}
         if regression:
@@ -156,6 +165,10 @@ def _image(data, split: str, index: int, view: dict):
     arr = arr.squeeze(-1) if arr.ndim == 3 and arr.shape[-1] == 1 else arr
     lo, hi = float(arr.min()), float(arr.max())
     return ((arr - lo) / (hi - lo if hi > lo else 1.0)).numpy()
+
+
+def _overlap(v: float) -> str:
+    return "undefined" if v != v else f"{v:.2f}"  # NaN: every test instance's top k is undefined (said below)
 
 
 def _fmt(v) -> str:

@@ -21,6 +21,7 @@ import torch
 
 from tda.evaluation.curves import CURVE_COLUMNS
 from tda.evaluation.metrics import mean_and_se, rowwise_cosine, rowwise_spearman
+from tda.evaluation.undefined import UNDEFINED_COLUMNS, instance_reasons, undefined_rows
 from tda.scores import require_finite_scores
 
 SCORE_WHOLE_TRAINING_SET = ("score every training instance: train, attribute, further-train and evaluate with "
@@ -88,6 +89,37 @@ def loo_correlation(scores: dict[str, torch.Tensor], attribution: torch.Tensor, 
     return pd.DataFrame(rows, columns=[*CURVE_COLUMNS, "gold"])
 
 
+def lds_undefined(scores: dict[str, torch.Tensor], masks: torch.Tensor, targets: dict[str, torch.Tensor],
+                  x_name: str, xs: list[float], predictors: dict[str, torch.Tensor] | None = None) -> pd.DataFrame:
+    """Why the LDS of :func:`lds` (same arguments) is undefined where it is (rows of
+    tda.evaluation.undefined.UNDEFINED_COLUMNS): a Spearman correlation across subsets needs
+    the predictions and the measured outputs to vary across them."""
+    rows = []
+    for target, out in targets.items():
+        gold_constant = f"the subset gold standard's {target} is the same for every subset for this test instance"
+        for name, per_checkpoint in [*((n, [s] * out.shape[0]) for n, s in scores.items()),
+                                     *((n, list(p)) for n, p in (predictors or {}).items())]:
+            kind = "predictor's" if name in (predictors or {}) else "method's"
+            constant = (f"the {kind} predictions (the sums of its scores over each subset) are the same for every "
+                        f"subset for this test instance")
+            reasons = [instance_reasons("spearman", out[t], subset_predictions(per_checkpoint[t], masks),
+                                        gold_constant, constant) for t in range(out.shape[0])]
+            rows += undefined_rows("lds", name, f"lds_{target}", None, reasons, x_name, xs)
+    return pd.DataFrame(rows, columns=UNDEFINED_COLUMNS)
+
+
+def loo_undefined(scores: dict[str, torch.Tensor], attribution: torch.Tensor, left_out: list[int], gold: str,
+                  x_name: str, xs: list[float]) -> pd.DataFrame:
+    """Why the LOO correlation of :func:`loo_correlation` (same arguments) is undefined where it
+    is: a Pearson correlation needs both vectors to vary over the left-out instances."""
+    idx = torch.as_tensor(left_out, dtype=torch.long)
+    rows = []
+    for name, s in scores.items():
+        reasons = [instance_reasons("pearson", attribution[t], s[:, idx]) for t in range(attribution.shape[0])]
+        rows += undefined_rows("loo correlation", name, f"loo_correlation vs {gold}", None, reasons, x_name, xs)
+    return pd.DataFrame(rows, columns=UNDEFINED_COLUMNS)
+
+
 def lds_summary(curves: pd.DataFrame, loo: pd.DataFrame | None, records: dict[str, dict]) -> pd.DataFrame:
     """Per method: the LDS of each target at the last checkpoint and its peak over checkpoints
     (with its SE), the LOO correlation against each leave-one-out gold standard at its last
@@ -99,9 +131,11 @@ def lds_summary(curves: pd.DataFrame, loo: pd.DataFrame | None, records: dict[st
         for metric, m in g.groupby("metric", sort=True):
             m = m.sort_values("checkpoint")
             last = m.iloc[-1]
-            peak = m.loc[m["mean"].idxmax()] if m["mean"].notna().any() else last
+            # undefined at every checkpoint: no peak and no checkpoint of one
+            peak_mean, peak_x = (m.loc[m["mean"].idxmax(), ["mean", "x"]] if m["mean"].notna().any()
+                                 else (float("nan"), float("nan")))
             row |= {f"{metric}_last": last["mean"], f"{metric}_last_se": last.se,
-                    f"{metric}_peak": peak["mean"], f"{metric}_peak_x": peak.x}
+                    f"{metric}_peak": peak_mean, f"{metric}_peak_x": peak_x}
         if loo is not None:
             for gold, m in loo[loo.method == method].groupby("gold", sort=True):
                 last = m.sort_values("checkpoint").iloc[-1]

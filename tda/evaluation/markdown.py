@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from tda.evaluation.diagnostics import adjustment_summary
+from tda.evaluation.undefined import report_section
 
 
 # ---------------------------------------------------------------------------------- markdown basics
@@ -19,9 +20,15 @@ def md_escape(s: str) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 
 
+UNDEFINED = "undefined"  # a table cell whose number is NaN: a mean over no test instance (tda.evaluation.undefined)
+
+
 def md_table(cols: list[str], rows: list[list]) -> list[str]:
-    """A markdown table (as lines); floats to 4 significant digits."""
+    """A markdown table (as lines); floats to 4 significant digits, NaN (and a missing integer)
+    as the word `undefined`: the report says why beside the table (tda.evaluation.undefined)."""
     def cell(v):
+        if v is pd.NA or (isinstance(v, (float, np.floating)) and np.isnan(v)):
+            return UNDEFINED
         if isinstance(v, (float, np.floating)):
             return f"{v:.4g}"
         return md_escape(str(v))
@@ -167,17 +174,19 @@ def evaluation_report(title: str, x_name: str, summary: pd.DataFrame, reliabilit
                       gold_name: str = "", gold_skipped: list[str] | None = None,
                       adjustment: pd.DataFrame | None = None, distance: pd.DataFrame | None = None,
                       class_structure: pd.DataFrame | None = None, task: str = "classification",
-                      further_vs_retraining: pd.DataFrame | None = None) -> str:
+                      further_vs_retraining: pd.DataFrame | None = None, undefined: pd.DataFrame | None = None) -> str:
     """`report.md` of one evaluation: summary, the gold standard's top k, gold-standard
     reliability, gold vs gold (other estimators / removals), peak vs seeds averaged (both
     definitions), adjusted vs unadjusted gold standard, distance from the start, class
     structure (classification), method vs method, glossary, and links to the figures,
     `examples.md` and the CSVs. `distance` None: not recorded in the gold standard (said so);
-    `class_structure` None: not computed (said so for a regression `task`)."""
+    `class_structure` None: not computed (said so for a regression `task`); `undefined`
+    (tda.evaluation.undefined): which numbers are undefined and why, said below the summary."""
     lines = [f"# {title}", "", "## Summary", "",
              "How well each method's scores agree with the gold standard (terms: see the glossary below).", ""]
     lines += md_table(*_readable(summary[[c for c in summary.columns if not _is_top_k_column(c)]], x_name))
     lines.append("")
+    lines += report_section(undefined)
     has_top_k = topk is not None and len(topk) > 0
     if has_top_k:
         last = topk[topk.checkpoint == topk.checkpoint.max()]
@@ -207,9 +216,13 @@ def evaluation_report(title: str, x_name: str, summary: pd.DataFrame, reliabilit
                   "`further_vs_retraining.csv` and `.png`):", ""]
         rows = []
         for (label, metric, centered), g in further_vs_retraining.groupby(["method", "metric", "centered"], sort=False):
-            best = g.loc[g["mean"].idxmax()] if g["mean"].notna().any() else g.iloc[0]
+            last = g.sort_values("checkpoint")["mean"].iloc[-1]
+            if g["mean"].isna().all():  # no checkpoint to name: the peak of nothing
+                rows.append([label, metric, centring(centered), np.nan, np.nan, UNDEFINED, last])
+                continue
+            best = g.loc[g["mean"].idxmax()]
             rows.append([label, metric, centring(centered), best["mean"], best["se"], f"{best['x_name']} {best['x']:g}",
-                         g.sort_values("checkpoint")["mean"].iloc[-1]])
+                         last])
         lines += md_table(["further training", "metric", "gold standards", "peak", "SE", "at", "last"], rows)
         lines.append("")
     if gold_skipped:
@@ -314,14 +327,15 @@ def _class_structure_section(cs: pd.DataFrame, x_name: str) -> list[str]:
 
 
 def compare_report(title: str, x_name: str, experiments: dict[str, list[str]], summary: pd.DataFrame,
-                   figure: Path, csvs: list[str]) -> str:
+                   figure: Path, csvs: list[str], undefined: pd.DataFrame | None = None) -> str:
     """`report.md` of a comparison: the experiments (override string -> run directories), the
-    summary per experiment and method, the glossary, the figure and the CSVs."""
+    summary per experiment and method, what is undefined and why, the glossary, the figure and
+    the CSVs."""
     lines = [f"# {title}", "",
              "Experiments: each is the evaluate config composed from this run's overrides followed by the entry's "
              "(as if appended to the command line):", ""]
     lines += [f"- `{e}`: " + ", ".join(f"`{r}`" for r in runs) for e, runs in experiments.items()]
-    lines += ["", "## Summary", ""] + md_table(*_readable(summary, x_name)) + [""]
+    lines += ["", "## Summary", ""] + md_table(*_readable(summary, x_name)) + [""] + report_section(undefined)
     lines += glossary(x_name, summary)
     lines += [f"![{figure.stem}]({figure.name})", "",
               "Colour = method, line style = experiment; black = the experiment's gold split-half reliability.", "",

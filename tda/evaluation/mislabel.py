@@ -107,9 +107,20 @@ def detection_curves(self_influence: dict[str, torch.Tensor], flipped: torch.Ten
 
 def self_influence_agreement(self_influence: dict[str, torch.Tensor]) -> pd.DataFrame:
     """Spearman rank correlation of every pair of sources' self-influence over the training set:
-    (method_a, method_b, spearman)."""
+    (method_a, method_b, spearman); NaN (undefined) where a source is constant
+    (:func:`constant_sources`)."""
     labels = list(self_influence)
     rows = [{"method_a": a, "method_b": b,
              "spearman": float(rowwise_spearman(self_influence[a][None], self_influence[b][None])[0])}
             for i, a in enumerate(labels) for b in labels[i + 1:]]
     return pd.DataFrame(rows, columns=["method_a", "method_b", "spearman"])
+
+
+def constant_sources(self_influence: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The sources whose self-influence is the same for every training instance, each with what
+    that means: no order to inspect the training set in (every AUC is 0.5 and every found-at p
+    is p: the expectation over the orders of ties, not a ranking), and no rank correlation."""
+    return {label: (f"{label}: the self-influence is constant over the training set: it ranks nothing, so its AUC "
+                    f"(0.5) and found-at fractions (= the fraction inspected) are those of a random order, and its "
+                    f"Spearman with every other source is undefined")
+            for label, s in self_influence.items() if bool((s == s[0]).all())}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -62,12 +63,15 @@ def _legend_right(fig, handles: list, labels: list[str], handlelength: float = 2
 
 
 def plot_curves(curves: pd.DataFrame, path: Path, title: str = "", reliability: pd.DataFrame | None = None,
-                series: str = "method", style_by: str | None = None) -> Path:
+                series: str = "method", style_by: str | None = None, notes: dict[str, str] | None = None) -> Path:
     """A grid: rows = centring on/off, columns = metric, x = further-training checkpoint (whole
     epochs or steps); one line per `series` value with a ±1 SE band; the gold standard's
     split-half reliability as a dashed black ceiling. With `style_by` (comparisons), colour =
     method and line style = that column's value, and the legend explains the two separately;
-    rows whose method is `gold_split_half` are drawn black."""
+    rows whose method is `gold_split_half` are drawn black. `notes` (series value -> text,
+    tda.evaluation.undefined.series_notes): what is undefined in that series and why, in the
+    legend, so that a missing curve or point is not just a gap."""
+    notes = notes or {}
     colors, styles = {}, {}
     if style_by is not None:
         methods = [m for m in dict.fromkeys(sorted(curves.method)) if m != "gold_split_half"]
@@ -90,7 +94,8 @@ def plot_curves(curves: pd.DataFrame, path: Path, title: str = "", reliability: 
                 kw = {}
                 if style_by is not None:
                     kw = {"color": colors[g.method.iloc[0]], "linestyle": styles[g[style_by].iloc[0]]}
-                line, = ax.plot(g.x, g["mean"], marker="o", ms=3, label=name, **kw)
+                label = f"{name} — {notes[name]}" if name in notes and style_by is None else name
+                line, = ax.plot(g.x, g["mean"], marker="o", ms=3, label=_wrap(label), **kw)
                 ax.fill_between(g.x, g["mean"] - g.se.fillna(0), g["mean"] + g.se.fillna(0), alpha=0.15,
                                 color=line.get_color())
             if reliability is not None and len(reliability):
@@ -105,14 +110,20 @@ def plot_curves(curves: pd.DataFrame, path: Path, title: str = "", reliability: 
     if style_by is None:
         _legend_right(fig, *axes[0][0].get_legend_handles_labels())
     else:
-        _style_legend(fig, colors, styles, style_by)
+        _style_legend(fig, colors, styles, style_by, notes)
     return _save(fig, path, title)
 
 
-def _style_legend(fig, colors: dict, styles: dict, style_by: str) -> None:
+def _wrap(label: str, width: int = 60) -> str:
+    """A long legend entry (a note on what is undefined) over several lines."""
+    return ("\n".join(textwrap.wrap(label, width, subsequent_indent="  ", break_on_hyphens=False))
+            if len(label) > width else label)
+
+
+def _style_legend(fig, colors: dict, styles: dict, style_by: str, notes: dict[str, str] | None = None) -> None:
     """The legend of a comparison: one section for the colours (methods, the gold standard's
-    split-half reliability in black) and one for the line styles, with handles long enough to
-    tell the styles apart."""
+    split-half reliability in black), one for the line styles, with handles long enough to
+    tell the styles apart, and one for `notes` (series -> what is undefined and why)."""
     def header(text):
         return Line2D([], [], linestyle="none"), text
     rows = [header("colour: method")]
@@ -120,16 +131,19 @@ def _style_legend(fig, colors: dict, styles: dict, style_by: str) -> None:
              for m, c in colors.items()]
     rows += [header(""), header(f"line style: {style_by}")]
     rows += [(Line2D([], [], color="0.3", linestyle=ls, lw=1.5), str(v)) for v, ls in styles.items()]
+    if notes:
+        rows += [header(""), header("undefined")] + [header(_wrap(f"{k}: {v}")) for k, v in notes.items()]
     legend = _legend_right(fig, [h for h, _ in rows], [t for _, t in rows], handlelength=4.5)
     for text, (_, label) in zip(legend.get_texts(), rows):
-        if label.startswith(("colour:", "line style:")):
+        if label.startswith(("colour:", "line style:")) or label == "undefined":
             text.set_fontweight("bold")
 
 
-def plot_seed_windows(peaks: pd.DataFrame, path: Path, title: str = "") -> Path:
+def plot_seed_windows(peaks: pd.DataFrame, path: Path, title: str = "", notes: dict[str, str] | None = None) -> Path:
     """Peak similarity over checkpoints against the number of seeds averaged (log x); colour =
     method, line style = the peak's definition (solid: the authors', the peak of the
-    window-averaged curve; dashed: the mean of the windows' own peaks)."""
+    window-averaged curve; dashed: the mean of the windows' own peaks); `notes` (method ->
+    text): what is undefined and why, in the legend."""
     centerings = sorted(peaks.centered.unique(), reverse=True)
     metrics = list(dict.fromkeys(peaks.metric))
     methods = sorted(peaks.method.unique())
@@ -152,7 +166,7 @@ def plot_seed_windows(peaks: pd.DataFrame, path: Path, title: str = "") -> Path:
             ax.set_xlabel("seeds averaged in the gold standard (K)")
             ax.set_ylabel(f"peak {metric} ({centring(centered)})")
             ax.grid(alpha=0.3)
-    _style_legend(fig, colors, styles, "peak definition")
+    _style_legend(fig, colors, styles, "peak definition", notes)
     return _save(fig, path, title)
 
 
@@ -178,18 +192,22 @@ def plot_distance(distance: pd.DataFrame, path: Path, title: str = "") -> Path:
     return _save(fig, path, title)
 
 
-def plot_class_structure(cs: pd.DataFrame, path: Path, title: str = "") -> Path:
+def plot_class_structure(cs: pd.DataFrame, path: Path, title: str = "", notes: dict[str, str] | None = None) -> Path:
     """Left: the centred cosine of the scores with the same-class indicator, the gold standard
     per checkpoint (the same centred or not) and every method (a horizontal dashed line: methods
     do not depend on the checkpoint). Right: the gold standard's mean score of own-class and
-    other-class left-out instances per checkpoint."""
+    other-class left-out instances per checkpoint. `notes` (source -> text): what is undefined
+    and why, in the legend."""
+    notes = notes or {}
     gold = cs[cs.source == "gold standard"]
     methods = cs[cs.source != "gold standard"]
     x_name = cs.x_name.iloc[0]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10.4, 3.6))
     cycle = _palette(len(methods) + 1)
     for i, (_, m) in enumerate(methods.iterrows()):
-        left.axhline(m.cosine_same_class, color=cycle[(i + 1) % len(cycle)], linestyle="--", lw=1.2, label=m.source)
+        label = f"{m.source} — {notes[m.source]}" if m.source in notes else m.source
+        left.axhline(m.cosine_same_class, color=cycle[(i + 1) % len(cycle)], linestyle="--", lw=1.2,
+                     label=_wrap(label))
     g = gold[gold.centered == gold.centered.iloc[0]].sort_values("x")  # the cosine is the same centred or not
     left.plot(g.x, g.cosine_same_class, "k-", marker="o", ms=3, label="gold standard")
     left.fill_between(g.x, g.cosine_same_class - g.cosine_same_class_se.fillna(0),
@@ -255,8 +273,10 @@ def plot_agreement(agreement: pd.DataFrame, methods: list[str], path: Path, titl
         ax.set_yticks(range(len(methods)), methods, fontsize=8)
         for i in range(len(methods)):
             for j in range(len(methods)):
-                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                        color=_text_colour(im.cmap(im.norm(m[i, j]))))
+                defined = not np.isnan(m[i, j])  # NaN: undefined (report.md says why)
+                ax.text(j, i, f"{m[i, j]:.2f}" if defined else "undefined", ha="center", va="center",
+                        fontsize=8 if defined else 6,
+                        color=_text_colour(im.cmap(im.norm(m[i, j]))) if defined else "black")
         ax.set_title(f"mean {metric} between methods", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046)
     return _save(fig, path, title)

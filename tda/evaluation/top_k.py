@@ -22,11 +22,16 @@ def top_instances(target: torch.Tensor, scores: dict[str, torch.Tensor], test_po
     (largest gold score) and k most harmful (smallest) left-out instances of the gold
     standard `target` [n_test, n_left_out], with every method's score and rank (1 = most
     helpful by that method) for them, and whether the method also puts them in its own top k
-    (helpful) / bottom k (harmful)."""
+    (helpful) / bottom k (harmful). A test instance whose gold standard is constant has no most
+    helpful or harmful instances (no rows); a method constant for it has no rank and no
+    agreement (<NA>): either would be the order of ties."""
     n = target.shape[-1]
     k = min(k, n)
-    rows = []
+    gold_constant, rows = constant_rows(target), []
+    constant = {name: constant_rows(s) for name, s in scores.items()}
     for p in test_positions:
+        if gold_constant[p]:
+            continue
         g = target[p]
         ranks = {name: _rank_desc(s[p]) for name, s in scores.items()}
         for kind, order in (("helpful", g.argsort(descending=True)), ("harmful", g.argsort())):
@@ -34,12 +39,16 @@ def top_instances(target: torch.Tensor, scores: dict[str, torch.Tensor], test_po
                 row = {"test_position": p, "test_index": test_indices[p], "kind": kind, "rank": r + 1,
                        "left_out_position": j, "train_index": left_out_indices[j], "gold": float(g[j])}
                 for name, s in scores.items():
-                    mr = int(ranks[name][j])
+                    mr = pd.NA if constant[name][p] else int(ranks[name][j])
                     row[f"{name}:score"] = float(s[p, j])
                     row[f"{name}:rank"] = mr
-                    row[f"{name}:agrees"] = mr <= k if kind == "helpful" else mr > n - k
+                    row[f"{name}:agrees"] = pd.NA if mr is pd.NA else mr <= k if kind == "helpful" else mr > n - k
                 rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    for name in scores if len(table) else ():  # whole numbers and booleans, empty in the CSV where undefined
+        table[f"{name}:rank"] = table[f"{name}:rank"].astype("Int64")
+        table[f"{name}:agrees"] = table[f"{name}:agrees"].astype("boolean")
+    return table
 
 
 def _rank_desc(v: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """W&B logging of an evaluation: the same numbers as its CSVs, as native charts (history keys
 against the further-training checkpoint, so runs of a sweep overlay), line-series charts,
-tables, figures and summary scalars."""
+tables, figures and summary scalars; an undefined number (NaN) is a gap in the charts, absent
+from the summary, and said in words with its reason under `undefined/...`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from tda.evaluation.undefined import wandb_notes
 from tda.tracking import finish, init_wandb
 
 
@@ -66,19 +68,22 @@ CLASS_STRUCTURE_LOGGED = ("same_class", "other_class", "difference", "cosine_sam
 
 def wandb_summary(summary: pd.DataFrame, series: tuple[str, ...] = ("method",),
                   class_structure: pd.DataFrame | None = None) -> dict[str, float]:
-    """Every numeric cell of the summary table as `summary/<centring>/<series...>/<column>`;
-    with `class_structure`, each method's `class_structure/<column>/<method>`."""
+    """Every defined numeric cell of the summary table as `summary/<centring>/<series...>/<column>`
+    (an undefined one, NaN, is left out); with `class_structure`, each method's
+    `class_structure/<column>/<method>`."""
     out = {}
     if class_structure is not None:
         for _, r in class_structure[class_structure.source != "gold standard"].iterrows():
-            out |= {f"class_structure/{col}/{r.source}": float(r[col]) for col in CLASS_STRUCTURE_LOGGED}
+            out |= {f"class_structure/{col}/{r.source}": float(r[col]) for col in CLASS_STRUCTURE_LOGGED
+                    if not math.isnan(r[col])}
     for _, r in summary.iterrows():
         base = f"summary/{_centring(r.centered)}/" + "/".join(str(r[s]) for s in series)
         for col in summary.columns:
             if col in (*series, "centered"):
                 continue
             v = r[col]
-            if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
+            # NaN (undefined) is left out: W&B would show it as a number; undefined/... keys say why
+            if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and not math.isnan(v):
                 out[f"{base}/{col}"] = float(v)
     return out
 
@@ -129,24 +134,33 @@ def log_to_wandb(cfg: DictConfig, name: str, tables: dict[str, pd.DataFrame], fi
         wb.log(charts)
         wb.log({f"tables/{k}": wandb.Table(dataframe=_wandb_safe(df)) for k, df in tables.items() if len(df)})
         wb.log({f"figures/{p.stem}": wandb.Image(str(p)) for p in figures})
-        wb.summary.update(wandb_summary(tables["summary"], series, tables.get("class_structure")))
+        wb.summary.update(wandb_summary(tables["summary"], series, tables.get("class_structure"))
+                          | wandb_notes(tables.get("undefined")))
     finally:
         finish(wb)
 
 
 def _wandb_safe(df: pd.DataFrame) -> pd.DataFrame:
-    """W&B tables need one type per column: objects (None / mixed) become strings."""
+    """W&B tables need one type per column: objects (None / mixed) become strings; a nullable
+    integer column (<NA>: undefined, e.g. the peak checkpoint of a curve undefined everywhere)
+    becomes float (NaN), a nullable boolean one the words True / False / undefined."""
     df = df.copy()
     for c in df.columns:
-        if df[c].dtype == object:
+        if isinstance(df[c].dtype, pd.BooleanDtype):
+            df[c] = df[c].map(lambda v: "undefined" if v is pd.NA else str(bool(v)))
+        elif isinstance(df[c].dtype, pd.api.extensions.ExtensionDtype) and pd.api.types.is_integer_dtype(df[c]):
+            df[c] = df[c].astype("float64")
+        elif df[c].dtype == object:
             df[c] = df[c].map(lambda v: "" if v is None else str(v))
     return df
 
 
-def log_mislabel_to_wandb(cfg: DictConfig, name: str, tables: dict[str, pd.DataFrame], figures: list[Path]) -> None:
+def log_mislabel_to_wandb(cfg: DictConfig, name: str, tables: dict[str, pd.DataFrame], figures: list[Path],
+                          constant: dict[str, str] | None = None) -> None:
     """Mislabel detection (tda.evaluation.evaluate_mislabel): each source's AUC and found-at
     fractions as summary scalars `mislabel/<method>/<column>`, the detection curves as one
-    line_series chart, every table and figure. Nothing when the logger is off."""
+    line_series chart, every table and figure; a source whose self-influence is constant
+    (`constant`: label -> why) under `undefined/mislabel/<label>`. Nothing when the logger is off."""
     wb = init_wandb(cfg, "evaluate", name)
     if wb is None:
         return
@@ -155,7 +169,8 @@ def log_mislabel_to_wandb(cfg: DictConfig, name: str, tables: dict[str, pd.DataF
     try:
         table = tables["mislabel"]
         wb.summary.update({f"mislabel/{r['method']}/{col}": float(r[col]) for _, r in table.iterrows()
-                           for col in table.columns if col.startswith(("auc", "found_at_"))})
+                           for col in table.columns if col.startswith(("auc", "found_at_"))}
+                          | {f"undefined/mislabel/{label}": said for label, said in (constant or {}).items()})
         curves = tables["detection_curve"]
         lines = {m: g.sort_values("inspected") for m, g in curves.groupby("method", sort=False)}
         xs = next(iter(lines.values())).inspected.tolist()
