@@ -1,4 +1,4 @@
-"""Numbers that are undefined, and why (issue 24): a cosine of a zero vector, a rank correlation
+"""Numbers that are undefined, and why: a cosine of a zero vector, a rank correlation
 or a top k of a constant one. The analyses leave such a test instance out of their means (NaN,
 counted in `n_skipped`); this module derives from the data which test instances those are and
 the reason, so that every report, figure, console line and W&B run says "undefined" with the

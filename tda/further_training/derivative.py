@@ -1,4 +1,4 @@
-"""The exact derivative gold standard (issue 16): further training differentiated with respect to
+"""The exact derivative gold standard: further training differentiated with respect to
 per-instance loss weights, in forward mode (chosen instances) and reverse mode (every instance).
 
 The gold standard of docs/method.md is a difference of two trainings,
