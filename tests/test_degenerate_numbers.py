@@ -361,3 +361,18 @@ def test_a_gold_standard_zero_for_some_test_instances_is_said_where():
     assert f"m: spearman undefined for 2 of 5 test instances at epoch 1: {GOLD_CONSTANT}" in said
     assert f"m: spearman undefined for 1 of 5 test instances at epoch 2, 3: {GOLD_CONSTANT}" in said
     assert f"m: cosine undefined for 1 of 5 test instances at epoch 2, 3: {ZERO_VECTOR}: {GOLD_CONSTANT}" in said
+
+
+def test_a_constant_gold_row_centres_to_exactly_zero():
+    """0.1 three times averages to 0.1 + 1.4e-17: centring by the mean alone would leave a
+    residue whose (scale-free) cosine with any method is a number from rounding; the row is
+    exactly 0, so its cosine is undefined. Rows that vary are centred as before."""
+    from tda.further_training.attribution import postprocess
+
+    diff = torch.full((1, 2, 3, 1), 0.1, dtype=torch.float64)
+    diff[0, 1, :, 0] = torch.tensor([0.1, 0.2, 0.4], dtype=torch.float64)
+    assert (diff - diff.mean(2, keepdim=True))[0, 0].abs().max() > 0  # the rounding this guards against
+    a = postprocess(diff, torch.zeros(1, 2, 1, dtype=torch.float64), torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(a[0, 0], torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(a[0, 1], (diff - diff.mean(2, keepdim=True))[0, 1, :, 0])
+    assert math.isnan(rowwise_cosine(a[0], torch.ones(2, 3, dtype=torch.float64))[0])

@@ -107,5 +107,8 @@ def postprocess(diff: torch.Tensor, full_loss: torch.Tensor, initial_loss: torch
         raise ValueError("no seeds selected for the gold standard average")
     a = diff if adjust else diff + (full_loss - initial_loss[None, :, None]).unsqueeze(2)
     if center:
-        a = a - a.mean(dim=2, keepdim=True)
+        # a constant row centres to exactly 0 (its mean can round off the constant: residues of
+        # ~1e-17 would give a scale-free cosine a direction that is only rounding)
+        constant = a.amax(dim=2, keepdim=True) == a.amin(dim=2, keepdim=True)
+        a = torch.where(constant, 0.0, a - a.mean(dim=2, keepdim=True))
     return a.mean(dim=-1)
