@@ -15,6 +15,7 @@ refused at write time (:class:`NonFiniteError`), so no artifact can hold a NaN o
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -88,6 +89,9 @@ def _atomic_file(path: str | Path) -> Iterator[str]:
         raise
 
 
+_UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 def remove_stale_temp_files(root: str | Path, max_age_s: float = 24 * 3600) -> list[Path]:
     """Delete the temporary files of killed writers under `root` (recursively): those of this
     host whose process is gone, and any older than `max_age_s` (another host's, on a shared
@@ -110,6 +114,9 @@ def remove_stale_temp_files(root: str | Path, max_age_s: float = 24 * 3600) -> l
                 removed.append(p)
         except FileNotFoundError:  # its writer finished meanwhile
             continue
+        except OSError as err:  # read-only storage: a leftover is harmless (never read), so leave it
+            if err.errno not in _UNWRITABLE:
+                raise
     return removed
 
 

@@ -94,6 +94,8 @@ class SelfEffect:
         mode = self_effect_mode(ft.derivative_mode)
         for seed in ft.job_seeds:
             path = seed_file(out, seed)
+            if self._verified(path, identity, seed):
+                continue  # no lock (no write): a complete self-effect is readable from read-only storage
             with seed_lock(out, seed, None, wait=True):
                 if self._verified(path, identity, seed):
                     continue
