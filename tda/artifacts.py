@@ -83,9 +83,11 @@ def _atomic_file(path: str | Path) -> Iterator[str]:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         _replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.filename is None:  # e.g. a write that found the disk full
+            raise OSError(err.errno, err.strerror, str(path)) from err  # the message names the artifact
         raise
 
 

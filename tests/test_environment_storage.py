@@ -173,3 +173,29 @@ def test_a_lock_path_that_is_a_directory(pipeline):
     (gold / ".lock").rmdir()
     done = attribute()
     assert done.returncode == 0 and "gold standard complete: 2 seeds" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+@needs_mounts
+def test_a_full_disk_under_a_method_and_an_evaluation(pipeline):
+    """A method's record that does not fit, and an evaluation whose tables and figures do not:
+    each one line naming what was being written; no scores file (so nothing counts as complete)
+    and no partial evaluation (its staging directory is removed)."""
+    methods, evals = pipeline.path / "methods", pipeline.path / "eval"
+    evals.mkdir(exist_ok=True)
+
+    def on_tmpfs(where: Path, script: str, overrides: list[str]) -> tuple[str, list[str]]:
+        stage = " ".join([sys.executable, script, *QUIET, "logger=none", *overrides])
+        proc = in_namespace(f"mount -t tmpfs -o size=4k tmpfs '{where}'",
+                            ["sh", "-c", f'{stage}; rc=$?; find "{where}" -mindepth 1 >&2; exit $rc'])
+        left = [ln for ln in proc.stderr.splitlines() if ln.startswith(str(where))]
+        proc.stderr = "\n".join(ln for ln in proc.stderr.splitlines() if not ln.startswith(str(where)))
+        return refused(proc), left
+
+    line, left = on_tmpfs(methods, "attribute.py", ["method=grad_cos"])
+    assert line.startswith(f"Error: the disk is full writing {methods}/grad_cos-") and "free space" in line
+    assert not [p for p in left if p.endswith(("scores.safetensors", ".tmp"))], left
+
+    line, left = on_tmpfs(evals, "evaluate.py", [])
+    assert line.startswith(f"Error: the disk is full writing the evaluation's outputs for {evals}/"), line
+    assert left == [], left
