@@ -103,6 +103,18 @@ def unwritable_directory(path: str | Path) -> str | None:
     return f"it is on a read-only file system{where}" if read_only else f"permission is denied to write in it{where}"
 
 
+# the fix for outputs that cannot be written into a run directory
+WRITABLE_RUNS_FIX = "point TDA_RUNS_DIR at a writable directory (a copy of the run), or make it writable"
+
+
+def require_writable_directory(path: str | Path, doing: str, fix: str) -> None:
+    """Refuse, in one line naming `path` and `fix`, work whose outputs go into `path` where they
+    cannot be written (:func:`unwritable_directory`); `doing`: e.g. "train writes the final model"."""
+    why = unwritable_directory(path)
+    if why:
+        raise UserError(f"{doing} into {path}, but {why}: {fix}")
+
+
 def os_error_of(err: Exception, path: object) -> OSError | None:
     """The OSError a library written in Rust (safetensors) reports only in its message, "... File
     too large (os error 27)", as an OSError naming `path`; None if the message holds none."""

@@ -13,7 +13,7 @@ from tda.evaluation.compare import evaluate_compare
 from tda.evaluation.evaluate import evaluate_run
 from tda.evaluation.evaluate_lds import evaluate_lds_run
 from tda.evaluation.evaluate_mislabel import evaluate_mislabel
-from tda.exits import UserError, unwritable_directory
+from tda.exits import require_writable_directory
 from tda.further_training.store import GoldStandardSpec
 from tda.interrupt import Kept
 from tda.preflight import check_config
@@ -45,11 +45,9 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
 def require_writable_eval(run: RunDir) -> None:
     """Refuse, before anything is loaded, a run whose `eval/` cannot be written (a read-only copy
     of a run, say): the evaluation's outputs have their one place in the run directory."""
-    why = unwritable_directory(run.eval_root)
-    if why:
-        raise UserError(f"evaluate writes its tables, figures and report into {run.eval_root}, but {why}: copy the "
-                        f"run directory {run.path} to writable storage and point TDA_RUNS_DIR at the copy (the "
-                        f"evaluation's outputs have no other place), or make it writable")
+    require_writable_directory(run.eval_root, "evaluate writes its tables, figures and report",
+                               f"copy the run directory {run.path} to writable storage and point TDA_RUNS_DIR at the "
+                               f"copy (the evaluation's outputs have no other place), or make it writable")
 
 
 def kept(cfg: DictConfig, started: float) -> Kept:
