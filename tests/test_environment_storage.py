@@ -22,7 +22,14 @@ import pytest
 from helpers.config import ROOT, TINY
 
 from tda.artifacts import load_tensors_with_metadata
-from tda.exits import USER_ERROR_EXIT
+from tda.exits import (
+    USER_ERROR_EXIT,
+    WRITABLE_RUNS_FIX,
+    UserError,
+    require_writable_directory,
+    unwritable_directory,
+)
+from tda.interrupt import is_multirun
 
 QUIET = [o for o in TINY if o != "logger=none"]  # the W&B logger is chosen per command
 
@@ -191,3 +198,22 @@ def test_a_full_disk_under_a_method_and_an_evaluation(pipeline):
     line, left = on_tmpfs(evals, "evaluate.py", [])
     assert line.startswith(f"Error: the disk is full writing the evaluation's outputs for {evals}/"), line
     assert left == [], left
+
+
+def test_what_keeps_a_directory_from_being_written(tmp_path):
+    """The reasons named in the refusals above, without a mount: a file in the way (the path, or
+    a part of it), or nothing (a directory that can be created)."""
+    (tmp_path / "file").write_text("")
+    assert unwritable_directory(tmp_path / "file") == f"{tmp_path / 'file'} is a file, not a directory"
+    assert unwritable_directory(tmp_path / "file" / "a" / "b") == \
+        f"{tmp_path / 'file'}, a part of it, is a file, not a directory"
+    assert unwritable_directory(tmp_path / "new" / "deeper") is None
+    with pytest.raises(UserError, match=r"^train writes the final model into .*/file, but .* is a file, not a "
+                                        r"directory: point TDA_RUNS_DIR"):
+        require_writable_directory(tmp_path / "file", "train writes the final model", WRITABLE_RUNS_FIX)
+
+
+def test_multirun_command_lines():
+    assert is_multirun(["-m", "method=grad_dot,grad_cos"]) and is_multirun(["--multirun"])
+    assert is_multirun(["hydra.mode=MULTIRUN"])
+    assert not is_multirun(["method=grad_dot", "hydra.run.dir=/tmp/m"])
