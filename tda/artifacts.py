@@ -86,7 +86,7 @@ def _atomic_file(path: str | Path) -> Iterator[str]:
     except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(err, OSError) and err.filename is None:  # e.g. a write that found the disk full
+        if isinstance(err, OSError) and err.errno is not None and err.filename is None:  # e.g. a full disk
             raise OSError(err.errno, err.strerror, str(path)) from err  # the message names the artifact
         raise
 
