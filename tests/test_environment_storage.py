@@ -2,8 +2,8 @@
 read-only file system (every stage whose work is done exits 0 without a write; evaluate, which
 must write, is refused before anything is loaded), a W&B directory that cannot be written
 (refused before any work, never W&B's silent fallback to a temporary directory), a disk that
-fills up while the gold standard is written and a lock path that is a directory (one line, exit
-2, nothing damaged written).
+fills up while the gold standard, a method's scores or an evaluation is written, and a lock path
+that is a directory (one line, exit 2, nothing damaged written).
 
 Root writes through any permission bits, so read-only storage is a real read-only bind mount
 and a full disk a real tmpfs, each inside a user + mount namespace (`unshare -rm`, no privileges
@@ -50,8 +50,8 @@ needs_mounts = pytest.mark.skipif(namespace_problem() is not None, reason=str(na
 
 
 def in_namespace(mount: str, argv: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
-    """`argv` run after the shell command `mount` (with $MNT... set by the caller's argv[0:0]),
-    inside a new user + mount namespace, so the mount vanishes with the process."""
+    """`argv` run after the shell command `mount`, inside a new user + mount namespace (the mount
+    is seen by that process alone and vanishes with it)."""
     return subprocess.run(["unshare", "-rm", "sh", "-c", f'{mount} && exec "$@"', "sh", *argv], cwd=ROOT,
                           env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"), capture_output=True,
                           text=True, timeout=timeout)
