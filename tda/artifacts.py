@@ -15,6 +15,7 @@ refused at write time (:class:`NonFiniteError`), so no artifact can hold a NaN o
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -82,10 +83,15 @@ def _atomic_file(path: str | Path) -> Iterator[str]:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         _replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno is not None and err.filename is None:  # e.g. a full disk
+            raise OSError(err.errno, err.strerror, str(path)) from err  # the message names the artifact
         raise
+
+
+_UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def remove_stale_temp_files(root: str | Path, max_age_s: float = 24 * 3600) -> list[Path]:
@@ -110,6 +116,9 @@ def remove_stale_temp_files(root: str | Path, max_age_s: float = 24 * 3600) -> l
                 removed.append(p)
         except FileNotFoundError:  # its writer finished meanwhile
             continue
+        except OSError as err:  # read-only storage: a leftover is harmless (never read), so leave it
+            if err.errno not in _UNWRITABLE:
+                raise
     return removed
 
 

@@ -21,9 +21,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from tda.exits import USER_ERROR_EXIT
+from tda.exits import USER_ERROR_EXIT, Interrupted
 from tda.extras import launcher_message
-from tda.interrupt import FULL_ERROR, exit_on_user_error, run_entry_point
+from tda.interrupt import FULL_ERROR, exit_on_user_error, is_multirun, run_entry_point, signals_raise, sweep_interrupted
 from tda.resources import config_dir
 
 
@@ -47,7 +47,13 @@ def run_stage(stage: str) -> None:
     # them, so that a user error among them can exit 2 like the stages' own.
     os.environ[FULL_ERROR] = "1"
     try:
-        app()
+        if is_multirun(sys.argv[1:]):  # a signal to this process alone must stop the sweep's workers too
+            with signals_raise():
+                app()
+        else:
+            app()
+    except Interrupted as err:  # a multirun, interrupted here (a job in this process exits on its own)
+        raise sweep_interrupted(stage, err) from None
     except Exception as err:
         _set_full_error(users_setting)
         exit_on_user_error(err)

@@ -5,8 +5,10 @@ error; 128 + signal for an interruption; 1 for anything else, a bug). Shared by 
 from __future__ import annotations
 
 import errno
+import os
 import re
 import signal
+from pathlib import Path
 
 from hydra.errors import CompactHydraException, InstantiationException
 
@@ -51,7 +53,9 @@ _ENVIRONMENT = {
     errno.EDQUOT: "the disk quota is used up writing {path}: free space, or point TDA_RUNS_DIR at a disk with room",
     errno.EFBIG: "{path} would exceed the file-size limit (`ulimit -f`): raise it (`ulimit -f unlimited`) or "
                  "lower the sizes that make the file large",
-    errno.EROFS: "{path} is on a read-only file system: point TDA_RUNS_DIR (and wandb.dir) at a writable directory",
+    errno.EROFS: "{path} is on a read-only file system: point TDA_RUNS_DIR at a writable directory (a stage whose "
+                 "work is complete reads a read-only run when its own files go elsewhere: hydra.run.dir=<writable "
+                 "dir>, and logger.dir=<writable dir> or logger=none)",
     errno.EACCES: "permission denied for {path}: make it writable, or point TDA_RUNS_DIR at a writable directory",
     errno.EPERM: "permission denied for {path}: make it writable, or point TDA_RUNS_DIR at a writable directory",
     errno.EISDIR: "{path} is a directory where tda writes a file: remove or rename it",
@@ -77,6 +81,38 @@ def environment_problem(err: BaseException) -> str | None:
     if template is None:
         return None
     return template.format(path=path) + f" ({reason}); completed work is kept, re-run the command after the fix"
+
+
+def unwritable_directory(path: str | Path) -> str | None:
+    """Why tda could not create files in the directory `path` (or create it: its nearest existing
+    ancestor is what counts), e.g. "on a read-only file system" or "a file, not a directory"; None
+    when it can. Checked before work whose outputs must land there, so that nothing is computed in
+    vain (and no library falls back silently to another place)."""
+    path = Path(os.path.abspath(Path(path).expanduser()))
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory" if existing == path else \
+            f"{existing}, a part of it, is a file, not a directory"
+    if os.access(existing, os.W_OK | os.X_OK):
+        return None
+    try:
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    where = "" if existing == path else f" ({existing}, where it would be created)"
+    return f"it is on a read-only file system{where}" if read_only else f"permission is denied to write in it{where}"
+
+
+# the fix for outputs that cannot be written into a run directory
+WRITABLE_RUNS_FIX = "point TDA_RUNS_DIR at a writable directory (a copy of the run), or make it writable"
+
+
+def require_writable_directory(path: str | Path, doing: str, fix: str) -> None:
+    """Refuse, in one line naming `path` and `fix`, work whose outputs go into `path` where they
+    cannot be written (:func:`unwritable_directory`); `doing`: e.g. "train writes the final model"."""
+    why = unwritable_directory(path)
+    if why:
+        raise UserError(f"{doing} into {path}, but {why}: {fix}")
 
 
 def os_error_of(err: Exception, path: object) -> OSError | None:

@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from hydra.errors import CompactHydraException, InstantiationException
@@ -132,9 +133,14 @@ def run_entry_point(stage: str, fn: Callable[[DictConfig], Any], cfg: DictConfig
         if not (isinstance(err, (Interrupted, KeyboardInterrupt)) or is_lightning_sigterm(err)):
             raise
         sig = signal.Signals(code - 128).name
-    doing, on_disk, resume = describe(kept, stage, cfg, started)
-    print(f"interrupted by {sig} during {doing}: {on_disk}; {resume}", file=sys.stderr, flush=True)
+    report_interruption(sig, describe(kept, stage, cfg, started))
     raise SystemExit(code)
+
+
+def report_interruption(signal_name: str, kept: Kept) -> None:
+    """The one message of an interrupted stage or sweep, on stderr: "interrupted by <signal>
+    during <what>: <what was kept>; <how to resume>"."""
+    print(f"interrupted by {signal_name} during {kept.doing}: {kept.kept}; {kept.resume}", file=sys.stderr, flush=True)
 
 
 def full_error() -> bool:
@@ -174,3 +180,95 @@ def describe(kept: Callable[[DictConfig, float], Kept], stage: str, cfg: DictCon
     except Exception as err:  # noqa: BLE001 - the message must come out whatever the config or the disk
         return Kept(stage, f"completed artifacts are kept (their state could not be read: {err})",
                     "re-run the same command to resume")
+
+
+# ---------------------------------------------------------------------------------- sweeps
+# A multirun's jobs may run in worker processes (hydra/launcher=joblib: loky workers;
+# submitit_local: subprocesses). A signal to the launching process alone never reaches them, so
+# the launcher stops them itself (tda.cli): the first SIGTERM / SIGINT raises Interrupted in it
+# (:func:`signals_raise`), which makes joblib abort its pool; then every process it started that
+# is still alive gets SIGTERM (a job in a worker then says what it kept, as a single run does)
+# and, after STOP_GRACE_S, SIGKILL. Completed artifacts are whole either way (atomic writes).
+STOP_GRACE_S = 3.0
+
+
+def is_multirun(argv: list[str]) -> bool:
+    """Whether a command line asks Hydra for a multirun (`-m`, `--multirun`, `hydra.mode=MULTIRUN`)."""
+    return any(a in ("-m", "--multirun") or a.replace(" ", "") == "hydra.mode=MULTIRUN" for a in argv)
+
+
+def sweep_interrupted(stage: str, err: Interrupted) -> SystemExit:
+    """After a multirun of `stage` was interrupted in the launching process: stop its workers
+    (:func:`stop_descendants`), say what was kept and how to resume, and return the SystemExit
+    to raise (128 + signal)."""
+    stop_descendants()
+    report_interruption(err.signal_name, Kept(
+        f"a multirun of the {stage} stage",
+        "its worker processes were stopped; every artifact its jobs completed is kept (those in progress were not "
+        "written)", "re-run the same command to resume"))
+    return SystemExit(err.exit_code)
+
+
+def stop_descendants(grace_s: float = STOP_GRACE_S) -> int:
+    """SIGTERM to every live process this one started (directly or not), then SIGKILL to those
+    still alive after `grace_s` seconds; returns how many were signalled. Resource trackers
+    (multiprocessing's, loky's) are left alone: they compute nothing, ignore SIGTERM, and clean up
+    and exit once this process has gone. Reads /proc (Linux); elsewhere nothing is found, and
+    joblib's own abort is what stops its workers."""
+    pids = [pid for pid in _descendants(os.getpid()) if b"resource_tracker" not in _cmdline(pid)]
+    for pid in pids:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.05)
+    for pid in pids:
+        if _alive(pid):
+            _signal(pid, signal.SIGKILL)
+    return len(pids)
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state, ppid, ...), None if gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rfind(")") + 2:].split()
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
+        fields = _stat(int(entry.name)) if entry.name.isdigit() else None
+        if fields is not None and fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:  # reap it if it is our child (a zombie counts as gone)
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass

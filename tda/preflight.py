@@ -25,6 +25,7 @@ from tda.problem import AttributionSettings
 from tda.ranges import SEED
 from tda.runs import RunSettings
 from tda.sections import Section
+from tda.tracking import check_wandb_dir
 
 # the nodes built with `_target_`
 TARGET_NODES = ("dataset", "model", "optimizer", "further_optimizer", "method")
@@ -80,7 +81,7 @@ def check_config(cfg: DictConfig, stage: str) -> Settings:
     problem: a value that does not resolve, keys added with `+` that nothing reads, wrong types,
     impossible values. Cheap: no data is loaded, nothing is built. A dataset or model that needs
     a pip extra that is not installed is refused first, in one line naming the `pip install`
-    (tda.extras)."""
+    (tda.extras); a W&B directory that cannot be written last (tda.tracking.check_wandb_dir)."""
     missing = missing_extras_message({key: cfg.get(key) for key in TARGET_NODES})
     if missing:
         raise ConfigError(missing)
@@ -96,4 +97,5 @@ def check_config(cfg: DictConfig, stage: str) -> Settings:
             problems += target_problems(node, key)
     if problems:
         raise ConfigError.listing(f"invalid configuration for the {stage} stage", problems)
+    check_wandb_dir(cfg)  # W&B's files where the config says, or a refusal before any work
     return settings

@@ -244,6 +244,11 @@ class RunDir:
         """Every self-influence directory present, in order of key."""
         return _subdirectories(self._self_influence)
 
+    @property
+    def eval_root(self) -> Path:
+        """`eval/`: where every evaluation of this final model is written."""
+        return self._eval
+
     def eval_dir(self, key: str) -> Path:
         """`eval/<key>/`: the evaluation against the gold standard `key`."""
         return self._inside(self._eval / safe_name(key, "the evaluation key"))

@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from tda.config import node_name, to_container
-from tda.exits import exit_code_of
+from tda.exits import USER_ERROR_EXIT, UserError, exit_code_of, unwritable_directory
 
 # The config groups that describe each stage's run (the evaluate stage covers every method,
 # the final model is trained before any further-training optimizer matters, the gold standard
@@ -45,10 +45,10 @@ def init_wandb(cfg: DictConfig, stage: str, name: str):
     if lg is None or lg.mode == "disabled":
         return None
     mode = os.environ.get("WANDB_MODE") or lg.mode
+    wandb_dir = check_wandb_dir(cfg) or Path(lg.dir).expanduser().resolve()
     if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _has_netrc_key()):
         raise RuntimeError("logger.mode=online needs a W&B account: run `wandb login` or set WANDB_API_KEY, "
                            "or keep the default logger.mode=offline and `wandb sync` later")
-    wandb_dir = Path(lg.dir).expanduser().resolve()
     keep_wandb_files_under(wandb_dir)
     import wandb  # noqa: PLC0415 - slow to import, and only after its directories are set (above)
 
@@ -57,7 +57,28 @@ def init_wandb(cfg: DictConfig, stage: str, name: str):
                      config=to_container(cfg), reinit="create_new",
                      settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
     _open_runs.append(run)
+    # W&B's own fallback for a directory it cannot write: a temporary one, outside the run tree
+    if mode != "disabled" and not Path(run.dir).resolve().is_relative_to(wandb_dir):
+        finish(run, USER_ERROR_EXIT)
+        raise UserError(f"W&B wrote this run into {run.dir}, not under logger.dir={wandb_dir}; give logger.dir a "
+                        f"writable directory, or logger=none to run without W&B")
     return run
+
+
+def check_wandb_dir(cfg: DictConfig) -> Path | None:
+    """The directory W&B keeps its files in (`logger.dir`), once it is known that they can be
+    written there; None without W&B (`logger=none`, no logger). W&B itself would put a run whose
+    directory cannot be written into a temporary directory outside the run tree, so it is
+    refused before any work runs (tda.preflight.check_config), in one line naming the fix."""
+    lg = cfg.get("logger")
+    if lg is None or lg.mode == "disabled" or os.environ.get("WANDB_MODE") == "disabled":
+        return None
+    wandb_dir = Path(lg.dir).expanduser().resolve()
+    why = unwritable_directory(wandb_dir) or unwritable_directory(wandb_dir / "wandb")
+    if why:
+        raise UserError(f"W&B cannot write its files in logger.dir={wandb_dir}: {why}. Give logger.dir a writable "
+                        f"directory (logger.dir=<dir>), or run without W&B (logger=none)")
+    return wandb_dir
 
 
 # Runs started by init_wandb and not yet finished: an entry point that ends with an exception

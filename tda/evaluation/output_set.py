@@ -45,8 +45,10 @@ def output_set(final: Path) -> Iterator[Path]:
         yield staging
         _sync_tree(staging)
         _swap_in(staging, final, tag)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno is not None and err.filename is None:  # a library's write
+            raise OSError(err.errno, err.strerror, f"the evaluation's outputs for {final}") from err
         raise
 
 

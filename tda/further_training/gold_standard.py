@@ -112,19 +112,22 @@ def compute_seeds(gold_dir: Path, seeds: list[int], part: tuple[int, int] | None
                   bar: GoldProgress) -> list[int]:
     """Compute each of `seeds` (its file for this `part`) that is not yet on disk: `verified(seed,
     path)` says whether its file exists and verifies (raising if it belongs elsewhere),
-    `compute(seed, path)` writes it. Each seed is computed under its lock; seeds another job is
-    computing are left for last, then awaited (and computed if that job stopped). Returns the
-    seeds done, sorted."""
+    `compute(seed, path)` writes it. A seed whose file verifies is taken without a write (no
+    lock), so a complete gold standard is readable from read-only storage; any other is computed
+    under its lock and checked again once the lock is held (another job may have just written
+    it). Seeds another job is computing are left for last, then awaited (and computed if that
+    job stopped). Returns the seeds done, sorted."""
     done, busy = [], []
     for seed in seeds:
         path = seed_file(gold_dir, seed, part)
-        with seed_lock(gold_dir, seed, part, wait=False) as held:
-            if not held:
-                log.info("seed %d is being computed by another job; moving on to the next seed", seed)
-                busy.append(seed)
-                continue
-            if not verified(seed, path):
-                compute(seed, path)
+        if not verified(seed, path):
+            with seed_lock(gold_dir, seed, part, wait=False) as held:
+                if not held:
+                    log.info("seed %d is being computed by another job; moving on to the next seed", seed)
+                    busy.append(seed)
+                    continue
+                if not verified(seed, path):
+                    compute(seed, path)
         bar.seed_done(seed)
         done.append(seed)
     for seed in busy:

@@ -94,6 +94,8 @@ class SelfEffect:
         mode = self_effect_mode(ft.derivative_mode)
         for seed in ft.job_seeds:
             path = seed_file(out, seed)
+            if self._verified(path, identity, seed):
+                continue  # no lock (no write): a complete self-effect is readable from read-only storage
             with seed_lock(out, seed, None, wait=True):
                 if self._verified(path, identity, seed):
                     continue
@@ -127,6 +129,7 @@ class SelfEffect:
                      missing, out)
             return
         if scores_complete(out):
+            log.info("self-effect complete: the mean of %d seeds is already in %s", len(self.ft.seeds), out)
             return
         effects, seconds = [], 0.0
         for seed in self.ft.seeds:
@@ -140,6 +143,7 @@ class SelfEffect:
                                        "final_model": identity["final_model"], "shape": [n_train], "target": "self"},
                            {"seconds": seconds, "seeds": list(self.ft.seeds), "checkpoint": "last",
                             "key": out.name, "n_train": n_train})
+        log.info("self-effect complete: the mean of %d seeds written to %s", len(self.ft.seeds), out)
 
 
 def self_effect_seed(model: torch.nn.Module, optimizer: tuple[str, dict], x: torch.Tensor, y: torch.Tensor, task: str,

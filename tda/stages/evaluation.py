@@ -13,6 +13,7 @@ from tda.evaluation.compare import evaluate_compare
 from tda.evaluation.evaluate import evaluate_run
 from tda.evaluation.evaluate_lds import evaluate_lds_run
 from tda.evaluation.evaluate_mislabel import evaluate_mislabel
+from tda.exits import require_writable_directory
 from tda.further_training.store import GoldStandardSpec
 from tda.interrupt import Kept
 from tda.preflight import check_config
@@ -32,12 +33,21 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
                               "at a time: leave evaluate.compare empty")
         return evaluate_compare(cfg, settings.evaluate, overrides)  # each experiment composed from its own overrides
     run = RunDir.from_config(cfg, settings)
+    require_writable_eval(run)
     if settings.attribution.target == "self":  # mislabel detection by every self-influence of the final model
         return evaluate_mislabel(cfg, run, read_final_model(run))
     spec = GoldStandardSpec.from_config(cfg, settings.further_training)
     if settings.further_training.runs == "subsets":  # the linear datamodeling score and LOO correlation
         return evaluate_lds_run(cfg, spec, run, read_final_model(run))
     return evaluate_run(cfg, settings.evaluate, spec, run, read_final_model(run))
+
+
+def require_writable_eval(run: RunDir) -> None:
+    """Refuse, before anything is loaded, a run whose `eval/` cannot be written (a read-only copy
+    of a run, say): the evaluation's outputs have their one place in the run directory."""
+    require_writable_directory(run.eval_root, "evaluate writes its tables, figures and report",
+                               f"copy the run directory {run.path} to writable storage and point TDA_RUNS_DIR at the "
+                               f"copy (the evaluation's outputs have no other place), or make it writable")
 
 
 def kept(cfg: DictConfig, started: float) -> Kept:

@@ -21,6 +21,7 @@ from tda.artifacts import (
     tensor_checksum,
 )
 from tda.config import ConfigError, build
+from tda.exits import WRITABLE_RUNS_FIX, require_writable_directory
 from tda.interrupt import Kept
 from tda.models.base import compute_features
 from tda.preflight import check_config
@@ -51,6 +52,8 @@ def train(cfg: DictConfig) -> RunDir:
         log.info("final model already trained in %s (train.overwrite=true retrains)", run.path)
         finish(mark_cached(init_wandb(cfg, "train", run.path.name)))  # a W&B run with no timings
         return run
+    if not settings.trainer.dry_run:
+        require_writable_directory(run.path, "train writes the final model", WRITABLE_RUNS_FIX)
     # the model a retraining replaces: said below if the new one differs from it (thread count)
     previous = _header_or_none(run)
     L.seed_everything(settings.seed, workers=True, verbose=False)

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from tda.artifacts import remove_stale_temp_files
 from tda.config import build, node_name, to_container
+from tda.exits import WRITABLE_RUNS_FIX, require_writable_directory
 from tda.interrupt import Kept
 from tda.memory import PeakMemory
 from tda.methods.base import Method
@@ -65,6 +66,8 @@ def attribute(cfg: DictConfig) -> Path:
             log.info("%s of %s already in %s", "self-influence" if self_influence else "scores", name, out)
             mark_cached(wb)
             return out
+        kind = "self-influence" if self_influence else "scores"
+        require_writable_directory(out, f"attribute writes the {kind} of {name}", WRITABLE_RUNS_FIX)
         torch.manual_seed(settings.seed)
         problem.model.to(problem.device)  # methods run where the model is; data moves chunk by chunk
         with PeakMemory() as mem:
