@@ -20,7 +20,7 @@ from helpers.wandb import offline_runs, read_offline_run, wandb_on
 from scipy.stats import spearmanr
 
 from tda.evaluation import plots
-from tda.evaluation.curves import similarity_curves
+from tda.evaluation.curves import gold_attribution, similarity_curves
 from tda.evaluation.evaluate_mislabel import mislabel_report
 from tda.evaluation.lds import lds, lds_undefined, loo_correlation, loo_undefined
 from tda.evaluation.metrics import mean_and_se, rowwise_cosine, rowwise_spearman
@@ -376,3 +376,33 @@ def test_a_constant_gold_row_centres_to_exactly_zero():
     assert torch.equal(a[0, 0], torch.zeros(3, dtype=torch.float64))
     assert torch.equal(a[0, 1], (diff - diff.mean(2, keepdim=True))[0, 1, :, 0])
     assert math.isnan(rowwise_cosine(a[0], torch.ones(2, 3, dtype=torch.float64))[0])
+
+
+def test_the_gold_standards_own_comparisons_say_why_they_are_undefined():
+    """Split-half reliability, gold vs gold and further training vs retraining count exactly the
+    test instances their tables skip, and say which gold standard is constant there."""
+    from tda.evaluation.curves import split_half_reliability
+    from tda.evaluation.diagnostics import further_training_vs_retraining, gold_agreement
+    from tda.evaluation.undefined import gold_comparisons_undefined
+
+    gold = synthetic_gold(T=3, n_test=5, n_lo=7, S=4)
+    gold.diff[:, 2, :, :2] = 0.0  # test instance 2: zero in the first half of the seeds only
+    other = synthetic_gold(T=3, n_test=5, n_lo=7, S=4, seed=1)
+    other.diff[:, 4] = 0.0  # test instance 4: zero in the sibling at every checkpoint
+    why = gold_comparisons_undefined(gold, ("cosine", "spearman"), (True, False), {"mask": other}, {"ft": other})
+    reliability = split_half_reliability(gold_attribution(gold), 4, *gold.checkpoint_axis())
+    siblings = gold_agreement(gold, "drop", {"mask": ("k", other)})
+    versus = further_training_vs_retraining(gold, {"ft": other})
+    for analysis, table in (("split-half reliability", reliability), ("gold vs gold", siblings),
+                            ("further training vs retraining", versus)):
+        for _, r in table[table.metric.isin(["cosine", "spearman"])].iterrows():
+            at = why[(why.analysis == analysis) & (why.metric == r.metric) & (why.centered == r.centered)]
+            assert at.n_undefined.sum() == r.n_skipped == 1, (analysis, r.metric, r.centered)
+    said = sentences(why)
+    assert ("2 vs 2 seeds: spearman undefined for 1 of 5 test instances at every checkpoint: the gold standard of "
+            "the first half of the seeds is constant for this test instance") in said
+    assert ("gold standard vs mask: cosine undefined for 1 of 5 test instances at every checkpoint: "
+            f"{ZERO_VECTOR}: the gold standard mask is constant (zero) for this test instance") in said
+    assert any(s.startswith("ft vs retraining: spearman undefined for 1 of 5 test instances at every checkpoint: "
+                            "the further-training gold standard ft is constant") for s in said)
+    assert not len(gold_comparisons_undefined(synthetic_gold(S=4), ("cosine", "spearman"), (True, False)))

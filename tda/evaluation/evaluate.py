@@ -49,6 +49,7 @@ from tda.evaluation.top_k import top_k_agreement, top_k_summary
 from tda.evaluation.undefined import (
     agreement_undefined,
     class_structure_undefined,
+    gold_comparisons_undefined,
     say_undefined,
     series_notes,
     similarity_undefined,
@@ -168,6 +169,7 @@ def _write_evaluation(cfg: DictConfig, settings: EvaluateSettings, run: RunDir, 
                                              title=f"gold standard {gold_name} ({key}) vs the same settings with "
                                                    f"another estimator / removal"))
 
+    further: dict[str, GoldStandard] = {}
     if gold.kind == "retraining":
         further, why = further_training_beside(gold, run)
         for reason in why:
@@ -178,6 +180,11 @@ def _write_evaluation(cfg: DictConfig, settings: EvaluateSettings, run: RunDir, 
                 figures.append(plots.plot_curves(vs, out / "further_vs_retraining.png",
                                                  title=f"further training vs retraining (its last checkpoint) — "
                                                        f"{title}"))
+
+    undefined = gold_comparisons_undefined(gold, tuple(METRICS), centering, {k: g for k, (_, g) in siblings.items()},
+                                           further)
+    say_undefined(undefined)
+    tables["undefined"] = pd.concat([tables["undefined"], undefined], ignore_index=True)
 
     examples_md, overlap = "", {}
     if settings.examples.shown:

@@ -131,6 +131,48 @@ def agreement_undefined(scores: dict[str, torch.Tensor], metrics: tuple[str, ...
     return pd.DataFrame(rows, columns=UNDEFINED_COLUMNS)
 
 
+def gold_comparisons_undefined(gold: GoldStandard, metrics: tuple[str, ...], centering: tuple[bool, ...],
+                               siblings: dict[str, GoldStandard] | None = None,
+                               further: dict[str, GoldStandard] | None = None) -> pd.DataFrame:
+    """Why the gold standard's own comparisons are undefined where they are: its split-half
+    reliability (the first ⌊S/2⌋ seeds against the next; tda.evaluation.curves), against its
+    `siblings` (gold vs gold, label -> gold standard) and, for a retraining gold standard, each
+    further-training one in `further` against its last checkpoint (tda.evaluation.diagnostics).
+    (Against the unadjusted gold standard a method is undefined where it is against the
+    similarity's uncentred one: the two differ by a shift shared by every left-out instance.)"""
+    x_name, xs = gold.checkpoint_axis()
+    rows, n_seeds = [], len(gold.seeds)
+
+    def pair(analysis: str, label: str, a: torch.Tensor, b: torch.Tensor, why_a: str, why_b: str, centered,
+             axis: tuple[str, list[float]] = (x_name, xs)) -> None:
+        """a [T, n_test, n] against b [T, n_test, n] (or one [n_test, n] for every checkpoint); a
+        row constant (zero, for the cosine) on either side says `why_a` / `why_b`."""
+        for metric in metrics:
+            reasons = [instance_reasons(metric, a[t], b[t] if b.dim() == 3 else b, why_a, why_b, why_a, why_b)
+                       for t in range(a.shape[0])]
+            rows.extend(undefined_rows(analysis, label, metric, centered, reasons, *axis))
+
+    for centered in centering:
+        if n_seeds >= 2:
+            half = n_seeds // 2
+            pair("split-half reliability", f"{half} vs {half} seeds",
+                 gold.attribution(center=centered, seeds=list(range(half))),
+                 gold.attribution(center=centered, seeds=list(range(half, 2 * half))),
+                 "the gold standard of the first half of the seeds is constant for this test instance",
+                 "the gold standard of the second half of the seeds is constant for this test instance", centered)
+        for label, other in (siblings or {}).items():
+            pair("gold vs gold", f"gold standard vs {label}", gold.attribution(center=centered),
+                 other.attribution(center=centered), GOLD_CONSTANT,
+                 f"the gold standard {label} is constant (zero) for this test instance", centered)
+        for label, other in (further or {}).items():
+            pair("further training vs retraining", f"{label} vs retraining", other.attribution(center=centered),
+                 gold.attribution(center=centered)[-1],
+                 f"the further-training gold standard {label} is constant for this test instance",
+                 "the retraining gold standard is constant (zero) at its last checkpoint for this test instance",
+                 centered, other.checkpoint_axis())
+    return pd.DataFrame(rows, columns=UNDEFINED_COLUMNS)
+
+
 def _constant(name: str) -> str:
     return f"the scores of {name} are constant over the left-out instances for this test instance"
 
