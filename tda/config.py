@@ -287,7 +287,7 @@ def _float_tuples(node: dict) -> dict:
     """`node` with each list of numbers, not all floats, whose constructor default is a tuple of
     floats given as that: YAML reads `betas: [0, 0.999]` as an int and a float, which torch's Adam refuses
     ("betas must be either both floats or both Tensors")."""
-    target = import_target(node.get("_target_", ""))
+    target = import_target(node["_target_"]) if "_target_" in node else None
     try:
         params = inspect.signature(target).parameters if target is not None else {}
     except (TypeError, ValueError):  # a builtin without a signature

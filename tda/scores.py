@@ -16,7 +16,6 @@ import torch
 from tda.artifacts import (
     load_json,
     load_tensors_with_metadata,
-    require_finite,
     save_json,
     save_tensors,
     tensor_checksum,
@@ -37,7 +36,9 @@ def save_method_scores(out: Path, scores: torch.Tensor, header: dict, record: di
     config, final model, shape) in the file and `header | record` in record.json."""
     tensors = {"scores": scores.detach().double().cpu()}
     what = f"the scores of {header.get('method')}"
-    require_finite(tensors, what)
+    require_finite_scores(str(header.get("method")), tensors["scores"], "the method failed numerically and nothing "
+                          "was written. To fix: re-run with settings that keep it finite (e.g. a larger "
+                          "method.damping_multiple, or method.dtype=float64)")
     save_json(out / RECORD, header | record | {"scores_sha256": tensor_checksum(tensors)})
     save_tensors(out / SCORES, tensors, metadata=header, what=what)
 

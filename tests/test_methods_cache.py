@@ -12,6 +12,7 @@ import logging
 
 import pytest
 import torch
+from helpers.methods import untrained_mlp_problem
 from torch import nn
 
 from tda.artifacts import load_json, save_json
@@ -28,14 +29,7 @@ D = torch.float64
 
 @pytest.fixture(scope="module")
 def problem():
-    """An untrained 6-12-3 tanh MLP on 60 rows, float64: its Hessian is indefinite."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(60, 6, generator=g, dtype=D)
-    y = (x @ torch.randn(6, 3, generator=g, dtype=D)).argmax(1)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)).to(D)
-    return AttributionProblem(model=model, task="classification", x_train=x, y_train=y, x_test=x[:3], y_test=y[:3],
-                              left_out_indices=torch.arange(5), test_indices=torch.arange(3))
+    return untrained_mlp_problem()
 
 
 def _with_cache(p: AttributionProblem, path) -> AttributionProblem:

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.config import ROOT, TINY, compose_config
+from helpers.methods import untrained_mlp_problem
 from hydra.errors import InstantiationException
-from torch import nn
 
 from tda.config import build
 from tda.exits import DivergedError, RefusedError
@@ -37,15 +37,7 @@ D = torch.float64
 
 @pytest.fixture(scope="module")
 def untrained():
-    """An untrained 6-12-3 tanh MLP (123 parameters, float64) on 60 rows: its Hessian is
-    indefinite (smallest eigenvalue ≈ −0.51, λ₀ ≈ 0.034), its Gauss–Newton is not."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(60, 6, generator=g, dtype=D)
-    y = (x @ torch.randn(6, 3, generator=g, dtype=D)).argmax(1)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)).to(D)
-    return AttributionProblem(model=model, task="classification", x_train=x, y_train=y, x_test=x[:3], y_test=y[:3],
-                              left_out_indices=torch.arange(5), test_indices=torch.arange(3))
+    return untrained_mlp_problem()
 
 
 def _damped(p: AttributionProblem, curvature: str, multiple: float):

@@ -56,3 +56,12 @@ def resolve_damping(multiple: float, lam0: float, record: dict) -> float:
         raise RefusedError(f"method.damping_multiple={multiple} gives λ={lam}; use a value ≥ 0")
     record.update({"lambda0": lam0, "damping_multiple": float(multiple), "damping": lam})
     return lam
+
+
+def raise_multiple_fix(now: float, need: float) -> str:
+    """The fix for a damped curvature that is not positive definite, where a multiple of `need`
+    would only just lift its smallest eigenvalue to the tolerance: "raise method.damping_multiple
+    (now …) well above <need>, e.g. method.damping_multiple=<twice that, at least 1>"."""
+    suggest = float(f"{max(2 * need, 1.0):.2g}")
+    return (f"raise method.damping_multiple (now {now:g}) well above {need:.3g}, e.g. "
+            f"method.damping_multiple={suggest:g}")

@@ -33,7 +33,7 @@ from torch import nn
 
 from tda.exits import RefusedError
 from tda.methods.cache import CurvatureCache
-from tda.methods.damping import base_damping, checked_lambda0, resolve_damping
+from tda.methods.damping import base_damping, checked_lambda0, raise_multiple_fix, resolve_damping
 from tda.methods.gradients import FactoredGrads, NotFactorable, compute_grads, loss_target
 from tda.methods.influence import InfluenceMethod, solve_side
 from tda.methods.kfac_factors import Layer, find_layers, load_or_compute_factors
@@ -173,8 +173,7 @@ class EKFAC(InfluenceMethod):
             raise RefusedError(
                 f"{self.kind}: G̃ + λI is not positive definite (λ={lam:.3g} = {self.damping_multiple:g}·λ₀): its "
                 f"smallest eigenvalue is {lowest:.3g} (largest {top:.3g}), so (G̃ + λI)⁻¹ divides by zero or flips "
-                f"signs. To fix, raise method.damping_multiple (now {self.damping_multiple:g}) well above "
-                f"{need:.3g}, e.g. method.damping_multiple={float(f'{max(2 * need, 1.0):.2g}'):g}")
+                f"signs. To fix, {raise_multiple_fix(self.damping_multiple, need)}")
 
     def _factors_and_lambda0(self, problem: AttributionProblem, model: nn.Module) -> tuple[dict, float]:
         """(the factors, λ₀), λ₀ summed by the factor pass itself when it runs (one more backward

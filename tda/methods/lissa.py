@@ -46,6 +46,7 @@ from tda.config import ConfigError
 from tda.exits import DivergedError, RefusedError
 from tda.methods.checks import positive, positive_int
 from tda.methods.curvature import CurvatureOperator
+from tda.methods.damping import raise_multiple_fix
 from tda.methods.influence import InfluenceMethod, column_norms, scores_from_solution, solve_side
 from tda.methods.progress import Progress
 from tda.methods.spectrum import definiteness_tolerance, lanczos_extremes, span_ritz
@@ -218,9 +219,7 @@ class LiSSA(InfluenceMethod):
         """The one message for a C + λI that is not positive definite (as CG and Arnoldi word it)."""
         lam0 = self.record["lambda0"]
         need = (lam - mu + tol) / lam0  # the multiple that would only lift the eigenvalue found to the tolerance
-        suggest = float(f"{max(2 * need, 1.0):.2g}")
-        fix = (f"raise method.damping_multiple (now {self.damping_multiple:g}) well above {need:.3g}, e.g. "
-               f"method.damping_multiple={suggest:g}")
+        fix = raise_multiple_fix(self.damping_multiple, need)
         if self.curvature == "hessian":
             fix += ", or use the Gauss–Newton curvature (method=lissa, positive semi-definite)"
         raise RefusedError(f"{self.name}: C + λI is not positive definite (curvature={self.curvature}, "

@@ -21,7 +21,7 @@ from tda.preflight import check_config
 from tda.problem import AttributionSettings
 from tda.provenance import read_final_model, stamp
 from tda.runs import RunDir, method_key
-from tda.scores import load_method_scores, require_finite_scores, save_method_scores, scores_complete
+from tda.scores import load_method_scores, save_method_scores, scores_complete
 from tda.stages import gold
 from tda.stages.inputs import attribution_problem
 from tda.tracking import finish, init_wandb, mark_cached
@@ -77,9 +77,6 @@ def attribute(cfg: DictConfig) -> Path:
         if tuple(scores.shape) != expected:
             raise ValueError(f"method {name} returned {'self-influence' if self_influence else 'scores'} of shape "
                              f"{tuple(scores.shape)}, expected {what} = {expected}")
-        require_finite_scores(name, scores, "the method failed numerically and nothing was written. To fix: re-run "
-                                            "with settings that keep it finite (e.g. a larger method.damping_multiple, "
-                                            "or method.dtype=float64)")
         header = {"method": name, "config": to_container(cfg.method), "final_model": final.identity,
                   "shape": list(expected)}
         indices = ({"target": "self", "n_train": problem.n_train} if self_influence else
